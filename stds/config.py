@@ -1,0 +1,161 @@
+"""Structured-config schema of ``conf/train.yaml`` and the checks Hydra cannot express.
+
+`register_configs` stores `TrainConfig` in Hydra's ConfigStore as ``train_schema``; the primary
+config lists it first in its defaults, so a key that does not exist or a value of the wrong type
+(``T=abc``, ``sparse.method=foo``) fails when the config is composed, naming the key.
+`validate` then checks ranges and paths (``flat_width >= 0``, an existing dataset root, ...)
+and raises `stds.errors.ConfigError` with a one-line message naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from stds.errors import ConfigError
+from stds.schedule import SCHEDULES
+
+
+class SparseMethod(str, Enum):
+    """Reparameterization of the pruned weights (see `stds.sparse`)."""
+
+    identity = "identity"
+    st = "st"
+    stmod = "stmod"
+
+
+class LossKind(str, Enum):
+    """Training loss: cross-entropy on scores, or MSE of scores against one-hot labels."""
+
+    ce = "ce"
+    mse = "mse"
+
+
+class GradRVariant(str, Enum):
+    """Grad R prior update; ``auto`` = sign_preserving for Adam/AdamW, plain otherwise."""
+
+    auto = "auto"
+    sign_preserving = "sign_preserving"
+    plain = "plain"
+
+
+@dataclass
+class SparseConfig:
+    method: SparseMethod = SparseMethod.stmod
+    # fnmatch patterns of layers left dense; null = the model's own `prune_exclude`
+    exclude: Optional[list[str]] = None
+
+
+@dataclass
+class ScheduleConfig:
+    # a key of stds.schedule.SCHEDULES: constant, linear, sine, or one registered by the user
+    kind: str = "sine"
+
+
+@dataclass
+class LoaderConfig:
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    eval_batch_size: Optional[int] = None
+
+
+@dataclass
+class LoggingConfig:
+    log_every_steps: int = 50
+    histogram_every_epochs: int = 10
+    synops: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    dataset: Any = None
+    model: Any = None
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    scheduler: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    flat_width: float = 0.35
+    alpha_gr: float = 0.0
+    gradr_variant: GradRVariant = GradRVariant.auto
+    T: int = 4
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    loss: LossKind = LossKind.ce
+    amp: bool = False
+    seed: int = 0
+    deterministic: bool = True
+    device: str = "auto"
+    checkpoint_every_steps: int = 0
+
+
+def register_configs() -> None:
+    """Store the schema in Hydra's ConfigStore (called by the entrypoint and the tests)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+_POSITIVE = ("T", "epochs", "batch_size")
+_NON_NEGATIVE = ("flat_width", "alpha_gr", "checkpoint_every_steps")
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    for key in _POSITIVE:
+        if cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]} must be an integer >= 1; set {key}=<n> with n >= 1")
+    for key in _NON_NEGATIVE:
+        if cfg[key] < 0:
+            raise ConfigError(f"{key}={cfg[key]} must be >= 0; set {key}=<value> with value >= 0")
+    if not cfg.lr > 0:
+        raise ConfigError(f"lr={cfg.lr} must be > 0; set lr=<value> with value > 0")
+    if cfg.loader.num_workers < 0:
+        raise ConfigError(f"loader.num_workers={cfg.loader.num_workers} must be >= 0")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={cfg.device!r} is not valid; use one of auto, cpu, cuda")
+
+
+def _check_method(cfg: DictConfig) -> None:
+    if cfg.scheduler.kind not in SCHEDULES:
+        valid = ", ".join(sorted(SCHEDULES))
+        raise ConfigError(f"scheduler.kind={cfg.scheduler.kind!r} is not valid; use one of {valid}")
+    if cfg.alpha_gr > 0 and cfg.sparse.method == SparseMethod.identity:
+        raise ConfigError(
+            f"alpha_gr={cfg.alpha_gr} needs a pruning method; set sparse=stmod (Grad R) or alpha_gr=0"
+        )
+
+
+def _check_dataset(cfg: DictConfig) -> None:
+    for key in ("_target_", "num_classes", "in_channels", "image_size"):
+        if key not in cfg.dataset:
+            raise ConfigError(f"dataset.{key} is missing; pick a dataset with dataset=<name>")
+    root = cfg.dataset.get("root")
+    if root is None or cfg.dataset.get("download", False):
+        return
+    if not Path(str(root)).expanduser().exists():
+        raise ConfigError(
+            f"dataset.root={root} does not exist; set dataset.root=<path to the data>"
+            + (" or dataset.download=true" if "download" in cfg.dataset else "")
+        )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check what the schema's types cannot; raise `ConfigError` naming the key and the fix."""
+    for key in ("dataset", "model", "optimizer"):
+        if cfg.get(key) is None:
+            raise ConfigError(f"{key} is not set; pick one with {key}=<name>")
+    _check_numbers(cfg)
+    _check_method(cfg)
+    _check_dataset(cfg)
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    """The resolved config as a plain dict (for checkpoints and reports)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

@@ -1,0 +1,127 @@
+"""Process set-up for single-process, torchrun and submitit (SLURM or local) runs.
+
+This module is the only place that reads ranks and world sizes from the environment:
+
+* a submitit task with more than one task in its job (``SUBMITIT_EXECUTOR`` is set): rank, local
+  rank, world size and master address come from ``submitit.JobEnvironment``; the master port is
+  derived from the per-task job id (``<array job>_<task>`` for array jobs), so concurrent array
+  tasks do not collide;
+* ``torchrun``: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
+* otherwise a single process.
+
+Every rank uses one device (``cuda:<local rank>`` when CUDA is available, else the CPU), NCCL on
+GPUs and gloo on CPUs. Only rank 0 writes files (`DistEnv.is_main`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from stds.errors import ConfigError
+
+_PORT_RANGE = (20000, 60000)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in the run."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files and logs."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when a process group with more than one process is set up."""
+        return self.world_size > 1
+
+
+def port_for_job(job_id: str) -> int:
+    """A master port in [20000, 60000] derived from a job id (stable for a requeued job)."""
+    return random.Random(job_id).randint(*_PORT_RANGE)
+
+
+def _submitit_env() -> dict[str, str] | None:
+    """torch.distributed variables for a multi-task submitit job, or None outside one."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    import submitit
+
+    job = submitit.JobEnvironment()
+    if job.num_tasks <= 1:
+        return None
+    return {
+        "MASTER_ADDR": job.hostnames[0],
+        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(port_for_job(job.job_id)),
+        "RANK": str(job.global_rank),
+        "WORLD_SIZE": str(job.num_tasks),
+        "LOCAL_RANK": str(job.local_rank),
+    }
+
+
+def _pick_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA device is visible; set device=cpu or device=auto")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"device={device!r} is not valid; use one of auto, cpu, cuda")
+
+
+def setup(device: str = "auto") -> DistEnv:
+    """Set up this process (and the process group when there are several) and return its place."""
+    submitit_vars = _submitit_env()
+    if submitit_vars is not None:
+        os.environ.update(submitit_vars)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch_device = _pick_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if torch_device.type == "cuda":
+            torch.cuda.set_device(torch_device)
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device)
+
+
+def teardown() -> None:
+    """Destroy the process group if one was set up."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum a tensor over ranks (a no-op in a single process)."""
+    if env.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if env.distributed:
+        dist.barrier()
+
+
+def broadcast_flag(flag: bool, env: DistEnv) -> bool:
+    """Rank 0's value of a flag, on every rank."""
+    if not env.distributed:
+        return flag
+    value = torch.tensor([1 if flag else 0], device=env.device if env.device.type == "cuda" else "cpu")
+    dist.broadcast(value, src=0)
+    return bool(value.item())
