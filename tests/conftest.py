@@ -1,0 +1,44 @@
+"""Shared fixtures: compose the real config, shrink it, send outputs to tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+TRAIN = REPO / "launch" / "train.py"
+
+# a short run on the embedded digits: seconds on 2 CPU cores
+TINY = ("dataset=digits", "epochs=2", "batch_size=64", "logging.log_every_steps=5")
+
+
+def compose_train(*overrides: str, hydra: bool = False) -> DictConfig:
+    """``conf/train.yaml`` composed with ``overrides`` (and the ``hydra`` node if asked)."""
+    from stds.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def run_train(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600):
+    """``python launch/train.py ARGS`` as a user runs it; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, str(TRAIN), *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def tiny_cfg():
+    """A composed config for a run of a few seconds (extra overrides appended)."""
+    return lambda *overrides: compose_train(*TINY, *overrides)
