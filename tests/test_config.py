@@ -1,0 +1,103 @@
+"""The composed config: every group option, every preset, the schema's checks."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigCompositionException, ValidationError
+
+from conftest import CONF, compose_train
+from stds.train import prepare_config
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_default_is_stds_on_digits():
+    cfg = compose_train()
+    assert cfg.dataset._target_ == "stds.data.digits"
+    assert cfg.model._target_.endswith("DigitsNet")
+    assert cfg.sparse.method.value == "stmod" and cfg.scheduler.kind == "sine"
+    assert cfg.alpha_gr == 0.0 and cfg.device == "auto"
+
+
+@pytest.mark.parametrize("group", ["sparse", "scheduler", "optimizer", "lr_scheduler", "dataset", "model"])
+def test_every_option_of_every_group_composes(group):
+    options = _options(group)
+    assert options, group
+    for option in options:
+        cfg = compose_train(f"{group}={option}")
+        assert OmegaConf.select(cfg, group) is not None
+
+
+def test_optimizers_and_lr_schedules_instantiate_with_the_parameters():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for opt in _options("optimizer"):
+        for sched in _options("lr_scheduler"):
+            cfg = compose_train(f"optimizer={opt}", f"lr_scheduler={sched}", "lr=0.05")
+            optimizer = instantiate(cfg.optimizer)(params=params)
+            assert optimizer.param_groups[0]["lr"] == 0.05
+            instantiate(cfg.lr_scheduler)(optimizer=optimizer)
+
+
+def test_cosine_t_max_follows_epochs_unless_set():
+    assert compose_train("epochs=7", "lr_scheduler=cosine").lr_scheduler.T_max == 7
+    assert compose_train("experiment=imagenet_dense", "epochs=3").lr_scheduler.T_max == 320
+
+
+PAPER = {
+    "cifar10_dense": dict(T=8, lr=1e-4, batch_size=16, epochs=2048, amp=True, loss="mse", method="identity"),
+    "cifar10_stds": dict(T=8, lr=1e-4, batch_size=16, epochs=2048, amp=True, loss="mse", method="stmod"),
+    "imagenet_dense": dict(T=4, lr=0.1, batch_size=32, epochs=320, amp=True, loss="ce", method="identity"),
+    "imagenet_stds": dict(T=4, lr=0.1, batch_size=32, epochs=320, amp=True, loss="ce", method="stmod"),
+    "imagenet_gradr": dict(T=4, lr=0.1, batch_size=32, epochs=320, amp=True, loss="ce", method="stmod"),
+}
+GIVEN = {"imagenet_stds": ["flat_width=0.6"], "imagenet_gradr": ["flat_width=0.05", "alpha_gr=2e-5"]}
+
+
+@pytest.mark.parametrize("preset", sorted(PAPER))
+def test_presets_hold_the_paper_settings(preset):
+    cfg = compose_train(f"experiment={preset}", *GIVEN.get(preset, []))
+    want = PAPER[preset]
+    got = dict(T=cfg.T, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, amp=cfg.amp,
+               loss=cfg.loss.value, method=cfg.sparse.method.value)
+    assert got == want
+    if preset.startswith("cifar10"):
+        assert cfg.model._target_.endswith("CIFAR10Net") and cfg.optimizer._target_ == "torch.optim.Adam"
+        assert cfg.dataset._target_ == "stds.data.cifar10"
+    else:
+        assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.momentum == 0.9
+        assert cfg.lr_scheduler.T_max == 320 and cfg.model.connect_f == "ADD"
+    kind = {"cifar10_stds": "sine", "imagenet_stds": "sine"}.get(preset, "constant")
+    assert cfg.scheduler.kind == kind
+    assert set(PAPER) == set(_options("experiment"))
+
+
+@pytest.mark.parametrize("preset, key", [("imagenet_stds", "flat_width"), ("imagenet_gradr", "flat_width")])
+def test_presets_that_need_a_value_say_which(preset, key):
+    with pytest.raises(Exception, match=key):
+        prepare_config(compose_train(f"experiment={preset}", "dataset=digits"))
+
+
+def test_unknown_option_fails_at_compose_time_naming_the_group():
+    with pytest.raises(ConfigCompositionException, match="sparse"):
+        compose_train("sparse=magic")
+
+
+def test_wrong_types_and_enum_values_fail_at_compose_time():
+    with pytest.raises(ValidationError, match="method"):
+        compose_train("sparse.method=magic")
+    with pytest.raises(ValidationError, match="T"):
+        compose_train("T=abc")
+    with pytest.raises(Exception, match="flat_widht"):
+        compose_train("flat_widht=1")
+
+
+def test_relative_dataset_root_becomes_absolute(tmp_path, monkeypatch):
+    (tmp_path / "data" / "cifar10").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = prepare_config(compose_train("dataset=cifar10"))
+    assert Path(cfg.dataset.root) == tmp_path / "data" / "cifar10"

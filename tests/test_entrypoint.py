@@ -1,0 +1,114 @@
+"""``launch/train.py`` as users run it: the documented commands, errors, kill and resume, DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TRAIN, run_train
+
+FAST = ("epochs=1", "batch_size=64")
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_documented_single_run(tmp_path):
+    out = tmp_path / "run"
+    proc = run_train("sparse=stmod", "scheduler=sine", "flat_width=2.0", *FAST, f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    metrics = _metrics(out)
+    assert metrics["flat_width"] == pytest.approx(2.0)  # the sine schedule ends at D
+    assert metrics["sparsity"] > 0.9  # D = 2 prunes nearly every weight of the small net
+    assert (out / ".hydra" / "config.yaml").exists()
+
+
+def test_documented_basic_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_train("-m", "flat_width=1,2,3,4,5", *FAST, "epochs=1", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr
+    widths = [_metrics(sweep / str(i))["flat_width"] for i in range(5)]
+    assert widths == pytest.approx([1, 2, 3, 4, 5])
+
+
+def test_documented_submitit_local_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_train("-m", "hydra/launcher=submitit_local", "flat_width=0.05,0.3", *FAST,
+                     f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10")
+    assert proc.returncode == 0, proc.stderr
+    first, second = _metrics(sweep / "0"), _metrics(sweep / "1")
+    assert (first["flat_width"], second["flat_width"]) == pytest.approx((0.05, 0.3))
+    assert first["sparsity"] < second["sparsity"]
+    assert list((sweep / ".submitit").iterdir())
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("sparse=magic", "sparse"), ("flat_width=-1", "flat_width"), ("alpha_gr=-1", "alpha_gr"),
+     ("T=0", "T"), ("epochs=0", "epochs"), ("dataset=cifar10", "dataset.root")],
+)
+def test_bad_input_is_one_line_without_traceback(tmp_path, override, key):
+    proc = run_train(override, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert key in proc.stderr
+    if override != "sparse=magic":
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and key in errors[0]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_same_command_gives_the_same_result(tmp_path):
+    args = ("epochs=3", "batch_size=32", "flat_width=0.3")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_train(*args, f"hydra.run.dir={whole}").returncode == 0
+    cmd = [sys.executable, str(TRAIN), *args, f"hydra.run.dir={split}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    jsonl = split / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (jsonl.exists() and jsonl.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the second epoch
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (split / "metrics.json").exists(), "the run finished before it could be killed"
+    assert run_train(*args, f"hydra.run.dir={split}").returncode == 0
+    keep = ("test_acc1", "test_acc5", "best_test_acc1", "sparsity", "step", "epoch", "flat_width")
+    assert {k: _metrics(split)[k] for k in keep} == {k: _metrics(whole)[k] for k in keep}
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+         str(TRAIN), "epochs=2", "batch_size=32", "device=cpu", f"hydra.run.dir={out}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = _metrics(out)
+    assert metrics["world_size"] == 2 and metrics["ranks_in_sync"] is True
+    steps = (1437 // 2) // 32  # each rank sees half of the 1437 training digits
+    assert metrics["step"] == 2 * steps
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 2 * steps
+
+
+@pytest.mark.slow
+def test_default_run_reaches_the_promised_accuracy_and_sparsity(tmp_path):
+    out = tmp_path / "default"
+    started = time.monotonic()
+    proc = run_train(f"hydra.run.dir={out}")
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = _metrics(out)
+    assert metrics["test_acc1"] >= 0.97 and metrics["sparsity"] >= 0.90, metrics
+    print(f"default run: {elapsed:.0f} s, top-1 {metrics['test_acc1']:.4f}, sparsity {metrics['sparsity']:.4f}")

@@ -1,0 +1,166 @@
+"""The training loop, in process: metric files, the threshold schedule, resume, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import stds.train as train_module
+from stds import checkpoint as ckpt
+from stds.errors import CheckpointError, ConfigError, NonFiniteLossError
+from stds.schedule import flat_width_at
+from stds.train import train
+
+
+def _metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _history(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_metrics_tensorboard_and_checkpoints(tiny_cfg, tmp_path):
+    result = train(tiny_cfg("flat_width=0.3"), tmp_path)
+    metrics = _metrics(tmp_path)
+    assert result == metrics["test_acc1"]
+    assert metrics["epoch"] == metrics["epochs_planned"] == 2
+    steps = (1797 - 360) // 64  # 1437 training digits, drop_last
+    assert metrics["step"] == 2 * steps
+    for key in ("test_acc1", "test_acc5", "best_test_acc1", "sparsity"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["test_acc5"] >= metrics["test_acc1"]
+    assert metrics["best_test_acc1"] == max(r["test_acc1"] for r in _history(tmp_path))
+    assert [r["epoch"] for r in _history(tmp_path)] == [1, 2]
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["step"] == 2 * steps
+    assert (tmp_path / "checkpoints" / "best.pt").exists()
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"test/acc1", "test/acc5", "train/loss", "sparse/sparsity", "sparse/flat_width"} <= set(tags["scalars"])
+    assert [e.value for e in events.Scalars("test/acc1")] == pytest.approx(
+        [r["test_acc1"] for r in _history(tmp_path)])
+    assert any(tag.startswith("theta/") for tag in tags["histograms"])
+
+
+def test_threshold_follows_the_schedule_after_every_step(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("flat_width=0.4", "scheduler=linear")
+    train(cfg, tmp_path)
+    history = _history(tmp_path)
+    total = history[-1]["step"]
+    for record in history:
+        assert record["flat_width"] == pytest.approx(0.4 * record["step"] / total)
+    assert history[-1]["flat_width"] == pytest.approx(0.4)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    d_buffers = [v for k, v in state["model"].items() if k.endswith("flat_width")]
+    assert d_buffers and all(float(v) == pytest.approx(0.4) for v in d_buffers)
+    assert flat_width_at(total // 2, total, 0.4, "linear") == pytest.approx(0.2)
+
+
+def test_sparsity_reported_matches_the_weights(tiny_cfg, tmp_path):
+    train(tiny_cfg("flat_width=0.3"), tmp_path)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    zeros = numel = 0
+    for key, theta in state["model"].items():
+        if key.endswith("parametrizations.weight.original"):
+            d = state["model"][key.replace("original", "0.flat_width")]
+            w = torch.sign(theta) * torch.clamp(theta.abs() - d, min=0)
+            zeros += int((w == 0).sum())
+            numel += w.numel()
+    assert _metrics(tmp_path)["sparsity"] == pytest.approx(zeros / numel)
+
+
+def _stop_after(monkeypatch, calls: int):
+    real = train_module.train_step
+    count = {"n": 0}
+
+    def step(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", step)
+
+
+SAME = ("test_acc1", "test_acc5", "best_test_acc1", "sparsity", "step", "epoch", "flat_width")
+
+
+@pytest.mark.parametrize("extra", [(), ("checkpoint_every_steps=7",)], ids=["per-epoch", "mid-epoch"])
+def test_interrupted_run_resumes_to_the_same_result(tiny_cfg, tmp_path, monkeypatch, extra):
+    overrides = ("epochs=3", "flat_width=0.3", *extra)
+    train(tiny_cfg(*overrides), tmp_path / "whole")
+    _stop_after(monkeypatch, 30)  # 22 steps per epoch: killed in the second epoch
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(*overrides), tmp_path / "split")
+    assert not (tmp_path / "split" / "metrics.json").exists()
+    monkeypatch.undo()
+    train(tiny_cfg(*overrides), tmp_path / "split")
+    whole, split = _metrics(tmp_path / "whole"), _metrics(tmp_path / "split")
+    assert {k: split[k] for k in SAME} == {k: whole[k] for k in SAME}
+    strip = lambda rs: [{k: r[k] for k in ("epoch", "step", "test_acc1", "train_loss")} for r in rs]
+    assert strip(_history(tmp_path / "split")) == strip(_history(tmp_path / "whole"))
+
+
+def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tiny_cfg, tmp_path):
+    last = tmp_path / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="last.pt"):
+        train(tiny_cfg(), tmp_path)
+    assert last.read_bytes() == b"not a checkpoint"
+    assert "CheckpointError" in (tmp_path / "error.txt").read_text()
+
+
+def test_checkpoint_of_another_experiment_is_refused(tiny_cfg, tmp_path):
+    train(tiny_cfg("epochs=1", "flat_width=0.3"), tmp_path)
+    with pytest.raises(CheckpointError, match="flat_width"):
+        train(tiny_cfg("epochs=2", "flat_width=0.5"), tmp_path)
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    real = train_module.loss_fn
+    calls = {"n": 0}
+
+    def poisoned(kind, scores, labels):
+        calls["n"] += 1
+        loss = real(kind, scores, labels)
+        return loss * float("nan") if calls["n"] == 30 else loss  # step 30 is in epoch 2
+
+    monkeypatch.setattr(train_module, "loss_fn", poisoned)
+    with pytest.raises(NonFiniteLossError, match="epoch 2, step 30"):
+        train(tiny_cfg("logging.log_every_steps=1000"), tmp_path)
+    state = ckpt.load(tmp_path / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1 and all(
+        torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert "epoch 2, step 30" in (tmp_path / "error.txt").read_text()
+
+
+def test_grad_r_run_with_constant_threshold(tiny_cfg, tmp_path):
+    train(tiny_cfg("scheduler=constant", "flat_width=0.05", "alpha_gr=0.5", "epochs=1"), tmp_path)
+    history = _history(tmp_path)
+    assert history[0]["flat_width"] == pytest.approx(0.05)
+
+
+def test_amp_bf16_on_cpu(tiny_cfg, tmp_path):
+    train(tiny_cfg("amp=true", "epochs=1"), tmp_path)
+    assert math.isfinite(_metrics(tmp_path)["test_acc1"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("flat_width=-1", "flat_width"), ("alpha_gr=-0.1", "alpha_gr"), ("T=0", "T"), ("epochs=0", "epochs"),
+     ("scheduler.kind=cubic", "scheduler.kind"), ("device=tpu", "device")],
+)
+def test_bad_values_name_the_key(tiny_cfg, tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key):
+        train(tiny_cfg(override), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_dataset_root_names_the_key(tiny_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="dataset.root"):
+        train(tiny_cfg("dataset=cifar10", f"dataset.root={tmp_path}/nowhere"), tmp_path)
