@@ -382,10 +382,27 @@ def finish_epoch(run: Run, progress: Progress, train_stats: dict[str, float]) ->
     return record
 
 
+def fingerprint(model: nn.Module) -> torch.Tensor:
+    """Per-tensor sums of the parameters and buffers: equal on every rank when they are in sync."""
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+    return torch.stack([t.detach().double().sum() for t in tensors])
+
+
+def ranks_in_sync(run: Run) -> bool:
+    """True when every rank holds exactly the same weights as rank 0."""
+    if not run.env.distributed:
+        return True
+    mine = fingerprint(run.core)
+    gathered = [torch.empty_like(mine) for _ in range(run.env.world_size)]
+    torch.distributed.all_gather(gathered, mine)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 def summary(run: Run, progress: Progress) -> dict[str, Any]:
     """The figures of ``metrics.json``."""
     last = progress.history[-1]
     return {
+        "world_size": run.env.world_size, "ranks_in_sync": ranks_in_sync(run),
         "test_acc1": last["test_acc1"], "test_acc5": last["test_acc5"],
         "best_test_acc1": progress.best_acc1, "best_epoch": progress.best_epoch,
         "sparsity": last["sparsity"], "sparsity_layers": last["sparsity_layers"],
@@ -411,6 +428,7 @@ def fit(run: Run) -> float:
     while progress.epoch < run.cfg.epochs:
         train_stats = train_epoch(run, progress)
         finish_epoch(run, progress, train_stats)
+    _sync_buffers(run)
     result = summary(run, progress)
     if run.writer is not None:
         run.writer.final(result)
