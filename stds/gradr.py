@@ -1,0 +1,132 @@
+"""The Grad R prior: after every optimizer step, shrink each pruned θ towards 0 by lr·α.
+
+Grad R (Gradient Rewiring) trains with a constant threshold μ (the flat width) and a prior that
+pulls the hidden parameters θ towards 0. Here the prior is attached to any ``torch.optim``
+optimizer through its step hooks, so every other parameter (BatchNorm, biases, unpruned heads) is
+optimised exactly as without it. With lr the current learning rate of θ's parameter group:
+
+- ``sign_preserving``: |θ| shrinks by lr·α and stops at 0, θ never changes sign
+  (θ ← sign(θ)·max(|θ| − lr·α, 0), applied to the θ the optimizer just produced);
+- ``plain``: θ ← θ − lr·α·sign(θ_before_step), with the sign taken before the optimizer's update.
+
+Hooks run only inside ``optimizer.step()``; a step that an AMP ``GradScaler`` skips (inf/NaN
+gradients) never calls it, so θ is left untouched. The update is deterministic and in place, so
+under DDP every rank keeps identical parameters. θ without a gradient (skipped by the optimizer)
+is left alone. α = 0 attaches nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["VARIANTS", "GradRPrior", "attach_gradr_prior"]
+
+VARIANTS: tuple[str, ...] = ("sign_preserving", "plain")
+"""Grad R prior updates: ``sign_preserving`` (original Adam path), ``plain`` (original SGD path)."""
+
+
+def _group_thetas(
+    optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]
+) -> list[tuple[int, list[nn.Parameter]]]:
+    """(param-group index, its θ) for the groups holding ``params``; a θ in no group raises."""
+    group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    by_group: dict[int, list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for theta in params:
+        if id(theta) in seen:
+            continue
+        if id(theta) not in group_of:
+            raise ValueError(
+                f"a pruned parameter of shape {tuple(theta.shape)} is in no param group of the "
+                "optimizer; build the optimizer over all model parameters"
+            )
+        seen.add(id(theta))
+        by_group.setdefault(group_of[id(theta)], []).append(theta)
+    return sorted(by_group.items())
+
+
+class GradRPrior:
+    """The Grad R prior attached to one optimizer; `remove` detaches it."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: Iterable[nn.Parameter],
+        alpha: float,
+        variant: str = "sign_preserving",
+    ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown Grad R variant {variant!r}; valid: {', '.join(VARIANTS)}")
+        if not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"Grad R alpha must be a finite number >= 0, got {alpha!r}")
+        self.alpha = float(alpha)
+        self.variant = variant
+        self._groups = _group_thetas(optimizer, params)
+        self._signs: dict[int, Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+        if self.alpha > 0:
+            if variant == "plain":
+                self._handles.append(optimizer.register_step_pre_hook(self._remember_signs))
+            self._handles.append(optimizer.register_step_post_hook(self._apply))
+
+    @property
+    def active(self) -> bool:
+        """Whether the prior is attached (α > 0 and not removed)."""
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Detach the prior from the optimizer (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._signs.clear()
+
+    @torch.no_grad()
+    def _remember_signs(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Pre-step hook of the ``plain`` variant: keep sign(θ) before the optimizer's update."""
+        self._signs = {
+            id(theta): torch.sign(theta.data)
+            for _, thetas in self._groups
+            for theta in thetas
+            if theta.grad is not None
+        }
+
+    @torch.no_grad()
+    def _apply(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Post-step hook: shrink every updated θ by lr·α of its own parameter group."""
+        for index, thetas in self._groups:
+            amount = optimizer.param_groups[index]["lr"] * self.alpha
+            for theta in thetas:
+                if theta.grad is None:
+                    continue
+                if self.variant == "sign_preserving":
+                    _shrink_towards_zero(theta.data, amount)
+                else:
+                    theta.data.sub_(self._signs[id(theta)].mul_(amount))
+        self._signs = {}
+
+
+def _shrink_towards_zero(theta: Tensor, amount: float | Tensor) -> None:
+    """θ ← sign(θ)·max(|θ| − amount, 0), in place."""
+    theta.sub_(theta.clamp(-amount, amount))
+
+
+def attach_gradr_prior(
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[nn.Parameter],
+    alpha: float,
+    variant: str = "sign_preserving",
+) -> GradRPrior:
+    """Attach the Grad R prior with strength ``alpha`` on the pruned ``params`` to ``optimizer``.
+
+    ``params`` are the θ to shrink (e.g. ``stds.sparse.pruned_parameters(model).values()``); each
+    must belong to a param group of ``optimizer``. ``variant`` is ``sign_preserving`` or
+    ``plain``. α = 0 attaches nothing (the returned object's `GradRPrior.remove` still works).
+    """
+    return GradRPrior(optimizer, params, alpha, variant)

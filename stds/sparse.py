@@ -1,0 +1,310 @@
+"""Reparameterizations of pruned weights, registered with ``torch.nn.utils.parametrize``.
+
+A pruned layer keeps a hidden parameter θ (stored as ``<layer>.parametrizations.weight.original``)
+and computes its weight as w = f(θ, d), with d the current threshold ("flat width"):
+
+- ``identity``: w = θ (dense training; d is stored but has no effect);
+- ``st``: w = sign(θ)·max(|θ| − d, 0), true gradient: dw/dθ = 1 where |θ| > d, else 0;
+- ``stmod`` (STDS): the same forward; the gradient of max(·, 0) is passed straight through, so
+  dw/dθ = 1 for every θ ≠ 0 and pruned synapses keep learning and can regrow.
+
+Each reparameterization is a module holding d in a float32 scalar buffer ``flat_width`` (saved as
+``<layer>.parametrizations.weight.0.flat_width``; it moves with ``.to()``). Its inverse map
+θ = sign(w)(|w| + d) is used when it is registered, so registering it with threshold D keeps the
+freshly initialised weights (up to one rounding of |w| + D − D).
+
+Every function here accepts a plain model or one wrapped in ``DistributedDataParallel``,
+``DataParallel`` or ``torch.compile``; register the reparameterizations before wrapping.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "PRUNABLE_TYPES",
+    "REPARAMS",
+    "Reparam",
+    "dense_state_dict",
+    "get_flat_width",
+    "make_reparam",
+    "pruned_layers",
+    "pruned_parameters",
+    "set_flat_width",
+    "sparsify",
+    "sparsity",
+    "unsparsify",
+]
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+"""Layer types whose weight `sparsify` reparameterizes (subclasses, e.g. SpikingJelly's, included)."""
+
+
+def _check_flat_width(flat_width: float) -> float:
+    """``flat_width`` as a float; a negative or non-finite value is a ValueError."""
+    value = float(flat_width)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"flat_width must be a finite number >= 0, got {flat_width!r}")
+    return value
+
+
+class _SoftThreshold(torch.autograd.Function):
+    """w = θ − clamp(θ, −d, d) with the true gradient: 1 where w ≠ 0 (i.e. |θ| > d), else 0."""
+
+    @staticmethod
+    def forward(ctx: Any, theta: Tensor, d: Tensor) -> Tensor:
+        w = theta.clamp(-d, d)
+        torch.sub(theta, w, out=w)
+        ctx.save_for_backward(w)
+        return w
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_w: Tensor) -> tuple[Tensor, None]:
+        (w,) = ctx.saved_tensors
+        return grad_w * (w != 0), None
+
+
+class _SoftThresholdStraightThrough(torch.autograd.Function):
+    """w = θ − clamp(θ, −d, d) with the gradient of max(·, 0) passed through: 1 where θ ≠ 0."""
+
+    @staticmethod
+    def forward(ctx: Any, theta: Tensor, d: Tensor) -> Tensor:
+        w = theta.clamp(-d, d)
+        torch.sub(theta, w, out=w)
+        ctx.save_for_backward(theta)
+        return w
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_w: Tensor) -> tuple[Tensor, None]:
+        (theta,) = ctx.saved_tensors
+        return grad_w * (theta != 0), None
+
+
+class Reparam(nn.Module):
+    """Base of the reparameterizations: holds the threshold d in the buffer ``flat_width``."""
+
+    method: ClassVar[str] = ""
+    flat_width: Tensor
+
+    def __init__(self, flat_width: float = 0.0) -> None:
+        super().__init__()
+        d = torch.tensor(_check_flat_width(flat_width), dtype=torch.float32)
+        self.register_buffer("flat_width", d, persistent=True)
+
+    def forward(self, theta: Tensor) -> Tensor:
+        """The weight w = f(θ, d)."""
+        raise NotImplementedError
+
+    def right_inverse(self, w: Tensor) -> Tensor:
+        """θ = sign(w)(|w| + d), so that f(θ, d) = w for the current d."""
+        return torch.sign(w) * (w.abs() + self.flat_width)
+
+    def set_flat_width(self, d: float) -> None:
+        """Set the threshold in place (one ``fill_``, no host-device synchronisation)."""
+        self.flat_width.fill_(_check_flat_width(d))
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}"
+
+
+class Identity(Reparam):
+    """``identity``: w = θ; the threshold is kept for a uniform checkpoint layout but unused."""
+
+    method = "identity"
+
+    def forward(self, theta: Tensor) -> Tensor:
+        """w = θ."""
+        return theta
+
+    def right_inverse(self, w: Tensor) -> Tensor:
+        """θ = w."""
+        return w
+
+
+class SoftThreshold(Reparam):
+    """``st``: w = sign(θ)·max(|θ| − d, 0) with the true gradient (0 where |θ| <= d)."""
+
+    method = "st"
+
+    def forward(self, theta: Tensor) -> Tensor:
+        """w = sign(θ)·max(|θ| − d, 0)."""
+        return _SoftThreshold.apply(theta, self.flat_width)
+
+
+class SoftThresholdMod(Reparam):
+    """``stmod`` (STDS): the ``st`` forward with dw/dθ = 1 for every θ ≠ 0."""
+
+    method = "stmod"
+
+    def forward(self, theta: Tensor) -> Tensor:
+        """w = sign(θ)·max(|θ| − d, 0)."""
+        return _SoftThresholdStraightThrough.apply(theta, self.flat_width)
+
+
+REPARAMS: dict[str, type[Reparam]] = {
+    cls.method: cls for cls in (Identity, SoftThreshold, SoftThresholdMod)
+}
+"""Reparameterizations by name."""
+
+
+def make_reparam(name: str, flat_width: float = 0.0) -> nn.Module:
+    """The reparameterization ``name`` (``identity``, ``st`` or ``stmod``) with threshold ``flat_width``."""
+    if name not in REPARAMS:
+        valid = ", ".join(sorted(REPARAMS))
+        raise ValueError(f"unknown reparameterization {name!r}; valid: {valid}")
+    return REPARAMS[name](flat_width)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _reparam_of(module: nn.Module) -> Reparam | None:
+    """The `Reparam` on ``module.weight``, or None if it has none."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    first = module.parametrizations.weight[0]
+    return first if isinstance(first, Reparam) else None
+
+
+def pruned_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> layer, for every layer whose weight carries a reparameterization."""
+    core = _unwrap(model)
+    return {name: m for name, m in core.named_modules() if _reparam_of(m) is not None}
+
+
+def _reparams(model: nn.Module) -> list[Reparam]:
+    return [_reparam_of(m) for m in pruned_layers(model).values()]  # type: ignore[misc]
+
+
+def pruned_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Qualified layer name -> its hidden parameter θ (``parametrizations.weight.original``)."""
+    return {
+        name: layer.parametrizations.weight.original
+        for name, layer in pruned_layers(model).items()
+    }
+
+
+def _excluded(name: str, exclude: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
+
+
+def sparsify(
+    model: nn.Module, name: str, flat_width: float = 0.0, exclude: Iterable[str] = ()
+) -> list[str]:
+    """Register reparameterization ``name`` with threshold ``flat_width`` on every prunable layer.
+
+    Prunable layers are the `nn.Conv2d` and `nn.Linear` (subclasses included) whose qualified
+    name matches none of the ``fnmatch`` patterns in ``exclude``. Returns their qualified names.
+    A model that already carries reparameterizations is a ValueError.
+    """
+    make_reparam(name, flat_width)  # validates name and flat_width before touching the model
+    exclude = tuple(exclude)
+    core = _unwrap(model)
+    if pruned_layers(core):
+        raise ValueError("model is already sparsified; sparsify it once (or call unsparsify first)")
+    names = []
+    for qualified, module in core.named_modules():
+        if isinstance(module, PRUNABLE_TYPES) and not _excluded(qualified, exclude):
+            reparam = make_reparam(name, flat_width).to(module.weight.device)
+            parametrize.register_parametrization(module, "weight", reparam)
+            names.append(qualified)
+    return names
+
+
+def set_flat_width(model: nn.Module, d: float) -> None:
+    """Set the threshold d of every reparameterization in ``model``."""
+    d = _check_flat_width(d)
+    for reparam in _reparams(model):
+        reparam.set_flat_width(d)
+
+
+def get_flat_width(model: nn.Module) -> float:
+    """The threshold d shared by the reparameterizations of ``model`` (reads it from the device).
+
+    A model without reparameterizations, or whose layers hold different thresholds, is a
+    ValueError.
+    """
+    values = {float(r.flat_width) for r in _reparams(model)}
+    if not values:
+        raise ValueError("model has no pruned layers; call sparsify first")
+    if len(values) > 1:
+        raise ValueError(f"pruned layers hold different flat_width values: {sorted(values)}")
+    return values.pop()
+
+
+@torch.no_grad()
+def sparsity(model: nn.Module) -> dict[str, Any]:
+    """Exactly-zero weights w over the pruned layers.
+
+    Returns ``total`` (zeros / numel, 0.0 without pruned layers), ``zeros`` and ``numel`` (ints)
+    and ``layers`` (qualified name -> fraction of zeros in that layer).
+    """
+    zeros, numel, layers = 0, 0, {}
+    for name, layer in pruned_layers(model).items():
+        w = layer.weight
+        layer_zeros = int((w == 0).sum())
+        layers[name] = layer_zeros / w.numel()
+        zeros += layer_zeros
+        numel += w.numel()
+    total = zeros / numel if numel else 0.0
+    return {"total": total, "zeros": zeros, "numel": numel, "layers": layers}
+
+
+@torch.no_grad()
+def dense_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict as the plain architecture has it: weights w (zeros kept).
+
+    Keys and their order are those of the un-parametrized model's ``state_dict()`` (no
+    ``parametrizations`` entries, no thresholds), so it loads with ``strict=True`` into the same
+    architecture built without `stds`. The model is not modified.
+    """
+    core = _unwrap(model)
+    weights = {}
+    for name, layer in pruned_layers(core).items():
+        w = layer.weight.detach()
+        if w.data_ptr() == layer.parametrizations.weight.original.data_ptr():
+            w = w.clone()  # identity: do not alias θ
+        weights[f"{name}." if name else ""] = w
+    out: dict[str, Tensor] = {}
+    for key, value in core.state_dict().items():
+        prefix = _owning_prefix(key, weights)
+        if prefix is not None and f"{prefix}weight" not in out:
+            out[f"{prefix}weight"] = weights[prefix]
+        if prefix is None or not key.startswith(f"{prefix}parametrizations."):
+            out[key] = value
+    return out
+
+
+def _owning_prefix(key: str, prefixes: dict[str, Tensor]) -> str | None:
+    """The longest pruned-layer prefix (``"layer."``) that ``key`` lies under, if any."""
+    best = None
+    for prefix in prefixes:
+        if key.startswith(prefix) and (best is None or len(prefix) > len(best)):
+            best = prefix
+    return best
+
+
+def unsparsify(model: nn.Module) -> list[str]:
+    """Remove the reparameterizations in place, leaving each layer's weight = w. Returns the names."""
+    layers = pruned_layers(model)
+    for layer in layers.values():
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    return list(layers)
