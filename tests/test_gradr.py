@@ -1,0 +1,222 @@
+"""The Grad R prior against hand-computed updates, with Adam, SGD, AdamW, a GradScaler and DDP."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from stds.gradr import attach_gradr_prior
+from stds.sparse import pruned_parameters, sparsify
+
+THETA0 = [0.30, -0.20, 0.02, -0.04, 0.12]
+LR = 0.1
+ALPHA = 0.5  # lr·α = 0.05
+
+# Adam with eps = 0 and a constant gradient g moves θ by exactly lr·sign(g) every step.
+ADAM_GRAD = [1.0, -1.0, -1.0, 1.0, 1.0]
+# SGD moves θ by lr·g = [0.05, -0.10, -0.20, 0.10, 0.05] every step.
+SGD_GRAD = [0.5, -1.0, -2.0, 1.0, 0.5]
+
+EXPECTED = {
+    # Adam step 1: [0.20, -0.10, 0.12, -0.14, 0.02]; shrink |θ| by 0.05, stop at 0:
+    #   [0.15, -0.05, 0.07, -0.09, 0.00]
+    # Adam step 2: [0.05, 0.05, 0.17, -0.19, -0.10]; shrink: [0, 0, 0.12, -0.14, -0.05]
+    ("adam", "sign_preserving"): [0.0, 0.0, 0.12, -0.14, -0.05],
+    # step 1: subtract 0.05·sign(θ0) = [+, -, +, -, +]: [0.15, -0.05, 0.07, -0.09, -0.03]
+    # step 2: Adam gives [0.05, 0.05, 0.17, -0.19, -0.13]; sign before = [+, -, +, -, -]
+    ("adam", "plain"): [0.0, 0.10, 0.12, -0.14, -0.08],
+    # SGD step 1: [0.25, -0.10, 0.22, -0.14, 0.07]; shrink: [0.20, -0.05, 0.17, -0.09, 0.02]
+    # SGD step 2: [0.15, 0.05, 0.37, -0.19, -0.03]; shrink: [0.10, 0, 0.32, -0.14, 0]
+    ("sgd", "sign_preserving"): [0.10, 0.0, 0.32, -0.14, 0.0],
+    # step 1 as above (no sign changes); step 2: SGD gives [0.15, 0.05, 0.37, -0.19, -0.03],
+    # sign before = [+, -, +, -, +]
+    ("sgd", "plain"): [0.10, 0.10, 0.32, -0.14, -0.08],
+}
+
+
+def make_optimizer(kind: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=LR, eps=0.0)
+    return torch.optim.SGD(params, lr=LR)
+
+
+def linear_step(theta: nn.Parameter, grad: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.zero_grad()
+    (grad * theta).sum().backward()  # dL/dθ = grad
+    optimizer.step()
+
+
+@pytest.mark.parametrize(("opt_kind", "variant"), sorted(EXPECTED))
+def test_two_steps_by_hand(opt_kind: str, variant: str) -> None:
+    theta = nn.Parameter(torch.tensor(THETA0))
+    grad = torch.tensor(ADAM_GRAD if opt_kind == "adam" else SGD_GRAD)
+    optimizer = make_optimizer(opt_kind, [theta])
+    prior = attach_gradr_prior(optimizer, [theta], ALPHA, variant)
+    assert prior.active
+    for _ in range(2):
+        linear_step(theta, grad, optimizer)
+    torch.testing.assert_close(theta.detach(), torch.tensor(EXPECTED[(opt_kind, variant)]), rtol=0, atol=1e-6)
+
+
+def test_sign_preserving_never_flips_sign_of_the_prior() -> None:
+    theta = nn.Parameter(torch.tensor([0.01, -0.01, 0.5]))
+    optimizer = torch.optim.SGD([theta], lr=1.0)
+    attach_gradr_prior(optimizer, [theta], 0.1, "sign_preserving")
+    linear_step(theta, torch.zeros(3), optimizer)
+    assert theta.tolist() == pytest.approx([0.0, 0.0, 0.4])
+    assert theta[0].item() == 0.0 and theta[1].item() == 0.0
+
+
+def test_uses_each_groups_current_learning_rate() -> None:
+    a = nn.Parameter(torch.tensor([1.0, -1.0]))
+    b = nn.Parameter(torch.tensor([1.0, -1.0]))
+    optimizer = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.2}], lr=0.5)
+    attach_gradr_prior(optimizer, [a, b], alpha=1.0, variant="plain")
+    for param in (a, b):
+        param.grad = torch.zeros(2)  # the optimizer leaves θ alone; only the prior moves it
+    optimizer.step()  # shrinks a by 0.1 and b by 0.2
+    optimizer.param_groups[0]["lr"] = 0.05
+    optimizer.step()  # shrinks a by 0.05 and b by 0.2
+    torch.testing.assert_close(a.detach(), torch.tensor([0.85, -0.85]))
+    torch.testing.assert_close(b.detach(), torch.tensor([0.6, -0.6]))
+
+
+def test_parameter_without_gradient_is_left_alone() -> None:
+    a = nn.Parameter(torch.tensor([1.0]))
+    b = nn.Parameter(torch.tensor([1.0]))
+    optimizer = torch.optim.SGD([a, b], lr=0.1)
+    attach_gradr_prior(optimizer, [a, b], alpha=1.0)
+    a.grad = torch.zeros(1)
+    optimizer.step()
+    assert a.item() == pytest.approx(0.9)
+    assert b.item() == 1.0
+
+
+@pytest.mark.parametrize("variant", ["sign_preserving", "plain"])
+def test_step_skipped_by_grad_scaler_leaves_theta(variant: str) -> None:
+    theta = nn.Parameter(torch.tensor(THETA0))
+    optimizer = torch.optim.SGD([theta], lr=LR)
+    attach_gradr_prior(optimizer, [theta], ALPHA, variant)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+
+    optimizer.zero_grad()
+    scaler.scale((torch.tensor([1.0, 0.0, 0.0, 0.0, float("inf")]) * theta).sum()).backward()
+    scaler.step(optimizer)  # inf gradient: skipped
+    scaler.update()
+    assert torch.equal(theta.detach(), torch.tensor(THETA0))
+    assert scaler.get_scale() == 2.0
+
+    optimizer.zero_grad()
+    scaler.scale((torch.zeros(5) * theta).sum()).backward()
+    scaler.step(optimizer)  # finite: SGD does nothing, the prior shrinks |θ| by 0.05
+    expected = [0.25, -0.15, 0.0, 0.0, 0.07] if variant == "sign_preserving" else [0.25, -0.15, -0.03, 0.01, 0.07]
+    torch.testing.assert_close(theta.detach(), torch.tensor(expected), rtol=0, atol=1e-7)
+
+
+def small_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, bias=False),  # a bias before BatchNorm gets no gradient
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(12, 6),
+        nn.ReLU(),
+        nn.Linear(6, 4),  # the unpruned head
+    )
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 2) -> None:
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 4, (8,))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
+def test_touches_only_pruned_theta(opt_cls: type[torch.optim.Optimizer]) -> None:
+    plain, with_prior = small_net(), small_net()
+    for model in (plain, with_prior):
+        sparsify(model, "stmod", 0.01, exclude=("6",))
+    initial = copy.deepcopy(dict(plain.named_parameters()))
+    opt_plain = opt_cls(plain.parameters(), lr=0.01)
+    opt_prior = opt_cls(with_prior.parameters(), lr=0.01)
+    attach_gradr_prior(opt_prior, pruned_parameters(with_prior).values(), alpha=2.0)
+    # one step: both see the same gradients, so they differ only by the prior
+    train_steps(plain, opt_plain, steps=1)
+    train_steps(with_prior, opt_prior, steps=1)
+
+    theta_keys = {"0.parametrizations.weight.original", "4.parametrizations.weight.original"}
+    params_plain = dict(plain.named_parameters())
+    for name, param in with_prior.named_parameters():
+        if name in theta_keys:  # the optimizer's θ with |θ| shrunk by lr·α = 0.02
+            shrunk = params_plain[name].detach()
+            shrunk = torch.sign(shrunk) * (shrunk.abs() - 0.02).clamp(min=0)
+            torch.testing.assert_close(param.detach(), shrunk, rtol=0, atol=1e-7)
+        else:  # BatchNorm, biases and the head are trained, exactly as without the prior
+            assert torch.equal(param, params_plain[name]), name
+            assert not torch.equal(param, initial[name]), name
+
+
+def test_alpha_zero_is_the_plain_optimizer() -> None:
+    plain, zero = small_net(), small_net()
+    for model in (plain, zero):
+        sparsify(model, "stmod", 0.01)
+    opt_plain = torch.optim.Adam(plain.parameters(), lr=0.01)
+    opt_zero = torch.optim.Adam(zero.parameters(), lr=0.01)
+    prior = attach_gradr_prior(opt_zero, pruned_parameters(zero).values(), alpha=0.0)
+    assert not prior.active
+    assert not opt_zero._optimizer_step_pre_hooks and not opt_zero._optimizer_step_post_hooks
+    prior.remove()
+    train_steps(plain, opt_plain)
+    train_steps(zero, opt_zero)
+    for (name, a), b in zip(plain.state_dict().items(), zero.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_remove_detaches_the_prior() -> None:
+    theta = nn.Parameter(torch.tensor([1.0]))
+    optimizer = torch.optim.SGD([theta], lr=0.1)
+    prior = attach_gradr_prior(optimizer, [theta], alpha=1.0, variant="plain")
+    prior.remove()
+    prior.remove()
+    assert not prior.active
+    linear_step(theta, torch.zeros(1), optimizer)
+    assert theta.item() == 1.0
+
+
+def test_invalid_arguments() -> None:
+    theta = nn.Parameter(torch.tensor([1.0]))
+    optimizer = torch.optim.SGD([theta], lr=0.1)
+    with pytest.raises(ValueError, match="variant"):
+        attach_gradr_prior(optimizer, [theta], 1.0, variant="l1")
+    with pytest.raises(ValueError, match="alpha"):
+        attach_gradr_prior(optimizer, [theta], -1.0)
+    with pytest.raises(ValueError, match="no param group"):
+        attach_gradr_prior(optimizer, [nn.Parameter(torch.ones(2))], 1.0)
+    assert not optimizer._optimizer_step_post_hooks
+
+
+def test_under_ddp_matches_single_process(tmp_path) -> None:
+    reference, wrapped = small_net(), small_net()
+    for model in (reference, wrapped):
+        sparsify(model, "stmod", 0.01, exclude=("6",))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(wrapped)
+        opt_ref = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+        opt_ddp = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        attach_gradr_prior(opt_ref, pruned_parameters(reference).values(), 1.0, "plain")
+        attach_gradr_prior(opt_ddp, pruned_parameters(ddp).values(), 1.0, "plain")
+        train_steps(reference, opt_ref)
+        train_steps(ddp, opt_ddp)
+    finally:
+        dist.destroy_process_group()
+    for (name, a), b in zip(reference.state_dict().items(), wrapped.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
