@@ -78,7 +78,7 @@ def flat_width_at(step: int, total_steps: int, final: float, kind: str) -> float
 
 
 class ThresholdSchedule:
-    """Sets the threshold of a sparsified model by `flat_width_at`; call `step` after each update."""
+    """Sets a sparsified model's threshold by `flat_width_at`; call `step` after each update."""
 
     def __init__(self, model: nn.Module, final: float, total_steps: int, kind: str) -> None:
         flat_width_at(0, total_steps, final, kind)  # validates the arguments

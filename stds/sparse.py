@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
-"""Layer types whose weight `sparsify` reparameterizes (subclasses, e.g. SpikingJelly's, included)."""
+"""Layer types whose weight `sparsify` reparameterizes (subclasses such as SpikingJelly's too)."""
 
 
 def _check_flat_width(flat_width: float) -> float:
@@ -158,7 +158,7 @@ REPARAMS: dict[str, type[Reparam]] = {
 
 
 def make_reparam(name: str, flat_width: float = 0.0) -> nn.Module:
-    """The reparameterization ``name`` (``identity``, ``st`` or ``stmod``) with threshold ``flat_width``."""
+    """The reparameterization ``name`` (``identity``, ``st``, ``stmod``) with threshold d."""
     if name not in REPARAMS:
         valid = ", ".join(sorted(REPARAMS))
         raise ValueError(f"unknown reparameterization {name!r}; valid: {valid}")
@@ -212,16 +212,17 @@ def sparsify(
     """Register reparameterization ``name`` with threshold ``flat_width`` on every prunable layer.
 
     Prunable layers are the `nn.Conv2d` and `nn.Linear` (subclasses included) whose qualified
-    name matches none of the ``fnmatch`` patterns in ``exclude``. Returns their qualified names.
-    A model that already carries reparameterizations is a ValueError.
+    name matches none of the ``fnmatch`` patterns in ``exclude`` (a single string is one pattern).
+    Returns their qualified names. A model that already carries reparameterizations is a
+    ValueError. Register before wrapping the model in DDP.
     """
     make_reparam(name, flat_width)  # validates name and flat_width before touching the model
-    exclude = tuple(exclude)
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     core = _unwrap(model)
     if pruned_layers(core):
         raise ValueError("model is already sparsified; sparsify it once (or call unsparsify first)")
     names = []
-    for qualified, module in core.named_modules():
+    for qualified, module in list(core.named_modules()):
         if isinstance(module, PRUNABLE_TYPES) and not _excluded(qualified, exclude):
             reparam = make_reparam(name, flat_width).to(module.weight.device)
             parametrize.register_parametrization(module, "weight", reparam)
@@ -303,7 +304,7 @@ def _owning_prefix(key: str, prefixes: dict[str, Tensor]) -> str | None:
 
 
 def unsparsify(model: nn.Module) -> list[str]:
-    """Remove the reparameterizations in place, leaving each layer's weight = w. Returns the names."""
+    """Remove the reparameterizations in place, leaving weight = w; returns the layer names."""
     layers = pruned_layers(model)
     for layer in layers.values():
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)

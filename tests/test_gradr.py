@@ -59,7 +59,8 @@ def test_two_steps_by_hand(opt_kind: str, variant: str) -> None:
     assert prior.active
     for _ in range(2):
         linear_step(theta, grad, optimizer)
-    torch.testing.assert_close(theta.detach(), torch.tensor(EXPECTED[(opt_kind, variant)]), rtol=0, atol=1e-6)
+    expected = torch.tensor(EXPECTED[(opt_kind, variant)])
+    torch.testing.assert_close(theta.detach(), expected, rtol=0, atol=1e-6)
 
 
 def test_sign_preserving_never_flips_sign_of_the_prior() -> None:
@@ -113,7 +114,10 @@ def test_step_skipped_by_grad_scaler_leaves_theta(variant: str) -> None:
     optimizer.zero_grad()
     scaler.scale((torch.zeros(5) * theta).sum()).backward()
     scaler.step(optimizer)  # finite: SGD does nothing, the prior shrinks |θ| by 0.05
-    expected = [0.25, -0.15, 0.0, 0.0, 0.07] if variant == "sign_preserving" else [0.25, -0.15, -0.03, 0.01, 0.07]
+    if variant == "sign_preserving":
+        expected = [0.25, -0.15, 0.0, 0.0, 0.07]
+    else:
+        expected = [0.25, -0.15, -0.03, 0.01, 0.07]
     torch.testing.assert_close(theta.detach(), torch.tensor(expected), rtol=0, atol=1e-7)
 
 
@@ -207,7 +211,8 @@ def test_under_ddp_matches_single_process(tmp_path) -> None:
     reference, wrapped = small_net(), small_net()
     for model in (reference, wrapped):
         sparsify(model, "stmod", 0.01, exclude=("6",))
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
     try:
         ddp = nn.parallel.DistributedDataParallel(wrapped)
         opt_ref = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
@@ -218,5 +223,6 @@ def test_under_ddp_matches_single_process(tmp_path) -> None:
         train_steps(ddp, opt_ddp)
     finally:
         dist.destroy_process_group()
-    for (name, a), b in zip(reference.state_dict().items(), wrapped.state_dict().values(), strict=True):
+    pairs = zip(reference.state_dict().items(), wrapped.state_dict().values(), strict=True)
+    for (name, a), b in pairs:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)

@@ -93,7 +93,8 @@ def test_invalid_flat_width_is_rejected(bad: float) -> None:
 
 
 def test_reparam_method_names() -> None:
-    assert [make_reparam(n).method for n in ("identity", "st", "stmod")] == ["identity", "st", "stmod"]
+    names = ["identity", "st", "stmod"]
+    assert [make_reparam(n).method for n in names] == names
 
 
 @pytest.mark.parametrize("name", ["st", "stmod"])
@@ -132,6 +133,10 @@ def test_exclude_patterns_are_fnmatch() -> None:
     model.add_module("body", nn.Linear(4, 4))
     model.add_module("head", nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
     assert sparsify(model, "st", exclude=["head.*"]) == ["body"]
+    other = nn.Sequential()
+    other.add_module("fc", nn.Linear(4, 4))
+    other.add_module("f", nn.Linear(4, 4))
+    assert sparsify(other, "st", exclude="fc") == ["f"]  # one pattern, not the letters f and c
 
 
 def test_sparsify_twice_is_an_error() -> None:
@@ -147,7 +152,8 @@ def test_set_and_get_flat_width() -> None:
     assert get_flat_width(model) == pytest.approx(0.1)
     set_flat_width(model, 0.5)
     assert get_flat_width(model) == 0.5
-    assert all(m.parametrizations.weight[0].flat_width.item() == 0.5 for m in pruned_layers(model).values())
+    for layer in pruned_layers(model).values():
+        assert layer.parametrizations.weight[0].flat_width.item() == 0.5
     with pytest.raises(ValueError, match="no pruned layers"):
         get_flat_width(small_net())
 
