@@ -6,7 +6,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigCompositionException, ValidationError
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
 
 from conftest import CONF, compose_train
 from stds.train import prepare_config
