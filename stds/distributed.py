@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -118,10 +119,10 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def broadcast_flag(flag: bool, env: DistEnv) -> bool:
-    """Rank 0's value of a flag, on every rank."""
+def broadcast_object(value: Any, env: DistEnv) -> Any:
+    """Rank 0's value of a picklable object (e.g. the run directory), on every rank."""
     if not env.distributed:
-        return flag
-    value = torch.tensor([1 if flag else 0], device=env.device if env.device.type == "cuda" else "cpu")
-    dist.broadcast(value, src=0)
-    return bool(value.item())
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

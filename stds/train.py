@@ -448,6 +448,8 @@ def train(cfg: DictConfig, run_dir: Path | str | None = None) -> float:
         run_dir = HydraConfig.get().runtime.output_dir
     run_dir = Path(run_dir)
     env = distributed.setup(cfg.device)
+    # every rank works in rank 0's directory (a `${now:...}` name may differ between processes)
+    run_dir = Path(distributed.broadcast_object(str(run_dir), env))
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
