@@ -91,7 +91,10 @@ class _SoftThresholdStraightThrough(torch.autograd.Function):
 
 
 class Reparam(nn.Module):
-    """Base of the reparameterizations: holds the threshold d in the buffer ``flat_width``."""
+    """Base of the reparameterizations: holds the threshold d in the buffer ``flat_width``.
+
+    Subclasses define ``forward(theta) -> w`` and are listed in `REPARAMS`.
+    """
 
     method: ClassVar[str] = ""
     flat_width: Tensor
@@ -100,10 +103,6 @@ class Reparam(nn.Module):
         super().__init__()
         d = torch.tensor(_check_flat_width(flat_width), dtype=torch.float32)
         self.register_buffer("flat_width", d, persistent=True)
-
-    def forward(self, theta: Tensor) -> Tensor:
-        """The weight w = f(θ, d)."""
-        raise NotImplementedError
 
     def right_inverse(self, w: Tensor) -> Tensor:
         """θ = sign(w)(|w| + d), so that f(θ, d) = w for the current d."""
