@@ -1,0 +1,206 @@
+"""Datasets of the ``dataset`` config group; each function returns `DatasetSplits(train, test)`.
+
+Every item is ``(float image tensor [C, H, W], int label)``. The keyword arguments
+``num_classes``, ``in_channels`` and ``image_size`` are the meta keys the model configs read
+(``${dataset.num_classes}`` ...); each function checks them against the data it loads and raises
+`stds.errors.ConfigError` naming the key when they do not fit. Missing files raise
+`stds.errors.DatasetNotFoundError` with a one-line message naming the path and the fix.
+Relative roots are resolved by the caller.
+
+- `digits`: the 1,797 8x8 handwritten digits bundled with scikit-learn (no download).
+- `cifar10`: torchvision's CIFAR-10 files (``root/cifar-10-batches-py``).
+- `imagenet`: ``ImageFolder`` trees ``root/train`` and ``root/val``.
+- `fake`: torchvision ``FakeData``, seeded, of any shape and size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+
+from stds.errors import ConfigError, DatasetNotFoundError
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DatasetSplits(NamedTuple):
+    """The training and test (validation) datasets of one dataset config."""
+
+    train: Dataset
+    test: Dataset
+
+
+class TensorImages(Dataset):
+    """Images ``[N, C, H, W]`` (float) and labels ``[N]`` held in memory; items ``(image, int)``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images.float()
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+def _check_meta(name: str, given: dict[str, int], data: dict[str, int]) -> None:
+    """Raise `ConfigError` for the first meta key whose config value differs from the data's."""
+    for key, value in given.items():
+        if value != data[key]:
+            raise ConfigError(
+                f"dataset.{key}={value} does not fit {name}, which has {key}={data[key]}; "
+                f"set dataset.{key}={data[key]}"
+            )
+
+
+def digits(
+    root: str | None = None,
+    num_classes: int = 10,
+    in_channels: int = 1,
+    image_size: int = 8,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+) -> DatasetSplits:
+    """The 1,797 8x8 grey-level digits of scikit-learn, scaled to [0, 1], split train/test.
+
+    The split is stratified by class and fixed by ``split_seed``; ``test_fraction`` of the
+    images (rounded up: 360 of 1,797 at 0.2) are the test set. ``root`` is unused (the data ship
+    with scikit-learn).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    given = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    _check_meta("digits", given, dict(num_classes=10, in_channels=1, image_size=8))
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"dataset.test_fraction={test_fraction} is not valid; use a value in (0, 1)")
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images).float().div(16.0).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target).long()
+    train_idx, test_idx = train_test_split(
+        torch.arange(len(labels)).numpy(), test_size=test_fraction, random_state=split_seed,
+        stratify=labels.numpy(),
+    )
+    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    return DatasetSplits(
+        TensorImages(images[train_idx], labels[train_idx]),
+        TensorImages(images[test_idx], labels[test_idx]),
+    )
+
+
+class _CIFAR10Files(datasets.CIFAR10):
+    """torchvision's CIFAR-10 reader, checking that its files exist rather than their md5.
+
+    torchvision hashes every batch file (178 MB) each time the dataset is built; here the
+    files are only required to exist, and a damaged file fails when it is unpickled. The
+    downloaded archive is still verified by its md5 (``download=True``). This also lets a small
+    CIFAR-10 in the same on-disk format be read by the same code.
+    """
+
+    train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
+    meta = {**datasets.CIFAR10.meta, "md5": None}
+
+
+def cifar10(
+    root: str,
+    download: bool = False,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    image_size: int = 32,
+) -> DatasetSplits:
+    """CIFAR-10 from ``root/cifar-10-batches-py`` (the python version of the dataset).
+
+    Train: random crop 32 with padding 4, horizontal flip, normalisation with the CIFAR-10 mean
+    (0.4914, 0.4822, 0.4465) and std (0.2023, 0.1994, 0.2010); test: normalisation only.
+    ``download=True`` fetches the archive into ``root`` when the files are missing.
+    """
+    given = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    _check_meta("cifar10", given, dict(num_classes=10, in_channels=3, image_size=32))
+    folder = Path(root) / _CIFAR10Files.base_folder
+    expected = [name for name, _ in _CIFAR10Files.train_list + _CIFAR10Files.test_list]
+    missing = [name for name in expected + [_CIFAR10Files.meta["filename"]]
+               if not (folder / name).is_file()]
+    if missing and not download:
+        raise DatasetNotFoundError(
+            f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}; "
+            f"set dataset.root=<folder holding cifar-10-batches-py> or dataset.download=true"
+        )
+    normalise = [transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+    return DatasetSplits(
+        _CIFAR10Files(root, train=True, transform=transforms.Compose(augment + normalise),
+                      download=download),
+        _CIFAR10Files(root, train=False, transform=transforms.Compose(normalise)),
+    )
+
+
+def _image_folder(folder: Path, transform: Any) -> datasets.ImageFolder:
+    if not folder.is_dir():
+        raise DatasetNotFoundError(
+            f"ImageNet folder {folder} not found; set dataset.root=<folder holding train/ and val/>"
+        )
+    return datasets.ImageFolder(str(folder), transform=transform)
+
+
+def imagenet(
+    root: str,
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    image_size: int = 224,
+) -> DatasetSplits:
+    """ImageNet as two ``ImageFolder`` trees: ``root/train/<class>/*`` and ``root/val/<class>/*``.
+
+    Train: ``RandomResizedCrop(image_size)``, horizontal flip; val: resize the short side to
+    ``image_size * 256 / 224`` (256 at 224), centre crop ``image_size``; both normalised with the
+    ImageNet mean and std. The number of class folders must equal ``num_classes``, and the two
+    trees must hold the same classes.
+    """
+    if in_channels != 3:
+        raise ConfigError(f"dataset.in_channels={in_channels} does not fit imagenet (RGB); set 3")
+    normalise = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train_tf = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
+    val_tf = [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size)]
+    train = _image_folder(Path(root) / "train", transforms.Compose(train_tf + normalise))
+    val = _image_folder(Path(root) / "val", transforms.Compose(val_tf + normalise))
+    _check_meta("imagenet", dict(num_classes=num_classes), dict(num_classes=len(train.classes)))
+    if val.classes != train.classes:
+        raise ConfigError(
+            f"dataset.root={root}: val/ holds other class folders than train/; use the same classes"
+        )
+    return DatasetSplits(train, val)
+
+
+def fake(
+    train_size: int = 1024,
+    test_size: int = 256,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    image_size: int = 32,
+    seed: int = 0,
+) -> DatasetSplits:
+    """Random images (torchvision ``FakeData``) for benchmarks and smoke runs.
+
+    Image ``i`` and its label depend only on ``seed`` and ``i`` (the test images are seeded past
+    the training ones), so every call gives the same data; pixels are normalised to [-1, 1].
+    """
+    shape = (in_channels, image_size, image_size)
+    normalise = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.5,) * in_channels, (0.5,) * in_channels)]
+    )
+
+    def split(size: int, offset: int) -> datasets.FakeData:
+        return datasets.FakeData(size=size, image_size=shape, num_classes=num_classes,
+                                 transform=normalise, random_offset=offset)
+
+    return DatasetSplits(split(train_size, seed), split(test_size, seed + train_size))

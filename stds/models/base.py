@@ -1,0 +1,73 @@
+"""The one forward pass every spiking classifier of `stds` shares.
+
+``images [N, C, H, W]`` -> `forward_static` (static layers, run once per batch) -> repeated over
+the ``T`` time steps to ``[T, N, ...]`` -> `forward_steps` (SpikingJelly multi-step layers and
+neurons) -> ``[T, N, F]`` -> mean over T (the only place time is averaged) -> `forward_head`
+-> ``[N, K]``.
+Neuron state lives in the body; the training loop calls
+``spikingjelly.activation_based.functional.reset_net`` after every batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from torch import Tensor, nn
+
+from stds.models.neurons import make_neuron
+
+NeuronFactory = Callable[[], nn.Module]
+"""A zero-argument callable that returns a new multi-step neuron layer."""
+
+
+def as_patterns(prune_exclude: str | Sequence[str]) -> tuple[str, ...]:
+    """``prune_exclude`` as a tuple of fnmatch patterns (a single string is one pattern)."""
+    if isinstance(prune_exclude, str):
+        return (prune_exclude,)
+    return tuple(str(pattern) for pattern in prune_exclude)
+
+
+def neuron_factory(neuron: NeuronFactory | None, **default: object) -> NeuronFactory:
+    """``neuron`` itself, or a factory of `make_neuron` with the model's ``default`` settings."""
+    if neuron is not None:
+        return neuron
+    return lambda: make_neuron(**default)
+
+
+class SpikingClassifier(nn.Module):
+    """Base class: subclasses define `forward_steps` and, if they have them, a static stem
+    (`forward_static`) and a head on the time-averaged features (`forward_head`).
+
+    ``T``: time steps the static input is repeated over. ``prune_exclude``: fnmatch patterns of
+    qualified module names the pruning leaves dense (read by the training loop).
+    """
+
+    def __init__(self, T: int, prune_exclude: str | Sequence[str] = ()) -> None:
+        super().__init__()
+        if int(T) < 1:
+            raise ValueError(f"T={T} is not valid; use T >= 1 time steps")
+        self.T = int(T)
+        self.prune_exclude: tuple[str, ...] = as_patterns(prune_exclude)
+
+    def repeat_over_time(self, x: Tensor) -> Tensor:
+        """``[N, ...]`` -> ``[T, N, ...]``: the same tensor at every time step."""
+        return x.unsqueeze(0).repeat(self.T, *([1] * x.dim()))
+
+    def forward_static(self, images: Tensor) -> Tensor:
+        """Layers that see the static image once per batch (none by default)."""
+        return images
+
+    def forward_steps(self, x_seq: Tensor) -> Tensor:
+        """``[T, N, ...]`` -> ``[T, N, F]`` in SpikingJelly multi-step mode."""
+        raise NotImplementedError
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Layers on the time-averaged features ``[N, F]`` (none by default)."""
+        return features
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Class scores ``[N, K]`` of a static batch ``[N, C, H, W]``, averaged over T."""
+        if images.dim() != 4:
+            raise ValueError(f"expected a batch [N, C, H, W], got shape {tuple(images.shape)}")
+        features_seq = self.forward_steps(self.repeat_over_time(self.forward_static(images)))
+        return self.forward_head(features_seq.mean(dim=0))

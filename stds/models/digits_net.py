@@ -1,0 +1,61 @@
+"""`DigitsNet`: a small LIF convolutional network for the 8x8 digits (the default model)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from spikingjelly.activation_based import layer
+from torch import Tensor, nn
+
+from stds.models.base import NeuronFactory, SpikingClassifier, neuron_factory
+
+
+class DigitsNet(SpikingClassifier):
+    """Three conv + BN + LIF layers, two 2x2 max pools, one fc to the class scores.
+
+    ``stem``: conv3x3(in_channels -> c1) + BN, run once on the static image. ``features`` (multi-step,
+    per time step): LIF, conv3x3(c1 -> c2) + BN + LIF, max pool, conv3x3(c2 -> c3) + BN + LIF, max pool,
+    flatten, fc(c3 * (image_size / 4)^2 -> num_classes). The output is the fc's value averaged
+    over T (real-valued scores for cross-entropy). Every conv and fc is pruned by default.
+    Default neuron: LIF, tau 2, ATan surrogate, detached reset.
+    """
+
+    def __init__(
+        self,
+        T: int = 4,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 8,
+        channels: Sequence[int] = (32, 64, 64),
+        neuron: NeuronFactory | None = None,
+        prune_exclude: str | Sequence[str] = (),
+    ) -> None:
+        super().__init__(T, prune_exclude)
+        if image_size % 4 != 0:
+            raise ValueError(f"image_size={image_size} is not valid; DigitsNet needs a multiple of 4")
+        if len(channels) != 3:
+            raise ValueError(f"channels={list(channels)} is not valid; give three conv widths")
+        c1, c2, c3 = (int(c) for c in channels)
+        spiking = neuron_factory(neuron, kind="lif", tau=2.0)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1)
+        )
+        self.features = nn.Sequential(
+            spiking(),
+            layer.Conv2d(c1, c2, 3, padding=1, bias=False, step_mode="m"),
+            layer.BatchNorm2d(c2, step_mode="m"),
+            spiking(),
+            layer.MaxPool2d(2, step_mode="m"),
+            layer.Conv2d(c2, c3, 3, padding=1, bias=False, step_mode="m"),
+            layer.BatchNorm2d(c3, step_mode="m"),
+            spiking(),
+            layer.MaxPool2d(2, step_mode="m"),
+            layer.Flatten(step_mode="m"),
+            layer.Linear(c3 * (image_size // 4) ** 2, num_classes, step_mode="m"),
+        )
+
+    def forward_static(self, images: Tensor) -> Tensor:
+        return self.stem(images)
+
+    def forward_steps(self, x_seq: Tensor) -> Tensor:
+        return self.features(x_seq)
