@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 from torch import Tensor, nn
 
+from stds.errors import ConfigError
+
 from stds.models.neurons import make_neuron
 
 NeuronFactory = Callable[[], nn.Module]
@@ -45,7 +47,7 @@ class SpikingClassifier(nn.Module):
     def __init__(self, T: int, prune_exclude: str | Sequence[str] = ()) -> None:
         super().__init__()
         if int(T) < 1:
-            raise ValueError(f"T={T} is not valid; use T >= 1 time steps")
+            raise ConfigError(f"T={T} is not valid; use T >= 1 time steps")
         self.T = int(T)
         self.prune_exclude: tuple[str, ...] = as_patterns(prune_exclude)
 

@@ -25,6 +25,8 @@ import torch
 from spikingjelly.activation_based import functional, neuron, surrogate
 from torch import nn
 
+from stds.errors import ConfigError
+
 NEURON_KINDS = ("lif", "if")
 """Valid values of ``kind``: leaky integrate-and-fire, integrate-and-fire."""
 
@@ -45,7 +47,9 @@ BACKENDS = ("auto", "torch")
 
 def _choice(key: str, value: str, valid: tuple[str, ...] | dict) -> str:
     if value not in valid:
-        raise ValueError(f"neuron {key}={value!r} is not valid; use one of {', '.join(valid)}")
+        raise ConfigError(
+            f"model.neuron.{key}={value!r} is not valid; use one of {', '.join(valid)}"
+        )
     return value
 
 
@@ -64,7 +68,8 @@ def make_neuron(
     ``kind``: ``lif`` (membrane time constant ``tau``, input decays with the potential) or ``if``
     (``tau`` ignored). ``v_reset=None`` is a soft reset (subtract the threshold); a number is a
     hard reset to it. ``detach_reset`` leaves the reset out of the backward graph. Unknown
-    ``kind``, ``surrogate`` or ``backend`` raise `ValueError` naming the key and the valid values.
+    ``kind``, ``surrogate`` or ``backend`` raise `stds.errors.ConfigError` naming the key and the
+    valid values.
     """
     _choice("kind", kind, NEURON_KINDS)
     _choice("surrogate", surrogate, SURROGATES)
@@ -78,7 +83,7 @@ def make_neuron(
     )
     if kind == "lif":
         if not tau > 1.0:
-            raise ValueError(f"neuron tau={tau} is not valid; use a time constant > 1")
+            raise ConfigError(f"model.neuron.tau={tau} is not valid; use a time constant > 1")
         lif = neuron.LIFNode if backend == "auto" else neuron.SimpleLIFNode
         return lif(tau=float(tau), decay_input=True, **common)
     return (neuron.IFNode if backend == "auto" else neuron.SimpleIFNode)(**common)

@@ -19,6 +19,8 @@ from typing import Sequence
 from spikingjelly.activation_based import layer
 from torch import Tensor, nn
 
+from stds.errors import ConfigError
+
 from stds.models.base import NeuronFactory, SpikingClassifier, neuron_factory
 
 CONNECT_FUNCTIONS = ("ADD", "AND", "IAND")
@@ -32,7 +34,7 @@ def connect(identity: Tensor, out: Tensor, connect_f: str) -> Tensor:
         return identity * out
     if connect_f == "IAND":
         return identity * (1.0 - out)
-    raise ValueError(f"connect_f={connect_f!r} is not valid; use one of {', '.join(CONNECT_FUNCTIONS)}")
+    raise ConfigError(f"model.connect_f={connect_f!r} is not valid; use one of {', '.join(CONNECT_FUNCTIONS)}")
 
 
 def _conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> nn.Module:
@@ -62,8 +64,8 @@ class SEWBlock(nn.Module):
                  connect_f: str, spiking: NeuronFactory) -> None:
         super().__init__()
         if connect_f not in CONNECT_FUNCTIONS:
-            raise ValueError(
-                f"connect_f={connect_f!r} is not valid; use one of {', '.join(CONNECT_FUNCTIONS)}"
+            raise ConfigError(
+                f"model.connect_f={connect_f!r} is not valid; use one of {', '.join(CONNECT_FUNCTIONS)}"
             )
         self.n_units = len(units)
         for i, (c_in, c_out, kernel, stride) in enumerate(units, start=1):
@@ -165,10 +167,10 @@ class SEWResNet(SpikingClassifier):
     ) -> None:
         super().__init__(T, prune_exclude)
         if depth not in ARCHITECTURES:
-            raise ValueError(f"depth={depth} is not valid; use one of {', '.join(map(str, ARCHITECTURES))}")
+            raise ConfigError(f"model.depth={depth} is not valid; use one of {', '.join(map(str, ARCHITECTURES))}")
         if connect_f not in CONNECT_FUNCTIONS:
-            raise ValueError(
-                f"connect_f={connect_f!r} is not valid; use one of {', '.join(CONNECT_FUNCTIONS)}"
+            raise ConfigError(
+                f"model.connect_f={connect_f!r} is not valid; use one of {', '.join(CONNECT_FUNCTIONS)}"
             )
         block, stage_sizes = ARCHITECTURES[depth]
         self.depth, self.connect_f = depth, connect_f
