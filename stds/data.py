@@ -86,7 +86,9 @@ def digits(
     given = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     _check_meta("digits", given, dict(num_classes=10, in_channels=1, image_size=8))
     if not 0.0 < test_fraction < 1.0:
-        raise ConfigError(f"dataset.test_fraction={test_fraction} is not valid; use a value in (0, 1)")
+        raise ConfigError(
+            f"dataset.test_fraction={test_fraction} is not valid; use a value in (0, 1)"
+        )
     bunch = load_digits()
     images = torch.from_numpy(bunch.images).float().div(16.0).unsqueeze(1)
     labels = torch.from_numpy(bunch.target).long()

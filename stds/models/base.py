@@ -15,7 +15,6 @@ from typing import Callable, Sequence
 from torch import Tensor, nn
 
 from stds.errors import ConfigError
-
 from stds.models.neurons import make_neuron
 
 NeuronFactory = Callable[[], nn.Module]

@@ -8,7 +8,6 @@ from spikingjelly.activation_based import layer
 from torch import Tensor, nn
 
 from stds.errors import ConfigError
-
 from stds.models.base import NeuronFactory, SpikingClassifier, neuron_factory
 
 
@@ -43,7 +42,9 @@ class CIFAR10Net(SpikingClassifier):
     ) -> None:
         super().__init__(T, prune_exclude)
         if image_size % 4 != 0:
-            raise ConfigError(f"dataset.image_size={image_size} is not valid; CIFAR10Net needs a multiple of 4")
+            raise ConfigError(
+                f"dataset.image_size={image_size} is not valid; CIFAR10Net needs a multiple of 4"
+            )
         spiking = neuron_factory(neuron, kind="lif", tau=2.0)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)

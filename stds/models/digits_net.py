@@ -8,17 +8,17 @@ from spikingjelly.activation_based import layer
 from torch import Tensor, nn
 
 from stds.errors import ConfigError
-
 from stds.models.base import NeuronFactory, SpikingClassifier, neuron_factory
 
 
 class DigitsNet(SpikingClassifier):
     """Three conv + BN + LIF layers, two 2x2 max pools, one fc to the class scores.
 
-    ``stem``: conv3x3(in_channels -> c1) + BN, run once on the static image. ``features`` (multi-step,
-    per time step): LIF, conv3x3(c1 -> c2) + BN + LIF, max pool, conv3x3(c2 -> c3) + BN + LIF, max pool,
-    flatten, fc(c3 * (image_size / 4)^2 -> num_classes, no bias). The output is the fc's value averaged
-    over T (real-valued scores for cross-entropy). Every conv and fc is pruned by default.
+    ``stem``: conv3x3(in_channels -> c1) + BN, run once on the static image. ``features``
+    (multi-step, per time step): LIF, conv3x3(c1 -> c2) + BN + LIF, max pool, conv3x3(c2 -> c3)
+    + BN + LIF, max pool, flatten, fc(c3 * (image_size / 4)^2 -> num_classes, no bias). The
+    output is the fc's value averaged over T (real-valued scores for cross-entropy). Every conv
+    and fc is pruned by default.
     Default neuron: LIF, tau 2, ATan surrogate, detached reset.
     """
 
@@ -34,9 +34,13 @@ class DigitsNet(SpikingClassifier):
     ) -> None:
         super().__init__(T, prune_exclude)
         if image_size % 4 != 0:
-            raise ConfigError(f"dataset.image_size={image_size} is not valid; DigitsNet needs a multiple of 4")
+            raise ConfigError(
+                f"dataset.image_size={image_size} is not valid; DigitsNet needs a multiple of 4"
+            )
         if len(channels) != 3:
-            raise ConfigError(f"model.channels={list(channels)} is not valid; give three conv widths")
+            raise ConfigError(
+                f"model.channels={list(channels)} is not valid; give three conv widths"
+            )
         c1, c2, c3 = (int(c) for c in channels)
         spiking = neuron_factory(neuron, kind="lif", tau=2.0)
         self.stem = nn.Sequential(

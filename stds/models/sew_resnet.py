@@ -14,27 +14,33 @@ stem conv + BN run once on the static image; the result is repeated over T, then
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from spikingjelly.activation_based import layer
 from torch import Tensor, nn
 
 from stds.errors import ConfigError
-
 from stds.models.base import NeuronFactory, SpikingClassifier, neuron_factory
 
-CONNECT_FUNCTIONS = ("ADD", "AND", "IAND")
+CONNECT_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "ADD": lambda identity, out: identity + out,
+    "AND": lambda identity, out: identity * out,
+    "IAND": lambda identity, out: identity * (1.0 - out),
+}
+"""``connect_f`` name -> f(identity, out)."""
+
+
+def check_connect_f(connect_f: str) -> str:
+    """``connect_f`` if it is one of `CONNECT_FUNCTIONS`, else `ConfigError` naming the key."""
+    if connect_f not in CONNECT_FUNCTIONS:
+        valid = ", ".join(CONNECT_FUNCTIONS)
+        raise ConfigError(f"model.connect_f={connect_f!r} is not valid; use one of {valid}")
+    return connect_f
 
 
 def connect(identity: Tensor, out: Tensor, connect_f: str) -> Tensor:
     """The element-wise junction of shortcut spikes ``identity`` and block spikes ``out``."""
-    if connect_f == "ADD":
-        return identity + out
-    if connect_f == "AND":
-        return identity * out
-    if connect_f == "IAND":
-        return identity * (1.0 - out)
-    raise ConfigError(f"model.connect_f={connect_f!r} is not valid; use one of {', '.join(CONNECT_FUNCTIONS)}")
+    return CONNECT_FUNCTIONS[check_connect_f(connect_f)](identity, out)
 
 
 def _conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1) -> nn.Module:
@@ -63,10 +69,7 @@ class SEWBlock(nn.Module):
     def __init__(self, units: list[tuple[int, int, int, int]], downsample: nn.Module | None,
                  connect_f: str, spiking: NeuronFactory) -> None:
         super().__init__()
-        if connect_f not in CONNECT_FUNCTIONS:
-            raise ConfigError(
-                f"model.connect_f={connect_f!r} is not valid; use one of {', '.join(CONNECT_FUNCTIONS)}"
-            )
+        check_connect_f(connect_f)
         self.n_units = len(units)
         for i, (c_in, c_out, kernel, stride) in enumerate(units, start=1):
             conv, bn, sn = _conv_bn_neuron(c_in, c_out, kernel, stride, spiking)
@@ -104,7 +107,8 @@ class BasicBlock(SEWBlock):
 
 
 class Bottleneck(SEWBlock):
-    """conv1x1 + BN + neuron, conv3x3(stride) + BN + neuron, conv1x1 to ``4 * planes`` + BN + neuron."""
+    """conv1x1 + BN + neuron, conv3x3(stride) + BN + neuron, conv1x1 (-> ``4 * planes``) + BN
+    + neuron."""
 
     expansion = 4
 
@@ -167,11 +171,9 @@ class SEWResNet(SpikingClassifier):
     ) -> None:
         super().__init__(T, prune_exclude)
         if depth not in ARCHITECTURES:
-            raise ConfigError(f"model.depth={depth} is not valid; use one of {', '.join(map(str, ARCHITECTURES))}")
-        if connect_f not in CONNECT_FUNCTIONS:
-            raise ConfigError(
-                f"model.connect_f={connect_f!r} is not valid; use one of {', '.join(CONNECT_FUNCTIONS)}"
-            )
+            valid = ", ".join(map(str, ARCHITECTURES))
+            raise ConfigError(f"model.depth={depth} is not valid; use one of {valid}")
+        check_connect_f(connect_f)
         block, stage_sizes = ARCHITECTURES[depth]
         self.depth, self.connect_f = depth, connect_f
         spiking = neuron_factory(neuron, kind="if")
