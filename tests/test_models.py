@@ -315,7 +315,6 @@ def test_cifar10net_dropout_keeps_one_mask_per_sample_over_time():
 # ---------------------------------------------------------------- weight counts and pruning
 
 
-@pytest.mark.slow
 def test_cifar10net_weights_all_pruned():
     model = CIFAR10Net(T=1, in_channels=3, num_classes=10, image_size=32, channels=256)
     # convs: 3*256*9 + 5 * 256*256*9 = 6,912 + 2,949,120 = 2,956,032
