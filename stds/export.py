@@ -1,0 +1,197 @@
+"""Export a trained run as a plain pruned network: ``<run>/pruned.pt``.
+
+``pruned.pt`` (``torch.load(path, weights_only=True)``) holds ``state_dict`` (the weights w with
+their zeros, keys of the architecture built without `stds` reparameterizations), ``config`` (the
+run's composed config as a plain dict: ``hydra.utils.instantiate(config["model"])`` builds the
+plain model), ``sparsity`` (as `stds.sparse.sparsity`), ``storage`` (bytes, below), ``source``
+(checkpoint file, epoch, step) and ``format_version``. Loading it::
+
+    model = instantiate(OmegaConf.create(blob["config"]["model"]))
+    model.load_state_dict(blob["state_dict"])
+
+Sizes of the pruned weights stored sparsely, each weight viewed as a matrix [out, fan-in]:
+dense = numel x value bytes; CSR = nnz x (value bytes + index bytes) + (rows + 1) x index
+bytes; bitmask = ceil(numel / 8) + nnz x value bytes. Index bytes: 4 (int32) while the indices
+fit, else 8. Other tensors (BatchNorm, biases, unpruned layers) are counted dense.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from stds import checkpoint as ckpt
+from stds.errors import CheckpointError, StdsError
+from stds.sparse import dense_state_dict, pruned_layers, sparsify, sparsity
+
+__all__ = ["EXPORT_NAME", "export_finished", "export_run", "format_storage", "weight_storage"]
+
+EXPORT_NAME = "pruned.pt"
+EXPORT_FORMAT_VERSION = 1
+CHECKPOINTS = {"last": ckpt.LAST, "best": ckpt.BEST}
+
+
+def weight_storage(weight: Tensor) -> dict[str, Any]:
+    """Bytes of one weight stored dense, as CSR and as a bitmask + values (see module doc)."""
+    numel = weight.numel()
+    rows = weight.shape[0] if weight.dim() > 0 else 1
+    nonzero = int(torch.count_nonzero(weight))
+    value_bytes = weight.element_size()
+    index_bytes = 4 if max(numel, rows + 1) < 2**31 else 8
+    return {
+        "shape": list(weight.shape),
+        "numel": numel,
+        "nonzero": nonzero,
+        "dense_bytes": numel * value_bytes,
+        "csr_bytes": nonzero * (value_bytes + index_bytes) + (rows + 1) * index_bytes,
+        "bitmask_bytes": math.ceil(numel / 8) + nonzero * value_bytes,
+    }
+
+
+def storage(state_dict: dict[str, Tensor], layers: Iterable[str]) -> dict[str, Any]:
+    """Per pruned layer and in total: dense, CSR and bitmask bytes; the other tensors, dense."""
+    keys = {(f"{name}.weight" if name else "weight"): name for name in layers}
+    per_layer = {keys[key]: weight_storage(t) for key, t in state_dict.items() if key in keys}
+    totals = {k: sum(v[k] for v in per_layer.values())
+              for k in ("numel", "nonzero", "dense_bytes", "csr_bytes", "bitmask_bytes")}
+    other = sum(t.numel() * t.element_size() for key, t in state_dict.items()
+                if key not in keys and torch.is_tensor(t))
+    return {"layers": per_layer, "pruned": totals, "other_bytes": other}
+
+
+def _size(n_bytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{int(n_bytes)} B"
+
+
+def format_storage(info: dict[str, Any]) -> str:
+    """Per-layer sparsity and sizes as a text table, then the totals."""
+    columns = ("sparsity", "non-zero", "dense", "CSR", "bitmask")
+    header = f"{'layer':<28} {'shape':<18} " + " ".join(f"{c:>{w}}" for c, w in zip(columns, (9, 11, 11, 11, 11)))
+    lines = [header]
+
+    def row(name: str, shape: str, s: dict[str, Any]) -> str:
+        zeros = 1 - s["nonzero"] / s["numel"] if s["numel"] else 0.0
+        return (f"{name:<28} {shape:<18} {100 * zeros:>8.2f}% {s['nonzero']:>11,} "
+                f"{_size(s['dense_bytes']):>11} {_size(s['csr_bytes']):>11} {_size(s['bitmask_bytes']):>11}")
+
+    for name, s in info["layers"].items():
+        lines.append(row(name or "(root)", "x".join(map(str, s["shape"])), s))
+    pruned, other = info["pruned"], info["other_bytes"]
+    lines.append(row("pruned layers", f"{pruned['numel']:,} w", pruned))
+    dense_all = pruned["dense_bytes"] + other
+    lines.append(
+        f"whole network: {_size(dense_all)} dense; {_size(pruned['csr_bytes'] + other)} with CSR "
+        f"weights, {_size(pruned['bitmask_bytes'] + other)} with bitmask weights "
+        f"(other tensors, kept dense: {_size(other)})"
+    )
+    return "\n".join(lines)
+
+
+def _config(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's resolved config, or else the run's ``.hydra/config.yaml`` resolved."""
+    config = state.get("config")
+    if isinstance(config, dict) and "model" in config:
+        return config
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.exists():
+        raise StdsError(f"{run_dir} has no config (neither in the checkpoint nor in {path})")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """The plain model of ``config["model"]`` (no reparameterization)."""
+    return instantiate(OmegaConf.create(config["model"]))
+
+
+def _sparsified(config: dict[str, Any]) -> nn.Module:
+    """The model with the reparameterizations the run trained with (thresholds from its state)."""
+    model = build_model(config)
+    sparse = config.get("sparse") or {}
+    exclude = sparse.get("exclude")
+    if exclude is None:
+        exclude = getattr(model, "prune_exclude", ())
+    sparsify(model, str(sparse.get("method", "identity")), exclude=tuple(exclude))
+    return model
+
+
+def _checkpoint(run_dir: Path, which: str) -> Path:
+    if which not in CHECKPOINTS:
+        raise StdsError(f"which={which!r} is not valid; use one of {', '.join(CHECKPOINTS)}")
+    if not run_dir.is_dir():
+        raise StdsError(f"{run_dir} is not a directory; give a run directory")
+    path = run_dir / "checkpoints" / CHECKPOINTS[which]
+    if not path.exists():
+        raise StdsError(f"{path} does not exist; the run has not saved a checkpoint yet")
+    return path
+
+
+def export_run(
+    run_dir: Path | str, which: str = "last", out: Path | str | None = None, verbose: bool = True
+) -> Path:
+    """Write the plain pruned network of ``checkpoints/<which>.pt`` to ``out`` (default
+    ``<run_dir>/pruned.pt``); print the per-layer sparsity and sizes if ``verbose``."""
+    run_dir = Path(run_dir)
+    source = _checkpoint(run_dir, which)
+    state = ckpt.load(source)
+    config = _config(run_dir, state)
+    model = _sparsified(config)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {source} does not fit its config's model: {first}") from None
+    layers = list(pruned_layers(model))
+    weights = dense_state_dict(model)
+    build_model(config).load_state_dict(weights)  # loads into the plain model, or raises here
+    info = storage(weights, layers)
+    blob = {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "state_dict": weights,
+        "config": config,
+        "sparsity": sparsity(model),
+        "storage": info,
+        "source": {"checkpoint": source.name, "epoch": state.get("epoch"), "step": state.get("step")},
+    }
+    target = Path(out) if out is not None else run_dir / EXPORT_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(target)
+    if verbose:
+        print(f"{target}: {source.name}, epoch {state.get('epoch')}, step {state.get('step')}")
+        print(format_storage(info))
+    return target
+
+
+def export_finished(runs: Iterable[Any], which: str = "last") -> list[Path]:
+    """`export_run` for every finished run (a `stds.report.RunRecord`) with a checkpoint whose
+    ``pruned.pt`` is missing or older; one line per run, a failing run is reported and skipped."""
+    written = []
+    for run in runs:
+        source = Path(run.path) / "checkpoints" / CHECKPOINTS[which]
+        target = Path(run.path) / EXPORT_NAME
+        if run.status != "finished" or not source.exists():
+            continue
+        if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
+            continue
+        try:
+            export_run(run.path, which=which, verbose=False)
+        except StdsError as exc:
+            print(f"warning: not exported: {exc}", file=sys.stderr)
+            continue
+        info = torch.load(target, weights_only=True)["storage"]["pruned"]
+        print(f"{target}: {info['nonzero']:,} of {info['numel']:,} weights kept, "
+              f"CSR {_size(info['csr_bytes'])}, bitmask {_size(info['bitmask_bytes'])}, "
+              f"dense {_size(info['dense_bytes'])}")
+        written.append(target)
+    return written
