@@ -83,8 +83,9 @@ class TrainConfig:
     lr_scheduler: Any = None
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    flat_width: float = 0.35
-    alpha_gr: float = 0.0
+    # null (as in presets whose value must be chosen) is refused by `validate`, naming the key
+    flat_width: Optional[float] = 0.35
+    alpha_gr: Optional[float] = 0.0
     gradr_variant: GradRVariant = GradRVariant.auto
     T: int = 4
     epochs: int = 30
@@ -108,6 +109,9 @@ _NON_NEGATIVE = ("flat_width", "alpha_gr", "checkpoint_every_steps")
 
 
 def _check_numbers(cfg: DictConfig) -> None:
+    for key in ("flat_width", "alpha_gr"):
+        if cfg[key] is None:
+            raise ConfigError(f"{key} is not set (this preset leaves it to you); set {key}=<value>")
     for key in _POSITIVE:
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} must be an integer >= 1; set {key}=<n> with n >= 1")
