@@ -70,6 +70,7 @@ class LoggingConfig:
     log_every_steps: int = 50
     histogram_every_epochs: int = 10
     synops: bool = True
+    synops_samples: int = 16
     progress_bar: bool = True
 
 

@@ -349,7 +349,7 @@ def evaluate(run: Run) -> dict[str, Any]:
 
 def _synops(run: Run, images: torch.Tensor) -> dict[str, Any]:
     with _autocast(run):
-        counts = count_synops(run.core, images)
+        counts = count_synops(run.core, images[: max(run.cfg.logging.synops_samples, 1)])
     functional.reset_net(run.core)
     return {"synops": counts["synops"], "first_layer_macs": counts["first_layer_macs"]}
 

@@ -16,7 +16,7 @@ CONF = REPO / "conf"
 TRAIN = REPO / "launch" / "train.py"
 
 # a short run on the embedded digits: seconds on 2 CPU cores
-TINY = ("dataset=digits", "epochs=2", "batch_size=64", "logging.log_every_steps=5")
+TINY = ("dataset=digits", "epochs=2", "batch_size=64", "logging.log_every_steps=5", "logging.synops=false")
 
 
 def compose_train(*overrides: str, hydra: bool = False) -> DictConfig:

@@ -23,7 +23,7 @@ def _history(run_dir):
 
 
 def test_run_writes_metrics_tensorboard_and_checkpoints(tiny_cfg, tmp_path):
-    result = train(tiny_cfg("flat_width=0.3"), tmp_path)
+    result = train(tiny_cfg("flat_width=0.1", "logging.synops=true", "logging.synops_samples=4"), tmp_path)
     metrics = _metrics(tmp_path)
     assert result == metrics["test_acc1"]
     assert metrics["epoch"] == metrics["epochs_planned"] == 2
@@ -44,6 +44,12 @@ def test_run_writes_metrics_tensorboard_and_checkpoints(tiny_cfg, tmp_path):
     assert [e.value for e in events.Scalars("test/acc1")] == pytest.approx(
         [r["test_acc1"] for r in _history(tmp_path)])
     assert any(tag.startswith("theta/") for tag in tags["histograms"])
+    # the static stem conv (1 -> 32, 3x3, padding 1) on 8x8 digits: 64 positions x its non-zero weights
+    theta = state["model"]["stem.0.parametrizations.weight.original"]
+    d = float(state["model"]["stem.0.parametrizations.weight.0.flat_width"])
+    assert metrics["first_layer_macs"] == 64 * int((theta.abs() > d).sum())
+    assert metrics["synops"] > 0 and set(metrics["firing_rates"]) >= {"features.0", "features.3"}
+    assert all(0.0 <= rate <= 1.0 for rate in metrics["firing_rates"].values())
 
 
 def test_threshold_follows_the_schedule_after_every_step(tiny_cfg, tmp_path):
@@ -126,8 +132,10 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tiny_cfg, 
     calls = {"n": 0}
 
     def poisoned(kind, scores, labels):
-        calls["n"] += 1
         loss = real(kind, scores, labels)
+        if not torch.is_grad_enabled():  # evaluation
+            return loss
+        calls["n"] += 1
         return loss * float("nan") if calls["n"] == 30 else loss  # step 30 is in epoch 2
 
     monkeypatch.setattr(train_module, "loss_fn", poisoned)
