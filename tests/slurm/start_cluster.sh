@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Start a one-node SLURM cluster (with accounting) for the SLURM tests, everything under DIR.
+#
+#   bash tests/slurm/start_cluster.sh [DIR]     # DIR defaults to <repo>/.slurm
+#   source DIR/env.sh                           # exports SLURM_CONF for sbatch/sinfo/submitit
+#   bash tests/slurm/stop_cluster.sh [DIR]
+#
+# Installs the Debian packages when missing, writes slurm.conf/slurmdbd.conf, the munge key and the
+# MariaDB data directory under DIR, starts munged, mariadbd, slurmdbd, slurmctld and slurmd in the
+# background (PIDs in DIR/pids/<name>.pid, logs in DIR/log/), registers the cluster in accounting and
+# waits until the node is idle. Running it again while the cluster is up only re-checks it.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+dir="${1:-$repo/.slurm}"
+mkdir -p "$dir"
+dir="$(cd "$dir" && pwd)"
+cluster=stdstest
+host="$(hostname -s)"
+t0=$SECONDS
+
+log() { echo "start_cluster: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# --- packages ---------------------------------------------------------------------------------
+need=()
+for pkg in slurmctld slurmd slurm-client munge slurmdbd mariadb-server; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
+done
+if ((${#need[@]})); then
+    log "installing ${need[*]}"
+    sudo_cmd=()
+    [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${need[@]}" >"$dir/apt.log" 2>&1 || {
+        "${sudo_cmd[@]}" apt-get update -q >>"$dir/apt.log" 2>&1
+        "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${need[@]}" >>"$dir/apt.log" 2>&1
+    } || die "apt-get install failed, see $dir/apt.log"
+fi
+
+mkdir -p "$dir"/{pids,log,state,spool/"$host",munge,mysql,run}
+conf="$dir/slurm.conf"
+dbdconf="$dir/slurmdbd.conf"
+msock="$dir/munge/run/munge.socket.2"
+dbsock="$dir/run/mysqld.sock"
+export SLURM_CONF="$conf"
+
+running() {  # running NAME: its recorded PID is alive
+    local f="$dir/pids/$1.pid"
+    [[ -s $f ]] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+start() {  # start NAME CMD...: run CMD in the background (foreground mode), record its PID
+    local name=$1; shift
+    if running "$name"; then return; fi
+    "$@" >>"$dir/log/$name.out" 2>&1 &
+    echo $! >"$dir/pids/$name.pid"
+}
+
+wait_for() {  # wait_for SECONDS DESCRIPTION CMD...
+    local limit=$1 what=$2; shift 2
+    local end=$((SECONDS + limit))
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < end)) || die "$what not ready after ${limit}s (logs in $dir/log/)"
+        sleep 0.2
+    done
+}
+
+# --- munge ------------------------------------------------------------------------------------
+if [[ ! -s $dir/munge/munge.key ]]; then
+    dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none
+fi
+chmod 700 "$dir/munge"   # munged wants its key directory private ...
+chmod 600 "$dir/munge/munge.key"
+mkdir -p "$dir/munge/run"
+chmod 755 "$dir/munge/run"   # ... and the socket directory world-readable
+start munged munged --foreground --force --key-file="$dir/munge/munge.key" --socket="$msock" \
+    --pid-file="$dir/munge/run/munged.pid" --seed-file="$dir/munge/munge.seed" \
+    --log-file="$dir/log/munged.log"
+wait_for 20 munged munge --socket="$msock" -n
+
+# --- MariaDB ----------------------------------------------------------------------------------
+if [[ ! -d $dir/mysql/mysql ]]; then
+    mariadb-install-db --user=root --datadir="$dir/mysql" --auth-root-authentication-method=socket \
+        --skip-test-db >"$dir/log/mariadb-install.log" 2>&1 || die "mariadb-install-db failed"
+fi
+start mariadbd mariadbd --no-defaults --user=root --datadir="$dir/mysql" --socket="$dbsock" \
+    --skip-networking --pid-file="$dir/run/mariadbd.pid" --log-error="$dir/log/mariadbd.log" \
+    --innodb-buffer-pool-size=128M --innodb-lock-wait-timeout=900
+wait_for 60 mariadbd mariadb --no-defaults --socket="$dbsock" -uroot -e "select 1"
+mariadb --no-defaults --socket="$dbsock" -uroot -e \
+    "CREATE DATABASE IF NOT EXISTS slurm_acct_db;" || die "cannot create the accounting database"
+
+# --- configs ----------------------------------------------------------------------------------
+node_line="$(slurmd -C | head -n1)"
+cpus="$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$node_line")"
+mem="$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$node_line")"
+mem=$((mem * 9 / 10))   # leave room for the OS: a node reporting more than it has is drained
+node_line="$(sed -e "s/RealMemory=[0-9]*/RealMemory=$mem/" <<<"$node_line") NodeAddr=127.0.0.1 State=UNKNOWN"
+
+cat >"$dbdconf" <<CONF
+AuthType=auth/munge
+AuthInfo=socket=$msock
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=6819
+SlurmUser=root
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageLoc=slurm_acct_db
+StorageUser=root
+StoragePort=0
+LogFile=$dir/log/slurmdbd.log
+PidFile=$dir/run/slurmdbd.pid
+CONF
+# slurmdbd reaches MariaDB through its socket (StorageHost=localhost + MYSQL_UNIX_PORT below)
+chmod 600 "$dbdconf"
+
+cat >"$conf" <<CONF
+# Written by tests/slurm/start_cluster.sh: a one-node test cluster.
+ClusterName=$cluster
+SlurmctldHost=$host(127.0.0.1)
+SlurmUser=root
+AuthType=auth/munge
+AuthInfo=socket=$msock
+CredType=cred/munge
+SlurmctldPort=6817
+SlurmdPort=6818
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool/%n
+SlurmctldPidFile=$dir/run/slurmctld.pid
+SlurmdPidFile=$dir/run/slurmd.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=1024
+EnforcePartLimits=ALL
+ReturnToService=2
+MailProg=/bin/true
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=6819
+AccountingStoragePass=$msock
+JobCompType=jobcomp/none
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+MinJobAge=300
+KillWait=5
+Waittime=0
+$node_line
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+CONF
+
+cat >"$dir/env.sh" <<ENV
+# source this file to talk to the test cluster under $dir
+export SLURM_CONF=$conf
+ENV
+
+# --- slurmdbd, cluster registration, slurmctld, slurmd ---------------------------------------
+export MYSQL_UNIX_PORT="$dbsock"
+start slurmdbd slurmdbd -D   # reads slurmdbd.conf next to $SLURM_CONF
+wait_for 30 slurmdbd sacctmgr -i -n list cluster
+if ! sacctmgr -n -P list cluster format=cluster | grep -qx "$cluster"; then
+    sacctmgr -i add cluster "$cluster" >/dev/null
+fi
+start slurmctld slurmctld -D -i -f "$conf"
+wait_for 30 slurmctld scontrol ping
+start slurmd slurmd -D -f "$conf"
+
+node_idle() { [[ $(sinfo -h -n "$host" -o %t 2>/dev/null) =~ ^(idle|mix|alloc) ]]; }
+end=$((SECONDS + 40))
+until node_idle; do
+    state="$(sinfo -h -n "$host" -o %t 2>/dev/null || true)"
+    if [[ $state == down* || $state == drain* ]]; then
+        scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true
+    fi
+    ((SECONDS < end)) || die "node $host is '$state', not idle (see $dir/log/slurmd.log, slurmctld.log)"
+    sleep 0.3
+done
+
+log "cluster '$cluster' up in $((SECONDS - t0)) s: node $host, $cpus CPUs, ${mem} MB"
+echo "export SLURM_CONF=$conf"

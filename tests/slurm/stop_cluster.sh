@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Stop the test cluster started by start_cluster.sh: the daemons recorded in DIR/pids, by PID.
+#   bash tests/slurm/stop_cluster.sh [DIR]      # DIR defaults to <repo>/.slurm
+# Configs, accounting data and logs stay under DIR, so a later start_cluster.sh reuses them.
+set -uo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+dir="${1:-$repo/.slurm}"
+[[ -d $dir/pids ]] || { echo "stop_cluster: nothing to stop in $dir" >&2; exit 0; }
+
+# jobs still running would keep slurmstepd processes alive; cancel them while slurmctld is up
+if [[ -f $dir/slurm.conf ]] && [[ -s $dir/pids/slurmctld.pid ]] && kill -0 "$(cat "$dir/pids/slurmctld.pid")" 2>/dev/null; then
+    SLURM_CONF="$dir/slurm.conf" timeout 10 scancel -u "$(id -un)" 2>/dev/null || true
+fi
+
+# reverse start order: the compute daemon first, the database last
+for name in slurmd slurmctld slurmdbd mariadbd munged; do
+    f="$dir/pids/$name.pid"
+    [[ -s $f ]] || continue
+    pid="$(cat "$f")"
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "stop_cluster: $name ($pid) did not stop in 10 s, killing it" >&2
+            kill -KILL "$pid" 2>/dev/null
+        fi
+    fi
+    rm -f "$f"
+done
+echo "stop_cluster: stopped the cluster in $dir" >&2
