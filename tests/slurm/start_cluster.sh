@@ -98,7 +98,7 @@ mem="$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$node_line")"
 mem=$((mem * 9 / 10))   # leave room for the OS: a node reporting more than it has is drained
 node_line="$(sed -e "s/RealMemory=[0-9]*/RealMemory=$mem/" <<<"$node_line") NodeAddr=127.0.0.1 State=UNKNOWN"
 
-cat >"$dbdconf" <<CONF
+cat >"$dbdconf.new" <<CONF
 AuthType=auth/munge
 AuthInfo=socket=$msock
 DbdHost=localhost
@@ -114,15 +114,16 @@ LogFile=$dir/log/slurmdbd.log
 PidFile=$dir/run/slurmdbd.pid
 CONF
 # slurmdbd reaches MariaDB through its socket (StorageHost=localhost + MYSQL_UNIX_PORT below)
-chmod 600 "$dbdconf"
+chmod 600 "$dbdconf.new"
 
-cat >"$conf" <<CONF
+cat >"$conf.new" <<CONF
 # Written by tests/slurm/start_cluster.sh: a one-node test cluster.
 ClusterName=$cluster
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
-AuthInfo=socket=$msock
+# cred_expire also delays a requeued job: 10 s here instead of the default 120 s
+AuthInfo=socket=$msock,cred_expire=10
 CredType=cred/munge
 SlurmctldPort=6817
 SlurmdPort=6818
@@ -157,6 +158,27 @@ Waittime=0
 $node_line
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
+
+stop_daemon() {  # stop_daemon NAME: stop a running daemon by its recorded PID
+    local f="$dir/pids/$1.pid" pid
+    running "$1" || return 0
+    pid="$(cat "$f")"
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$f"
+}
+install_conf() {  # install_conf FILE DAEMON...: a changed config restarts the daemons that read it
+    local file=$1; shift
+    if ! cmp -s "$file.new" "$file"; then
+        [[ -f $file ]] && for d in "$@"; do stop_daemon "$d"; done
+        mv "$file.new" "$file"
+    else
+        rm -f "$file.new"
+    fi
+}
+install_conf "$dbdconf" slurmdbd
+install_conf "$conf" slurmd slurmctld
 
 cat >"$dir/env.sh" <<ENV
 # source this file to talk to the test cluster under $dir

@@ -1,0 +1,218 @@
+"""Sweeps through the SLURM launcher as real SLURM jobs on the local test cluster.
+
+Start the cluster first (it installs its Debian packages when missing):
+
+    bash tests/slurm/start_cluster.sh && source .slurm/env.sh
+
+Every test runs ``python launch/train.py -m hydra/launcher=slurm_cpu ...`` as a user does, on the
+embedded digits data with tiny settings, and reads the run directories it leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, TRAIN, compose_train, run_train
+
+START_HINT = "bash tests/slurm/start_cluster.sh && source .slurm/env.sh"
+
+
+def _cluster_up() -> str | None:
+    """None when `sinfo` reaches a controller, else why not."""
+    if shutil.which("sinfo") is None:
+        return "sinfo is not installed"
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out"
+    if proc.returncode != 0:
+        return f"sinfo failed: {proc.stderr.strip()[:200]}"
+    if not re.search(r"^(idle|mix|alloc)", proc.stdout, re.M):
+        return f"no usable node (sinfo: {proc.stdout.strip()!r})"
+    return None
+
+
+_why_not = _cluster_up()
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(_why_not is not None, reason=f"no SLURM cluster ({_why_not}); start it: {START_HINT}"),
+]
+
+SWEEP = ("-m", "hydra/launcher=slurm_cpu", "dataset=digits", "batch_size=64", "logging.log_every_steps=5")
+TIMEOUT = 240  # seconds for one multirun; a hang (e.g. a job stuck PENDING) fails instead of blocking
+
+
+def _metrics(run_dir: Path) -> dict:
+    path = run_dir / "metrics.json"
+    assert path.is_file(), f"{run_dir} has no metrics.json: {sorted(p.name for p in run_dir.iterdir())}"
+    return json.loads(path.read_text())
+
+
+def _epochs_logged(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["epoch"] for line in lines if line.strip()]
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def _job_dir(sweep_dir: Path, num: int) -> Path | None:
+    """submitit's folder of sweep point ``num``: ``<array id>_<num>``, or ``<job id>`` for a single job."""
+    dirs = [p for p in sweep_dir.glob(".submitit/*") if p.is_dir()]
+    for pattern in (rf"\d+_{num}", r"\d+" if num == 0 else None):
+        found = [p for p in dirs if pattern and re.fullmatch(pattern, p.name)]
+        if found:
+            return found[0]
+    return None
+
+
+def _job_log(sweep_dir: Path, num: int) -> str:
+    """What the job of sweep point ``num`` printed, all tasks and requeues included."""
+    folder = _job_dir(sweep_dir, num)
+    assert folder is not None, f"no submitit folder for point {num} in {sweep_dir}/.submitit"
+    return "".join(p.read_text() for p in sorted(folder.glob("*_log.*")))
+
+
+def test_sweep_runs_one_job_per_point(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_train(*SWEEP, "epochs=1", "flat_width=0.05,0.6", f"hydra.sweep.dir={sweep_dir}", timeout=TIMEOUT)
+    _ok(proc)
+
+    assert sorted(p.name for p in sweep_dir.iterdir() if not p.name.startswith(".")) == [
+        "0", "1", "multirun.yaml"]
+    widths = []
+    for num in (0, 1):
+        metrics = _metrics(sweep_dir / str(num))
+        assert metrics["epoch"] == 1 and metrics["world_size"] == 1
+        assert 0.0 <= metrics["test_acc1"] <= 1.0
+        widths.append(metrics["flat_width"])
+        # each point ran as its own SLURM job (one array task per point)
+        assert "Job completed successfully" in _job_log(sweep_dir, num)
+    assert widths == pytest.approx([0.05, 0.6])
+    assert _job_dir(sweep_dir, 0).name.split("_")[0] == _job_dir(sweep_dir, 1).name.split("_")[0]  # one array
+
+
+def test_two_tasks_train_with_ddp(tmp_path):
+    sweep_dir = tmp_path / "ddp"
+    proc = run_train(*SWEEP, "epochs=1", "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
+                     f"hydra.sweep.dir={sweep_dir}", timeout=TIMEOUT)
+    _ok(proc)
+
+    metrics = _metrics(sweep_dir / "0")
+    assert metrics["world_size"] == 2
+    assert metrics["ranks_in_sync"] is True
+    # each rank sees half the training set: (n // 2) // batch steps per epoch, not n // batch
+    from hydra.utils import instantiate
+
+    n_train = len(instantiate(compose_train("dataset=digits").dataset).train)
+    assert metrics["step"] == (n_train // 2) // 64
+    assert metrics["step"] != n_train // 64
+    # both tasks ran, on ranks 0 and 1 of the same job
+    log = _job_log(sweep_dir, 0)
+    assert "global_rank=0(2)" in log and "global_rank=1(2)" in log
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the multirun ended (exit {proc.returncode}) before {what}\n{out[-2000:]}\n{err[-4000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _popen_train(*args: str) -> subprocess.Popen:
+    import os
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_preempted_job_is_requeued_and_resumes_in_the_same_run_dir(tmp_path):
+    run = ("epochs=4", "flat_width=0.05")
+    # the reference runs uninterrupted beside it (one CPU each on the 2-CPU node)
+    reference = _popen_train(*SWEEP, *run, f"hydra.sweep.dir={tmp_path / 'reference'}")
+    # a `${now:...}` name: the requeued job must re-create exactly this directory name
+    root = tmp_path / "requeue"
+    proc = _popen_train(*SWEEP, *run, f"hydra.sweep.dir={root}/${{now:%H-%M-%S-%f}}")
+    try:
+        run_dir = _wait_for(lambda: next(iter(root.glob("*/0")), None), 60, "the run directory", proc)
+        sweep_dir = run_dir.parent
+        _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and _epochs_logged(run_dir)
+                  and (run_dir / "checkpoints" / "last.pt").is_file(), 120, "the first epoch", proc)
+        job_id = _job_dir(sweep_dir, 0).name  # the job id SLURM knows this point by
+        # what SLURM sends before a time limit or on preemption
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, f"{out[-2000:]}\n{err[-5000:]}"
+        ref_out, ref_err = reference.communicate(timeout=TIMEOUT)
+        assert reference.returncode == 0, ref_err[-5000:]
+    finally:
+        for p in (proc, reference):
+            if p.poll() is None:
+                p.kill()
+
+    # interrupted, requeued by submitit, and SLURM ran it twice
+    log = _job_log(sweep_dir, 0)
+    assert "Caught signal SIGUSR2" in log
+    assert "Requeued job" in log
+    assert log.count("Starting with JobEnvironment") == 2
+    def job_states():  # accounting lags the job by a few seconds
+        states = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State"],
+                                capture_output=True, text=True, timeout=30).stdout.split()
+        return states if states[-1:] == ["COMPLETED"] else None
+
+    assert _wait_for(job_states, 30, "accounting of the finished job") == ["REQUEUED", "COMPLETED"]
+
+    # the second run found the first one's directory and checkpoint
+    assert [p.name for p in root.iterdir()] == [sweep_dir.name]
+    resumed = re.search(r"resumed from (\S+) at epoch (\d+)", log)
+    assert resumed, log[-3000:]
+    assert Path(resumed.group(1)) == run_dir / "checkpoints" / "last.pt"
+    assert 1 <= int(resumed.group(2)) < 4
+    assert _epochs_logged(run_dir) == [1, 2, 3, 4]
+    assert not (run_dir / "error.txt").exists()
+
+    # ... and ended where the uninterrupted run did
+    got, want = _metrics(run_dir), _metrics(tmp_path / "reference" / "0")
+    for key in ("epoch", "step", "test_acc1", "sparsity"):
+        assert got[key] == want[key], key
+    assert want["epoch"] == 4 and want["test_acc1"] > 0.5  # a run that learned, not a degenerate one
+
+
+def test_failed_point_does_not_lose_the_others(tmp_path):
+    sweep_dir = tmp_path / "partial"
+    empty = tmp_path / "no-cifar"
+    empty.mkdir()
+    # point 0 (digits ignores dataset.root) trains; point 1 finds no CIFAR-10 files in the folder
+    proc = run_train(*SWEEP, "epochs=1", "dataset=digits,cifar10", f"dataset.root={empty}",
+                     f"hydra.sweep.dir={sweep_dir}", timeout=TIMEOUT)
+
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "Error executing job with overrides" in output
+    assert "dataset=cifar10" in output and "CIFAR-10 not found" in output
+
+    good, bad = sweep_dir / "0", sweep_dir / "1"
+    assert _metrics(good)["epoch"] == 1
+    assert not (good / "error.txt").exists()
+    assert not (bad / "metrics.json").exists()
+    error = (bad / "error.txt").read_text()
+    assert "CIFAR-10 not found" in error and str(empty) in error
