@@ -85,7 +85,7 @@ class TrainConfig:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # null (as in presets whose value must be chosen) is refused by `validate`, naming the key
-    flat_width: Optional[float] = 0.35
+    flat_width: Optional[float] = 0.5
     alpha_gr: Optional[float] = 0.0
     gradr_variant: GradRVariant = GradRVariant.auto
     T: int = 4
