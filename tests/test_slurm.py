@@ -30,7 +30,7 @@ def _cluster_up() -> str | None:
     if shutil.which("sinfo") is None:
         return "sinfo is not installed"
     try:
-        proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=15)
+        proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=5)
     except subprocess.TimeoutExpired:
         return "sinfo timed out"
     if proc.returncode != 0:
