@@ -13,19 +13,26 @@ if [[ -f $dir/slurm.conf ]] && [[ -s $dir/pids/slurmctld.pid ]] && kill -0 "$(ca
     SLURM_CONF="$dir/slurm.conf" timeout 10 scancel -u "$(id -un)" 2>/dev/null || true
 fi
 
-# reverse start order: the compute daemon first, the database last
-for name in slurmd slurmctld slurmdbd mariadbd munged; do
-    f="$dir/pids/$name.pid"
-    [[ -s $f ]] || continue
-    pid="$(cat "$f")"
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null
+stop() {  # stop NAME...: TERM them together, wait up to 10 s, then KILL what is left
+    local name pid pids=()
+    for name in "$@"; do
+        [[ -s $dir/pids/$name.pid ]] || continue
+        pid="$(cat "$dir/pids/$name.pid")"
+        kill -TERM "$pid" 2>/dev/null && pids+=("$name:$pid")
+    done
+    for entry in ${pids[@]+"${pids[@]}"}; do
+        pid=${entry#*:}
         for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         if kill -0 "$pid" 2>/dev/null; then
-            echo "stop_cluster: $name ($pid) did not stop in 10 s, killing it" >&2
+            echo "stop_cluster: ${entry%%:*} ($pid) did not stop in 10 s, killing it" >&2
             kill -KILL "$pid" 2>/dev/null
         fi
-    fi
-    rm -f "$f"
-done
+    done
+    for name in "$@"; do rm -f "$dir/pids/$name.pid"; done
+}
+
+# reverse start order: SLURM first, then its database, then MariaDB and munge
+stop slurmd slurmctld
+stop slurmdbd
+stop mariadbd munged
 echo "stop_cluster: stopped the cluster in $dir" >&2
