@@ -1,8 +1,8 @@
-"""Sweep report: ``python launch/report.py SWEEP_OR_RUN_DIR... [--out DIR] [--no-export]``.
+"""Sweep report: ``python launch/report.py SWEEP_OR_RUN_DIR... [--out DIR] [--export]``.
 
 Writes ``report.csv``, ``report.md`` and ``report.png`` into the first directory (or ``--out``)
-and, unless ``--no-export``, ``pruned.pt`` into every finished run that has a checkpoint. The
-work is in `stds.report` and `stds.export`; see ``docs/reports.md``.
+and, with ``--export``, ``pruned.pt`` into every finished run that has a checkpoint. The work
+is in `stds.report` and `stds.export`; see ``docs/reports.md``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from stds.errors import StdsError
-from stds.export import export_finished
 from stds.report import collect_runs, write_report
 
 
@@ -24,13 +23,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="sweep or run directories (searched recursively)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write the report (default: the first directory)")
-    parser.add_argument("--no-export", action="store_true",
-                        help="do not write pruned.pt into the finished runs")
+    parser.add_argument("--export", action="store_true",
+                        help="also write pruned.pt into every finished run with a checkpoint")
     args = parser.parse_args(argv)
     try:
         runs = collect_runs(args.dirs)
         paths = write_report(runs, args.out or args.dirs[0])
-        if not args.no_export:
+        if args.export:
+            from stds.export import export_finished  # imports torch: only when asked
+
             export_finished(runs)
     except (StdsError, OSError) as exc:
         print(f"Error: {' '.join(str(exc).split())}", file=sys.stderr)

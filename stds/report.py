@@ -1,7 +1,7 @@
 """Sweep reports: one row per run, and top-1 accuracy against connectivity (the paper's figure).
 
-`collect_runs(paths)` finds every run directory under ``paths`` (a directory holding ``.hydra/``
-or a metrics file; Hydra multirun layouts ``<sweep>/<n>/``, nested to any depth) and reads it
+`collect_runs(paths)` finds every run directory under ``paths`` (a directory holding
+``.hydra/config.yaml``; Hydra multirun layouts ``<sweep>/<n>/``, nested to any depth) and reads it
 into a `RunRecord`; `write_report(runs, out_dir)` writes ``report.csv``, ``report.md`` and
 ``report.png``. The files of a run directory are described in ``docs/architecture.md``.
 
@@ -50,7 +50,7 @@ PAPER_SETTING = ("cifar10", "CIFAR10Net")
 """(dataset, model) of runs next to which the published points are drawn."""
 
 _METHOD_ORDER = ("dense", "STDS-sine", "STDS-linear", "STDS-constant", "Grad R")
-_RUN_MARKERS = (".hydra", "metrics.json", "metrics.jsonl")
+_RUN_MARKER = Path(".hydra") / "config.yaml"
 _NOT_RUN_CHILDREN = {".hydra", "tb", "checkpoints"}
 
 
@@ -91,13 +91,13 @@ class RunRecord:
 
 
 def method_label(method: str | None, schedule: str | None, alpha_gr: float | None) -> str | None:
-    """dense / STDS-<schedule> / Grad R (any method with α > 0) / st-<schedule>."""
+    """dense (identity) / Grad R (pruned, α > 0) / STDS-<schedule> (stmod) / st-<schedule>."""
     if method is None:
         return None
-    if alpha_gr is not None and alpha_gr > 0:
-        return "Grad R"
     if method == "identity":
         return "dense"
+    if alpha_gr is not None and alpha_gr > 0:
+        return "Grad R"
     suffix = f"-{schedule}" if schedule else ""
     if method == "stmod":
         return f"STDS{suffix}"
@@ -110,7 +110,7 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return any((path / marker).exists() for marker in _RUN_MARKERS)
+    return (path / _RUN_MARKER).is_file()
 
 
 def find_run_dirs(paths: Iterable[Path | str]) -> list[Path]:
@@ -246,7 +246,7 @@ def collect_runs(paths: Iterable[Path | str]) -> list[RunRecord]:
     runs = [read_run(run_dir) for run_dir in find_run_dirs(paths)]
     if not runs:
         shown = ", ".join(str(p) for p in paths)
-        raise StdsError(f"no run directories (with .hydra/ or metrics.json) under {shown}")
+        raise StdsError(f"no run directories (holding .hydra/config.yaml) under {shown}")
     return runs
 
 
@@ -405,8 +405,11 @@ def _draw_dense(ax: Any, runs: list[RunRecord]) -> None:
                    label=f"{what}: {100 * mean:.2f}%")
 
 
-def _draw_method(ax: Any, runs: list[RunRecord], color: str, hollow_label: str | None) -> bool:
-    """One method: finished runs as a line sorted by connectivity, others as hollow markers.
+def _draw_method(
+    ax: Any, runs: list[RunRecord], color: str, hollow_label: str | None, below: bool
+) -> bool:
+    """One method: finished runs as a line sorted by connectivity, others as hollow markers;
+    point labels (D or α) above the points, or below them if ``below``.
 
     Returns whether a hollow marker was drawn.
     """
@@ -422,8 +425,8 @@ def _draw_method(ax: Any, runs: list[RunRecord], color: str, hollow_label: str |
             ax.plot([x], [y], marker="o", markerfacecolor="white", color=color,
                     linestyle="none", label=None if hollow else hollow_label)
             hollow = True
-        ax.annotate(_point_label(run), (x, y), textcoords="offset points", xytext=(4, 5),
-                    fontsize=7, color=color)
+        ax.annotate(_point_label(run), (x, y), textcoords="offset points",
+                    xytext=(4, -11) if below else (4, 5), fontsize=7, color=color)
     return hollow
 
 
@@ -433,12 +436,18 @@ def _draw_panel(ax: Any, setting: tuple[str, str], runs: list[RunRecord]) -> Non
     methods = [m for m in dict.fromkeys(r.method for r in runs) if m != "dense"]
     hollow_label: str | None = "running or failed (hollow)"
     for index, method in enumerate(methods):
-        if _draw_method(ax, [r for r in runs if r.method == method], f"C{index % 10}", hollow_label):
+        members = [r for r in runs if r.method == method]
+        # the first method's labels go below its line, clear of the published points above it
+        if _draw_method(ax, members, f"C{index % 10}", hollow_label, below=index % 2 == 0):
             hollow_label = None
     if setting == PAPER_SETTING:
         paper_xs = [100 * (1 - s) for _, _, s in PAPER_CIFAR10_STDS]
-        ax.plot(paper_xs, [100 * a for _, a, _ in PAPER_CIFAR10_STDS], marker="*", markersize=9,
-                color="black", linestyle=":", linewidth=1, label=PAPER_LABEL)
+        paper_ys = [100 * a for _, a, _ in PAPER_CIFAR10_STDS]
+        ax.plot(paper_xs, paper_ys, marker="*", markersize=9, color="black", linestyle=":",
+                linewidth=1, label=PAPER_LABEL)
+        for (d, _, _), x, y in zip(PAPER_CIFAR10_STDS, paper_xs, paper_ys):
+            ax.annotate(f"D={d:g}", (x, y), textcoords="offset points", xytext=(-6, 7),
+                        ha="right", fontsize=7, color="0.25")
         xs += paper_xs
     _style_axes(ax, setting, xs or [100.0])
 

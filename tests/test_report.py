@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 
 from stds.errors import StdsError
@@ -102,6 +103,8 @@ def sweep(tmp_path: Path) -> Path:
     finished_run(root / "nested" / "inner" / "0", [0.75], 0.8, schedule="constant", alpha=1e-4)
     make_run(root / "nested" / "1", method="st", schedule="linear", D=0.5)  # just started
     (root / "multirun.yaml").write_text("{}\n")
+    (root / "stray").mkdir()  # metrics without .hydra/config.yaml: not a run directory
+    (root / "stray" / "metrics.json").write_text("{}")
     return root
 
 
@@ -110,7 +113,9 @@ def test_method_labels():
     assert method_label("stmod", "sine", 0.0) == "STDS-sine"
     assert method_label("stmod", "linear", 0.0) == "STDS-linear"
     assert method_label("stmod", "constant", 2e-4) == "Grad R"
-    assert method_label("identity", "constant", 1e-3) == "Grad R"
+    assert method_label("stmod", "constant", 0.0) == "STDS-constant"
+    assert method_label("st", "constant", 1e-3) == "Grad R"
+    assert method_label("identity", "constant", 1e-3) == "dense"  # the prior needs pruned layers
     assert method_label("st", "sine", 0.0) == "st-sine"
 
 
@@ -178,6 +183,9 @@ def test_report_table_values(sweep):
     assert "D=3: 91.64% at 98.60%" in md  # the published points for CIFAR-10 / CIFAR10Net
     assert "- `0`: features.0 0.1000, features.3 0.3000" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(paths["png"])
+    assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 600
+    assert image[..., :3].std() > 0.05  # something is drawn
 
 
 def test_published_points_only_for_cifar10_net(tmp_path):
