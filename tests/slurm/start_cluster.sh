@@ -9,6 +9,8 @@
 # MariaDB data directory under DIR, starts munged, mariadbd, slurmdbd, slurmctld and slurmd in the
 # background (PIDs in DIR/pids/<name>.pid, logs in DIR/log/), registers the cluster in accounting and
 # waits until the node is idle. Running it again while the cluster is up only re-checks it.
+# The three TCP ports are derived from DIR, so clusters in two directories (a checkout's and a CI
+# clone's) can run side by side; MariaDB and munge listen on sockets under DIR only.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -44,15 +46,31 @@ dbdconf="$dir/slurmdbd.conf"
 msock="$dir/munge/run/munge.socket.2"
 dbsock="$dir/run/mysqld.sock"
 export SLURM_CONF="$conf"
+# slurmctld, slurmd, slurmdbd ports: three in a row in [7000, 19000], below the master ports that
+# stds.distributed derives for DDP jobs ([20000, 60000]) and the kernel's ephemeral ports
+port=$((7000 + $(cksum <<<"$dir" | cut -d' ' -f1) % 4000 * 3))
+ctld_port=$port slurmd_port=$((port + 1)) dbd_port=$((port + 2))
 
-running() {  # running NAME: its recorded PID is alive
+running() {  # running NAME: its recorded PID is alive and still that daemon (PIDs get reused)
     local f="$dir/pids/$1.pid"
-    [[ -s $f ]] && kill -0 "$(cat "$f")" 2>/dev/null
+    [[ -s $f ]] && [[ $(cat "/proc/$(cat "$f")/comm" 2>/dev/null) == "$1" ]]
+}
+
+port_free() {  # port_free PORT NAME: die naming the listener when another process holds PORT
+    local holder
+    command -v ss >/dev/null || return 0
+    holder="$(ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'users:.*' || true)"
+    [[ -z $holder ]] || die "port $1 (for $2, derived from $dir) is taken by $holder; stop it or use another DIR"
 }
 
 start() {  # start NAME CMD...: run CMD in the background (foreground mode), record its PID
     local name=$1; shift
     if running "$name"; then return; fi
+    case $name in
+        slurmdbd) port_free "$dbd_port" "$name" ;;
+        slurmctld) port_free "$ctld_port" "$name" ;;
+        slurmd) port_free "$slurmd_port" "$name" ;;
+    esac
     "$@" >>"$dir/log/$name.out" 2>&1 &
     echo $! >"$dir/pids/$name.pid"
 }
@@ -103,7 +121,7 @@ AuthType=auth/munge
 AuthInfo=socket=$msock
 DbdHost=localhost
 DbdAddr=127.0.0.1
-DbdPort=6819
+DbdPort=$dbd_port
 SlurmUser=root
 StorageType=accounting_storage/mysql
 StorageHost=localhost
@@ -125,8 +143,8 @@ AuthType=auth/munge
 # cred_expire also delays a requeued job: 10 s here instead of the default 120 s
 AuthInfo=socket=$msock,cred_expire=10
 CredType=cred/munge
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort=$ctld_port
+SlurmdPort=$slurmd_port
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/run/slurmctld.pid
@@ -146,7 +164,7 @@ MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
-AccountingStoragePort=6819
+AccountingStoragePort=$dbd_port
 AccountingStoragePass=$msock
 JobCompType=jobcomp/none
 SlurmctldTimeout=30

@@ -8,15 +8,19 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 dir="${1:-$repo/.slurm}"
 [[ -d $dir/pids ]] || { echo "stop_cluster: nothing to stop in $dir" >&2; exit 0; }
 
+ours() {  # ours NAME: the PID recorded for NAME is alive and still that daemon (PIDs get reused)
+    [[ -s $dir/pids/$1.pid ]] && [[ $(cat "/proc/$(cat "$dir/pids/$1.pid")/comm" 2>/dev/null) == "$1" ]]
+}
+
 # jobs still running would keep slurmstepd processes alive; cancel them while slurmctld is up
-if [[ -f $dir/slurm.conf ]] && [[ -s $dir/pids/slurmctld.pid ]] && kill -0 "$(cat "$dir/pids/slurmctld.pid")" 2>/dev/null; then
+if [[ -f $dir/slurm.conf ]] && ours slurmctld; then
     SLURM_CONF="$dir/slurm.conf" timeout 10 scancel -u "$(id -un)" 2>/dev/null || true
 fi
 
 stop() {  # stop NAME...: TERM them together, wait up to 10 s, then KILL what is left
     local name pid pids=()
     for name in "$@"; do
-        [[ -s $dir/pids/$name.pid ]] || continue
+        ours "$name" || continue
         pid="$(cat "$dir/pids/$name.pid")"
         kill -TERM "$pid" 2>/dev/null && pids+=("$name:$pid")
     done
