@@ -78,24 +78,34 @@ def _batched_matmul_synops(x: Tensor, w: Tensor) -> int:
         return int((spikes_per_input * fan_out).sum().item())
 
 
+_FLOAT32_EXACT = 2**24
+"""Integers up to this bound, and sums of non-negative ones that stay below it, are exact in
+float32."""
+
+
 def _conv_synops(x: Tensor, w: Tensor, conv_args: tuple) -> int:
     """Spikes x non-zero weights reached, borders exact: a convolution of the spikes with the
     count of non-zero weights over each group's output channels (one output channel per group).
+
+    The convolution runs in float32 (fast kernels) when no output element can reach 2**24 (all
+    terms are non-negative integers, so every partial sum is exact), else in float64; the
+    elements are summed in float64.
     """
     stride, padding, dilation, transposed, output_padding, groups = conv_args
     with _exact_arithmetic(x.device):
-        mask = (w != 0).to(torch.float64)
-        if transposed:  # weight [in, out/groups, ...]: count with the full mask
-            counts = torch.ops.aten.convolution.default(
-                x.to(torch.float64), mask, None, stride, padding, dilation, True,
-                output_padding, groups)
-            return int(counts.sum().item())
-        out_channels = mask.shape[0]
-        per_group = mask.reshape(groups, out_channels // groups, *mask.shape[1:]).sum(dim=1)
+        mask = (w != 0).to(torch.float32)
+        if not transposed:  # weight [out, in/groups, ...] -> [groups, in/groups, ...]
+            out_channels = mask.shape[0]
+            mask = mask.reshape(groups, out_channels // groups, *mask.shape[1:]).sum(dim=1)
+        # transposed: weight [in, out/groups, ...], counted with the full mask. An output
+        # element meets each mask entry of its group at most once, each with at most max(x).
+        per_output = mask.sum() if transposed else mask.flatten(1).sum(dim=1).max()
+        bound = float(x.max()) * float(per_output) if x.numel() else 0.0
+        dtype = torch.float32 if bound < _FLOAT32_EXACT else torch.float64
         counts = torch.ops.aten.convolution.default(
-            x.to(torch.float64), per_group, None, stride, padding, dilation, False,
+            x.to(dtype), mask.to(dtype), None, stride, padding, dilation, transposed,
             output_padding, groups)
-        return int(counts.sum().item())
+        return int(counts.sum(dtype=torch.float64).item())
 
 
 def _nonzero(w: Tensor) -> int:
@@ -275,9 +285,10 @@ def count_synops(model: nn.Module, images: Tensor, samples: int | None = None) -
     (batch totals divided by ``samples``, by default ``images.shape[0]``). See the module
     docstring for the rules.
 
-    Cost: one extra forward pass under a Python dispatch mode, plus per weight op two small
-    reductions, one host synchronisation and, for a convolution, one convolution with one
-    output channel per group. ``reset_net`` is called before and after. Call it on the
+    Cost: one extra forward pass under a Python dispatch mode, plus per weight op a few
+    reductions, two host synchronisations and, for a convolution, one float32 convolution with
+    one output channel per group (CIFAR10Net, T=4, 16 images on 2 CPU cores: about 1.45x the
+    plain forward). ``reset_net`` is called before and after. Call it on the
     unwrapped model, in evaluation mode, once per evaluation on one batch.
     """
     core = _unwrap(model)

@@ -84,6 +84,27 @@ def test_grouped_conv_counts_each_group_with_its_own_weights():
     assert count_synops(Wrap(conv), x, samples=1)["synops"] == 1 + 2
 
 
+def test_transposed_conv_counts_every_weight_a_spike_meets():
+    conv = nn.ConvTranspose2d(1, 2, 2, bias=False)  # a spike meets all 2 x 2 x 2 weights
+    nn.init.constant_(conv.weight, 1.0)
+    x = torch.zeros(1, 1, 2, 2)
+    x[0, 0, 1, 0] = 1
+    assert count_synops(conv, x)["synops"] == 8
+    with torch.no_grad():
+        conv.weight[0, 1, 0, 0] = 0  # weight [in, out, kh, kw]: output channel 1 loses one
+    assert count_synops(conv, x)["synops"] == 7
+
+
+def test_large_spike_counts_are_counted_exactly():
+    # 2**24 + 1 is not a float32 number: the count must not go through float32
+    conv = nn.Conv2d(1, 3, 1, bias=False).double()
+    nn.init.constant_(conv.weight, 1.0)
+    with torch.no_grad():
+        conv.weight[2] = 0
+    x = torch.full((1, 1, 1, 1), 2.0**24 + 1, dtype=torch.float64)
+    assert count_synops(conv, x)["synops"] == 2 * (2**24 + 1)
+
+
 def _linear(bias: bool) -> nn.Module:
     fc = layer.Linear(3, 4, bias=bias, step_mode="m")
     with torch.no_grad():
