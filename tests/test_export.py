@@ -115,6 +115,13 @@ def test_exported_network_loads_into_the_plain_model_with_identical_outputs(
     assert zeros == sp["zeros"] and blob["sparsity"]["total"] == sp["total"]
     assert blob["storage"]["pruned"]["nonzero"] == sp["numel"] - sp["zeros"]
     assert blob["source"] == {"checkpoint": "last.pt", "epoch": 3, "step": 30}
+    for name in sp["layers"]:  # float32 weights viewed as [out, fan-in], int32 indices
+        w = blob["state_dict"][f"{name}.weight"]
+        nnz, rows = int((w != 0).sum()), w.shape[0]
+        layer = blob["storage"]["layers"][name]
+        assert layer["dense_bytes"] == 4 * w.numel()
+        assert layer["csr_bytes"] == nnz * (4 + 4) + (rows + 1) * 4
+        assert layer["bitmask_bytes"] == -(-w.numel() // 8) + 4 * nnz
     printed = capsys.readouterr().out
     for name, fraction in sp["layers"].items():
         assert name in printed and f"{100 * fraction:.2f}%" in printed
@@ -166,3 +173,16 @@ def test_entrypoint(tmp_path):
     done = _launch(str(tmp_path / "missing"))
     assert done.returncode == 1
     assert done.stderr.startswith("Error: ") and done.stderr.strip().count("\n") == 0
+
+
+def test_report_exports_finished_runs_only_when_asked(tmp_path):
+    cfg = _config()
+    run = _run_dir(tmp_path, cfg, {"last": _trained_like(cfg, 0.8)})
+    (run / "metrics.json").write_text("{}")
+    report = [sys.executable, str(REPO / "launch" / "report.py"), str(run)]
+    done = subprocess.run(report, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (run / "report.csv").exists() and not (run / "pruned.pt").exists()
+    done = subprocess.run([*report, "--export"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (run / "pruned.pt").exists() and "weights kept" in done.stdout
