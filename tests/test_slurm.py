@@ -32,9 +32,10 @@ def _cluster_up() -> str | None:
     try:
         proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=5)
     except subprocess.TimeoutExpired:
-        return "sinfo timed out"
+        return "sinfo got no answer from slurmctld in 5 s"
     if proc.returncode != 0:
-        return f"sinfo failed: {proc.stderr.strip()[:200]}"
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        return f"sinfo failed: {last[:200]}"
     if not re.search(r"^(idle|mix|alloc)", proc.stdout, re.M):
         return f"no usable node (sinfo: {proc.stdout.strip()!r})"
     return None
