@@ -10,6 +10,7 @@ Neuron state lives in the body; the training loop calls
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Callable, Sequence
 
 from torch import Tensor, nn
@@ -35,7 +36,7 @@ def neuron_factory(neuron: NeuronFactory | None, **default: object) -> NeuronFac
     return lambda: make_neuron(**default)
 
 
-class SpikingClassifier(nn.Module):
+class SpikingClassifier(nn.Module, ABC):
     """Base class: subclasses define `forward_steps` and, if they have them, a static stem
     (`forward_static`) and a head on the time-averaged features (`forward_head`).
 
@@ -58,9 +59,9 @@ class SpikingClassifier(nn.Module):
         """Layers that see the static image once per batch (none by default)."""
         return images
 
+    @abstractmethod
     def forward_steps(self, x_seq: Tensor) -> Tensor:
         """``[T, N, ...]`` -> ``[T, N, F]`` in SpikingJelly multi-step mode."""
-        raise NotImplementedError
 
     def forward_head(self, features: Tensor) -> Tensor:
         """Layers on the time-averaged features ``[N, F]`` (none by default)."""
