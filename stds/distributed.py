@@ -15,6 +15,7 @@ GPUs and gloo on CPUs. Only rank 0 writes files (`DistEnv.is_main`).
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from dataclasses import dataclass
@@ -100,10 +101,19 @@ def setup(device: str = "auto") -> DistEnv:
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device)
 
 
-def teardown() -> None:
-    """Destroy the process group if one was set up."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(env: DistEnv) -> None:
+    """Wait for every rank, then destroy the process group while the interpreter is whole.
+
+    The run's DDP wrapper holds the group; collecting it first means the group's worker threads
+    are joined here rather than during interpreter shutdown, where gloo can abort the process
+    ("terminate called without an active exception"). Call it after a successful run only.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    barrier(env)
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:

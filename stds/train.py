@@ -457,12 +457,12 @@ def train(cfg: DictConfig, run_dir: Path | str | None = None) -> float:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "error.txt").unlink(missing_ok=True)
         _set_determinism(cfg, env)
-        run = build_run(cfg, env, run_dir)
-        return fit(run)
+        result = fit(build_run(cfg, env, run_dir))
     except BaseException as exc:
         if env.is_main and not isinstance(exc, KeyboardInterrupt):
             _write_error(run_dir, exc)
         raise
-    finally:
-        distributed.teardown()
-
+    # only after success: a rank that failed leaves its peers inside a collective, and the
+    # launcher (torchrun, submitit) ends them; waiting for them here would hang
+    distributed.teardown(env)
+    return result

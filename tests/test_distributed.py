@@ -55,3 +55,14 @@ def test_device_choice(clean_env):
         with pytest.raises(ConfigError, match="device=cuda"):
             distributed.setup("cuda")
         assert distributed.setup("auto").device.type == "cpu"
+
+
+def test_teardown_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    env = distributed.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    distributed.teardown(env)  # nothing set up: nothing to do
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    distributed.teardown(env)
+    assert not dist.is_initialized()

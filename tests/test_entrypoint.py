@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,13 @@ import torch
 from conftest import REPO, TRAIN, run_train
 
 FAST = ("epochs=1", "batch_size=64")
+
+
+def _free_port() -> int:
+    """A TCP port nothing listens on now (another checkout's tests may run beside these)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _metrics(run_dir: Path) -> dict:
@@ -89,7 +97,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
          str(TRAIN), "epochs=2", "batch_size=32", "device=cpu", f"hydra.run.dir={out}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
