@@ -6,6 +6,7 @@ Each (setup, method) pair runs in its own process so that its peak memory is its
 
     python benchmarks/step_time.py                      # both setups, sizes for this device
     python benchmarks/step_time.py --setups cifar10 --steps 30 --json out.json
+    python benchmarks/step_time.py --setups imagenet --set dataset.image_size=128 batch_size=16
 
 On a CPU the setups are shrunk (fewer channels, smaller images; printed with the results);
 the ratios to dense are what the targets are about (stmod / dense <= 1.05, Grad R / dense <= 1.05).
@@ -54,15 +55,17 @@ def _compose(overrides: list[str]):
         return prepare_config(compose("train", overrides=overrides))
 
 
-def measure(setup: str, method: str, steps: int, warmup: int, amp: bool) -> dict:
+def measure(setup: str, method: str, steps: int, warmup: int, amp: bool, extra: list[str]) -> dict:
     """Time ``steps`` training steps after ``warmup`` ones; peak memory of this process."""
+    from stds.models.neurons import neuron_implementation
     from stds.train import build_model, build_optimization, loss_fn
     from stds.schedule import flat_width_at
     from stds.sparse import set_flat_width
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    cfg = _compose(setup_overrides(setup, cuda) + METHODS[method] + [f"amp={str(amp).lower()}"])
+    overrides = setup_overrides(setup, cuda) + extra
+    cfg = _compose(overrides + METHODS[method] + [f"amp={str(amp).lower()}"])
     torch.manual_seed(0)
     total = warmup + steps
     model = build_model(cfg, device, total)
@@ -95,25 +98,26 @@ def measure(setup: str, method: str, steps: int, warmup: int, amp: bool) -> dict
         "setup": setup, "method": method, "median_s": statistics.median(times),
         "images_per_s": cfg.batch_size / statistics.median(times), "peak_bytes": int(peak),
         "device": torch.cuda.get_device_name() if cuda else "cpu", "amp": amp,
-        "overrides": setup_overrides(setup, cuda),
+        "neuron_kernel": neuron_implementation(cfg.model.neuron.kind, device),
+        "overrides": overrides,
     }
 
 
 def _run_child(setup: str, method: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", setup, method, "--steps", str(args.steps),
-           "--warmup", str(args.warmup)] + (["--amp"] if args.amp else [])
+           "--warmup", str(args.warmup), "--set", *args.set] + (["--amp"] if args.amp else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _table(results: list[dict]) -> str:
-    lines = ["| setup | method | median step (s) | images/s | peak memory (MiB) | time / dense |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| setup | method | median step (s) | images/s | peak memory (MiB) | time / dense | neuron kernel |",
+             "|---|---|---|---|---|---|---|"]
     dense = {r["setup"]: r["median_s"] for r in results if r["method"] == "dense"}
     for r in results:
         ratio = r["median_s"] / dense[r["setup"]] if r["setup"] in dense else float("nan")
         lines.append(f"| {r['setup']} | {r['method']} | {r['median_s']:.4f} | {r['images_per_s']:.1f} | "
-                     f"{r['peak_bytes'] / 2**20:.0f} | {ratio:.3f} |")
+                     f"{r['peak_bytes'] / 2**20:.0f} | {ratio:.3f} | {r['neuron_kernel']} |")
     return "\n".join(lines)
 
 
@@ -124,11 +128,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides applied after each setup's own (e.g. dataset.image_size=128)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", nargs=2, metavar=("SETUP", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(*args.child, args.steps, args.warmup, args.amp)))
+        print(json.dumps(measure(*args.child, args.steps, args.warmup, args.amp, args.set)))
         return
     results = []
     for setup in args.setups:

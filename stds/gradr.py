@@ -89,13 +89,17 @@ class GradRPrior:
 
     @torch.no_grad()
     def _remember_signs(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Pre-step hook of the ``plain`` variant: keep sign(θ) before the optimizer's update."""
-        self._signs = {
-            id(theta): torch.sign(theta.data)
-            for _, thetas in self._groups
-            for theta in thetas
-            if theta.grad is not None
-        }
+        """Pre-step hook of the ``plain`` variant: keep sign(θ) before the optimizer's update.
+
+        The signs go into buffers kept from step to step (one per θ), so no step allocates.
+        """
+        for _, thetas in self._groups:
+            for theta in thetas:
+                if theta.grad is not None:
+                    signs = self._signs.get(id(theta))
+                    if signs is None:
+                        signs = self._signs[id(theta)] = torch.empty_like(theta)
+                    torch.sign(theta, out=signs)
 
     @torch.no_grad()
     def _apply(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -107,14 +111,18 @@ class GradRPrior:
                     continue
                 if self.variant == "sign_preserving":
                     _shrink_towards_zero(theta.data, amount)
+                elif isinstance(amount, Tensor):
+                    theta.data.sub_(self._signs[id(theta)] * amount)
                 else:
-                    theta.data.sub_(self._signs[id(theta)].mul_(amount))
-        self._signs = {}
+                    theta.data.add_(self._signs[id(theta)], alpha=-amount)
 
 
 def _shrink_towards_zero(theta: Tensor, amount: float | Tensor) -> None:
-    """θ ← sign(θ)·max(|θ| − amount, 0), in place."""
-    theta.sub_(theta.clamp(-amount, amount))
+    """θ ← sign(θ)·max(|θ| − amount, 0), in place (one fused pass for a host number)."""
+    if isinstance(amount, Tensor):  # a tensor learning rate: stay on its device
+        theta.sub_(theta.clamp(-amount, amount))
+    else:
+        torch._C._nn.softshrink(theta, amount, out=theta)  # F.softshrink, written into θ
 
 
 def attach_gradr_prior(

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
@@ -56,44 +57,40 @@ def _check_flat_width(flat_width: float) -> float:
     return value
 
 
-class _SoftThreshold(torch.autograd.Function):
-    """w = θ − clamp(θ, −d, d) with the true gradient: 1 where w ≠ 0 (i.e. |θ| > d), else 0."""
+def _shrink(theta: Tensor, d: float | Tensor) -> Tensor:
+    """sign(θ)·max(|θ| − d, 0), whose autograd gradient is 1 where |θ| > d, else 0.
 
-    @staticmethod
-    def forward(ctx: Any, theta: Tensor, d: Tensor) -> Tensor:
-        w = theta.clamp(-d, d)
-        torch.sub(theta, w, out=w)
-        ctx.save_for_backward(w)
-        return w
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_w: Tensor) -> tuple[Tensor, None]:
-        (w,) = ctx.saved_tensors
-        return grad_w * (w != 0), None
+    One fused kernel for a host number d; for a tensor d (the form `torch.compile` traces without
+    specialising on d's value) a ``where``, since clamping to tensor bounds would split the
+    gradient at |θ| = d.
+    """
+    if isinstance(d, Tensor):
+        return torch.where(theta.abs() > d, theta - d * theta.sign(), 0.0)
+    return F.softshrink(theta, d)
 
 
 class _SoftThresholdStraightThrough(torch.autograd.Function):
-    """w = θ − clamp(θ, −d, d) with the gradient of max(·, 0) passed through: 1 where θ ≠ 0."""
+    """w = sign(θ)·max(|θ| − d, 0) with the gradient of max(·, 0) passed through: 1 where θ ≠ 0."""
 
     @staticmethod
-    def forward(ctx: Any, theta: Tensor, d: Tensor) -> Tensor:
-        w = theta.clamp(-d, d)
-        torch.sub(theta, w, out=w)
+    def forward(ctx: Any, theta: Tensor, d: float | Tensor) -> Tensor:
         ctx.save_for_backward(theta)
-        return w
+        return _shrink(theta, d)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_w: Tensor) -> tuple[Tensor, None]:
         (theta,) = ctx.saved_tensors
-        return grad_w * (theta != 0), None
+        return torch.where(theta != 0, grad_w, 0.0), None
 
 
 class Reparam(nn.Module):
     """Base of the reparameterizations: holds the threshold d in the buffer ``flat_width``.
 
-    Subclasses define ``forward(theta) -> w`` and are listed in `REPARAMS`.
+    The forward pass reads a host copy of d (no device read per call); `set_flat_width` and
+    ``load_state_dict`` keep it equal to the buffer, so set d through them. Under
+    `torch.compile` the buffer itself is read. Subclasses define ``forward(theta) -> w`` and are
+    listed in `REPARAMS`.
     """
 
     method: ClassVar[str] = ""
@@ -101,8 +98,14 @@ class Reparam(nn.Module):
 
     def __init__(self, flat_width: float = 0.0) -> None:
         super().__init__()
-        d = torch.tensor(_check_flat_width(flat_width), dtype=torch.float32)
-        self.register_buffer("flat_width", d, persistent=True)
+        d = _check_flat_width(flat_width)
+        self.register_buffer("flat_width", torch.tensor(d, dtype=torch.float32), persistent=True)
+        self._d = d
+
+    @property
+    def d(self) -> float | Tensor:
+        """The threshold as the forward pass uses it: the host number, or the buffer when compiling."""
+        return self.flat_width if torch.compiler.is_compiling() else self._d
 
     def right_inverse(self, w: Tensor) -> Tensor:
         """θ = sign(w)(|w| + d), so that f(θ, d) = w for the current d."""
@@ -110,7 +113,13 @@ class Reparam(nn.Module):
 
     def set_flat_width(self, d: float) -> None:
         """Set the threshold in place (one ``fill_``, no host-device synchronisation)."""
-        self.flat_width.fill_(_check_flat_width(d))
+        d = _check_flat_width(d)
+        self.flat_width.fill_(d)
+        self._d = d
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._d = float(self.flat_width)
 
     def extra_repr(self) -> str:
         return f"method={self.method}"
@@ -136,8 +145,8 @@ class SoftThreshold(Reparam):
     method = "st"
 
     def forward(self, theta: Tensor) -> Tensor:
-        """w = sign(θ)·max(|θ| − d, 0)."""
-        return _SoftThreshold.apply(theta, self.flat_width)
+        """w = sign(θ)·max(|θ| − d, 0); autograd's gradient is 1 where |θ| > d, else 0."""
+        return _shrink(theta, self.d)
 
 
 class SoftThresholdMod(Reparam):
@@ -147,7 +156,7 @@ class SoftThresholdMod(Reparam):
 
     def forward(self, theta: Tensor) -> Tensor:
         """w = sign(θ)·max(|θ| − d, 0)."""
-        return _SoftThresholdStraightThrough.apply(theta, self.flat_width)
+        return _SoftThresholdStraightThrough.apply(theta, self.d)
 
 
 REPARAMS: dict[str, type[Reparam]] = {

@@ -38,10 +38,10 @@ EXPECTED = {
 }
 
 
-def make_optimizer(kind: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(kind: str, params: list[nn.Parameter], lr: float | torch.Tensor = LR) -> torch.optim.Optimizer:
     if kind == "adam":
-        return torch.optim.Adam(params, lr=LR, eps=0.0)
-    return torch.optim.SGD(params, lr=LR)
+        return torch.optim.Adam(params, lr=lr, eps=0.0)
+    return torch.optim.SGD(params, lr=lr)
 
 
 def linear_step(theta: nn.Parameter, grad: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
@@ -50,11 +50,12 @@ def linear_step(theta: nn.Parameter, grad: torch.Tensor, optimizer: torch.optim.
     optimizer.step()
 
 
+@pytest.mark.parametrize("lr", [LR, torch.tensor(LR)], ids=["lr_number", "lr_tensor"])
 @pytest.mark.parametrize(("opt_kind", "variant"), sorted(EXPECTED))
-def test_two_steps_by_hand(opt_kind: str, variant: str) -> None:
+def test_two_steps_by_hand(opt_kind: str, variant: str, lr: float | torch.Tensor) -> None:
     theta = nn.Parameter(torch.tensor(THETA0))
     grad = torch.tensor(ADAM_GRAD if opt_kind == "adam" else SGD_GRAD)
-    optimizer = make_optimizer(opt_kind, [theta])
+    optimizer = make_optimizer(opt_kind, [theta], lr)
     prior = attach_gradr_prior(optimizer, [theta], ALPHA, variant)
     assert prior.active
     for _ in range(2):

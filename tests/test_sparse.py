@@ -298,3 +298,27 @@ def test_threshold_moves_with_the_module() -> None:
     assert model[4].weight.dtype == torch.float64
     set_flat_width(model, 0.25)
     assert get_flat_width(model) == 0.25
+
+
+@pytest.mark.parametrize("name", ["st", "stmod"])
+def test_compiled_layer_follows_the_threshold_without_recompiling(name: str, monkeypatch) -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    layer = nn.Linear(len(THETA), 1, bias=False)
+    sparsify(layer, name, 0.0)
+    theta = layer.parametrizations.weight.original
+    with torch.no_grad():
+        theta.copy_(torch.tensor([THETA]))
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.tensor([UPSTREAM])
+    for d, w in ((D, EXPECTED_W[name]), (0.5, [-0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.25])):
+        set_flat_width(layer, d)  # a new d must not make dynamo trace again
+        theta.grad = None
+        y = compiled(x)
+        y.backward()
+        assert y.item() == pytest.approx(sum(wi * xi for wi, xi in zip(w, UPSTREAM)))
+        expected = [g if wi != 0 or name == "stmod" else 0.0 for g, wi in zip(UPSTREAM, w)]
+        expected[THETA.index(0.0)] = 0.0  # θ = 0 gets no gradient from either function
+        assert theta.grad.tolist() == [expected]
