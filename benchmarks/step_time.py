@@ -6,7 +6,7 @@ Each (setup, method) pair runs in its own process so that its peak memory is its
 
     python benchmarks/step_time.py                      # both setups, sizes for this device
     python benchmarks/step_time.py --setups cifar10 --steps 30 --json out.json
-    python benchmarks/step_time.py --setups imagenet --set dataset.image_size=128 batch_size=16
+    python benchmarks/step_time.py --setups imagenet --set dataset.image_size=64 batch_size=8
 
 On a CPU the setups are shrunk (fewer channels, smaller images; printed with the results);
 the ratios to dense are what the targets are about (stmod / dense <= 1.05, Grad R / dense <= 1.05).
@@ -41,7 +41,7 @@ def setup_overrides(setup: str, cuda: bool) -> list[str]:
         base = ["experiment=cifar10_stds", "dataset=fake", "T=8", "batch_size=16", "loss=mse"]
         return base + ([] if cuda else ["model.channels=64", "dataset.image_size=32"])
     base = ["experiment=imagenet_stds", "dataset=fake", "T=4", "batch_size=32", "dataset.num_classes=1000"]
-    return base + (["dataset.image_size=224"] if cuda else ["dataset.image_size=64", "batch_size=8"])
+    return base + (["dataset.image_size=224"] if cuda else ["dataset.image_size=128", "batch_size=16"])
 
 
 def _compose(overrides: list[str]):
