@@ -301,11 +301,15 @@ def test_threshold_moves_with_the_module() -> None:
 
 
 @pytest.mark.parametrize("name", ["st", "stmod"])
-def test_compiled_layer_follows_the_threshold_without_recompiling(name: str, monkeypatch) -> None:
+def test_compiled_layer_follows_the_threshold_without_recompiling(name: str) -> None:
     import torch._dynamo
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _check_compiled_layer(name)
+
+
+def _check_compiled_layer(name: str) -> None:
     layer = nn.Linear(len(THETA), 1, bias=False)
     sparsify(layer, name, 0.0)
     theta = layer.parametrizations.weight.original
