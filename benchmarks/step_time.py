@@ -58,9 +58,9 @@ def _compose(overrides: list[str]):
 def measure(setup: str, method: str, steps: int, warmup: int, amp: bool, extra: list[str]) -> dict:
     """Time ``steps`` training steps after ``warmup`` ones; peak memory of this process."""
     from stds.models.neurons import neuron_implementation
-    from stds.train import build_model, build_optimization, loss_fn
-    from stds.schedule import flat_width_at
-    from stds.sparse import set_flat_width
+    from stds.optim import build_optimization
+    from stds.train import build_model, loss_fn
+    from stds.schedule import build_threshold_schedule
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -68,7 +68,9 @@ def measure(setup: str, method: str, steps: int, warmup: int, amp: bool, extra: 
     cfg = _compose(overrides + METHODS[method] + [f"amp={str(amp).lower()}"])
     torch.manual_seed(0)
     total = warmup + steps
-    model = build_model(cfg, device, total)
+    threshold = build_threshold_schedule(cfg, total)
+    model = build_model(cfg, device, threshold.at(0))
+    threshold.attach(model)
     optimizer, _ = build_optimization(cfg, model)
     scaler = torch.amp.GradScaler("cuda", enabled=amp and cuda)
     size = cfg.dataset.image_size
@@ -88,7 +90,7 @@ def measure(setup: str, method: str, steps: int, warmup: int, amp: bool, extra: 
         scaler.step(optimizer)
         scaler.update()
         functional.reset_net(model)
-        set_flat_width(model, flat_width_at(step + 1, total, cfg.flat_width, cfg.scheduler.kind))
+        threshold.step(step + 1)
         if cuda:
             torch.cuda.synchronize()
         if step >= warmup:

@@ -39,6 +39,7 @@ __all__ = [
     "make_reparam",
     "pruned_layers",
     "pruned_parameters",
+    "reparams",
     "set_flat_width",
     "sparsify",
     "sparsity",
@@ -198,7 +199,8 @@ def pruned_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in core.named_modules() if _reparam_of(m) is not None}
 
 
-def _reparams(model: nn.Module) -> list[Reparam]:
+def reparams(model: nn.Module) -> list[Reparam]:
+    """The `Reparam` of every pruned layer, in `pruned_layers` order (walk the model once, keep it)."""
     return [_reparam_of(m) for m in pruned_layers(model).values()]  # type: ignore[misc]
 
 
@@ -241,7 +243,7 @@ def sparsify(
 def set_flat_width(model: nn.Module, d: float) -> None:
     """Set the threshold d of every reparameterization in ``model``."""
     d = _check_flat_width(d)
-    for reparam in _reparams(model):
+    for reparam in reparams(model):
         reparam.set_flat_width(d)
 
 
@@ -251,7 +253,7 @@ def get_flat_width(model: nn.Module) -> float:
     A model without reparameterizations, or whose layers hold different thresholds, is a
     ValueError.
     """
-    values = {float(r.flat_width) for r in _reparams(model)}
+    values = {float(r.flat_width) for r in reparams(model)}
     if not values:
         raise ValueError("model has no pruned layers; call sparsify first")
     if len(values) > 1:

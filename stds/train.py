@@ -29,10 +29,10 @@ from stds import checkpoint as ckpt
 from stds import distributed, loaders
 from stds.config import to_plain, validate
 from stds.errors import CheckpointError, ConfigError, NonFiniteLossError, StdsError
-from stds.gradr import attach_gradr_prior
+from stds.optim import build_optimization
 from stds.metrics import MetricsWriter, correct_topk, loss_fn
-from stds.schedule import flat_width_at
-from stds.sparse import pruned_parameters, set_flat_width, sparsify, sparsity
+from stds.schedule import ThresholdSchedule, build_threshold_schedule
+from stds.sparse import sparsify, sparsity
 from stds.synops import FiringRates, count_synops
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class Run:
     test_loader: torch.utils.data.DataLoader
     steps_per_epoch: int
     total_steps: int
+    threshold: ThresholdSchedule
     writer: MetricsWriter | None = None
 
     @property
@@ -78,7 +79,7 @@ class Run:
 
     def flat_width(self, step: int) -> float:
         """The threshold d after ``step`` optimizer steps."""
-        return flat_width_at(step, self.total_steps, self.cfg.flat_width, self.cfg.scheduler.kind)
+        return self.threshold.at(step)
 
 
 def _absolute_roots(cfg: DictConfig) -> None:
@@ -112,35 +113,15 @@ def _set_determinism(cfg: DictConfig, env: distributed.DistEnv) -> None:
         torch.backends.cudnn.benchmark = env.device.type == "cuda"
 
 
-def build_model(cfg: DictConfig, device: torch.device, total_steps: int) -> nn.Module:
+def build_model(cfg: DictConfig, device: torch.device, d0: float) -> nn.Module:
     """The model of ``cfg.model`` with the reparameterization of ``cfg.sparse`` registered."""
     model = instantiate(cfg.model)
     exclude = cfg.sparse.exclude
     if exclude is None:
         exclude = getattr(model, "prune_exclude", ())
-    d0 = flat_width_at(0, total_steps, cfg.flat_width, cfg.scheduler.kind)
     names = sparsify(model, str(cfg.sparse.method.value), flat_width=d0, exclude=tuple(exclude))
     log.info("pruned layers (%d): %s", len(names), ", ".join(names))
     return model.to(device)
-
-
-def _gradr_variant(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> str:
-    variant = cfg.gradr_variant.value
-    if variant != "auto":
-        return variant
-    adaptive = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
-    return "sign_preserving" if adaptive else "plain"
-
-
-def build_optimization(cfg: DictConfig, core: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
-    """Optimizer over all parameters, its learning-rate schedule, and the Grad R prior if α > 0."""
-    optimizer = instantiate(cfg.optimizer)(params=core.parameters())
-    lr_scheduler = instantiate(cfg.lr_scheduler)(optimizer=optimizer)
-    if cfg.alpha_gr > 0:
-        variant = _gradr_variant(cfg, optimizer)
-        attach_gradr_prior(optimizer, pruned_parameters(core).values(), cfg.alpha_gr, variant)
-        log.info("Grad R prior: alpha=%g, variant=%s", cfg.alpha_gr, variant)
-    return optimizer, lr_scheduler
 
 
 def build_run(cfg: DictConfig, env: distributed.DistEnv, run_dir: Path) -> Run:
@@ -162,7 +143,9 @@ def build_run(cfg: DictConfig, env: distributed.DistEnv, run_dir: Path) -> Run:
         )
     total_steps = steps_per_epoch * cfg.epochs
     torch.manual_seed(cfg.seed)
-    core = build_model(cfg, env.device, total_steps)
+    threshold = build_threshold_schedule(cfg, total_steps)
+    core = build_model(cfg, env.device, threshold.at(0))
+    threshold.attach(core)
     model = core
     if env.distributed:
         ids = [env.device.index] if env.device.type == "cuda" else None
@@ -170,7 +153,7 @@ def build_run(cfg: DictConfig, env: distributed.DistEnv, run_dir: Path) -> Run:
     optimizer, lr_scheduler = build_optimization(cfg, core)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and env.device.type == "cuda")
     return Run(cfg, env, run_dir, core, model, optimizer, lr_scheduler, scaler, train_loader,
-               test_loader, steps_per_epoch, total_steps)
+               test_loader, steps_per_epoch, total_steps, threshold)
 
 
 def _autocast(run: Run) -> contextlib.AbstractContextManager:
@@ -289,7 +272,7 @@ def train_epoch(run: Run, progress: Progress) -> dict[str, float]:
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), progress.step, first_bad)
         sums += torch.stack([loss.double() * labels.numel(), correct.double(), torch.tensor(
             float(labels.numel()), dtype=torch.float64, device=sums.device)])
-        set_flat_width(run.core, run.flat_width(progress.step))
+        run.threshold.step(progress.step)
         if progress.step % every == 0 or progress.batch_in_epoch == run.steps_per_epoch:
             if int(first_bad) >= 0:
                 _raise_non_finite(progress, int(first_bad))
@@ -421,7 +404,7 @@ def _write_error(run_dir: Path, exc: BaseException) -> None:
 def fit(run: Run) -> float:
     """Resume if possible, train the remaining epochs, write ``metrics.json``; the final top-1."""
     progress = resume(run)
-    set_flat_width(run.core, run.flat_width(progress.step))
+    run.threshold.step(progress.step)
     if run.env.is_main:
         run.writer = MetricsWriter(run.run_dir, purge_step=progress.step or None)
         run.writer.rewrite_history(progress.history)

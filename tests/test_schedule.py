@@ -80,10 +80,10 @@ def test_fraction_is_clipped() -> None:
 def test_threshold_schedule_sets_the_model() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
     sparsify(model, "stmod", 0.0)
-    schedule = ThresholdSchedule(model, final=0.5, total_steps=4, kind="linear")
+    schedule = ThresholdSchedule(final=0.5, total_steps=4, kind="linear").attach(model)
     assert schedule.step(1) == 0.125
     assert get_flat_width(model) == 0.125
     assert schedule.step(10) == 0.5
     assert get_flat_width(model) == 0.5
     with pytest.raises(ValueError, match="unknown schedule"):
-        ThresholdSchedule(model, final=0.5, total_steps=4, kind="nope")
+        ThresholdSchedule(final=0.5, total_steps=4, kind="nope")
