@@ -88,7 +88,7 @@ class ThresholdSchedule:
     """The one owner of a run's threshold d: the loop, the logs, the benchmark and the checkpoint ask it.
 
     Built from the config without the model (`at` gives d at any step, e.g. d at step 0 for
-    registering the reparameterizations), then `attach`\ ed to the sparsified model once; `step`
+    registering the reparameterizations), then attached to the sparsified model once; `step`
     sets d after every optimizer step on the reparameterizations found at attach time (no module
     walk per step, no write when d is unchanged). `d` is the value set last. Subclasses that
     depend on the weights (e.g. a target sparsity) override `step` and keep their state in
