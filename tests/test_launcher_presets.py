@@ -1,13 +1,21 @@
 """The SLURM launcher presets, composed from the real config and run through the real launcher
-class with submitit's executor mocked (no cluster needed); the sbatch script is rendered by submitit."""
+class with submitit's executor mocked; the sbatch script is rendered by submitit's own Slurm executor.
+
+No SLURM is needed: every test runs with the SLURM client tools hidden from PATH (so a laptop and the
+CI machine, which has a local cluster, run the same thing), and the rendering executor is told that
+`srun` exists, which is the only check it makes on the machine before writing the script.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import submitit
+from submitit.slurm.slurm import SlurmExecutor
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -15,6 +23,16 @@ from omegaconf import DictConfig
 from tests.conftest import compose_train
 
 SWEEP = ["flat_width=0.1", "flat_width=0.6", "flat_width=0.8"]
+SLURM_TOOLS = ("srun", "sbatch", "sinfo", "squeue", "scontrol", "scancel", "sacct")
+
+
+@pytest.fixture(autouse=True)
+def no_slurm_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drop every PATH directory holding a SLURM client tool: the tests must not depend on one."""
+    kept = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if not any(Path(d, tool).exists() for tool in SLURM_TOOLS)]
+    monkeypatch.setenv("PATH", os.pathsep.join(kept))
+    assert all(shutil.which(tool) is None for tool in SLURM_TOOLS)
 
 
 def _compose(tmp_path: Path, *overrides: str) -> DictConfig:
@@ -48,9 +66,12 @@ def _params(auto) -> dict:
 def _sbatch(tmp_path: Path, auto) -> str:
     """The job script submitit writes for the parameters the launcher asked for."""
     init = auto.call_args.kwargs
-    executor = submitit.AutoExecutor(
-        cluster="slurm", folder=tmp_path / "render", slurm_max_num_timeout=init["slurm_max_num_timeout"]
-    )
+    # SlurmExecutor refuses to be built unless `srun` is found (its `affinity`); rendering the script
+    # runs nothing on a cluster, so tell it srun is there (2 is what it returns when it is).
+    with mock.patch.object(SlurmExecutor, "affinity", return_value=2):
+        executor = submitit.AutoExecutor(
+            cluster="slurm", folder=tmp_path / "render", slurm_max_num_timeout=init["slurm_max_num_timeout"]
+        )
     executor.update_parameters(**_params(auto))
     return executor._executor._make_submission_file_text("python -u job.py", "uid")
 
