@@ -1,18 +1,21 @@
-"""The Grad R prior: after every optimizer step, shrink each pruned θ towards 0 by lr·α.
+"""The Grad R prior: at every optimizer step, move each pruned θ towards 0 by lr·α.
 
 Grad R (Gradient Rewiring) trains with a constant threshold μ (the flat width) and a prior that
 pulls the hidden parameters θ towards 0. Here the prior is attached to any ``torch.optim``
 optimizer through its step hooks, so every other parameter (BatchNorm, biases, unpruned heads) is
-optimised exactly as without it. With lr the current learning rate of θ's parameter group:
+optimised exactly as without it. With lr the current learning rate of θ's parameter group, s =
+sign(θ) taken just BEFORE the optimizer's update, and θ on the right the optimizer's result:
 
-- ``sign_preserving``: |θ| shrinks by lr·α and stops at 0, θ never changes sign
-  (θ ← sign(θ)·max(|θ| − lr·α, 0), applied to the θ the optimizer just produced);
-- ``plain``: θ ← θ − lr·α·sign(θ_before_step), with the sign taken before the optimizer's update.
+- ``sign_preserving`` (the published Adam rule): θ ← s·max(s·θ − lr·α, 0). |θ| shrinks by lr·α
+  and stops at 0; a θ that the optimizer's step carried across 0 is set to 0, and a θ at 0 before
+  the step stays at 0 (s = 0).
+- ``plain`` (the published SGD rule): θ ← θ − lr·α·s.
 
 Hooks run only inside ``optimizer.step()``; a step that an AMP ``GradScaler`` skips (inf/NaN
-gradients) never calls it, so θ is left untouched. The update is deterministic and in place, so
-under DDP every rank keeps identical parameters. θ without a gradient (skipped by the optimizer)
-is left alone. α = 0 attaches nothing.
+gradients) never calls them, so θ is left untouched. The update is deterministic and in place
+(the signs go into buffers reused from step to step; a tensor learning rate stays on its device,
+so nothing is read back to the host), and under DDP every rank keeps identical parameters. θ
+without a gradient (skipped by the optimizer) is left alone. α = 0 attaches nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 __all__ = ["VARIANTS", "GradRPrior", "attach_gradr_prior"]
 
 VARIANTS: tuple[str, ...] = ("sign_preserving", "plain")
-"""Grad R prior updates: ``sign_preserving`` (original Adam path), ``plain`` (original SGD path)."""
+"""Grad R prior updates: ``sign_preserving`` (published Adam rule), ``plain`` (published SGD rule)."""
 
 
 def _group_thetas(
@@ -71,8 +74,7 @@ class GradRPrior:
         self._signs: dict[int, Tensor] = {}
         self._handles: list[RemovableHandle] = []
         if self.alpha > 0:
-            if variant == "plain":
-                self._handles.append(optimizer.register_step_pre_hook(self._remember_signs))
+            self._handles.append(optimizer.register_step_pre_hook(self._remember_signs))
             self._handles.append(optimizer.register_step_post_hook(self._apply))
 
     @property
@@ -89,7 +91,7 @@ class GradRPrior:
 
     @torch.no_grad()
     def _remember_signs(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Pre-step hook of the ``plain`` variant: keep sign(θ) before the optimizer's update.
+        """Pre-step hook: keep s = sign(θ) before the optimizer's update (both variants use it).
 
         The signs go into buffers kept from step to step (one per θ), so no step allocates.
         """
@@ -103,26 +105,30 @@ class GradRPrior:
 
     @torch.no_grad()
     def _apply(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Post-step hook: shrink every updated θ by lr·α of its own parameter group."""
+        """Post-step hook: move every updated θ towards 0 by lr·α of its own parameter group."""
         for index, thetas in self._groups:
             amount = optimizer.param_groups[index]["lr"] * self.alpha
             for theta in thetas:
                 if theta.grad is None:
                     continue
+                signs = self._signs[id(theta)]
                 if self.variant == "sign_preserving":
-                    _shrink_towards_zero(theta.data, amount)
-                elif isinstance(amount, Tensor):
-                    theta.data.sub_(self._signs[id(theta)] * amount)
+                    _shrink_without_crossing(theta.data, signs, amount)
+                elif isinstance(amount, Tensor):  # θ −= s·amount; s is rewritten next step
+                    theta.data.sub_(signs.mul_(amount))
                 else:
-                    theta.data.add_(self._signs[id(theta)], alpha=-amount)
+                    theta.data.add_(signs, alpha=-amount)
 
 
-def _shrink_towards_zero(theta: Tensor, amount: float | Tensor) -> None:
-    """θ ← sign(θ)·max(|θ| − amount, 0), in place (one fused pass for a host number)."""
-    if isinstance(amount, Tensor):  # a tensor learning rate: stay on its device
-        theta.sub_(theta.clamp(-amount, amount))
-    else:
-        torch._C._nn.softshrink(theta, amount, out=theta)  # F.softshrink, written into θ
+def _shrink_without_crossing(theta: Tensor, signs: Tensor, amount: float | Tensor) -> None:
+    """θ ← s·max(s·θ − amount, 0) in place, s = ``signs`` (sign(θ) before the optimizer's step).
+
+    Four in-place passes, no allocation; a tensor ``amount`` is used where it lies (no host read).
+    ``F.softshrink`` (sign(θ)·max(|θ| − amount, 0)) is not this rule: it takes the sign after the
+    step, so a θ that the step carried across 0 would keep its new sign, and a θ at 0 that the
+    step moved would not be held at 0. (It was also only reachable in place through a private op.)
+    """
+    theta.mul_(signs).sub_(amount).clamp_(min=0).mul_(signs)
 
 
 def attach_gradr_prior(

@@ -12,29 +12,37 @@ from torch import nn
 from stds.gradr import attach_gradr_prior
 from stds.sparse import pruned_parameters, sparsify
 
-THETA0 = [0.30, -0.20, 0.02, -0.04, 0.12]
+THETA0 = [0.33, -0.20, 0.02, -0.04, 0.12]
 LR = 0.1
 ALPHA = 0.5  # lr·α = 0.05
+STEPS = 3
 
 # Adam with eps = 0 and a constant gradient g moves θ by exactly lr·sign(g) every step.
 ADAM_GRAD = [1.0, -1.0, -1.0, 1.0, 1.0]
-# SGD moves θ by lr·g = [0.05, -0.10, -0.20, 0.10, 0.05] every step.
+# SGD moves θ by -lr·g = [-0.05, 0.10, 0.20, -0.10, -0.05] every step.
 SGD_GRAD = [0.5, -1.0, -2.0, 1.0, 0.5]
 
+# The published rules, s = sign(θ) before each optimizer step:
+#   sign_preserving: θ ← s·max(s·θ_opt − 0.05, 0);   plain: θ ← θ_opt − 0.05·s
 EXPECTED = {
-    # Adam step 1: [0.20, -0.10, 0.12, -0.14, 0.02]; shrink |θ| by 0.05, stop at 0:
-    #   [0.15, -0.05, 0.07, -0.09, 0.00]
-    # Adam step 2: [0.05, 0.05, 0.17, -0.19, -0.10]; shrink: [0, 0, 0.12, -0.14, -0.05]
-    ("adam", "sign_preserving"): [0.0, 0.0, 0.12, -0.14, -0.05],
-    # step 1: subtract 0.05·sign(θ0) = [+, -, +, -, +]: [0.15, -0.05, 0.07, -0.09, -0.03]
-    # step 2: Adam gives [0.05, 0.05, 0.17, -0.19, -0.13]; sign before = [+, -, +, -, -]
-    ("adam", "plain"): [0.0, 0.10, 0.12, -0.14, -0.08],
-    # SGD step 1: [0.25, -0.10, 0.22, -0.14, 0.07]; shrink: [0.20, -0.05, 0.17, -0.09, 0.02]
-    # SGD step 2: [0.15, 0.05, 0.37, -0.19, -0.03]; shrink: [0.10, 0, 0.32, -0.14, 0]
-    ("sgd", "sign_preserving"): [0.10, 0.0, 0.32, -0.14, 0.0],
-    # step 1 as above (no sign changes); step 2: SGD gives [0.15, 0.05, 0.37, -0.19, -0.03],
-    # sign before = [+, -, +, -, +]
-    ("sgd", "plain"): [0.10, 0.10, 0.32, -0.14, -0.08],
+    # Adam 1: θ_opt [0.23, -0.10, 0.12, -0.14, 0.02], s [+, -, +, -, +] -> [0.18, -0.05, 0.07, -0.09, 0]
+    # Adam 2: θ_opt [0.08, 0.05, 0.17, -0.19, -0.10], s [+, -, +, -, 0] -> [0.03, 0, 0.12, -0.14, 0]
+    #   (θ1 crossed 0: set to 0; θ4 was at 0: stays at 0)
+    # Adam 3: θ_opt [-0.07, 0.10, 0.22, -0.24, -0.10], s [+, 0, +, -, 0] -> [0, 0, 0.17, -0.19, 0]
+    # (shrinking θ_opt by |·| − 0.05, the old rule, ends at [-0.02, 0.05, 0.17, -0.19, -0.10])
+    ("adam", "sign_preserving"): [0.0, 0.0, 0.17, -0.19, 0.0],
+    # Adam 1: θ_opt as above, −0.05·[+, -, +, -, +] -> [0.18, -0.05, 0.07, -0.09, -0.03]
+    # Adam 2: θ_opt [0.08, 0.05, 0.17, -0.19, -0.13], s [+, -, +, -, -] -> [0.03, 0.10, 0.12, -0.14, -0.08]
+    # Adam 3: θ_opt [-0.07, 0.20, 0.22, -0.24, -0.18], s [+, +, +, -, -]
+    ("adam", "plain"): [-0.12, 0.15, 0.17, -0.19, -0.13],
+    # SGD 1: θ_opt [0.28, -0.10, 0.22, -0.14, 0.07], s [+, -, +, -, +] -> [0.23, -0.05, 0.17, -0.09, 0.02]
+    # SGD 2: θ_opt [0.18, 0.05, 0.37, -0.19, -0.03], s [+, -, +, -, +] -> [0.13, 0, 0.32, -0.14, 0]
+    # SGD 3: θ_opt [0.08, 0.10, 0.52, -0.24, -0.05], s [+, 0, +, -, 0] -> [0.03, 0, 0.47, -0.19, 0]
+    # (the old rule ends at [0.03, 0.05, 0.47, -0.19, 0])
+    ("sgd", "sign_preserving"): [0.03, 0.0, 0.47, -0.19, 0.0],
+    # SGD 1 as above (no sign changes); SGD 2: θ_opt [0.18, 0.05, 0.37, -0.19, -0.03],
+    # s [+, -, +, -, +] -> [0.13, 0.10, 0.32, -0.14, -0.08]; SGD 3: θ_opt [0.08, 0.20, 0.52, -0.24, -0.13]
+    ("sgd", "plain"): [0.03, 0.15, 0.47, -0.19, -0.08],
 }
 
 
@@ -52,16 +60,30 @@ def linear_step(theta: nn.Parameter, grad: torch.Tensor, optimizer: torch.optim.
 
 @pytest.mark.parametrize("lr", [LR, torch.tensor(LR)], ids=["lr_number", "lr_tensor"])
 @pytest.mark.parametrize(("opt_kind", "variant"), sorted(EXPECTED))
-def test_two_steps_by_hand(opt_kind: str, variant: str, lr: float | torch.Tensor) -> None:
+def test_three_steps_by_hand(opt_kind: str, variant: str, lr: float | torch.Tensor) -> None:
     theta = nn.Parameter(torch.tensor(THETA0))
     grad = torch.tensor(ADAM_GRAD if opt_kind == "adam" else SGD_GRAD)
     optimizer = make_optimizer(opt_kind, [theta], lr)
     prior = attach_gradr_prior(optimizer, [theta], ALPHA, variant)
     assert prior.active
-    for _ in range(2):
+    for _ in range(STEPS):
         linear_step(theta, grad, optimizer)
     expected = torch.tensor(EXPECTED[(opt_kind, variant)])
     torch.testing.assert_close(theta.detach(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("lr", [0.01, torch.tensor(0.01)], ids=["lr_number", "lr_tensor"])
+def test_adam_step_that_flips_or_starts_at_zero_gives_zero(lr: float | torch.Tensor) -> None:
+    """One default Adam step with gradient +1 moves every θ by -0.01 (m̂/√v̂ = 1, eps 1e-8):
+    θ_opt = [-0.0099, -0.01, -0.007, 0.49]; s = [+, 0, +, +]; lr·α = 0.005;
+    θ = s·max(s·θ_opt − 0.005, 0) = [0, 0, 0, 0.485]
+    (sign(θ_opt)·max(|θ_opt| − 0.005, 0) would be [-0.0049, -0.005, -0.002, 0.485])."""
+    theta = nn.Parameter(torch.tensor([1e-4, 0.0, 3e-3, 0.5]))
+    optimizer = torch.optim.Adam([theta], lr=lr)
+    attach_gradr_prior(optimizer, [theta], 0.5, "sign_preserving")
+    linear_step(theta, torch.ones(4), optimizer)
+    assert theta[:3].tolist() == [0.0, 0.0, 0.0]
+    assert theta[3].item() == pytest.approx(0.485, abs=1e-6)
 
 
 def test_sign_preserving_never_flips_sign_of_the_prior() -> None:
@@ -98,10 +120,13 @@ def test_parameter_without_gradient_is_left_alone() -> None:
     assert b.item() == 1.0
 
 
+@pytest.mark.parametrize("opt_kind", ["adam", "sgd"])
 @pytest.mark.parametrize("variant", ["sign_preserving", "plain"])
-def test_step_skipped_by_grad_scaler_leaves_theta(variant: str) -> None:
+def test_step_skipped_by_grad_scaler_leaves_theta(variant: str, opt_kind: str) -> None:
     theta = nn.Parameter(torch.tensor(THETA0))
-    optimizer = torch.optim.SGD([theta], lr=LR)
+    # Adam with its default eps: a zero gradient gives a zero update (0 / (0 + eps))
+    optim_cls = torch.optim.Adam if opt_kind == "adam" else torch.optim.SGD
+    optimizer = optim_cls([theta], lr=LR)
     attach_gradr_prior(optimizer, [theta], ALPHA, variant)
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
 
@@ -114,11 +139,11 @@ def test_step_skipped_by_grad_scaler_leaves_theta(variant: str) -> None:
 
     optimizer.zero_grad()
     scaler.scale((torch.zeros(5) * theta).sum()).backward()
-    scaler.step(optimizer)  # finite: SGD does nothing, the prior shrinks |θ| by 0.05
+    scaler.step(optimizer)  # finite, zero gradient: the optimizer does nothing, the prior moves θ by 0.05
     if variant == "sign_preserving":
-        expected = [0.25, -0.15, 0.0, 0.0, 0.07]
+        expected = [0.28, -0.15, 0.0, 0.0, 0.07]
     else:
-        expected = [0.25, -0.15, -0.03, 0.01, 0.07]
+        expected = [0.28, -0.15, -0.03, 0.01, 0.07]
     torch.testing.assert_close(theta.detach(), torch.tensor(expected), rtol=0, atol=1e-7)
 
 
@@ -160,9 +185,9 @@ def test_touches_only_pruned_theta(opt_cls: type[torch.optim.Optimizer]) -> None
     theta_keys = {"0.parametrizations.weight.original", "4.parametrizations.weight.original"}
     params_plain = dict(plain.named_parameters())
     for name, param in with_prior.named_parameters():
-        if name in theta_keys:  # the optimizer's θ with |θ| shrunk by lr·α = 0.02
-            shrunk = params_plain[name].detach()
-            shrunk = torch.sign(shrunk) * (shrunk.abs() - 0.02).clamp(min=0)
+        if name in theta_keys:  # the optimizer's θ moved towards 0 by lr·α = 0.02, not across it
+            signs = torch.sign(initial[name].detach())
+            shrunk = signs * (signs * params_plain[name].detach() - 0.02).clamp(min=0)
             torch.testing.assert_close(param.detach(), shrunk, rtol=0, atol=1e-7)
         else:  # BatchNorm, biases and the head are trained, exactly as without the prior
             assert torch.equal(param, params_plain[name]), name
