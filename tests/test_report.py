@@ -32,12 +32,14 @@ sparse:
   exclude: null
 scheduler:
   kind: {schedule}
+  ramp: sine
 optimizer:
   _target_: torch.optim.Adam
   _partial_: true
   lr: ${{lr}}
 flat_width: {D}
 alpha_gr: {alpha}
+target_sparsity: {S}
 T: {T}
 epochs: {epochs}
 lr: 0.001
@@ -46,15 +48,15 @@ lr: 0.001
 
 def make_run(
     run_dir: Path, *, method: str = "stmod", schedule: str = "sine", D: float = 1.0,
-    alpha: float = 0.0, T: int = 8, epochs: int = 3, dataset: str = "cifar10",
+    alpha: float = 0.0, S: float = 0.9, T: int = 8, epochs: int = 3, dataset: str = "cifar10",
     model: str = "CIFAR10Net", history: list[dict] | None = None, final: dict | None = None,
     error: str | None = None, overrides: tuple[str, ...] = (),
 ) -> Path:
     """A run directory as `stds.train` leaves it (only the files the report reads)."""
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "config.yaml").write_text(CONFIG.format(
-        dataset=dataset, model=model, method=method, schedule=schedule, D=D, alpha=alpha, T=T,
-        epochs=epochs))
+        dataset=dataset, model=model, method=method, schedule=schedule, D=D, alpha=alpha, S=S,
+        T=T, epochs=epochs))
     (run_dir / ".hydra" / "overrides.yaml").write_text(
         "".join(f"- {o}\n" for o in overrides) or "[]\n")
     if history:
@@ -80,7 +82,7 @@ def final_of(history: list[dict], planned: int) -> dict:
             "sparsity": last["sparsity"], "sparsity_layers": {}, "synops": last["synops"],
             "first_layer_macs": last["first_layer_macs"], "firing_rates": last["firing_rates"],
             "epoch": last["epoch"], "epochs_planned": planned, "step": last["step"],
-            "flat_width": 1.0}
+            "d": 1.0, "warnings": []}
 
 
 def finished_run(run_dir: Path, accs: list[float], sparsity: float, **config) -> Path:
@@ -96,7 +98,8 @@ def sweep(tmp_path: Path) -> Path:
     root = tmp_path / "multirun"
     finished_run(root / "0", [0.5, 0.8, 0.7], 0.9, D=2.0, overrides=("flat_width=2",))
     finished_run(root / "1", [0.6, 0.9, 0.85], 0.5, D=1.0, overrides=("flat_width=1",))
-    make_run(root / "2", D=3.0, epochs=5, history=[epoch(1, 0.4, 0.95), epoch(2, 0.3, 0.97)])
+    make_run(root / "2", D=3.0, epochs=5,
+             history=[epoch(1, 0.4, 0.95, d=0.1), epoch(2, 0.3, 0.97, d=0.25)])
     make_run(root / "10", D=4.0, history=[epoch(1, 0.2, 0.99)],
              error="NonFiniteLossError: the loss became NaN or inf at epoch 2, step 20 | lower lr")
     finished_run(root / "nested" / "0", [0.92], 0.0, method="identity", schedule="constant")
@@ -128,24 +131,27 @@ def test_finished_running_failed_and_empty_runs(sweep):
     finished = read_run(sweep / "0")
     assert (finished.status, finished.method, finished.flat_width, finished.T) == (
         "finished", "STDS-sine", 2.0, 8)
-    assert (finished.epochs_done, finished.epochs_planned) == (3, 3)
-    assert (finished.top1_final, finished.top1_best, finished.top5) == (0.7, 0.8, 0.75)
+    assert finished.target_sparsity is None  # only scheduler=target runs have one
+    assert (finished.epoch, finished.epochs_planned) == (3, 3)
+    assert (finished.test_acc1, finished.best_test_acc1, finished.test_acc5) == (0.7, 0.8, 0.75)
+    assert (finished.best_epoch, finished.d) == (2, 1.0)
     assert finished.sparsity == 0.9 and finished.connectivity == 1 - 0.9
     assert finished.synops == 3000.0 and finished.first_layer_macs == 500.0
     assert finished.firing_rate_mean == pytest.approx(0.2)
     assert finished.overrides == ["flat_width=2"]
 
     running = read_run(sweep / "2")
-    assert (running.status, running.epochs_done, running.epochs_planned) == ("running", 2, 5)
-    assert (running.top1_final, running.top1_best, running.sparsity) == (0.3, 0.4, 0.97)
+    assert (running.status, running.epoch, running.epochs_planned) == ("running", 2, 5)
+    assert (running.test_acc1, running.best_test_acc1, running.sparsity) == (0.3, 0.4, 0.97)
+    assert (running.best_epoch, running.d) == (1, 0.25)  # d of the last line
 
     failed = read_run(sweep / "10")
-    assert failed.status == "failed" and failed.epochs_done == 1
+    assert failed.status == "failed" and failed.epoch == 1
     assert failed.error.startswith("NonFiniteLossError: the loss became NaN")
 
     empty = read_run(sweep / "nested" / "1")
-    assert (empty.status, empty.method, empty.epochs_done) == ("running", "st-linear", 0)
-    assert empty.top1_final is None and empty.sparsity is None and empty.connectivity is None
+    assert (empty.status, empty.method, empty.epoch) == ("running", "st-linear", 0)
+    assert empty.test_acc1 is None and empty.sparsity is None and empty.connectivity is None
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -161,27 +167,33 @@ def test_report_table_values(sweep):
         "nested/0", "1", "0", "2", "10", "nested/inner/0", "nested/1"]
     dense, d1, d2 = rows[0], rows[1], rows[2]
     assert (dense["method"], dense["sparsity"], dense["connectivity"]) == ("dense", "0.0", "1.0")
-    assert dense["D"] == ""  # the threshold does nothing in a dense run
-    assert (d1["method"], d1["D"], d1["alpha"], d1["T"]) == ("STDS-sine", "1.0", "0.0", "8")
-    assert (d1["top1_final"], d1["top1_best"], d1["top5"]) == ("0.85", "0.9", "0.9")
-    assert (d1["sparsity"], d1["connectivity"]) == ("0.5", "0.5")
-    assert (d1["epochs_done"], d1["epochs_planned"], d1["status"]) == ("3", "3", "finished")
+    assert dense["flat_width"] == ""  # the threshold does nothing in a dense run
+    assert (d1["method"], d1["flat_width"], d1["alpha_gr"], d1["T"]) == ("STDS-sine", "1.0", "0.0", "8")
+    assert (d1["test_acc1"], d1["best_test_acc1"], d1["test_acc5"]) == ("0.85", "0.9", "0.9")
+    assert (d1["sparsity"], d1["connectivity"], d1["d"], d1["best_epoch"]) == ("0.5", "0.5", "1.0", "2")
+    assert (d1["epoch"], d1["epochs_planned"], d1["status"]) == ("3", "3", "finished")
     assert (d2["synops"], d2["first_layer_macs"]) == ("3000.0", "500.0")
     assert json.loads(d2["firing_rates"]) == {"features.0": 0.1, "features.3": 0.3}
-    assert rows[5]["method"] == "Grad R" and rows[5]["alpha"] == "0.0001"
+    assert d2["firing_rate_mean"] == str((0.1 + 0.3) / 2)
+    assert rows[5]["method"] == "Grad R" and rows[5]["alpha_gr"] == "0.0001"
     assert rows[4]["status"] == "failed" and "NaN" in rows[4]["error"]
-    assert rows[6]["top1_final"] == "" and rows[6]["epochs_done"] == "0"
+    assert rows[6]["test_acc1"] == "" and rows[6]["epoch"] == "0"
+    assert rows[6]["target_sparsity"] == "" and rows[6]["warnings"] == ""
 
     md = paths["md"].read_text()
     assert "7 runs: 4 finished, 2 running, 1 failed." in md
-    assert ("| 1 | cifar10 | CIFAR10Net | STDS-sine | 1 | 0 | 8 | 3/3 | 85.00% | 90.00% "
-            "| 90.00% | 50.00% | 50.00% | 3k | 500 | 0.2000 | finished |") in md
-    assert ("| 2 | cifar10 | CIFAR10Net | STDS-sine | 3 | 0 | 8 | 2/5 | 30.00% | 40.00% "
-            "| 35.00% | 97.00% | 3.00% | 2k | 500 | 0.2000 | running |") in md
+    assert ("| run | dataset | model | method | flat_width | alpha_gr | T | epoch | epochs_planned "
+            "| test_acc1 | best_test_acc1 | test_acc5 | sparsity | connectivity | d | synops "
+            "| first_layer_macs | firing_rate_mean | status |") in md  # no target_sparsity run
+    assert ("| 1 | cifar10 | CIFAR10Net | STDS-sine | 1 | 0 | 8 | 3 | 3 | 85.00% | 90.00% "
+            "| 90.00% | 50.00% | 50.00% | 1 | 3k | 500 | 0.2000 | finished |") in md
+    assert ("| 2 | cifar10 | CIFAR10Net | STDS-sine | 3 | 0 | 8 | 2 | 5 | 30.00% | 40.00% "
+            "| 35.00% | 97.00% | 3.00% | 0.25 | 2k | 500 | 0.2000 | running |") in md
     assert "failed: NonFiniteLossError: the loss became NaN or inf at epoch 2, step 20 \\| lower lr |" in md
-    assert "| nested/1 | cifar10 | CIFAR10Net | st-linear | 0.5 | 0 | 8 | 0/3 | - | - |" in md
-    assert "D=3: 91.64% at 98.60%" in md  # the published points for CIFAR-10 / CIFAR10Net
+    assert "| nested/1 | cifar10 | CIFAR10Net | st-linear | 0.5 | 0 | 8 | 0 | 3 | - | - |" in md
+    assert "flat_width=3: 91.64% at 98.60%" in md  # the published points for CIFAR-10 / CIFAR10Net
     assert "- `0`: features.0 0.1000, features.3 0.3000" in md
+    assert "top1" not in md and "top-1" not in md and "Warnings" not in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(paths["png"])
     assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 600
@@ -221,7 +233,7 @@ def test_truncated_metrics_line_is_skipped(tmp_path):
     with (run / "metrics.jsonl").open("a") as handle:
         handle.write('{"epoch": 2, "test_ac')
     record = read_run(run)
-    assert (record.epochs_done, record.top1_final) == (1, 0.5)
+    assert (record.epoch, record.test_acc1) == (1, 0.5)
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess:
@@ -241,3 +253,151 @@ def test_entrypoint_errors_are_one_line(tmp_path):
     done = _launch(str(tmp_path / "missing"))
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("Error: ")
+
+
+def test_old_run_dirs_with_flat_width_for_the_threshold_now(tmp_path):
+    """Before the rename, metrics files named the threshold now ``flat_width``; it is read as d."""
+    running = make_run(tmp_path / "0", D=2.0, history=[epoch(1, 0.5, 0.6, flat_width=0.75)])
+    old_final = final_of([epoch(1, 0.5, 0.6)], 1)
+    del old_final["d"]
+    finished = make_run(tmp_path / "1", D=2.0, history=[epoch(1, 0.5, 0.6, flat_width=2.0)],
+                        final={**old_final, "flat_width": 2.0})
+    assert (read_run(running).d, read_run(running).flat_width) == (0.75, 2.0)
+    assert read_run(finished).d == 2.0
+    new = make_run(tmp_path / "2", history=[epoch(1, 0.5, 0.6, d=0.5, flat_width=9.0)])
+    assert read_run(new).d == 0.5  # the new name wins
+
+
+def test_warnings_are_listed_under_the_table(tmp_path):
+    history = [epoch(1, 0.1, 1.0)]
+    final = {**final_of(history, 1), "warnings": [
+        "every weight is pruned (sparsity 100%); lower flat_width", "test_acc1 is at chance"]}
+    make_run(tmp_path / "0", history=history, final=final)
+    finished_run(tmp_path / "1", [0.9], 0.5)
+    paths = write_report(collect_runs([tmp_path]), tmp_path)
+    md = paths["md"].read_text()
+    table_end = md.index("## Warnings")
+    assert "| 0 | cifar10" in md[:table_end]
+    assert ("## Warnings\n\n- `0`: every weight is pruned (sparsity 100%); lower flat_width\n"
+            "- `0`: test_acc1 is at chance\n") in md
+    rows = {r["run"]: r for r in _rows(paths["csv"])}
+    assert json.loads(rows["0"]["warnings"]) == final["warnings"] and rows["1"]["warnings"] == ""
+
+
+def _lines_by_label(ax) -> dict[str, object]:
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_target_sparsity_runs_are_their_own_method_beside_a_d_sweep(tmp_path):
+    for n, (S, sparsity, acc) in enumerate([(0.95, 0.951, 0.80), (0.8, 0.802, 0.90), (0.9, 0.899, 0.86)]):
+        finished_run(tmp_path / "target" / str(n), [acc], sparsity, schedule="target", S=S, D=1.0)
+    finished_run(tmp_path / "d" / "0", [0.91], 0.7, D=0.5)
+    finished_run(tmp_path / "d" / "1", [0.84], 0.93, D=1.5)
+    runs = collect_runs([tmp_path])
+    paths = write_report(runs, tmp_path)
+    rows = _rows(paths["csv"])
+    assert [(r["method"], r["target_sparsity"], r["flat_width"]) for r in rows] == [
+        ("STDS-sine", "", "0.5"), ("STDS-sine", "", "1.5"),
+        ("STDS-target", "0.8", "1.0"), ("STDS-target", "0.9", "1.0"), ("STDS-target", "0.95", "1.0")]
+    md = paths["md"].read_text()
+    assert "| flat_width | alpha_gr | target_sparsity | T |" in md
+    assert "| target/1 | cifar10 | CIFAR10Net | STDS-target | 1 | 0 | 80.00% | 8 |" in md
+    assert "| d/0 | cifar10 | CIFAR10Net | STDS-sine | 0.5 | 0 | - | 8 |" in md
+
+    from stds.report import figure
+
+    fig = figure(runs)
+    assert len(fig.axes) == 1  # one (dataset, model): both sweeps in one panel
+    lines = _lines_by_label(fig.axes[0])
+    target, sine = lines["STDS-target"], lines["STDS-sine"]
+    # points sorted by connectivity = 1 - sparsity, in percent
+    assert list(target.get_xdata()) == pytest.approx([100 * (1 - s) for s in (0.951, 0.899, 0.802)])
+    assert list(target.get_ydata()) == pytest.approx([80.0, 86.0, 90.0])
+    assert list(sine.get_xdata()) == pytest.approx([7.0, 30.0])
+    labels = {t.get_text() for t in fig.axes[0].texts}
+    assert {"target_sparsity=0.8", "target_sparsity=0.95", "flat_width=0.5"} <= labels
+    assert fig.axes[0].get_ylabel() == "test_acc1 [%]"
+
+
+def test_runs_at_zero_connectivity_sit_on_the_axis_floor_and_are_listed(tmp_path):
+    digits = {"dataset": "digits", "model": "DigitsNet"}
+    finished_run(tmp_path / "0", [0.95], 0.6, D=0.1, **digits)
+    finished_run(tmp_path / "1", [0.9], 0.95, D=0.3, **digits)
+    finished_run(tmp_path / "2", [0.1], 1.0, D=0.4, **digits)
+    make_run(tmp_path / "3", D=0.5, epochs=4, history=[epoch(1, 0.12, 1.0)], **digits)
+    runs = collect_runs([tmp_path])
+    md = write_report(runs, tmp_path)["md"].read_text()
+    assert ("Runs at 0% connectivity (every weight pruned) have no place on the log axis; the plot "
+            "draws them at its left edge as triangles (◀): `2` (STDS-sine, flat_width=0.4: "
+            "test_acc1 10.00%, finished), `3` (STDS-sine, flat_width=0.5: test_acc1 12.00%, "
+            "running).") in md
+
+    from stds.report import FLOOR_LABEL, figure
+
+    ax = figure(runs).axes[0]
+    floor = ax.get_xlim()[0]
+    # the limits come from the positive connectivities 40% and 5% alone: [5/1.5, 40*1.5]
+    assert ax.get_xlim() == pytest.approx((5 / 1.5, 40 * 1.5))
+    marks = [line for line in ax.get_lines() if line.get_marker() == "<"]
+    assert [(line.get_xdata()[0], line.get_ydata()[0]) for line in marks] == pytest.approx(
+        [(floor, 10.0), (floor, 12.0)])
+    assert marks[0].get_markerfacecolor() != "white" and marks[1].get_markerfacecolor() == "white"
+    assert marks[0].get_label() == FLOOR_LABEL
+    assert FLOOR_LABEL in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert list(_lines_by_label(ax)["STDS-sine"].get_xdata()) == pytest.approx([5.0, 40.0])
+
+
+def _hydra_yaml(run_dir: Path, job_id: str, sweep_dir: str) -> None:
+    (run_dir / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n"
+        f"  sweep:\n    dir: '{sweep_dir}'\n    subdir: ${{hydra.job.num}}\n"
+        "  launcher:\n    submitit_folder: ${hydra.sweep.dir}/.submitit/%j\n"
+        f"  job:\n    id: '{job_id}'\n    num: 0\n"
+        f"  runtime:\n    cwd: {run_dir.parent}\n")
+
+
+def _job_result(sweep: Path, job_id: str, outcome: tuple) -> None:
+    import pickle
+
+    folder = sweep / ".submitit" / job_id
+    folder.mkdir(parents=True)
+    (folder / f"{job_id}_0_log.err").write_text("")
+    if outcome:
+        (folder / f"{job_id}_0_result.pkl").write_bytes(pickle.dumps(outcome))
+
+
+def test_a_run_whose_submitit_job_ended_without_metrics_is_failed(tmp_path):
+    """No metrics.json and no error.txt: the job's result pickle says whether and why it failed."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from stds.errors import ConfigError
+
+    sweep = tmp_path / "sweep"
+    message = "flat_width=-1.0 must be >= 0;\n set flat_width=<value> with value >= 0"
+    caught = JobReturn(overrides=["flat_width=-1"], status=JobStatus.FAILED,
+                       _return_value=ConfigError(message))
+    cases = {  # run dir -> (job id, the job's result)
+        "0": ("101", ("success", caught)),  # Hydra caught the task's exception
+        "1": ("102", ("error", "Traceback (most recent call last):\n  File \"x\", line 1\n"
+                               "torch.OutOfMemoryError: CUDA out of memory\n\n")),
+        "2": ("103", ()),  # still running: no result yet
+        "3": ("104", ("success", JobReturn(status=JobStatus.COMPLETED, _return_value=0.5))),
+    }
+    for name, (job_id, outcome) in cases.items():
+        make_run(sweep / name)
+        # a sweep dir with ${now:...} does not resolve here: the job folder is found beside the run
+        _hydra_yaml(sweep / name, job_id, "outputs/multirun/${now:%Y-%m-%d}" if name == "0" else str(sweep))
+        _job_result(sweep, job_id, outcome)
+    records = {r.path.name: r for r in collect_runs([sweep])}
+    assert (records["0"].status, records["0"].error) == (
+        "failed", "ConfigError: flat_width=-1.0 must be >= 0; set flat_width=<value> with value >= 0")
+    assert (records["1"].status, records["1"].error) == ("failed", "OutOfMemoryError: CUDA out of memory")
+    assert (records["2"].status, records["2"].error) == ("running", "")
+    assert records["3"].status == "failed"
+    assert records["3"].error.startswith("the job ended without writing metrics.json; see ")
+    assert records["3"].error.endswith("104_0_log.err")
+    # error.txt, when the run wrote one, is the reason shown
+    (sweep / "1" / "error.txt").write_text("RuntimeError: from the run\n")
+    assert read_run(sweep / "1").error == "RuntimeError: from the run"
+    md = write_report(collect_runs([sweep]), sweep)["md"].read_text()
+    assert "4 runs: 0 finished, 1 running, 3 failed." in md
