@@ -304,7 +304,9 @@ def _config_fields(cfg: DictConfig | None) -> dict[str, Any]:
         "dataset": _short_target(_select(cfg, "dataset._target_")),
         "model": _short_target(_select(cfg, "model._target_")),
         "method": method, "alpha_gr": alpha,
-        "flat_width": None if method == "dense" else _number(_select(cfg, "flat_width")),
+        # dense runs have no threshold; target runs choose d from target_sparsity, not D
+        "flat_width": (None if method == "dense" or schedule == "target"
+                       else _number(_select(cfg, "flat_width"))),
         "target_sparsity": (_number(_select(cfg, "target_sparsity"))
                             if schedule == "target" and method != "dense" else None),
         "T": None if T is None else int(T),

@@ -298,10 +298,10 @@ def test_target_sparsity_runs_are_their_own_method_beside_a_d_sweep(tmp_path):
     rows = _rows(paths["csv"])
     assert [(r["method"], r["target_sparsity"], r["flat_width"]) for r in rows] == [
         ("STDS-sine", "", "0.5"), ("STDS-sine", "", "1.5"),
-        ("STDS-target", "0.8", "1.0"), ("STDS-target", "0.9", "1.0"), ("STDS-target", "0.95", "1.0")]
+        ("STDS-target", "0.8", ""), ("STDS-target", "0.9", ""), ("STDS-target", "0.95", "")]
     md = paths["md"].read_text()
     assert "| flat_width | alpha_gr | target_sparsity | T |" in md
-    assert "| target/1 | cifar10 | CIFAR10Net | STDS-target | 1 | 0 | 80.00% | 8 |" in md
+    assert "| target/1 | cifar10 | CIFAR10Net | STDS-target | - | 0 | 80.00% | 8 |" in md  # D unused
     assert "| d/0 | cifar10 | CIFAR10Net | STDS-sine | 0.5 | 0 | - | 8 |" in md
 
     from stds.report import figure
