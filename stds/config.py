@@ -44,6 +44,14 @@ class GradRVariant(str, Enum):
     plain = "plain"
 
 
+class GradROptimize(str, Enum):
+    """What the optimizer trains under Grad R: ``all`` parameters, or only the ``pruned`` θ
+    (the published baseline: BatchNorm, biases and unpruned layers keep their initial values)."""
+
+    all = "all"
+    pruned = "pruned"
+
+
 @dataclass
 class SparseConfig:
     method: SparseMethod = SparseMethod.stmod
@@ -88,6 +96,7 @@ class TrainConfig:
     flat_width: Optional[float] = 0.5
     alpha_gr: Optional[float] = 0.0
     gradr_variant: GradRVariant = GradRVariant.auto
+    gradr_optimize: GradROptimize = GradROptimize.all
     T: int = 4
     epochs: int = 30
     batch_size: int = 32
@@ -131,9 +140,25 @@ def _check_method(cfg: DictConfig) -> None:
     if cfg.scheduler.kind not in SCHEDULES:
         valid = ", ".join(sorted(SCHEDULES))
         raise ConfigError(f"scheduler.kind={cfg.scheduler.kind!r} is not valid; use one of {valid}")
+    if cfg.gradr_optimize == GradROptimize.pruned:
+        _check_gradr_pruned_only(cfg)
     if cfg.alpha_gr > 0 and cfg.sparse.method == SparseMethod.identity:
         raise ConfigError(
             f"alpha_gr={cfg.alpha_gr} needs a pruning method; set sparse=stmod (Grad R) or alpha_gr=0"
+        )
+
+
+def _check_gradr_pruned_only(cfg: DictConfig) -> None:
+    """``gradr_optimize=pruned`` trains only pruned θ under the Grad R prior: both must exist."""
+    if cfg.sparse.method == SparseMethod.identity:
+        raise ConfigError(
+            "gradr_optimize=pruned trains only pruned weights and sparse=identity prunes none; "
+            "set sparse=stmod or gradr_optimize=all"
+        )
+    if cfg.alpha_gr == 0:
+        raise ConfigError(
+            "gradr_optimize=pruned is the published Grad R baseline and alpha_gr=0 turns Grad R off; "
+            "set alpha_gr=<alpha> > 0 or gradr_optimize=all"
         )
 
 

@@ -10,6 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from stds.config import GradROptimize
+from stds.errors import ConfigError
 from stds.gradr import attach_gradr_prior
 from stds.sparse import pruned_parameters
 
@@ -24,12 +26,37 @@ def _gradr_variant(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> str:
     return "sign_preserving" if adaptive else "plain"
 
 
+def _gradr_optimize(cfg: DictConfig) -> GradROptimize:
+    """The ``gradr_optimize`` key as the enum (a config written before the key existed: ``all``)."""
+    return GradROptimize(cfg.get("gradr_optimize", GradROptimize.all))
+
+
+def trained_parameters(cfg: DictConfig, core: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer gets: all of ``core``'s, or only its pruned θ.
+
+    Only θ with ``gradr_optimize=pruned`` under Grad R (α > 0): the published baseline, where
+    BatchNorm, biases and unpruned layers are never updated. `stds.config.validate` refuses
+    ``pruned`` without α > 0 or with sparse=identity; a model whose layers are all excluded from
+    pruning is refused here (it would leave the optimizer nothing to train).
+    """
+    if cfg.alpha_gr > 0 and _gradr_optimize(cfg) == GradROptimize.pruned:
+        thetas = list(pruned_parameters(core).values())
+        if not thetas:
+            raise ConfigError(
+                "gradr_optimize=pruned but no layer is pruned (see sparse.exclude); "
+                "prune some layers or set gradr_optimize=all"
+            )
+        return thetas
+    return list(core.parameters())
+
+
 def build_optimization(cfg: DictConfig, core: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
-    """Optimizer over all parameters, its learning-rate schedule, and the Grad R prior if α > 0."""
-    optimizer = instantiate(cfg.optimizer)(params=core.parameters())
+    """Optimizer over `trained_parameters`, its learning-rate schedule, and the Grad R prior if α > 0."""
+    optimizer = instantiate(cfg.optimizer)(params=trained_parameters(cfg, core))
     lr_scheduler = instantiate(cfg.lr_scheduler)(optimizer=optimizer)
     if cfg.alpha_gr > 0:
         variant = _gradr_variant(cfg, optimizer)
         attach_gradr_prior(optimizer, pruned_parameters(core).values(), cfg.alpha_gr, variant)
-        log.info("Grad R prior: alpha=%g, variant=%s", cfg.alpha_gr, variant)
+        log.info("Grad R prior: alpha=%g, variant=%s, optimizing %s parameters",
+                 cfg.alpha_gr, variant, _gradr_optimize(cfg).value)
     return optimizer, lr_scheduler

@@ -52,11 +52,15 @@ def test_cosine_t_max_follows_epochs_unless_set():
 PAPER = {
     "cifar10_dense": dict(T=8, lr=1e-4, batch_size=16, epochs=2048, amp=True, loss="mse", method="identity"),
     "cifar10_stds": dict(T=8, lr=1e-4, batch_size=16, epochs=2048, amp=True, loss="mse", method="stmod"),
+    "cifar10_gradr": dict(T=8, lr=1e-4, batch_size=16, epochs=2048, amp=True, loss="mse", method="stmod"),
     "imagenet_dense": dict(T=4, lr=0.1, batch_size=32, epochs=320, amp=True, loss="ce", method="identity"),
     "imagenet_stds": dict(T=4, lr=0.1, batch_size=32, epochs=320, amp=True, loss="ce", method="stmod"),
     "imagenet_gradr": dict(T=4, lr=0.1, batch_size=32, epochs=320, amp=True, loss="ce", method="stmod"),
 }
-GIVEN = {"imagenet_stds": ["flat_width=0.6"], "imagenet_gradr": ["flat_width=0.05", "alpha_gr=2e-5"]}
+GIVEN = {"imagenet_stds": ["flat_width=0.6"], "imagenet_gradr": ["flat_width=0.05", "alpha_gr=2e-5"],
+         "cifar10_gradr": ["flat_width=0.5", "alpha_gr=1e-3"]}
+# the Grad R presets train only the pruned theta, as published (docs/gradr.md)
+GRADR_OPTIMIZE = {"cifar10_gradr": "pruned", "imagenet_gradr": "pruned"}
 
 
 @pytest.mark.parametrize("preset", sorted(PAPER))
@@ -74,16 +78,30 @@ def test_presets_hold_the_paper_settings(preset):
         assert cfg.lr_scheduler.T_max == 320 and cfg.model.connect_f == "ADD"
     kind = {"cifar10_stds": "sine", "imagenet_stds": "sine"}.get(preset, "constant")
     assert cfg.scheduler.kind == kind
+    assert cfg.gradr_optimize.value == GRADR_OPTIMIZE.get(preset, "all")
     assert set(PAPER) == set(_options("experiment"))
 
 
 @pytest.mark.parametrize(
-    "preset, key", [("imagenet_stds", "flat_width"), ("imagenet_gradr", "flat_width"), ("imagenet_gradr", "alpha_gr")]
+    "preset, key", [("imagenet_stds", "flat_width"), ("imagenet_gradr", "flat_width"), ("imagenet_gradr", "alpha_gr"),
+                    ("cifar10_gradr", "flat_width"), ("cifar10_gradr", "alpha_gr")]
 )
 def test_presets_that_need_a_value_say_which(preset, key):
     others = [o for o in GIVEN[preset] if not o.startswith(key)]
     with pytest.raises(ConfigError, match=f"{key} is not set"):
         prepare_config(compose_train(f"experiment={preset}", "dataset=digits", *others))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(["sparse=identity", "alpha_gr=0"], "gradr_optimize=pruned trains only pruned weights and sparse=identity"),
+     (["alpha_gr=0"], "gradr_optimize=pruned is the published Grad R baseline and alpha_gr=0")],
+)
+def test_gradr_optimize_pruned_needs_pruning_and_grad_r(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        prepare_config(compose_train("gradr_optimize=pruned", *overrides))
+    assert prepare_config(compose_train("gradr_optimize=pruned", "alpha_gr=0.1")).gradr_optimize.value == "pruned"
+    assert "gradr_optimize=some" in _compose_error("gradr_optimize=some")
 
 
 def test_unknown_option_fails_at_compose_time_naming_the_group():

@@ -1,4 +1,5 @@
-"""The Grad R prior against hand-computed updates, with Adam, SGD, AdamW, a GradScaler and DDP."""
+"""The Grad R prior against hand-computed updates, with Adam, SGD, AdamW, a GradScaler and DDP;
+what `build_optimization` gives the optimizer (``gradr_optimize``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from conftest import compose_train
+from stds.errors import ConfigError
 from stds.gradr import attach_gradr_prior
+from stds.optim import build_optimization
 from stds.sparse import pruned_parameters, sparsify
 
 THETA0 = [0.33, -0.20, 0.02, -0.04, 0.12]
@@ -252,3 +256,49 @@ def test_under_ddp_matches_single_process(tmp_path) -> None:
     pairs = zip(reference.state_dict().items(), wrapped.state_dict().values(), strict=True)
     for (name, a), b in pairs:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
+
+
+THETA_NAMES = {"0.parametrizations.weight.original", "4.parametrizations.weight.original"}
+
+
+def build_from_config(*overrides: str) -> tuple[nn.Sequential, torch.optim.Optimizer]:
+    """`small_net` with its conv and first linear pruned, and the optimizer the config builds."""
+    cfg = compose_train("sparse=stmod", "scheduler=constant", "alpha_gr=0.5", "lr=0.01", *overrides)
+    model = small_net()
+    sparsify(model, "stmod", 0.01, exclude=("6",))
+    optimizer, _ = build_optimization(cfg, model)
+    return model, optimizer
+
+
+def optimized_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> set[str]:
+    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return {name for name, param in model.named_parameters() if id(param) in ids}
+
+
+@pytest.mark.parametrize("optimizer_name", ["adam", "sgd"])
+def test_gradr_optimize_pruned_gives_the_optimizer_only_theta(optimizer_name: str) -> None:
+    """The published Grad R: BatchNorm ("1.*"), biases ("4.bias") and the dense head ("6.*") are
+    not in the optimizer and keep their values over a step; θ moves."""
+    model, optimizer = build_from_config(f"optimizer={optimizer_name}", "gradr_optimize=pruned")
+    assert optimized_names(model, optimizer) == THETA_NAMES
+    before = copy.deepcopy(dict(model.named_parameters()))
+    train_steps(model, optimizer, steps=1)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]) != (name in THETA_NAMES), name
+
+
+@pytest.mark.parametrize("overrides", [(), ("gradr_optimize=all",)])
+def test_by_default_every_parameter_is_trained(overrides: tuple[str, ...]) -> None:
+    """The default, ``gradr_optimize=all``: every parameter is optimised and moves."""
+    model, optimizer = build_from_config("optimizer=adam", *overrides)
+    assert optimized_names(model, optimizer) == {name for name, _ in model.named_parameters()}
+    before = copy.deepcopy(dict(model.named_parameters()))
+    train_steps(model, optimizer, steps=1)
+    for name, param in model.named_parameters():
+        assert not torch.equal(param, before[name]), name
+
+
+def test_gradr_optimize_pruned_without_pruned_layers_is_a_config_error() -> None:
+    cfg = compose_train("sparse=stmod", "alpha_gr=0.5", "gradr_optimize=pruned")
+    with pytest.raises(ConfigError, match="gradr_optimize=pruned but no layer is pruned"):
+        build_optimization(cfg, small_net())
