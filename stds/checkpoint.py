@@ -8,6 +8,8 @@ checkpoint in place.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pickle
 import random
@@ -26,18 +28,63 @@ LAST = "last.pt"
 BEST = "best.pt"
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """``exc`` if it is an OSError, else the OSError it was raised from or during, if any.
+
+    torch.save reports a failed write to a file object as a RuntimeError ("unexpected pos")
+    raised while the OSError of the write is being handled; the OSError says why.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _write_error(path: Path, error: OSError) -> CheckpointError:
+    """The one-line `CheckpointError` for an OSError while writing ``path``, with its fix."""
+    reason = error.strerror or str(error)
+    if error.errno in _NO_SPACE:
+        fix = (f"free space on the file system of {path.parent} (or raise the quota / file-size "
+               "limit), then run the same command again to resume")
+    elif error.errno in _NOT_WRITABLE:
+        fix = f"make {path.parent} writable, or set hydra.run.dir=<a writable directory>"
+    else:
+        fix = f"check {path.parent} (disk, mount, permissions) and run the same command again"
+    return CheckpointError(f"cannot write checkpoint {path} ({reason}); the previous {path.name} is "
+                           f"kept; {fix}")
+
+
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` through a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write ``state`` to ``path`` through a temporary file and an atomic rename.
+
+    Any failure removes the temporary file and leaves the previous ``path`` as it was. A write
+    refused by the system (full disk or quota, read-only or not permitted, file too large) is a
+    `CheckpointError` naming the file and the fix; other errors (a kill, a bug) pass unchanged.
+    """
+    tmp_name: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                Path(tmp_name).unlink(missing_ok=True)
+        error = _os_error_in(exc) if isinstance(exc, Exception) else None
+        if error is not None:
+            raise _write_error(path, error) from exc
         raise
 
 

@@ -1,15 +1,61 @@
-"""What the entrypoints share: one-line errors instead of tracebacks for problems users can fix."""
+"""What the entrypoints share: one-line errors instead of tracebacks for problems users can fix.
+
+The one place that formats such a line: `one_line` (the message on one line), `error_line`
+(``Type: message`` for a run's ``error.txt``), `print_error` (``Error: message`` on stderr).
+`report_errors` wraps the work of an entrypoint; `run_hydra_main` wraps a ``@hydra.main``
+function so that Hydra's own errors (an unknown key, a bad override, a run directory that cannot
+be made) end in one line too. ``HYDRA_FULL_ERROR=1`` shows the full traceback in every case.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Callable, TypeVar
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from stds.errors import StdsError
 
 log = logging.getLogger("stds")
 T = TypeVar("T")
+
+_FULL_ERROR = "HYDRA_FULL_ERROR"
+_user_wants_traceback: bool | None = None  # the user's HYDRA_FULL_ERROR, read by run_hydra_main
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` with every run of whitespace (newlines included) as one space."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def error_line(exc: BaseException) -> str:
+    """``ExceptionType: message`` on one line, ending in a newline: the text of ``error.txt``."""
+    return f"{type(exc).__name__}: {one_line(exc)}\n"
+
+
+def print_error(exc: BaseException | str) -> None:
+    """Print ``Error: <message on one line>`` to stderr."""
+    text = exc if isinstance(exc, str) else one_line(exc)
+    print(f"Error: {text}", file=sys.stderr, flush=True)
+
+
+def user_error(exc: BaseException) -> StdsError | None:
+    """The `StdsError` that ``exc`` is or wraps (Hydra's InstantiationException, chained causes)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, StdsError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__
+    return None
+
+
+def _traceback_wanted() -> bool:
+    if _user_wants_traceback is not None:
+        return _user_wants_traceback
+    return os.environ.get(_FULL_ERROR) == "1"
 
 
 def _multirun() -> bool:
@@ -22,17 +68,137 @@ def _multirun() -> bool:
 def report_errors(work: Callable[[], T]) -> T:
     """Run ``work``; a `StdsError` becomes one ``Error: ...`` line on stderr and exit status 1.
 
-    In a Hydra multirun the error is raised on, so the launcher marks that sweep point failed and
-    the others go on (the run directory keeps the line in ``error.txt``). ``HYDRA_FULL_ERROR=1``
-    shows the traceback in every case.
+    A `StdsError` inside Hydra's InstantiationException counts too. In a Hydra multirun the
+    error is raised on, so the launcher marks that sweep point failed and the others go on (the
+    run directory keeps the line in ``error.txt``). ``HYDRA_FULL_ERROR=1`` shows the traceback.
     """
-    import os
-
     try:
         return work()
-    except StdsError as exc:
-        if _multirun() or os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None or _multirun() or _traceback_wanted():
             raise
-        log.error("%s", exc)
-        print(f"Error: {exc}", file=sys.stderr, flush=True)
+        log.error("%s", one_line(error))
+        print_error(error)
         sys.exit(1)
+
+
+_KEYS_HINT = "check the key's spelling (python launch/train.py --cfg job lists every key)"
+
+
+def _options_text(text: str) -> str:
+    """Hydra's "Could not find 'g/x'" text with its option list on one line."""
+    head, _, rest = text.partition("\n\nAvailable options in ")
+    if not rest:
+        return head
+    group, _, listing = rest.partition(":")
+    options = ", ".join(line.strip() for line in listing.splitlines() if line.strip())
+    return f"{head.strip()}; options in {group}: {options}"
+
+
+def _omegaconf_hint(exc: BaseException) -> str:
+    from omegaconf.errors import ValidationError
+
+    key = getattr(exc, "full_key", None) or "the key"
+    if isinstance(exc, ValidationError):
+        return f"give {key} a value of its type"
+    return _KEYS_HINT
+
+
+def _hydra_error_line(exc: BaseException) -> str | None:
+    """One line for Hydra's errors before the job runs (composition, override syntax)."""
+    from hydra.errors import CompactHydraException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    unknown_key = (ConfigKeyError, ConfigAttributeError)
+    if isinstance(exc, OverrideParseException):
+        first = str(exc).split("\nSee ")[0]
+        return f"cannot parse the overrides: {' '.join(first.split())}; see the override grammar at https://hydra.cc/docs/advanced/override_grammar/basic/"
+    if isinstance(exc, CompactHydraException):
+        text = _options_text(str(exc).split("\nConfig search path:")[0])
+        cause = exc.__cause__
+        if isinstance(cause, unknown_key):
+            return _unknown_key_line(cause)
+        if isinstance(cause, ValidationError):
+            text += f" ({str(cause).splitlines()[0]}); {_omegaconf_hint(cause)}"
+        return " ".join(text.replace("\t", " ").split())
+    if isinstance(exc, ConfigKeyError):  # e.g. +unknown_key=1 met the schema in the job
+        return _unknown_key_line(exc)
+    if isinstance(exc, ValidationError):
+        return f"{str(exc).splitlines()[0]}; {_omegaconf_hint(exc)}"
+    return None
+
+
+def _unknown_key_line(exc: BaseException) -> str:
+    key = getattr(exc, "full_key", None) or "a key"
+    return f"{key} is not a config key ({str(exc).splitlines()[0]}); {_KEYS_HINT}"
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The regular file that stands where ``path`` or one of its folders should be, if any."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def _output_dir_error_line(exc: OSError, multirun: bool) -> str:
+    """One line for Hydra failing to make the run (or sweep) directory, naming the key to change."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    path = Path(str(exc.filename)) if exc.filename else None
+    blocker = _blocking_file(path) if path is not None else None
+    if blocker is not None:
+        return f"cannot make the run directory {path}: {blocker} is a file; set {key}=<a directory path>"
+    where = path if path is not None else "the run directory"
+    return f"cannot make the run directory {where} ({exc.strerror}); set {key}=<a writable directory>"
+
+
+def run_hydra_main(main: Callable[[], Any], argv: list[str] | None = None) -> None:
+    """Call the ``@hydra.main`` function ``main``; errors the user can fix end in one line, exit 1.
+
+    Hydra prints its own errors (unknown key, bad override syntax, an InstantiationException) as
+    several lines and exits. Here Hydra is asked to raise them instead (``HYDRA_FULL_ERROR=1`` in
+    this process), and they become one ``Error: ...`` line: `StdsError` (also inside Hydra's
+    wrappers), Hydra's composition and override errors, and an OSError from making the run
+    directory before the job started. Anything else keeps its full traceback. If the user set
+    ``HYDRA_FULL_ERROR=1``, nothing is caught.
+    """
+    global _user_wants_traceback
+    argv = sys.argv[1:] if argv is None else argv
+    _user_wants_traceback = os.environ.get(_FULL_ERROR) == "1"
+    if _user_wants_traceback:
+        main()
+        return
+    os.environ[_FULL_ERROR] = "1"
+    try:
+        main()
+    except Exception as exc:
+        line = _main_error_line(exc, multirun=bool({"-m", "--multirun"} & set(argv)))
+        if line is None:
+            raise
+        print_error(line)
+        sys.exit(1)
+    finally:
+        os.environ.pop(_FULL_ERROR, None)
+
+
+def _raised_in_job(exc: BaseException) -> bool:
+    """True when ``exc`` came out of the work `report_errors` ran (not out of Hydra's set-up)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is report_errors.__code__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _main_error_line(exc: BaseException, multirun: bool) -> str | None:
+    error = user_error(exc)
+    if error is not None:
+        return one_line(error)
+    hydra_line = _hydra_error_line(exc)
+    if hydra_line is not None:
+        return hydra_line
+    if isinstance(exc, OSError) and not _raised_in_job(exc):
+        return _output_dir_error_line(exc, multirun)
+    return None

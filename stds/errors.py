@@ -17,5 +17,9 @@ class CheckpointError(StdsError, RuntimeError):
     """A checkpoint is corrupt or does not fit the run (names the file)."""
 
 
+class RunDirError(StdsError, RuntimeError):
+    """A run directory cannot be used: read-only, full, or in use by another process (names it)."""
+
+
 class NonFiniteLossError(StdsError, FloatingPointError):
     """The loss became NaN or inf (names the epoch and step)."""

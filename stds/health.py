@@ -1,0 +1,79 @@
+"""Diagnoses of a run that trains without error but learns nothing, each with its likely fix.
+
+`diagnose` reads one epoch's record (the dict `stds.train` writes to ``metrics.jsonl``) and the
+run's config, and returns one-line warnings; the loop logs them and keeps them in the record's
+and ``metrics.json``'s ``warnings``. Two conditions are checked:
+
+- every pruned weight is zero (``sparsity`` 1.0): the threshold d grew faster than the weights
+  could follow (e.g. the default ``flat_width=0.5`` with ``epochs=2``);
+- test top-1 at chance after an epoch: at most ``1/C + min(0.5/C, 0.05)`` for ``C`` classes
+  (0.15 for 10 classes, 0.0015 for 1000), the accuracy of a network that predicts one class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+CHANCE_MARGIN_RELATIVE = 0.5
+"""Top-1 up to chance x (1 + this) counts as chance ..."""
+CHANCE_MARGIN_MAX = 0.05
+"""... but never more than this above chance (2 classes: 0.55, not 0.75)."""
+
+
+def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
+    """``cfg.a.b`` for a DictConfig or a plain dict; ``default`` where a key is missing."""
+    node = cfg
+    for key in dotted.split("."):
+        if node is None:
+            return default
+        try:
+            node = node[key]
+        except (KeyError, TypeError, AttributeError):
+            return default
+    return default if node is None else node
+
+
+def chance_limit(num_classes: int) -> float:
+    """The highest top-1 that still counts as chance for ``num_classes`` classes."""
+    chance = 1.0 / num_classes
+    return chance + min(CHANCE_MARGIN_RELATIVE * chance, CHANCE_MARGIN_MAX)
+
+
+def fully_pruned(record: Mapping[str, Any], cfg: Any) -> str | None:
+    """The warning for an epoch that ends with every pruned weight at zero, else None."""
+    sparsity = record.get("sparsity")
+    if sparsity is None or sparsity < 1.0:
+        return None
+    epoch, epochs = record.get("epoch"), _get(cfg, "epochs")
+    if str(_get(cfg, "scheduler.kind", "")) == "target":
+        fix = f"target_sparsity={_get(cfg, 'target_sparsity')} leaves nothing; lower target_sparsity"
+    else:
+        width = _get(cfg, "flat_width")
+        fix = (f"flat_width={width} is too large for {epochs} epochs; lower flat_width or train "
+               "longer (more epochs)")
+    return f"every weight is pruned (sparsity 1.0) at epoch {epoch}: {fix}"
+
+
+def at_chance(record: Mapping[str, Any], cfg: Any) -> str | None:
+    """The warning for a test top-1 at chance once an epoch has been trained, else None."""
+    acc, epoch = record.get("test_acc1"), record.get("epoch") or 0
+    num_classes = int(_get(cfg, "dataset.num_classes", 0))
+    if acc is None or epoch < 1 or num_classes < 2 or acc > chance_limit(num_classes):
+        return None
+    return (f"test_acc1 {acc:.4f} is at chance (1/{num_classes} = {1 / num_classes:.4f}) after epoch "
+            f"{epoch}: the network learns nothing; lower lr (now {_get(cfg, 'lr')}) or check the data "
+            "(labels, dataset.num_classes, normalisation)")
+
+
+def diagnose(record: Mapping[str, Any], cfg: Any) -> list[str]:
+    """One-line warnings about one epoch's ``record`` under ``cfg``; empty for a healthy epoch.
+
+    A fully pruned network is also at chance; then only the pruning warning is given (its fix is
+    the one that helps).
+    """
+    pruned = fully_pruned(record, cfg)
+    if pruned is not None:
+        return [pruned]
+    chance = at_chance(record, cfg)
+    return [chance] if chance is not None else []

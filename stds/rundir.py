@@ -1,0 +1,164 @@
+"""Safety of a run directory: one writer at a time, writable before training, no stale temporaries.
+
+- `check_writable`: a probe file proves a directory can be written (a read-only run directory or
+  ``checkpoints/`` fails at once, in one line, not after the first epoch).
+- `RunLock`: an exclusive ``flock`` on ``<run dir>/.lock`` for as long as a run uses the
+  directory; a second process started on the same directory gets a `RunDirError` naming the
+  holder. The kernel drops the lock when its holder exits or is killed.
+- `remove_stale_temporaries`: the ``.<name>.*.tmp`` files a kill during `stds.checkpoint.save_atomic`
+  leaves behind.
+- `non_finite_entries`: the dotted names of NaN/inf values in a nested state (a checkpoint must
+  not keep them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from stds.errors import RunDirError
+
+LOCK_NAME = ".lock"
+_FIX_READ_ONLY = "make it writable (chmod u+w, free disk space) or set hydra.run.dir=<a writable directory>"
+
+
+def check_writable(path: Path | str) -> None:
+    """Make ``path`` (a directory) if needed and prove it writable by writing a probe file.
+
+    Raises `RunDirError` naming the directory, the reason (read-only file system, permission,
+    full disk, a file in the way) and the fix.
+    """
+    path = Path(path)
+    probe = path / f".write-probe.{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"stds")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise RunDirError(f"cannot write in {path} ({exc.strerror or exc}); {_FIX_READ_ONLY}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(ckpt_dir: Path | str) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files of interrupted checkpoint writes; returns what went.
+
+    `stds.checkpoint.save_atomic` writes ``.last.pt.<random>.tmp`` next to ``last.pt`` and renames
+    it; a process killed in between leaves the temporary. Call this only while holding `RunLock`
+    (another writer's temporary is not stale).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    removed = []
+    for path in sorted(ckpt_dir.glob(".*.tmp")):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _holder(handle: TextIO) -> str:
+    handle.seek(0)
+    fields = dict(line.split("=", 1) for line in handle.read().splitlines() if "=" in line)
+    if not fields:
+        return "another process"
+    started = fields.get("started", "?")
+    return f"process {fields.get('pid', '?')} on {fields.get('host', '?')} (since {started})"
+
+
+class RunLock:
+    """``with RunLock(run_dir):`` -- this process is the only one writing ``run_dir``.
+
+    Takes an exclusive, non-blocking ``fcntl.flock`` on ``run_dir/.lock`` and writes the holder's
+    pid, host name and start time into it. A second process (on this machine, or on another one
+    sharing a file system whose locks reach across machines) gets a `RunDirError` naming the
+    holder. Released on exit from the block and, by the kernel, when the process dies.
+    Re-entering from the same process with another `RunLock` fails too: one owner per directory.
+    """
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self._handle: TextIO | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise `RunDirError`."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _holder(handle)
+            handle.close()
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise RunDirError(f"cannot lock {self.path} ({exc.strerror}); {_FIX_READ_ONLY}") from None
+            raise RunDirError(
+                f"run directory {self.path.parent} is in use by {holder}; wait for it to end, "
+                "stop it, or set hydra.run.dir=<another directory>"
+            ) from None
+        started = time.strftime("%Y-%m-%d %H:%M:%S %z")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid={os.getpid()}\nhost={socket.gethostname()}\nstarted={started}\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        """Drop the lock (the file stays; its content names the last holder)."""
+        if self._handle is not None:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+
+def _float_leaves(state: Any, prefix: str, out: list[tuple[str, Any]]) -> None:
+    """Collect ``(dotted name, value)`` for every float and floating tensor in ``state``."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() or state.is_complex():
+            out.append((prefix, state))
+    elif isinstance(state, float):
+        out.append((prefix, state))
+    elif isinstance(state, (dict, list, tuple)):
+        items = state.items() if isinstance(state, dict) else enumerate(state)
+        for key, value in items:
+            _float_leaves(value, f"{prefix}.{key}" if prefix else str(key), out)
+
+
+def non_finite_entries(state: Any) -> list[str]:
+    """Dotted names of the NaN/inf floats and floating tensors in a nested dict/list/tuple.
+
+    ``{"model": {"fc.weight": tensor([1, nan])}, "optimizer": {0: {"exp_avg": ...}}}`` gives
+    ``["model.fc.weight"]``; list items are named by their index. Integer and bool tensors,
+    strings and other leaves are never non-finite. The tensors of one device are checked
+    together, so a GPU state costs one transfer per device, not one per tensor.
+    """
+    leaves: list[tuple[str, Any]] = []
+    _float_leaves(state, "", leaves)
+    bad = {name for name, value in leaves if isinstance(value, float) and not math.isfinite(value)}
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, value in leaves:
+        if isinstance(value, torch.Tensor) and value.numel():
+            by_device.setdefault(value.device, []).append((name, value))
+    for tensors in by_device.values():
+        finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).tolist()
+        bad.update(name for (name, _), ok in zip(tensors, finite) if not ok)
+    return [name for name, _ in leaves if name in bad]

@@ -1,0 +1,57 @@
+"""Diagnoses of runs that learn nothing: a fully pruned network, accuracy at chance."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from stds.health import at_chance, chance_limit, diagnose
+
+CFG = OmegaConf.create({"dataset": {"num_classes": 10}, "flat_width": 0.5, "epochs": 2, "lr": 0.002,
+                        "scheduler": {"kind": "sine"}})
+
+
+def _record(**values):
+    return {"epoch": 2, "test_acc1": 0.95, "sparsity": 0.9, **values}
+
+
+def test_healthy_epoch_has_no_warning():
+    assert diagnose(_record(), CFG) == []
+
+
+def test_fully_pruned_default_run_says_which_key_to_change():
+    # the default flat_width=0.5 with epochs=2 on the digits: sparsity 1.0, top-1 0.0972
+    warnings = diagnose(_record(sparsity=1.0, test_acc1=0.0972), CFG)
+    assert warnings == ["every weight is pruned (sparsity 1.0) at epoch 2: flat_width=0.5 is too large "
+                        "for 2 epochs; lower flat_width or train longer (more epochs)"]
+
+
+def test_fully_pruned_under_the_target_schedule_names_target_sparsity():
+    cfg = OmegaConf.merge(CFG, {"scheduler": {"kind": "target"}, "target_sparsity": 0.99})
+    (warning,) = diagnose(_record(sparsity=1.0), cfg)
+    assert "target_sparsity=0.99" in warning and "lower target_sparsity" in warning
+
+
+def test_chance_limit_is_chance_plus_half_of_it_at_most_five_points():
+    assert chance_limit(10) == pytest.approx(0.1 + 0.05)
+    assert chance_limit(2) == pytest.approx(0.5 + 0.05)
+    assert chance_limit(1000) == pytest.approx(0.001 + 0.0005)
+
+
+@pytest.mark.parametrize("acc, warned", [(0.10, True), (0.15, True), (0.1501, False), (0.0, True)])
+def test_accuracy_at_chance_after_an_epoch(acc, warned):
+    warnings = diagnose(_record(epoch=1, test_acc1=acc), CFG)
+    assert bool(warnings) == warned
+    if warned:
+        assert warnings == [f"test_acc1 {acc:.4f} is at chance (1/10 = 0.1000) after epoch 1: the network "
+                            "learns nothing; lower lr (now 0.002) or check the data (labels, "
+                            "dataset.num_classes, normalisation)"]
+
+
+def test_chance_on_imagenet_is_a_tenth_of_a_percent():
+    cfg = OmegaConf.merge(CFG, {"dataset": {"num_classes": 1000}})
+    assert at_chance(_record(epoch=1, test_acc1=0.0014), cfg) is not None
+    assert at_chance(_record(epoch=1, test_acc1=0.02), cfg) is None  # one epoch of real learning
+
+
+def test_plain_dict_config_works_too():
+    cfg = OmegaConf.to_container(CFG)
+    assert len(diagnose(_record(sparsity=1.0), cfg)) == 1
