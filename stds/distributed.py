@@ -84,8 +84,27 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     raise ConfigError(f"device={device!r} is not valid; use one of auto, cpu, cuda")
 
 
+def allotted_cpu_threads() -> int | None:
+    """CPU threads this process was given: ``OMP_NUM_THREADS`` (set by ``hydra/launcher=local``,
+    the SLURM presets and torchrun), else ``SLURM_CPUS_PER_TASK``; None when nothing says."""
+    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def _limit_cpu_threads() -> None:
+    """torch's intra-op threads = the process's allotment, so that processes sharing a machine
+    (a local sweep, tasks of one node) do not each start a thread per core."""
+    threads = allotted_cpu_threads()
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def setup(device: str = "auto") -> DistEnv:
     """Set up this process (and the process group when there are several) and return its place."""
+    _limit_cpu_threads()
     submitit_vars = _submitit_env()
     if submitit_vars is not None:
         os.environ.update(submitit_vars)

@@ -1,0 +1,178 @@
+"""``hydra/launcher=local``: sweep points as parallel local processes that share the CPUs.
+
+submitit's local executor (``hydra/launcher=submitit_local``) starts every point of a sweep at
+once, and each process starts as many threads as the machine has cores: six points on a small
+machine then spend most of their time fighting over the cores (a 6-point digits sweep took 212 s
+where the six runs one after the other took 30 s). `LocalSweepLauncher` runs at most
+``parallel`` points at a time and gives each ``threads`` CPU threads (`share_cpus`), through
+``OMP_NUM_THREADS`` in the job's environment, which `stds.distributed.setup` applies with
+``torch.set_num_threads``. It starts the next point as soon as one ends and logs the sweep's
+progress while it waits. Everything else (job folders, pickled results, failed points) is
+hydra-submitit-launcher's local launcher. See ``docs/slurm.md``.
+
+Hydra takes launchers only from the ``hydra_plugins`` namespace: the preset names
+``hydra_plugins.stds_local_launcher.LocalSweepLauncher``, this class under that name, in
+``launch/hydra_plugins/`` (on ``sys.path`` whenever ``launch/train.py`` runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
+from omegaconf import OmegaConf
+
+from stds.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CpuShare", "LocalSweepLauncher", "available_cpus", "share_cpus"]
+
+
+@dataclass(frozen=True)
+class CpuShare:
+    """How a local sweep uses the machine: points at once, and CPU threads per process."""
+
+    parallel: int
+    threads: int
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a cgroup or ``taskset`` limit counts)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def share_cpus(
+    points: int, cpus: int, cpus_per_task: int | None = None, max_parallel: int | None = None,
+    tasks_per_node: int = 1,
+) -> CpuShare:
+    """Points run at once and threads per process for ``points`` sweep points on ``cpus`` CPUs.
+
+    Without ``cpus_per_task`` as many points run at once as there are CPUs for one thread per
+    process (at most ``points`` and ``max_parallel``), and the CPUs are divided evenly among
+    them; with it, each job gets that many CPUs and ``cpus // cpus_per_task`` jobs run at once.
+    A job's CPUs are divided among its ``tasks_per_node`` processes (DDP), one thread at least.
+    """
+    for name, value in (("cpus_per_task", cpus_per_task), ("max_parallel", max_parallel)):
+        if value is not None and value < 1:
+            raise ConfigError(f"hydra.launcher.{name}={value} must be >= 1 (or null for automatic)")
+    tasks = max(tasks_per_node, 1)
+    if cpus_per_task is None:
+        parallel = min(points, max(cpus // tasks, 1))
+    else:
+        parallel = max(cpus // (cpus_per_task * tasks), 1)
+    parallel = max(min(parallel, points, max_parallel or points), 1)
+    per_job = cpus_per_task * tasks if cpus_per_task is not None else cpus // parallel
+    return CpuShare(parallel=parallel, threads=max(per_job // tasks, 1))
+
+
+class LocalSweepLauncher(LocalLauncher):
+    """hydra-submitit-launcher's local launcher with at most ``parallel`` jobs at a time, the
+    CPUs shared out among them, and progress lines while the sweep runs."""
+
+    def __init__(self, max_parallel: int | None = None, progress_every_s: float = 30.0,
+                 poll_s: float = 1.0, **params: Any) -> None:
+        super().__init__(**params)
+        self.max_parallel = max_parallel
+        self.progress_every_s = progress_every_s
+        self.poll_s = poll_s
+
+    def _executor(self, share: CpuShare) -> Any:
+        """A submitit local executor set up as the plugin does, plus the thread count."""
+        import submitit
+
+        params = dict(self.params)
+        init = {"folder": params.pop("submitit_folder")}
+        if "max_num_timeout" in params:
+            init["local_max_num_timeout"] = params.pop("max_num_timeout")
+        executor = submitit.AutoExecutor(cluster="local", **init)
+        shared = set(OmegaConf.structured(BaseQueueConf).keys())
+        setup = list(params.pop("setup", None) or [])
+        setup.append(f"export OMP_NUM_THREADS={share.threads}")
+        params = {k if k in shared else f"local_{k}": v for k, v in params.items()}
+        executor.update_parameters(local_setup=setup, **params)
+        return executor
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        assert self.config is not None
+        share = share_cpus(len(job_overrides), available_cpus(), self.params.get("cpus_per_task"),
+                           self.max_parallel, int(self.params.get("tasks_per_node") or 1))
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        log.info(f"Local sweep in {sweep_dir}: {len(job_overrides)} points, {share.parallel} at a "
+                 f"time with {share.threads} CPU thread(s) each ({available_cpus()} CPUs)")
+        pending = []
+        for offset, overrides in enumerate(job_overrides):
+            idx = initial_job_idx + offset
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+            pending.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}",
+                            Singleton.get_state()))
+        executor = self._executor(share)
+        jobs: list[Any] = []
+        try:
+            self._run(executor, self._job_runner(), pending, jobs, share.parallel)
+        except KeyboardInterrupt:
+            for job in jobs:
+                if not job.done():
+                    job.cancel(check=False)
+            raise
+        return [job.results()[0] for job in jobs]
+
+    def _job_runner(self) -> LocalLauncher:
+        """What each job unpickles and calls: the plugin's own launcher, set up like this one.
+
+        Not ``self``: the class Hydra instantiates is registered under ``hydra_plugins`` from
+        ``launch/`` (see ``launch/hydra_plugins/stds_local_launcher.py``), which a job started
+        elsewhere could not import.
+        """
+        runner = LocalLauncher(**self.params)
+        runner.setup(hydra_context=self.hydra_context, task_function=self.task_function,  # type: ignore[arg-type]
+                     config=self.config)  # type: ignore[arg-type]
+        return runner
+
+    def _run(self, executor: Any, runner: LocalLauncher, pending: list[tuple], jobs: list[Any],
+             parallel: int) -> None:
+        """Submit the points in order, at most ``parallel`` running; log progress until all end."""
+        total, started = len(pending), time.monotonic()
+        failed: dict[int, bool] = {}  # index in jobs -> whether it failed, once ended
+        last_line, last_time = "", started
+        while True:
+            for index, job in enumerate(jobs):
+                if index not in failed and job.done():
+                    failed[index] = _failed(job)
+            running = len(jobs) - len(failed)
+            while pending and running < parallel:
+                jobs.append(executor.submit(runner, *pending.pop(0)))
+                running += 1
+            ended_bad = sum(failed.values())
+            line = (f"{len(failed) - ended_bad} finished, {ended_bad} failed, {running} running, "
+                    f"{len(pending)} waiting, of {total}")
+            now = time.monotonic()
+            if line != last_line or now - last_time >= self.progress_every_s:
+                log.info(f"Local sweep: {line} ({now - started:.0f} s)")
+                last_line, last_time = line, now
+            if not running and not pending:
+                return
+            time.sleep(self.poll_s)
+
+
+def _failed(job: Any) -> bool:
+    """Whether an ended job failed (raised, or Hydra caught the task's exception)."""
+    try:
+        returned = job.results()[0]
+    except Exception:
+        return True
+    return getattr(returned, "status", JobStatus.COMPLETED) == JobStatus.FAILED

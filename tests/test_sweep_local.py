@@ -1,0 +1,142 @@
+"""``hydra/launcher=local``: CPUs shared out among parallel sweep points (`stds.launcher`), the
+thread count applied in each process (`stds.distributed`), and a failed point reported as failed."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import submitit
+import torch
+from hydra.core.utils import JobReturn, JobStatus
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
+from omegaconf import OmegaConf
+
+from conftest import REPO, compose_train, run_train
+from stds import distributed, launcher
+from stds.errors import ConfigError
+from stds.launcher import CpuShare, LocalSweepLauncher, share_cpus
+
+
+@pytest.mark.parametrize(
+    "points, cpus, cpus_per_task, max_parallel, tasks, expected",
+    [
+        (4, 2, None, None, 1, CpuShare(parallel=2, threads=1)),   # the dev box: 2 at a time
+        (6, 16, None, None, 1, CpuShare(parallel=6, threads=2)),  # 16 // 6 = 2 threads each
+        (2, 16, None, None, 1, CpuShare(parallel=2, threads=8)),  # few points: more threads each
+        (40, 16, None, None, 1, CpuShare(parallel=16, threads=1)),
+        (40, 16, 4, None, 1, CpuShare(parallel=4, threads=4)),    # 16 // 4 jobs of 4 CPUs
+        (40, 16, None, 3, 1, CpuShare(parallel=3, threads=5)),    # capped: 16 // 3 = 5
+        (4, 16, None, None, 2, CpuShare(parallel=4, threads=2)),  # 2 DDP tasks share a job's 4
+        (1, 1, 8, None, 1, CpuShare(parallel=1, threads=8)),      # asked for: more than there is
+    ],
+)
+def test_share_cpus(points, cpus, cpus_per_task, max_parallel, tasks, expected):
+    assert share_cpus(points, cpus, cpus_per_task, max_parallel, tasks) == expected
+
+
+def test_share_cpus_rejects_zero():
+    with pytest.raises(ConfigError, match="hydra.launcher.max_parallel=0"):
+        share_cpus(4, 2, max_parallel=0)
+
+
+@pytest.fixture
+def torch_threads():
+    """Restore torch's thread count after a test that changes it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [({"OMP_NUM_THREADS": "1"}, 1), ({"SLURM_CPUS_PER_TASK": "1"}, 1),
+     ({"OMP_NUM_THREADS": "1", "SLURM_CPUS_PER_TASK": "8"}, 1), ({"OMP_NUM_THREADS": "x"}, None), ({}, None)],
+)
+def test_setup_applies_the_allotted_threads(monkeypatch, torch_threads, env, expected):
+    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "WORLD_SIZE", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    torch.set_num_threads(2)
+    assert distributed.allotted_cpu_threads() == expected
+    distributed.setup("cpu")
+    assert torch.get_num_threads() == (2 if expected is None else expected)
+
+
+class FakeJob:
+    """A job that is done after ``polls`` calls of done(); records how many ran at once."""
+
+    def __init__(self, args: tuple, polls: int, board: dict) -> None:
+        self.overrides, self.idx = args[0], args[2]
+        self.polls, self.board = polls, board
+
+    def done(self) -> bool:
+        self.polls -= 1
+        if self.polls == 0:
+            self.board["running"] -= 1
+        return self.polls <= 0
+
+    def results(self) -> list[JobReturn]:
+        status = JobStatus.FAILED if "flat_width=-1" in self.overrides else JobStatus.COMPLETED
+        return [JobReturn(overrides=self.overrides, status=status, _return_value=ConfigError("bad"))]
+
+    def cancel(self, check: bool = True) -> None:
+        pass
+
+
+def test_launcher_runs_at_most_parallel_points_with_their_threads(tmp_path, monkeypatch, caplog):
+    cfg = compose_train(f"hydra.sweep.dir={tmp_path}", "hydra.job.name=train",
+                        "hydra/launcher=local", hydra=True)
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params.pop("_target_") == "hydra_plugins.stds_local_launcher.LocalSweepLauncher"
+    sweep_launcher = LocalSweepLauncher(**{**params, "poll_s": 0.0})
+    sweep_launcher.setup(hydra_context=mock.Mock(), task_function=mock.Mock(), config=cfg)
+    monkeypatch.setattr(launcher, "available_cpus", lambda: 2)
+    board = {"running": 0, "most": 0, "submitted": []}
+
+    def submit(runner, *args):
+        board["running"] += 1
+        board["most"] = max(board["most"], board["running"])
+        board["submitted"].append((type(runner), args[2]))
+        return FakeJob(args, polls=1 + args[2] % 3, board=board)
+
+    points = [["flat_width=0.1"], ["flat_width=-1"], ["flat_width=0.3"], ["flat_width=0.5"], ["flat_width=1"]]
+    with mock.patch.object(submitit, "AutoExecutor") as auto, caplog.at_level(logging.INFO):
+        auto.return_value.submit.side_effect = submit
+        returns = sweep_launcher.launch(points, initial_job_idx=0)
+    assert auto.call_args.kwargs == {"cluster": "local", "folder": f"{tmp_path}/.submitit/%j"}
+    given = auto.return_value.update_parameters.call_args.kwargs
+    assert given["local_setup"] == ["export OMP_NUM_THREADS=1"]  # 2 CPUs, 2 points at a time
+    assert "local_max_parallel" not in given and given["timeout_min"] == 1440
+    assert board["most"] == 2
+    # the jobs run the plugin's own launcher (importable in any job), in sweep order
+    assert board["submitted"] == [(LocalLauncher, i) for i in range(5)]
+    assert [r.overrides for r in returns] == points
+    log = caplog.text
+    assert "5 points, 2 at a time with 1 CPU thread(s) each (2 CPUs)" in log
+    assert "Local sweep: 0 finished, 0 failed, 2 running, 3 waiting, of 5" in log
+    assert "Local sweep: 4 finished, 1 failed, 0 running, 0 waiting, of 5" in log
+
+
+def test_sweep_with_a_failed_point_end_to_end(tmp_path):
+    """The failed point's run dir shows as failed with its one line; the other one finishes."""
+    sweep = tmp_path / "sweep"
+    proc = run_train("-m", "flat_width=0.1,-1", "epochs=1", "batch_size=64", "logging.synops=false",
+                     "hydra/launcher=local", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode != 0  # Hydra names the failed point
+    assert "flat_width=-1.0 must be >= 0" in proc.stderr
+    assert "Local sweep: 1 finished, 1 failed, 0 running, 0 waiting, of 2" in proc.stdout
+    report = subprocess.run([sys.executable, str(REPO / "launch" / "report.py"), str(sweep)],
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    with (sweep / "report.csv").open() as handle:
+        rows = {r["run"]: r for r in csv.DictReader(handle)}
+    assert rows["0"]["status"] == "finished" and rows["0"]["flat_width"] == "0.1"
+    assert rows["1"]["status"] == "failed"
+    assert rows["1"]["error"] == ("ConfigError: flat_width=-1.0 must be >= 0; "
+                                  "set flat_width=<value> with value >= 0")
