@@ -8,7 +8,7 @@ Hydra launcher (``hydra/launcher=submitit_local``, ``slurm``, ``slurm_cpu``). Th
 import hydra
 from omegaconf import DictConfig
 
-from stds.cli import report_errors
+from stds.cli import report_errors, run_hydra_main
 from stds.config import register_configs
 from stds.train import train
 
@@ -22,4 +22,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_main(main)

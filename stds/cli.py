@@ -144,13 +144,13 @@ def _blocking_file(path: Path) -> Path | None:
 
 def _output_dir_error_line(exc: OSError, multirun: bool) -> str:
     """One line for Hydra failing to make the run (or sweep) directory, naming the key to change."""
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    key, what = ("hydra.sweep.dir", "sweep") if multirun else ("hydra.run.dir", "run")
     path = Path(str(exc.filename)) if exc.filename else None
     blocker = _blocking_file(path) if path is not None else None
     if blocker is not None:
-        return f"cannot make the run directory {path}: {blocker} is a file; set {key}=<a directory path>"
-    where = path if path is not None else "the run directory"
-    return f"cannot make the run directory {where} ({exc.strerror}); set {key}=<a writable directory>"
+        return f"cannot make the {what} directory {path}: {blocker} is a file; set {key}=<a directory path>"
+    where = path if path is not None else "it"
+    return f"cannot make the {what} directory {where} ({exc.strerror}); set {key}=<a writable directory>"
 
 
 def run_hydra_main(main: Callable[[], Any], argv: list[str] | None = None) -> None:

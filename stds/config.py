@@ -9,6 +9,7 @@ and raises `stds.errors.ConfigError` with a one-line message naming the key and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -116,12 +117,16 @@ def register_configs() -> None:
 
 _POSITIVE = ("T", "epochs", "batch_size")
 _NON_NEGATIVE = ("flat_width", "alpha_gr", "checkpoint_every_steps")
+_FINITE = ("flat_width", "alpha_gr", "lr")  # nan passes every comparison check; inf is no value
 
 
 def _check_numbers(cfg: DictConfig) -> None:
     for key in ("flat_width", "alpha_gr"):
         if cfg[key] is None:
             raise ConfigError(f"{key} is not set (this preset leaves it to you); set {key}=<value>")
+    for key in _FINITE:
+        if cfg[key] is not None and not math.isfinite(cfg[key]):
+            raise ConfigError(f"{key}={cfg[key]} is not a finite number; set {key}=<a finite value>")
     for key in _POSITIVE:
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} must be an integer >= 1; set {key}=<n> with n >= 1")
@@ -189,3 +194,45 @@ def validate(cfg: DictConfig) -> None:
 def to_plain(cfg: DictConfig) -> dict:
     """The resolved config as a plain dict (for checkpoints and reports)."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+def typed_config(plain: dict) -> DictConfig:
+    """``plain`` (a resolved config) merged onto `TrainConfig`; a key the schema lacks
+    (``+flat_widht=1``) or a value of the wrong type is a one-line `ConfigError`."""
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    try:
+        return OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
+    except ConfigKeyError as exc:
+        raise ConfigError(
+            f"{exc.full_key} is not a config key; check its spelling "
+            "(python launch/train.py --cfg job lists every key)"
+        ) from None
+    except ValidationError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{exc.full_key}: {first}; give {exc.full_key} a value of its type") from None
+
+
+def instantiate_node(node: Any, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(node, **kwargs)``; a `StdsError` raised inside comes out as itself.
+
+    Hydra wraps every error of a ``_target_`` call in an InstantiationException whose message
+    spans lines ("Error in call to target ...", the error's repr, "full_key: ..."). A problem the
+    user can fix (`stds.errors.StdsError`, e.g. ``model.neuron.kind=bogus``) is re-raised as is,
+    so it reaches the log, ``error.txt`` and the terminal as its own one line; any other error
+    passes unchanged, except a key the target does not take (``+model.foo=1``), which
+    becomes a `ConfigError` naming ``key``.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from stds.cli import user_error
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        error, cause = user_error(exc), exc.__cause__
+        if error is not None:
+            raise error from None
+        if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):
+            raise ConfigError(f"{key}: {' '.join(str(cause).split())}; remove or rename that key of {key}") from exc
+        raise

@@ -135,6 +135,11 @@ def cifar10(
     given = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     _check_meta("cifar10", given, dict(num_classes=10, in_channels=3, image_size=32))
     folder = Path(root) / _CIFAR10Files.base_folder
+    if Path(root).exists() and not Path(root).is_dir():
+        raise DatasetNotFoundError(
+            f"dataset.root={root} is a file, not a folder; set dataset.root=<folder holding "
+            "cifar-10-batches-py> or dataset.download=true"
+        )
     expected = [name for name, _ in _CIFAR10Files.train_list + _CIFAR10Files.test_list]
     missing = [name for name in expected + [_CIFAR10Files.meta["filename"]]
                if not (folder / name).is_file()]
@@ -149,20 +154,43 @@ def cifar10(
         train = _CIFAR10Files(root, train=True, transform=transforms.Compose(augment + normalise),
                               download=download)
         test = _CIFAR10Files(root, train=False, transform=transforms.Compose(normalise))
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as exc:
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError,
+            AttributeError) as exc:
+        bad = _first_unreadable_cifar10_file(folder, expected)
+        what = f"{bad[0]} is not a CIFAR-10 batch ({bad[1]})" if bad else (
+            f"CIFAR-10 files in {folder} cannot be read ({type(exc).__name__}: {exc})")
         raise DatasetNotFoundError(
-            f"CIFAR-10 files in {folder} cannot be read ({type(exc).__name__}: {exc}); "
-            f"delete them and set dataset.download=true"
+            f"{what}; delete {folder} and set dataset.download=true, or set dataset.root=<a good copy>"
         ) from exc
     return DatasetSplits(train, test)
 
 
+def _first_unreadable_cifar10_file(folder: Path, names: list[str]) -> tuple[Path, str] | None:
+    """The first batch file that is empty, not a pickle, or not a dict with ``data`` and
+    ``labels``, and why (read only after torchvision failed, to name the file)."""
+    for name in names:
+        path = folder / name
+        if path.stat().st_size == 0:
+            return path, "an empty file"
+        try:
+            with open(path, "rb") as handle:
+                batch = pickle.load(handle, encoding="latin1")
+        except Exception as exc:  # any unpickling failure means the file is damaged
+            return path, f"not a pickle: {type(exc).__name__}"
+        if not isinstance(batch, dict) or "data" not in batch or not (
+                "labels" in batch or "fine_labels" in batch):
+            return path, "a pickle without the data and labels of a batch"
+    return None
+
+
 def _image_folder(folder: Path, transform: Any) -> datasets.ImageFolder:
+    fix = "set dataset.root=<folder holding train/<class>/*.JPEG and val/<class>/*.JPEG>"
     if not folder.is_dir():
-        raise DatasetNotFoundError(
-            f"ImageNet folder {folder} not found; set dataset.root=<folder holding train/ and val/>"
-        )
-    return datasets.ImageFolder(str(folder), transform=transform)
+        raise DatasetNotFoundError(f"ImageNet folder {folder} not found; {fix}")
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as exc:  # no class folder, or class folders without images
+        raise DatasetNotFoundError(f"ImageNet folder {folder} holds no images ({exc}); {fix}") from None
 
 
 def imagenet(

@@ -127,3 +127,40 @@ def test_relative_dataset_root_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = prepare_config(compose_train("dataset=cifar10"))
     assert Path(cfg.dataset.root) == tmp_path / "data" / "cifar10"
+
+
+@pytest.mark.parametrize("override", ["flat_width=nan", "flat_width=inf", "alpha_gr=nan", "alpha_gr=inf",
+                                      "lr=nan", "lr=inf"])
+def test_nan_and_inf_are_refused_naming_the_key(override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as info:
+        prepare_config(compose_train(override))
+    assert str(info.value) == f"{key}={value} is not a finite number; set {key}=<a finite value>"
+
+
+def test_unknown_key_and_wrong_type_against_the_schema_are_config_errors():
+    from stds.config import typed_config
+
+    with pytest.raises(ConfigError, match=r"^flat_widht is not a config key; check its spelling"):
+        typed_config({"flat_widht": 1})
+    with pytest.raises(ConfigError, match=r"^T: Value 'abc' .* give T a value of its type$"):
+        typed_config({"T": "abc"})
+    assert typed_config({"T": 8}).T == 8
+
+
+@pytest.mark.parametrize("override, key, message", [
+    ("model.neuron.kind=bogus", "model", "model.neuron.kind='bogus' is not valid; use one of lif, if"),
+    ("model.neuron.backend=cupy", "model", "model.neuron.backend='cupy': SpikingJelly 2.x has no CuPy backend; "
+     "its fused CUDA/Triton kernels are used automatically on GPU with backend=auto; set model.neuron.backend=auto"),
+    ("dataset.test_fraction=0", "dataset", "dataset.test_fraction=0 is not valid; use a value in (0, 1)"),
+    ("+model.foo=1", "model", "model: DigitsNet.__init__() got an unexpected keyword argument 'foo'; "
+     "remove or rename that key of model"),
+])
+def test_instantiate_node_gives_the_one_line_error_not_hydras_wrapper(override, key, message):
+    from stds.config import instantiate_node
+
+    cfg = compose_train(override)
+    with pytest.raises(ConfigError) as info:
+        instantiate_node(cfg[key], key)
+    assert str(info.value) == message
+    assert isinstance(instantiate_node(compose_train()[key], key), object)  # the default builds

@@ -1,6 +1,7 @@
 """Datasets: the embedded digits, CIFAR-10 and ImageFolder files on disk, fake data, configs."""
 
 import pickle
+import random
 from collections import Counter
 
 import numpy as np
@@ -107,12 +108,32 @@ def test_missing_cifar10_is_one_line_naming_the_path_and_the_fix(tmp_path):
     assert "dataset.root=" in message and "dataset.download=true" in message
 
 
-def test_damaged_cifar10_file_is_one_line(tmp_path):
+@pytest.mark.parametrize("content, why", [
+    (random.Random(0).randbytes(5000), "not a pickle: UnpicklingError"),
+    (b"", "an empty file"),
+    (b"not a pickle", "not a pickle: UnpicklingError"),
+    (pickle.dumps({"batch_label": "x", "images": []}), "a pickle without the data and labels of a batch"),
+    (pickle.dumps([1, 2, 3]), "a pickle without the data and labels of a batch"),
+])
+def test_damaged_cifar10_batch_is_one_line_naming_the_file(tmp_path, content, why):
     write_tiny_cifar10(tmp_path)
-    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
-    with pytest.raises(DatasetNotFoundError, match="cannot be read") as info:
+    damaged = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    damaged.write_bytes(content)
+    with pytest.raises(DatasetNotFoundError) as info:
         data.cifar10(str(tmp_path))
-    assert "\n" not in str(info.value)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{damaged} is not a CIFAR-10 batch ({why}); delete ")
+    assert message.endswith("set dataset.download=true, or set dataset.root=<a good copy>")
+
+
+def test_cifar10_root_that_is_a_file_or_empty_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DatasetNotFoundError, match=f"dataset.root={tmp_path / 'afile'} is a file, not a folder"):
+        data.cifar10(str(tmp_path / "afile"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="CIFAR-10 not found: .* lacks data_batch_1, "):
+        data.cifar10(str(tmp_path / "empty"))
 
 
 def test_cifar10_refuses_grey_images(tmp_path):
@@ -172,6 +193,23 @@ def test_imagenet_class_count_must_fit_num_classes(tmp_path):
     write_tiny_imagenet(tmp_path)
     with pytest.raises(ConfigError, match="dataset.num_classes=1000.*set dataset.num_classes=2"):
         data.imagenet(str(tmp_path))
+
+
+def test_imagenet_train_folder_missing_or_empty_is_one_line(tmp_path):
+    write_tiny_imagenet(tmp_path)
+    for path in (tmp_path / "train").rglob("*.JPEG"):
+        path.unlink()  # class folders without images
+    with pytest.raises(DatasetNotFoundError, match=f"ImageNet folder {tmp_path / 'train'} holds no images "
+                                                   r"\(Found no valid file for the classes n01, n02"):
+        data.imagenet(str(tmp_path), num_classes=2)
+    for folder in (tmp_path / "train").iterdir():
+        folder.rmdir()  # no class folder at all
+    with pytest.raises(DatasetNotFoundError, match="holds no images .*set dataset.root=") as info:
+        data.imagenet(str(tmp_path), num_classes=2)
+    assert "\n" not in str(info.value)
+    (tmp_path / "train").rmdir()
+    with pytest.raises(DatasetNotFoundError, match=f"ImageNet folder {tmp_path / 'train'} not found"):
+        data.imagenet(str(tmp_path), num_classes=2)
 
 
 # ---------------------------------------------------------------- fake

@@ -57,19 +57,75 @@ def test_documented_submitit_local_sweep(tmp_path):
     assert list((sweep / ".submitit").iterdir())
 
 
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The single ``Error: ...`` line of a failed run (asserting there is exactly one, no traceback)."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
 @pytest.mark.parametrize(
-    "override, key",
-    [("sparse=magic", "sparse"), ("flat_width=-1", "flat_width"), ("alpha_gr=-1", "alpha_gr"),
-     ("T=0", "T"), ("epochs=0", "epochs"), ("dataset=cifar10", "dataset.root")],
+    "override, expected",
+    [("sparse=magic", "Could not find 'sparse/magic'; options in 'sparse': identity, st, stmod"),
+     ("flat_width=-1", "flat_width=-1.0 must be >= 0"), ("alpha_gr=-1", "alpha_gr=-1.0 must be >= 0"),
+     ("T=0", "T=0 must be an integer >= 1"), ("epochs=0", "epochs=0 must be an integer >= 1"),
+     ("dataset=cifar10", "dataset.root="),
+     ("flat_width=nan", "flat_width=nan is not a finite number; set flat_width=<a finite value>"),
+     ("flat_widht=1", "flat_widht is not a config key"), ("+flat_widht=1", "flat_widht is not a config key"),
+     ("model.neuron.kind=bogus", "model.neuron.kind='bogus' is not valid; use one of lif, if"),
+     ("dataset.test_fraction=0", "dataset.test_fraction=0 is not valid; use a value in (0, 1)")],
 )
-def test_bad_input_is_one_line_without_traceback(tmp_path, override, key):
+def test_bad_input_is_one_line_without_traceback(tmp_path, override, expected):
+    # in-process tests cover the other values of each kind (tests/test_config.py, test_data.py)
     proc = run_train(override, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    assert key in proc.stderr
-    if override != "sparse=magic":
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
-        assert len(errors) == 1 and key in errors[0]
+    assert expected in _one_error_line(proc)
+
+
+def test_cifar10_root_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    proc = run_train("dataset=cifar10", f"dataset.root={tmp_path / 'afile'}", f"hydra.run.dir={tmp_path}/run")
+    assert f"dataset.root={tmp_path / 'afile'} is a file, not a folder" in _one_error_line(proc)
+
+
+@pytest.mark.parametrize("mode, key", [("run", "hydra.run.dir"), ("sweep", "hydra.sweep.dir")])
+def test_run_dir_under_a_regular_file_is_one_line(tmp_path, mode, key):
+    (tmp_path / "afile").write_text("x")
+    args = (("-m", "flat_width=1,2") if mode == "sweep" else ()) + (f"{key}={tmp_path / 'afile' / mode}",)
+    line = _one_error_line(run_train(*args))
+    assert line == (f"Error: cannot make the {mode} directory {tmp_path / 'afile' / mode}: "
+                    f"{tmp_path / 'afile'} is a file; set {key}=<a directory path>")
+
+
+def test_hydra_full_error_still_shows_the_traceback(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run([sys.executable, str(TRAIN), "flat_widht=1", f"hydra.run.dir={tmp_path}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "ConfigCompositionException" in proc.stderr
+
+
+def _file_size_limit(limit: int):
+    """For ``preexec_fn``: writes past ``limit`` bytes fail with EFBIG (Python ignores SIGXFSZ)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_checkpoint_that_does_not_fit_on_disk_is_one_line(tmp_path):
+    # the checkpoint (about 700 kB for the digits net with Adam) passes a 200 kB file-size limit the
+    # log and metrics files stay under: its write fails part-way, as on a full disk
+    out = tmp_path / "run"
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run(
+        [sys.executable, str(TRAIN), *FAST, "checkpoint_every_steps=1", "logging.synops=false",
+         f"hydra.run.dir={out}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, preexec_fn=_file_size_limit(200_000),
+    )
+    line = _one_error_line(proc)
+    assert line.startswith(f"Error: cannot write checkpoint {out / 'checkpoints' / 'last.pt'} (File too large)")
+    assert "free space" in line
+    assert [p.name for p in (out / "checkpoints").iterdir()] == []  # no temporary left behind
 
 
 @pytest.mark.slow

@@ -45,7 +45,16 @@ BACKENDS = ("auto", "torch")
 """``auto``: SpikingJelly's per-device dispatch (fused on CUDA); ``torch``: pure-PyTorch loop."""
 
 
+_NO_LONGER = {
+    ("backend", "cupy"): "SpikingJelly 2.x has no CuPy backend; its fused CUDA/Triton kernels are used "
+                         "automatically on GPU with backend=auto; set model.neuron.backend=auto",
+}
+"""Values SpikingJelly 1.x took that 2.x dropped: the reason, instead of a bare list of values."""
+
+
 def _choice(key: str, value: str, valid: tuple[str, ...] | dict) -> str:
+    if (key, value) in _NO_LONGER:
+        raise ConfigError(f"model.neuron.{key}={value!r}: {_NO_LONGER[key, value]}")
     if value not in valid:
         raise ConfigError(
             f"model.neuron.{key}={value!r} is not valid; use one of {', '.join(valid)}"
