@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from stds.cli import print_error
 from stds.errors import StdsError
 from stds.export import export_run
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export_run(args.run_dir, which=args.which, out=args.out)
     except (StdsError, OSError) as exc:
-        print(f"Error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print_error(exc)
         return 1
     return 0
 

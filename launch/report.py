@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from stds.cli import print_error
 from stds.errors import StdsError
 from stds.report import collect_runs, write_report
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
             export_finished(runs)
     except (StdsError, OSError) as exc:
-        print(f"Error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print_error(exc)
         return 1
     for path in paths.values():
         print(path)

@@ -174,7 +174,7 @@ def make_reparam(name: str, flat_width: float = 0.0) -> nn.Module:
     return REPARAMS[name](flat_width)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside DDP / DataParallel / torch.compile wrappers."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -195,7 +195,7 @@ def _reparam_of(module: nn.Module) -> Reparam | None:
 
 def pruned_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Qualified name -> layer, for every layer whose weight carries a reparameterization."""
-    core = _unwrap(model)
+    core = unwrap_model(model)
     return {name: m for name, m in core.named_modules() if _reparam_of(m) is not None}
 
 
@@ -228,7 +228,7 @@ def sparsify(
     """
     make_reparam(name, flat_width)  # validates name and flat_width before touching the model
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    core = _unwrap(model)
+    core = unwrap_model(model)
     if pruned_layers(core):
         raise ValueError("model is already sparsified; sparsify it once (or call unsparsify first)")
     names = []
@@ -287,7 +287,7 @@ def dense_state_dict(model: nn.Module) -> dict[str, Tensor]:
     ``parametrizations`` entries, no thresholds), so it loads with ``strict=True`` into the same
     architecture built without `stds`. The model is not modified.
     """
-    core = _unwrap(model)
+    core = unwrap_model(model)
     weights = {}
     for name, layer in pruned_layers(core).items():
         w = layer.weight.detach()

@@ -38,6 +38,8 @@ from spikingjelly.activation_based import functional, neuron
 from spikingjelly.activation_based.op_counter import BaseCounter, DispatchCounterMode, SynOpCounter
 from torch import Tensor, nn
 
+from stds.sparse import unwrap_model
+
 __all__ = ["FiringRates", "count_synops", "is_spike_tensor", "mac_rules", "synop_rules"]
 
 aten = torch.ops.aten
@@ -56,7 +58,15 @@ def is_spike_tensor(x: Tensor) -> bool:
 
 @contextlib.contextmanager
 def _exact_arithmetic(device: torch.device) -> Iterator[None]:
-    """Ops run by the rules themselves: not seen by a dispatch mode, not autocast."""
+    """Ops run by the rules themselves: not seen by a dispatch mode, not autocast.
+
+    The rules run inside `DispatchCounterMode.__torch_dispatch__`, where PyTorch has already
+    popped that mode, so the counter never sees them; but a dispatch mode *around* the count
+    (FlopCounterMode, the profiler's, another counter) would count the rules' own reductions and
+    counting convolutions. Excluding the Python dispatch key hides them from every mode. PyTorch
+    has no public call for this (``torch.utils._python_dispatch._disable_current_modes`` is
+    private too, and pops the modes instead), hence the private guard, used here only.
+    """
     guard = torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.Python))
     with torch.no_grad(), guard, torch.autocast(device.type, enabled=False):
         yield
@@ -163,17 +173,6 @@ def mac_rules() -> dict[Any, Callable]:
     return {func: _rule(func, spikes=False) for func in _WEIGHT_OPS}
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 _ACTIVE_MONITORS: "weakref.WeakSet[FiringRates]" = weakref.WeakSet()
 """Monitors inside their ``with`` block; `count_synops` pauses those watching its model."""
 
@@ -189,7 +188,7 @@ class FiringRates:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = _unwrap(model)
+        self.model = unwrap_model(model)
         self.layers = {
             name: m for name, m in self.model.named_modules() if isinstance(m, neuron.BaseNode)
         }
@@ -223,7 +222,7 @@ class FiringRates:
     def watches(self, model: nn.Module) -> bool:
         """True when one of the spiking layers watched here belongs to ``model``."""
         watched = set(self.layers.values())
-        return any(m in watched for m in _unwrap(model).modules())
+        return any(m in watched for m in unwrap_model(model).modules())
 
     def rates(self) -> dict[str, float]:
         """Layer name -> spikes / (neurons x time steps x samples) over what was recorded."""
@@ -291,7 +290,7 @@ def count_synops(model: nn.Module, images: Tensor, samples: int | None = None) -
     plain forward). ``reset_net`` is called before and after. Call it on the
     unwrapped model, in evaluation mode, once per evaluation on one batch.
     """
-    core = _unwrap(model)
+    core = unwrap_model(model)
     samples = int(images.shape[0] if samples is None else samples)
     synop_counter = SynOpCounter(extra_rules=synop_rules())
     mac_counter = BaseCounter()
