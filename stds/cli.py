@@ -158,7 +158,8 @@ def run_hydra_main(main: Callable[[], Any], argv: list[str] | None = None) -> No
 
     Hydra prints its own errors (unknown key, bad override syntax, an InstantiationException) as
     several lines and exits. Here Hydra is asked to raise them instead (``HYDRA_FULL_ERROR=1`` in
-    this process), and they become one ``Error: ...`` line: `StdsError` (also inside Hydra's
+    this process and the sweep jobs it starts, where `report_errors` raises anyway), and they
+    become one ``Error: ...`` line: `StdsError` (also inside Hydra's
     wrappers), Hydra's composition and override errors, and an OSError from making the run
     directory before the job started. Anything else keeps its full traceback. If the user set
     ``HYDRA_FULL_ERROR=1``, nothing is caught.
