@@ -107,6 +107,9 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = True
     device: str = "auto"
+    # auto (on for a convolutional model on CUDA), true or false; see stds.accel
+    channels_last: str = "auto"
+    compile: bool = False  # torch.compile the training model
     checkpoint_every_steps: int = 0
 
 
@@ -181,6 +184,12 @@ def _check_dataset(cfg: DictConfig) -> None:
         )
 
 
+def _check_speed(cfg: DictConfig) -> None:
+    from stds.accel import check_channels_last  # imports SpikingJelly: only when validating
+
+    check_channels_last(cfg.channels_last)
+
+
 def validate(cfg: DictConfig) -> None:
     """Check what the schema's types cannot; raise `ConfigError` naming the key and the fix."""
     for key in ("dataset", "model", "optimizer"):
@@ -189,6 +198,7 @@ def validate(cfg: DictConfig) -> None:
     _check_numbers(cfg)
     _check_method(cfg)
     _check_dataset(cfg)
+    _check_speed(cfg)
 
 
 def to_plain(cfg: DictConfig) -> dict:

@@ -25,6 +25,7 @@ from stds.models import (
     sew_resnet101,
     sew_resnet152,
 )
+from stds.models.neurons import Float32StateIFNode, Float32StateLIFNode
 from stds.models.sew_resnet import BasicBlock, Bottleneck
 from stds.sparse import pruned_parameters, sparsify
 
@@ -115,6 +116,56 @@ def test_lif_and_if_dynamics_by_hand(backend):
     assert if_node(torch.full((3, 1, 1), 0.6)).flatten().tolist() == [0.0, 1.0, 0.0]
 
 
+def _spikingjelly_node(kind: str, v_reset: float | None) -> nn.Module:
+    common = dict(v_reset=v_reset, surrogate_function=surrogate.ATan(alpha=2.0),
+                  detach_reset=True, step_mode="m")
+    return neuron.LIFNode(tau=2.0, **common) if kind == "lif" else neuron.IFNode(**common)
+
+
+@pytest.mark.parametrize("kind", ["lif", "if"])
+@pytest.mark.parametrize("v_reset", [0.0, None])
+def test_float32_state_neurons_compute_what_spikingjelly_computes_in_float32(kind, v_reset):
+    torch.manual_seed(0)
+    x = (torch.randn(5, 3, 4) * 1.5).requires_grad_()
+    ours, theirs = make_neuron(kind, v_reset=v_reset), _spikingjelly_node(kind, v_reset)
+    spikes = ours(x)
+    (grad,) = torch.autograd.grad((spikes * torch.arange(4.0)).sum(), x)
+    ref_spikes = theirs(x)
+    (ref_grad,) = torch.autograd.grad((ref_spikes * torch.arange(4.0)).sum(), x)
+    assert spikes.dtype == torch.float32 and 0 < spikes.sum() < spikes.numel()
+    assert torch.equal(spikes, ref_spikes) and torch.equal(ours.v, theirs.v)
+    assert torch.equal(grad, ref_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["lif", "if"])
+def test_low_precision_input_keeps_a_float32_state(dtype, kind):
+    # the dynamics by hand as above (1.5 and 0.6 are the inputs); the state is float32 and the
+    # spikes keep the input's dtype. 0.6 in bfloat16 is 0.6015625, in float16 0.60009765625:
+    # IF V = 0.6015625, 1.203125 (spike, reset to 0), 0.6015625.
+    value = 1.5 if kind == "lif" else 0.6
+    node = make_neuron(kind)
+    x = torch.full((3, 1, 1), value, dtype=dtype)
+    spikes = node(x)
+    assert spikes.dtype == dtype and spikes.flatten().tolist() == [0.0, 1.0, 0.0]
+    assert node.v.dtype == torch.float32
+    expected_v = 0.75 if kind == "lif" else float(x[0, 0, 0])  # LIF: H3 = 0.75
+    assert node.v.item() == expected_v
+    # the same as SpikingJelly's node on the input cast to float32, spikes and state
+    reference = _spikingjelly_node(kind, 0.0)
+    assert torch.equal(spikes.float(), reference(x.float())) and torch.equal(node.v, reference.v)
+    # after reset_net the state is materialized again in float32, not in the input's dtype
+    functional.reset_net(node)
+    node(x)
+    assert node.v.dtype == torch.float32
+
+
+def test_float64_input_keeps_spikingjelly_state_rule():
+    node = make_neuron("lif")
+    node(torch.full((2, 3), 1.5, dtype=torch.float64))
+    assert node.v.dtype == torch.float64
+
+
 def test_soft_reset_and_threshold_from_config():
     # IF, threshold 0.5, soft reset, input 0.7: V = 0.7 (spike, 0.2), 0.9 (spike, 0.4), 1.1 ...
     if_node = make_neuron("if", v_threshold=0.5, v_reset=None)
@@ -127,7 +178,7 @@ def test_soft_reset_and_threshold_from_config():
     [
         (dict(kind="plif"), "kind", "lif, if"),
         (dict(surrogate="relu"), "surrogate", "atan, sigmoid"),
-        (dict(backend="cupy"), "backend", "auto, torch"),
+        (dict(backend="numba"), "backend", "auto, torch"),
     ],
 )
 def test_unknown_neuron_options_name_key_and_valid_values(kwargs, key, valid):
@@ -139,16 +190,16 @@ def test_unknown_neuron_options_name_key_and_valid_values(kwargs, key, valid):
 def test_models_use_the_neuron_factory_they_are_given():
     model = DigitsNet(T=2, neuron=lambda: make_neuron("if"))
     kinds = {type(n) for n in neurons_of(model)}
-    assert kinds == {neuron.IFNode} and len(neurons_of(model)) == 3
+    assert kinds == {Float32StateIFNode} and len(neurons_of(model)) == 3
 
 
 def test_default_neurons():
-    assert {type(n) for n in neurons_of(DigitsNet(T=2))} == {neuron.LIFNode}
+    assert {type(n) for n in neurons_of(DigitsNet(T=2))} == {Float32StateLIFNode}
     cifar = CIFAR10Net(T=2, in_channels=1, image_size=8, channels=4)
-    assert {type(n) for n in neurons_of(cifar)} == {neuron.LIFNode}
+    assert {type(n) for n in neurons_of(cifar)} == {Float32StateLIFNode}
     assert len(neurons_of(cifar)) == 8  # 6 conv + 2 fc
     sew = sew_resnet18(T=2, num_classes=10)
-    assert {type(n) for n in neurons_of(sew)} == {neuron.IFNode}
+    assert {type(n) for n in neurons_of(sew)} == {Float32StateIFNode}
     # stem 1 + 8 blocks x 2 + 3 downsample shortcuts = 20
     assert len(neurons_of(sew)) == 20
     assert all(n.detach_reset and n.step_mode == "m" for n in neurons_of(sew))
@@ -406,7 +457,7 @@ def test_model_config_keys_reach_the_model():
     )
     net = instantiate(cfg.model)
     assert net.connect_f == "IAND" and bool((net.layer1[0].bn2.weight == 0).all())
-    assert {type(n) for n in neurons_of(net)} == {neuron.LIFNode}
+    assert {type(n) for n in neurons_of(net)} == {Float32StateLIFNode}
     assert neurons_of(net)[0].tau == 3.0
 
 

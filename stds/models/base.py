@@ -13,6 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from stds.errors import ConfigError
@@ -52,7 +53,16 @@ class SpikingClassifier(nn.Module, ABC):
         self.prune_exclude: tuple[str, ...] = as_patterns(prune_exclude)
 
     def repeat_over_time(self, x: Tensor) -> Tensor:
-        """``[N, ...]`` -> ``[T, N, ...]``: the same tensor at every time step."""
+        """``[N, ...]`` -> ``[T, N, ...]``: the same tensor at every time step.
+
+        A channels_last ``[N, C, H, W]`` stays channels_last at every step (the convolutions
+        after it then need no layout conversion); the values are the same either way.
+        """
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last
+        ):
+            nhwc = x.permute(0, 2, 3, 1).unsqueeze(0).repeat(self.T, 1, 1, 1, 1)
+            return nhwc.permute(0, 1, 4, 2, 3)
         return x.unsqueeze(0).repeat(self.T, *([1] * x.dim()))
 
     def forward_static(self, images: Tensor) -> Tensor:
