@@ -95,8 +95,11 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock or raise `RunDirError`."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+", encoding="utf-8")
+        except OSError as exc:
+            raise RunDirError(f"cannot lock {self.path} ({exc.strerror or exc}); {_FIX_READ_ONLY}") from None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -95,6 +95,12 @@ def test_second_process_on_the_same_run_dir_is_refused_until_the_first_dies(tmp_
         pass
 
 
+def test_run_lock_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RunDirError, match=r"cannot lock .*afile/run/\.lock \(Not a directory\); make it writable"):
+        rundir.RunLock(tmp_path / "afile" / "run").acquire()
+
+
 def test_run_lock_error_is_a_user_error(tmp_path):
     with rundir.RunLock(tmp_path):
         with pytest.raises(StdsError):
