@@ -1,25 +1,49 @@
 """The one training entrypoint: ``python launch/train.py [group=option ...] [key=value ...]``.
 
 Single process, ``torchrun --nproc_per_node=N launch/train.py ...``, or ``-m`` sweeps through any
-Hydra launcher (``hydra/launcher=submitit_local``, ``slurm``, ``slurm_cpu``). The work is in
+Hydra launcher (``hydra/launcher=local``, ``submitit_local``, ``slurm``, ``slurm_cpu``; ``local``
+is registered from ``launch/hydra_plugins/``, on ``sys.path`` beside this file). The work is in
 `stds.train.train`; this file only wires Hydra to it.
 """
+
+import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from stds.cli import report_errors, run_hydra_main
 from stds.config import register_configs
+from stds.resume import resume_overrides
+from stds.signals import RunStopped
 from stds.train import train
 
 register_configs()
 
 
+def _argv(argv: list[str]) -> list[str]:
+    """``resume=`` expanded; under torchrun, ranks other than 0 make no run directory of their own
+    (rank 0's directory is given to every rank by `stds.train.train`)."""
+    argv = report_errors(lambda: resume_overrides(argv))
+    if int(os.environ.get("RANK", "0")) > 0:
+        argv = argv + ["hydra.run.dir=.", "hydra/job_logging=stdout"]
+    return argv
+
+
+def _train(cfg: DictConfig) -> float:
+    try:
+        return train(cfg)
+    except RunStopped as stop:  # SIGTERM / SIGINT / SIGUSR2 after last.pt was written
+        print(stop, file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Train one run in Hydra's output directory; returns the final test top-1 accuracy."""
-    return report_errors(lambda: train(cfg))
+    return report_errors(lambda: _train(cfg))
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = _argv(sys.argv[1:])
     run_hydra_main(main)

@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from stds.errors import ConfigError
-from stds.schedule import SCHEDULES
+from stds.schedule import SCHEDULES, TARGET_KIND
 
 
 class SparseMethod(str, Enum):
@@ -62,8 +62,11 @@ class SparseConfig:
 
 @dataclass
 class ScheduleConfig:
-    # a key of stds.schedule.SCHEDULES: constant, linear, sine, or one registered by the user
+    # a key of stds.schedule.SCHEDULES: constant, linear, sine, or one registered by the user;
+    # or target: d follows target_sparsity (see docs/target_sparsity.md)
     kind: str = "sine"
+    # kind=target only: the SCHEDULES key the wanted sparsity follows from 0 to target_sparsity
+    ramp: Optional[str] = None
 
 
 @dataclass
@@ -103,7 +106,8 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     loss: LossKind = LossKind.ce
-    amp: bool = False
+    # false | fp16 | bf16 (true = fp16); normalised by stds.run.prepare_config
+    amp: Any = False
     seed: int = 0
     deterministic: bool = True
     device: str = "auto"
@@ -111,6 +115,13 @@ class TrainConfig:
     channels_last: str = "auto"
     compile: bool = False  # torch.compile the training model
     checkpoint_every_steps: int = 0
+    # scheduler=target: the sparsity S the run ends at (0 < S < 1), and steps between recomputes of d
+    target_sparsity: Optional[float] = None
+    target_every_steps: int = 10
+    # a run directory to continue (launch/train.py resolves `last`); set by the entrypoint
+    resume: Optional[str] = None
+    # start a new run from the weights of a checkpoint or an exported pruned.pt
+    init_from: Optional[str] = None
 
 
 def register_configs() -> None:
@@ -119,13 +130,13 @@ def register_configs() -> None:
 
 
 _POSITIVE = ("T", "epochs", "batch_size")
-_NON_NEGATIVE = ("flat_width", "alpha_gr", "checkpoint_every_steps")
+_NON_NEGATIVE = ("alpha_gr", "checkpoint_every_steps")
 _FINITE = ("flat_width", "alpha_gr", "lr")  # nan passes every comparison check; inf is no value
 
 
 def _check_numbers(cfg: DictConfig) -> None:
     for key in ("flat_width", "alpha_gr"):
-        if cfg[key] is None:
+        if cfg[key] is None and not (key == "flat_width" and cfg.scheduler.kind == TARGET_KIND):
             raise ConfigError(f"{key} is not set (this preset leaves it to you); set {key}=<value>")
     for key in _FINITE:
         if cfg[key] is not None and not math.isfinite(cfg[key]):
@@ -133,6 +144,8 @@ def _check_numbers(cfg: DictConfig) -> None:
     for key in _POSITIVE:
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} must be an integer >= 1; set {key}=<n> with n >= 1")
+    if cfg.flat_width is not None and cfg.flat_width < 0:
+        raise ConfigError(f"flat_width={cfg.flat_width} must be >= 0; set flat_width=<value> with value >= 0")
     for key in _NON_NEGATIVE:
         if cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]} must be >= 0; set {key}=<value> with value >= 0")
@@ -145,8 +158,8 @@ def _check_numbers(cfg: DictConfig) -> None:
 
 
 def _check_method(cfg: DictConfig) -> None:
-    if cfg.scheduler.kind not in SCHEDULES:
-        valid = ", ".join(sorted(SCHEDULES))
+    if cfg.scheduler.kind not in SCHEDULES and cfg.scheduler.kind != TARGET_KIND:
+        valid = ", ".join(sorted([*SCHEDULES, TARGET_KIND]))
         raise ConfigError(f"scheduler.kind={cfg.scheduler.kind!r} is not valid; use one of {valid}")
     if cfg.gradr_optimize == GradROptimize.pruned:
         _check_gradr_pruned_only(cfg)
@@ -168,6 +181,37 @@ def _check_gradr_pruned_only(cfg: DictConfig) -> None:
             "gradr_optimize=pruned is the published Grad R baseline and alpha_gr=0 turns Grad R off; "
             "set alpha_gr=<alpha> > 0 or gradr_optimize=all"
         )
+
+
+def _check_target(cfg: DictConfig) -> None:
+    """``scheduler=target``: S in (0, 1), a pruning method, no Grad R; S only with that scheduler.
+
+    ``flat_width`` is ignored by it (d comes from θ), so any value, null included, is accepted.
+    """
+    target = cfg.target_sparsity
+    if cfg.scheduler.kind != TARGET_KIND:
+        if target is not None:
+            raise ConfigError(f"target_sparsity={target} is used only by scheduler=target; "
+                              "add scheduler=target or remove target_sparsity")
+        if cfg.scheduler.ramp is not None:
+            raise ConfigError(f"scheduler.ramp={cfg.scheduler.ramp} is used only by scheduler=target; "
+                              "add scheduler=target or remove scheduler.ramp")
+        return
+    if target is None or not 0 < target < 1:
+        raise ConfigError(f"scheduler=target needs target_sparsity in (0, 1), got {target}; "
+                          "set target_sparsity=<S>, e.g. 0.9")
+    if cfg.sparse.method == SparseMethod.identity:
+        raise ConfigError("scheduler=target needs a pruning method (sparse=identity zeroes no weight); "
+                          "set sparse=stmod or sparse=st")
+    if cfg.alpha_gr > 0:
+        raise ConfigError(f"alpha_gr={cfg.alpha_gr} is Grad R, whose threshold is the constant mu=flat_width; "
+                          "scheduler=target sets d itself: set alpha_gr=0 or scheduler=constant")
+    if cfg.scheduler.ramp not in SCHEDULES:
+        valid = ", ".join(sorted(SCHEDULES))
+        raise ConfigError(f"scheduler.ramp={cfg.scheduler.ramp!r} is not valid; use one of {valid}")
+    if cfg.target_every_steps < 1:
+        raise ConfigError(f"target_every_steps={cfg.target_every_steps} must be >= 1; "
+                          "set target_every_steps=<n> with n >= 1")
 
 
 def _check_dataset(cfg: DictConfig) -> None:
@@ -197,6 +241,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} is not set; pick one with {key}=<name>")
     _check_numbers(cfg)
     _check_method(cfg)
+    _check_target(cfg)
     _check_dataset(cfg)
     _check_speed(cfg)
 
@@ -204,6 +249,7 @@ def validate(cfg: DictConfig) -> None:
 def to_plain(cfg: DictConfig) -> dict:
     """The resolved config as a plain dict (for checkpoints and reports)."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
 
 def typed_config(plain: dict) -> DictConfig:
     """``plain`` (a resolved config) merged onto `TrainConfig`; a key the schema lacks

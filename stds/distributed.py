@@ -142,6 +142,13 @@ def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return values
 
 
+def all_reduce_max(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The element-wise maximum of a tensor over ranks (a no-op in a single process)."""
+    if env.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def barrier(env: DistEnv) -> None:
     """Wait for every rank (a no-op in a single process)."""
     if env.distributed:

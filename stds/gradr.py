@@ -106,8 +106,16 @@ class GradRPrior:
     @torch.no_grad()
     def _apply(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Post-step hook: move every updated θ towards 0 by lr·α of its own parameter group."""
+        # a fused optimizer under an fp16 GradScaler is always called; the scaler then hands it
+        # ``found_inf`` (1 on a step to skip) and it skips inside its kernel. The prior follows
+        # without reading the device: its amount is multiplied by (found_inf == 0), and a zero
+        # amount leaves θ as it is in both rules.
+        found_inf = getattr(optimizer, "found_inf", None)
+        keep = (found_inf == 0) if isinstance(found_inf, Tensor) else None
         for index, thetas in self._groups:
             amount = optimizer.param_groups[index]["lr"] * self.alpha
+            if keep is not None:
+                amount = keep * amount
             for theta in thetas:
                 if theta.grad is None:
                     continue

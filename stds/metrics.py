@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,64 +35,114 @@ def correct_topk(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
     return (top == labels.unsqueeze(1)).any(dim=1).sum()
 
 
-def read_history(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (an absent file has none)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+class IntervalMeter:
+    """Throughput over a log interval, from host clocks only (no device read).
+
+    The loop calls `waited` with the seconds it blocked on the next batch, `stepped` after each
+    optimizer step, and `report` at the log interval (after something that waits for the device,
+    such as reading the loss, so the interval's wall time includes its GPU work).
+    """
+
+    def __init__(self, images_per_step: int) -> None:
+        self.images_per_step = images_per_step
+        self.restart()
+
+    def restart(self) -> None:
+        self.started = time.perf_counter()
+        self.steps = 0
+        self.wait_s = 0.0
+
+    def waited(self, seconds: float) -> None:
+        self.wait_s += seconds
+
+    def stepped(self) -> None:
+        self.steps += 1
+
+    def report(self, steps_left_epoch: int, steps_left_run: int, eval_s: float, epochs_left: int) -> dict[str, float]:
+        """``images_per_s``, ``ms_per_step``, ``data_wait_share``, ``eta_epoch_s``, ``eta_run_s``.
+
+        ETAs: steps left times this interval's time per step; the run's also adds one evaluation
+        (as long as the last one, ``eval_s``) per epoch left. Restarts the interval.
+        """
+        wall = max(time.perf_counter() - self.started, 1e-9)
+        per_step = wall / max(self.steps, 1)
+        values = {
+            "images_per_s": self.steps * self.images_per_step / wall,
+            "ms_per_step": 1000.0 * per_step,
+            "data_wait_share": min(self.wait_s / wall, 1.0),
+            "eta_epoch_s": steps_left_epoch * per_step,
+            "eta_run_s": steps_left_run * per_step + epochs_left * eval_s,
+        }
+        self.restart()
+        return values
+
+
+def format_duration(seconds: float) -> str:
+    """``1:02:03`` for 3723 s (hours grow past 24: a 2,048-epoch run can take weeks)."""
+    seconds = int(round(max(seconds, 0.0)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def interval_line(values: dict[str, float]) -> str:
+    """The throughput part of a log line and of the progress bar."""
+    return (f"{values['images_per_s']:.0f} img/s {values['ms_per_step']:.1f} ms/step "
+            f"data {100 * values['data_wait_share']:.0f}% | ETA epoch "
+            f"{format_duration(values['eta_epoch_s'])} run {format_duration(values['eta_run_s'])}")
+
+
 class MetricsWriter:
-    """Writes one run's TensorBoard events and JSON metric files."""
+    """Writes one run's TensorBoard events and JSON metric files (names from ``docs/metrics.md``)."""
 
     def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
         self.run_dir = run_dir
         self.jsonl = run_dir / "metrics.jsonl"
         self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
 
-    def rewrite_history(self, history: list[dict[str, Any]]) -> None:
-        """Replace ``metrics.jsonl`` with ``history`` (the records a checkpoint holds)."""
+    def truncate_after(self, step: int) -> None:
+        """Drop the ``metrics.jsonl`` lines of epochs after ``step`` (a resumed run writes them again)."""
+        if not self.jsonl.exists():
+            return
+        kept = []
+        for line in self.jsonl.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line + "\n")
         tmp = self.jsonl.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+        tmp.write_text("".join(kept))
         tmp.replace(self.jsonl)
 
-    def train_step(self, step: int, loss: float, lr: float, flat_width: float) -> None:
-        """Per-step scalars."""
-        self.tb.add_scalar("train/loss_step", loss, step)
-        self.tb.add_scalar("train/lr", lr, step)
-        self.tb.add_scalar("sparse/flat_width", flat_width, step)
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Scalars under their own names (the log interval's ``step_loss``, ``lr``, ``d``, throughput)."""
+        for name, value in values.items():
+            self.tb.add_scalar(name, value, step)
 
     def epoch(self, record: dict[str, Any]) -> None:
         """One finished epoch: TensorBoard scalars at its last step and a ``metrics.jsonl`` line."""
         step = record["step"]
-        for key in ("train_loss", "train_acc1", "test_loss", "test_acc1", "test_acc5"):
-            split, name = key.split("_", 1)
-            self.tb.add_scalar(f"{split}/{name}", record[key], step)
-        self.tb.add_scalar("train/epoch", record["epoch"], step)
-        self.tb.add_scalar("sparse/flat_width_epoch", record["flat_width"], step)
-        self.tb.add_scalar("sparse/sparsity", record["sparsity"], step)
-        for name, value in record["sparsity_layers"].items():
-            self.tb.add_scalar(f"sparsity_layers/{name}", value, step)
-        for name, value in record.get("firing_rates", {}).items():
-            self.tb.add_scalar(f"firing_rates/{name}", value, step)
-        if record.get("synops") is not None:
-            self.tb.add_scalar("synops/per_sample", record["synops"], step)
-            self.tb.add_scalar("synops/first_layer_macs", record["first_layer_macs"], step)
+        for name, value in record.items():
+            if isinstance(value, dict):
+                for layer, layer_value in value.items():
+                    self.tb.add_scalar(f"{name}/{layer}", layer_value, step)
+            elif isinstance(value, (int, float)) and value is not None and name != "step":
+                self.tb.add_scalar(name, value, step)
         with self.jsonl.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         self.tb.flush()
 
     def histograms(self, model: nn.Module, step: int) -> None:
-        """Histograms of w and θ of every pruned layer."""
+        """Histograms of θ (``theta/<layer>``) and w (``w/<layer>``) of every pruned layer."""
         for name, theta in pruned_parameters(model).items():
             module = model.get_submodule(name)
             self.tb.add_histogram(f"theta/{name}", theta.detach().float().cpu(), step)
             with torch.no_grad():
-                self.tb.add_histogram(f"weight/{name}", module.weight.detach().float().cpu(), step)
+                self.tb.add_histogram(f"w/{name}", module.weight.detach().float().cpu(), step)
 
     def final(self, summary: dict[str, Any]) -> None:
         """``metrics.json``: the final and best figures."""

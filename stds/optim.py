@@ -50,9 +50,25 @@ def trained_parameters(cfg: DictConfig, core: nn.Module) -> list[nn.Parameter]:
     return list(core.parameters())
 
 
+FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+"""Optimizers built with ``fused=True`` on CUDA: one kernel per step, and under an fp16
+`GradScaler` the skip decision stays on the device (an unfused optimizer makes the scaler read
+``found_inf`` to the host every step)."""
+
+
+def _make_optimizer(cfg: DictConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    factory = instantiate(cfg.optimizer)
+    on_cuda = bool(params) and params[0].is_cuda
+    target = getattr(factory, "func", factory)
+    if on_cuda and isinstance(target, type) and issubclass(target, FUSED_OPTIMIZERS):
+        if "fused" not in factory.keywords:
+            return factory(params=params, fused=True)
+    return factory(params=params)
+
+
 def build_optimization(cfg: DictConfig, core: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
     """Optimizer over `trained_parameters`, its learning-rate schedule, and the Grad R prior if α > 0."""
-    optimizer = instantiate(cfg.optimizer)(params=trained_parameters(cfg, core))
+    optimizer = _make_optimizer(cfg, trained_parameters(cfg, core))
     lr_scheduler = instantiate(cfg.lr_scheduler)(optimizer=optimizer)
     if cfg.alpha_gr > 0:
         variant = _gradr_variant(cfg, optimizer)

@@ -164,12 +164,13 @@ def wanted_count(sparsity: float, numel: int) -> int:
 
 
 @torch.no_grad()
-def kth_smallest_abs(thetas: Sequence[Tensor], k: int) -> float:
+def kth_smallest_abs(thetas: Sequence[Tensor], k: int, scratch: Tensor | None = None) -> float:
     """The k-th smallest |θ| over all of ``thetas`` (k from 1), or 0.0 for k = 0.
 
-    This is the smallest d with #{|θ| <= d} >= k. The values go into one buffer in one pass.
-    On a CPU numpy's in-place introselect finds the value; on other devices ``Tensor.kthvalue``,
-    whose value is read back once (the one host synchronisation). Both return the exact order
+    This is the smallest d with #{|θ| <= d} >= k. The values go into one buffer in one pass
+    (``scratch`` when given: as many elements, θ's dtype and device; it is overwritten). On a
+    CPU numpy's in-place introselect finds the value; on other devices ``Tensor.kthvalue``, whose
+    value is read back once (the one host synchronisation). Both return the exact order
     statistic, so the answer does not depend on the device or on the order of ties.
     """
     numel = sum(theta.numel() for theta in thetas)
@@ -177,7 +178,9 @@ def kth_smallest_abs(thetas: Sequence[Tensor], k: int) -> float:
         raise ValueError(f"k must lie in [0, {numel}] (the number of values), got {k}")
     if k == 0:
         return 0.0
-    values = torch.empty(numel, dtype=thetas[0].dtype, device=thetas[0].device)
+    values = scratch if scratch is not None else thetas[0].new_empty(numel)
+    if values.shape != (numel,) or values.dtype != thetas[0].dtype or values.device != thetas[0].device:
+        raise ValueError(f"scratch must be a 1-d {thetas[0].dtype} tensor of {numel} elements on {thetas[0].device}")
     offset = 0
     for theta in thetas:
         torch.abs(theta.detach().reshape(-1), out=values[offset : offset + theta.numel()])
@@ -197,7 +200,9 @@ class TargetSparsitySchedule(ThresholdSchedule):
     smallest |θ| over all pruned layers, k = `wanted_count` (w = 0 exactly when |θ| <= d, so
     #{w = 0} = k unless ties at that value, zeros included, force more), and d never decreases:
     d = max(d, that value). Between recomputes d is held. On one process or under DDP the result
-    depends only on θ, which every rank holds identically: no communication.
+    depends only on θ, which every rank holds identically: no communication. With θ on a CPU
+    the schedule keeps one |θ| buffer for the recomputes (4 bytes per pruned float32 weight): a
+    fresh one of tens of MB would cost as much in page faults as the selection itself.
     """
 
     def __init__(self, target: float, total_steps: int, ramp: str = "sine", every: int = 1) -> None:
@@ -210,6 +215,7 @@ class TargetSparsitySchedule(ThresholdSchedule):
         self.asked = 0.0  # the sparsity the current d was computed for
         self._thetas: list[Tensor] = []
         self._numel = 0
+        self._scratch: Tensor | None = None
         super().__init__(final=0.0, total_steps=total_steps, kind=ramp)
         self.kind = TARGET_KIND
 
@@ -227,6 +233,9 @@ class TargetSparsitySchedule(ThresholdSchedule):
         if not self._thetas:
             raise ValueError("scheduler=target needs pruned layers; the model has none")
         self._numel = sum(theta.numel() for theta in self._thetas)
+        self._scratch = None
+        if self._thetas[0].device.type == "cpu":  # a fresh buffer costs page faults on every recompute
+            self._scratch = self._thetas[0].new_empty(self._numel)
         super().attach(model)
         return self
 
@@ -237,7 +246,7 @@ class TargetSparsitySchedule(ThresholdSchedule):
         if not self._thetas:
             raise RuntimeError("attach the model before calling step (TargetSparsitySchedule)")
         self.asked = self.wanted(step)
-        candidate = kth_smallest_abs(self._thetas, wanted_count(self.asked, self._numel))
+        candidate = kth_smallest_abs(self._thetas, wanted_count(self.asked, self._numel), self._scratch)
         if candidate > self.d:  # False for NaN θ: d is held and the loop reports the bad loss
             self._apply(candidate)
         return self.d

@@ -36,6 +36,7 @@ __all__ = [
     "Reparam",
     "dense_state_dict",
     "get_flat_width",
+    "load_dense_weights",
     "make_reparam",
     "pruned_layers",
     "pruned_parameters",
@@ -302,6 +303,33 @@ def dense_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if prefix is None or not key.startswith(f"{prefix}parametrizations."):
             out[key] = value
     return out
+
+
+def load_dense_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    """Load a plain state dict (as `dense_state_dict` returns) into a sparsified model.
+
+    Each pruned layer's w goes through its reparameterization's inverse at the current threshold
+    (θ = sign(w)(|w| + d)), so the model computes exactly these weights; every other entry
+    (biases, BatchNorm) is loaded as it is. Keys must match the architecture (``strict``).
+    """
+    core = unwrap_model(model)
+    layers = pruned_layers(core)
+    prefixes = {f"{name}." if name else "": layer for name, layer in layers.items()}
+    pruned_keys = {f"{prefix}weight" for prefix in prefixes}
+    for prefix, layer in prefixes.items():
+        key = f"{prefix}weight"
+        if key not in weights:
+            raise KeyError(f"missing key {key!r}")
+        w = weights[key]
+        if w.shape != layer.weight.shape:
+            raise ValueError(f"{key}: shape {tuple(w.shape)} is not {tuple(layer.weight.shape)}")
+        with torch.no_grad():
+            layer.weight = w.to(layer.weight.device, layer.weight.dtype)
+    rest = {k: v for k, v in weights.items() if k not in pruned_keys}
+    result = core.load_state_dict(rest, strict=False)
+    missing = [k for k in result.missing_keys if "parametrizations." not in k]
+    if missing or result.unexpected_keys:
+        raise KeyError(f"key {(missing or result.unexpected_keys)[0]!r} does not match the model")
 
 
 def _owning_prefix(key: str, prefixes: dict[str, Tensor]) -> str | None:

@@ -1,257 +1,74 @@
-"""The training loop: `train(cfg, run_dir)` builds everything from a composed config and trains.
+"""The training loop: `train(cfg, run_dir)` builds a run from its config (`stds.run`), resumes it
+(`stds.resume`) and trains.
 
 Per step: the static batch goes through the spiking model (which repeats it over T and averages
 over T), loss, backward, optimizer step (the Grad R prior follows through the optimizer's step
-hook), ``reset_net``, then the threshold d for the next step. Per epoch: learning-rate step,
-evaluation, sparsity, metrics, checkpoint. A run directory that already holds
-``checkpoints/last.pt`` resumes from it.
+hook), ``reset_net``, then the threshold d for the next step. Nothing is read from the device in a
+step: losses and accuracies are summed on the device and read at the log interval, where the log
+line, the progress bar and TensorBoard get images/s, ms per step, the share of time spent waiting
+for data and the ETAs. Per epoch: learning-rate step, evaluation (`stds.evaluate`), sparsity,
+metrics, checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from hydra.utils import instantiate, to_absolute_path
-from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, open_dict
+from omegaconf import DictConfig
 from spikingjelly.activation_based import functional
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from stds import checkpoint as ckpt
-from stds import distributed, loaders
-from stds.config import to_plain, validate
-from stds.errors import CheckpointError, ConfigError, NonFiniteLossError, StdsError
-from stds.optim import build_optimization
-from stds.metrics import MetricsWriter, correct_topk, loss_fn
-from stds.schedule import ThresholdSchedule, build_threshold_schedule
-from stds.sparse import sparsify, sparsity
-from stds.synops import FiringRates, count_synops
+from stds import distributed, loaders, resume, rundir
+from stds.cli import error_line
+from stds.errors import NonFiniteLossError, RunDirError
+from stds.evaluate import evaluate, ranks_in_sync, sync_buffers
+from stds.metrics import IntervalMeter, MetricsWriter, correct_topk, interval_line, loss_fn
+from stds.resume import Progress
+from stds.run import Run, build_run, prepare_config, set_determinism
+from stds.signals import RunStopped, StopSignals, name as signal_name
+from stds.sparse import sparsity
 
 log = logging.getLogger(__name__)
 
-# keys whose change makes a checkpoint belong to another experiment
-_RESUME_KEYS = ("model", "sparse", "scheduler", "flat_width", "alpha_gr", "T", "loss")
+
+class Loop:
+    """What the loop keeps between steps besides `Progress`: the metric writer (rank 0), the
+    interval meter, the progress bar, the stop signals and the last evaluation's duration."""
+
+    def __init__(self, run: Run, signals: StopSignals) -> None:
+        self.writer: MetricsWriter | None = None
+        self.meter = IntervalMeter(run.images_per_step)
+        self.signals = signals
+        self.bar: Any = None
+        self.eval_s = 0.0
 
 
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps completed
-    batch_in_epoch: int = 0  # batches of the current epoch already trained (mid-epoch checkpoint)
-    best_acc1: float = -1.0
-    best_epoch: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-
-
-@dataclass
-class Run:
-    """Everything a run is built from its config."""
-
-    cfg: DictConfig
-    env: distributed.DistEnv
-    run_dir: Path
-    core: nn.Module
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: Any
-    scaler: torch.amp.GradScaler
-    train_loader: torch.utils.data.DataLoader
-    test_loader: torch.utils.data.DataLoader
-    steps_per_epoch: int
-    total_steps: int
-    threshold: ThresholdSchedule
-    writer: MetricsWriter | None = None
-
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    def flat_width(self, step: int) -> float:
-        """The threshold d after ``step`` optimizer steps."""
-        return self.threshold.at(step)
-
-
-def _absolute_roots(cfg: DictConfig) -> None:
-    """Relative dataset roots are relative to where the user started the run."""
-    root = cfg.dataset.get("root")
-    if root is not None:
-        with open_dict(cfg):
-            cfg.dataset.root = to_absolute_path(str(Path(str(root)).expanduser()))
-
-
-def prepare_config(cfg: DictConfig) -> DictConfig:
-    """The config merged onto the schema, interpolations resolved once, checked by `validate`."""
-    from stds.config import TrainConfig
-
-    try:
-        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
-    except MissingMandatoryValue as exc:
-        raise ConfigError(f"{exc.full_key} has no value (???); set {exc.full_key}=<value>") from None
-    typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
-    _absolute_roots(typed)
-    validate(typed)
-    return typed
-
-
-def _set_determinism(cfg: DictConfig, env: distributed.DistEnv) -> None:
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = env.device.type == "cuda"
-
-
-def build_model(cfg: DictConfig, device: torch.device, d0: float) -> nn.Module:
-    """The model of ``cfg.model`` with the reparameterization of ``cfg.sparse`` registered."""
-    model = instantiate(cfg.model)
-    exclude = cfg.sparse.exclude
-    if exclude is None:
-        exclude = getattr(model, "prune_exclude", ())
-    names = sparsify(model, str(cfg.sparse.method.value), flat_width=d0, exclude=tuple(exclude))
-    log.info("pruned layers (%d): %s", len(names), ", ".join(names))
-    return model.to(device)
-
-
-def build_run(cfg: DictConfig, env: distributed.DistEnv, run_dir: Path) -> Run:
-    """Datasets, loaders, model, optimizer, schedules: everything from the config."""
-    splits = instantiate(cfg.dataset)
-    options = loaders.LoaderOptions(
-        cfg.loader.num_workers, cfg.loader.pin_memory, cfg.loader.persistent_workers
-    )
-    train_loader = loaders.train_loader(
-        splits.train, cfg.batch_size, options, cfg.seed, env.rank, env.world_size
-    )
-    eval_batch = cfg.loader.eval_batch_size or cfg.batch_size
-    test_loader = loaders.eval_loader(splits.test, eval_batch, options, env.rank, env.world_size)
-    steps_per_epoch = loaders.batches_per_epoch(train_loader)
-    if steps_per_epoch < 1:
-        raise StdsError(
-            f"batch_size={cfg.batch_size} is larger than the {len(splits.train)} training samples "
-            f"per process; lower batch_size"
-        )
-    total_steps = steps_per_epoch * cfg.epochs
-    torch.manual_seed(cfg.seed)
-    threshold = build_threshold_schedule(cfg, total_steps)
-    core = build_model(cfg, env.device, threshold.at(0))
-    threshold.attach(core)
-    model = core
-    if env.distributed:
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        model = DistributedDataParallel(core, device_ids=ids)
-    optimizer, lr_scheduler = build_optimization(cfg, core)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and env.device.type == "cuda")
-    return Run(cfg, env, run_dir, core, model, optimizer, lr_scheduler, scaler, train_loader,
-               test_loader, steps_per_epoch, total_steps, threshold)
-
-
-def _autocast(run: Run) -> contextlib.AbstractContextManager:
-    if not run.cfg.amp:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if run.env.device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=run.env.device.type, dtype=dtype)
-
-
-def _state(run: Run, progress: Progress) -> dict[str, Any]:
-    return {
-        "format_version": ckpt.FORMAT_VERSION,
-        "model": run.core.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "lr_scheduler": run.lr_scheduler.state_dict(),
-        "epoch": progress.epoch,
-        "step": progress.step,
-        "batch_in_epoch": progress.batch_in_epoch,
-        "best_acc1": progress.best_acc1,
-        "best_epoch": progress.best_epoch,
-        "history": progress.history,
-        "epoch_sums": progress.epoch_sums,
-        "rng": ckpt.rng_state(),
-        "config": to_plain(run.cfg),
-    }
-
-
-def save(run: Run, progress: Progress, best: bool = False) -> None:
-    """Write ``last.pt`` (and ``best.pt``) atomically, on rank 0 only."""
-    if not run.env.is_main:
-        return
-    state = _state(run, progress)
-    ckpt.save_atomic(state, run.ckpt_dir / ckpt.LAST)
-    if best:
-        ckpt.save_atomic(state, run.ckpt_dir / ckpt.BEST)
-
-
-def _check_compatible(run: Run, state: dict[str, Any], path: Path) -> None:
-    current = to_plain(run.cfg)
-    saved = state.get("config", {})
-    changed = [k for k in _RESUME_KEYS if saved.get(k) != current.get(k)]
-    if changed:
-        raise CheckpointError(
-            f"checkpoint {path} was written with other values of {', '.join(changed)}; "
-            "use a new run directory or restore those values"
-        )
-
-
-def resume(run: Run) -> Progress:
-    """Load ``last.pt`` if the run directory has one; otherwise a fresh `Progress`."""
-    path = run.ckpt_dir / ckpt.LAST
-    if not path.exists():
-        return Progress()
-    state = ckpt.load(path)
-    _check_compatible(run, state, path)
-    try:
-        run.core.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not fit this model: {first}") from None
-    run.scaler.load_state_dict(state["scaler"])
-    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    ckpt.set_rng_state(state["rng"])
-    fields = ("epoch", "step", "batch_in_epoch", "best_acc1", "best_epoch", "history", "epoch_sums")
-    progress = Progress(**{k: state[k] for k in fields})
-    log.info("resumed from %s at epoch %d, step %d", path, progress.epoch, progress.step)
-    return progress
-
-
-def _batches(run: Run, progress: Progress) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(run: Run, progress: Progress, loop: Loop) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's remaining batches on the device; the time blocked on each goes to the meter."""
     loaders.start_epoch(run.train_loader, progress.epoch, run.cfg.seed, progress.batch_in_epoch)
-    iterable: Any = run.train_loader
-    if run.env.is_main and run.cfg.logging.progress_bar and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        iterable = tqdm(iterable, desc=f"epoch {progress.epoch + 1}/{run.cfg.epochs}", leave=False)
     non_blocking = run.env.device.type == "cuda"
-    for images, labels in iterable:
-        yield images.to(run.env.device, non_blocking=non_blocking), labels.to(
-            run.env.device, non_blocking=non_blocking
-        )
-
-
-def _raise_non_finite(progress: Progress, bad_step: int) -> None:
-    raise NonFiniteLossError(
-        f"the loss became NaN or inf at epoch {progress.epoch + 1}, step {bad_step}; "
-        "the last good checkpoint is kept; lower lr or set amp=false"
-    )
+    iterator = iter(run.train_loader)
+    while True:
+        started = time.perf_counter()
+        try:
+            images, labels = next(iterator)
+        except StopIteration:
+            return
+        loop.meter.waited(time.perf_counter() - started)
+        yield images.to(run.env.device, non_blocking=non_blocking), labels.to(run.env.device, non_blocking=non_blocking)
 
 
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; returns the (detached) loss and the number of correct samples."""
-    with _autocast(run):
+    with run.autocast():
         scores = run.model(images)
     loss = loss_fn(run.cfg.loss, scores, labels)
-    run.optimizer.zero_grad(set_to_none=True)
+    run.core.zero_grad(set_to_none=True)  # also parameters outside the optimizer (gradr_optimize=pruned)
     run.scaler.scale(loss).backward()
     run.scaler.step(run.optimizer)  # the Grad R prior runs in the optimizer's step hook
     run.scaler.update()
@@ -259,193 +76,246 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
     return loss.detach(), correct_topk(scores.detach(), labels, 1)
 
 
-def train_epoch(run: Run, progress: Progress) -> dict[str, float]:
+def train_epoch(run: Run, progress: Progress, loop: Loop | None = None) -> dict[str, float]:
     """Train one epoch (or its rest, after a mid-epoch resume); returns its train loss and top-1."""
+    loop = loop or Loop(run, StopSignals())
     run.model.train()
-    sums = torch.tensor(progress.epoch_sums, dtype=torch.float64, device=run.env.device)
     first_bad = torch.full((), -1, dtype=torch.long, device=run.env.device)
     every = max(run.cfg.logging.log_every_steps, 1)
-    for images, labels in _batches(run, progress):
+    ckpt_every = run.cfg.checkpoint_every_steps
+    _open_bar(run, progress, loop)
+    loop.meter.restart()
+    for images, labels in _batches(run, progress, loop):
         loss, correct = train_step(run, images, labels)
         progress.step += 1
         progress.batch_in_epoch += 1
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), progress.step, first_bad)
-        sums += torch.stack([loss.double() * labels.numel(), correct.double(), torch.tensor(
-            float(labels.numel()), dtype=torch.float64, device=sums.device)])
+        progress.sums.add(loss, correct, labels.numel())
         run.threshold.step(progress.step)
-        if progress.step % every == 0 or progress.batch_in_epoch == run.steps_per_epoch:
-            if int(first_bad) >= 0:
-                _raise_non_finite(progress, int(first_bad))
-            _log_step(run, progress, float(loss))
-        ckpt_every = run.cfg.checkpoint_every_steps
-        if ckpt_every and progress.step % ckpt_every == 0 and progress.batch_in_epoch < run.steps_per_epoch:
-            progress.epoch_sums = sums.tolist()
-            save(run, progress)
-    if int(first_bad) >= 0:
-        _raise_non_finite(progress, int(first_bad))
-    sums = distributed.all_reduce_sum(sums, run.env)
-    loss_sum, correct, count = sums.tolist()
+        loop.meter.stepped()
+        if loop.bar is not None:
+            loop.bar.update(1)
+        end_of_epoch = progress.batch_in_epoch == run.steps_per_epoch
+        if progress.step % every == 0 or end_of_epoch:
+            _check_finite(progress, first_bad)
+            _log_interval(run, progress, loop, loss)
+        if (ckpt_every and progress.step % ckpt_every == 0 and not end_of_epoch) or _stop_requested(run, progress, loop, every):
+            _check_finite(progress, first_bad)
+            resume.save(run, progress)
+            _stop_if_asked(run, progress, loop)
+    _close_bar(loop)
+    _check_finite(progress, first_bad)
+    totals = progress.sums.as_floats()
+    sums = torch.tensor([totals["loss"], totals["correct"], totals["samples"]], dtype=torch.float64)
+    loss_sum, correct, count = distributed.all_reduce_sum(sums.to(run.env.device), run.env).tolist()
     return {"train_loss": loss_sum / max(count, 1), "train_acc1": correct / max(count, 1)}
 
 
-def _log_step(run: Run, progress: Progress, loss: float) -> None:
-    lr = run.optimizer.param_groups[0]["lr"]
-    d = run.flat_width(progress.step)
-    if run.writer is not None:
-        run.writer.train_step(progress.step, loss, lr, d)
-    if run.env.is_main and not sys.stderr.isatty():
-        log.info("epoch %d step %d loss %.4f lr %.3g d %.4g", progress.epoch + 1, progress.step, loss, lr, d)
+def _check_finite(progress: Progress, first_bad: torch.Tensor) -> None:
+    bad_step = int(first_bad)  # reads the device: only at the log interval and before a save
+    if bad_step >= 0:
+        raise NonFiniteLossError(
+            f"the loss became NaN or inf at epoch {progress.epoch + 1}, step {bad_step}; "
+            "the last good checkpoint is kept; lower lr or set amp=false"
+        )
 
 
-def _sync_buffers(run: Run) -> None:
-    """Give every rank rank 0's BatchNorm statistics, so all ranks evaluate the same network."""
-    if run.env.distributed:
-        for buffer in run.core.buffers():
-            torch.distributed.broadcast(buffer, src=0)
+def _stop_requested(run: Run, progress: Progress, loop: Loop, every: int) -> bool:
+    """Whether a stop signal arrived: checked every step in one process; under DDP at the log
+    interval, where the ranks agree on it (a signal reaches the ranks at different steps)."""
+    if not run.env.distributed:
+        return loop.signals.received is not None
+    if progress.step % every and progress.batch_in_epoch != run.steps_per_epoch:
+        return False
+    flag = torch.tensor([float(loop.signals.received or 0)], device=run.env.device)
+    received = int(distributed.all_reduce_max(flag, run.env).item())
+    if received and loop.signals.received is None:
+        loop.signals.received = received
+    return bool(received)
 
 
-@torch.no_grad()
-def evaluate(run: Run) -> dict[str, Any]:
-    """Top-1/top-5 and loss over the whole test set (reduced over ranks), firing rates and SynOps."""
-    _sync_buffers(run)
-    run.core.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=run.env.device)
-    extras: dict[str, Any] = {"synops": None, "first_layer_macs": None}
-    with FiringRates(run.core) as rates:
-        for index, (images, labels) in enumerate(run.test_loader):
-            images, labels = images.to(run.env.device), labels.to(run.env.device)
-            with _autocast(run):
-                scores = run.core(images)
-            loss = loss_fn(run.cfg.loss, scores, labels)
-            sums += torch.stack([loss.double() * labels.numel(), correct_topk(scores, labels, 1).double(),
-                                 correct_topk(scores, labels, 5).double(),
-                                 torch.tensor(float(labels.numel()), dtype=torch.float64, device=sums.device)])
-            functional.reset_net(run.core)
-            if index == 0 and run.env.is_main and run.cfg.logging.synops:
-                extras.update(_synops(run, images))
-        firing = rates.rates()
-    sums = distributed.all_reduce_sum(sums, run.env)
-    loss_sum, top1, top5, count = sums.tolist()
-    return {"test_loss": loss_sum / count, "test_acc1": top1 / count, "test_acc5": top5 / count,
-            "firing_rates": firing, **extras}
+def _stop_if_asked(run: Run, progress: Progress, loop: Loop) -> None:
+    signum = loop.signals.received
+    if signum is None:
+        return
+    raise RunStopped(
+        f"stopped by {signal_name(signum)} at epoch {progress.epoch + 1}, step {progress.step}; "
+        f"{run.ckpt_dir / 'last.pt'} is saved; resume with: python launch/train.py resume={run.run_dir}",
+        signum, loop.signals.previous_handler(signum),
+    )
 
 
-def _synops(run: Run, images: torch.Tensor) -> dict[str, Any]:
-    with _autocast(run):
-        counts = count_synops(run.core, images[: max(run.cfg.logging.synops_samples, 1)])
-    functional.reset_net(run.core)
-    return {"synops": counts["synops"], "first_layer_macs": counts["first_layer_macs"]}
+def _open_bar(run: Run, progress: Progress, loop: Loop) -> None:
+    if run.env.is_main and run.cfg.logging.progress_bar and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        loop.bar = tqdm(total=run.steps_per_epoch, initial=progress.batch_in_epoch, leave=False,
+                        desc=f"epoch {progress.epoch + 1}/{run.cfg.epochs}", dynamic_ncols=True)
 
 
-def finish_epoch(run: Run, progress: Progress, train_stats: dict[str, float]) -> dict[str, Any]:
+def _close_bar(loop: Loop) -> None:
+    if loop.bar is not None:
+        loop.bar.close()
+        loop.bar = None
+
+
+def _log_interval(run: Run, progress: Progress, loop: Loop, loss: torch.Tensor) -> None:
+    """Loss, lr, d and throughput: TensorBoard, the progress bar, and a log line without a terminal."""
+    values = {"step_loss": float(loss), "lr": run.optimizer.param_groups[0]["lr"], **run.threshold.metrics()}
+    values.update(loop.meter.report(
+        steps_left_epoch=run.steps_per_epoch - progress.batch_in_epoch,
+        steps_left_run=run.total_steps - progress.step,
+        eval_s=loop.eval_s, epochs_left=run.cfg.epochs - progress.epoch,
+    ))
+    if loop.writer is not None:
+        loop.writer.scalars(progress.step, values)
+    if loop.bar is not None:
+        loop.bar.set_postfix_str(f"loss {values['step_loss']:.4f} | {interval_line(values)}", refresh=False)
+    elif run.env.is_main:
+        log.info("epoch %d/%d step %d/%d loss %.4f lr %.3g d %.4g | %s", progress.epoch + 1,
+                 run.cfg.epochs, progress.step, run.total_steps, values["step_loss"], values["lr"],
+                 values["d"], interval_line(values))
+
+
+def finish_epoch(run: Run, progress: Progress, loop: Loop, train_stats: dict[str, float], started: float) -> dict[str, Any]:
     """Learning-rate step, evaluation, metrics and checkpoints at the end of an epoch."""
-    started = time.monotonic()
+    train_s = time.perf_counter() - started
     run.lr_scheduler.step()
+    eval_started = time.perf_counter()
     test_stats = evaluate(run)
+    loop.eval_s = time.perf_counter() - eval_started
     progress.epoch += 1
     progress.batch_in_epoch = 0
-    progress.epoch_sums = [0.0, 0.0, 0.0]
+    trained = progress.sums.samples * run.env.world_size
+    progress.sums = resume.EpochSums()
     sp = sparsity(run.core)
     record = {"epoch": progress.epoch, "step": progress.step, "lr": run.optimizer.param_groups[0]["lr"],
-              "flat_width": run.flat_width(progress.step), **train_stats, **test_stats,
+              **run.threshold.metrics(), **train_stats, **test_stats,
               "sparsity": sp["total"], "sparsity_layers": sp["layers"],
-              "time_s": time.monotonic() - started}
-    progress.history.append(record)
+              "epoch_time_s": train_s + loop.eval_s, "eval_time_s": loop.eval_s,
+              "train_images_per_s": trained / max(train_s, 1e-9)}
+    record["warnings"] = _diagnose(run, record)
+    progress.last_record = record
     best = record["test_acc1"] > progress.best_acc1
     if best:
         progress.best_acc1, progress.best_epoch = record["test_acc1"], progress.epoch
-    save(run, progress, best=best)
-    if run.writer is not None:
-        run.writer.epoch(record)
+    resume.save(run, progress, best=best)
+    if loop.writer is not None:
+        loop.writer.epoch(record)
         every = run.cfg.logging.histogram_every_epochs
         if every and (progress.epoch % every == 0 or progress.epoch == run.cfg.epochs):
-            run.writer.histograms(run.core, progress.step)
-    log.info("epoch %d/%d: test top-1 %.4f top-5 %.4f sparsity %.4f d %.4g", progress.epoch,
-             run.cfg.epochs, record["test_acc1"], record["test_acc5"], record["sparsity"], record["flat_width"])
+            loop.writer.histograms(run.core, progress.step)
+    log.info("epoch %d/%d: test_acc1 %.4f test_acc5 %.4f sparsity %.4f d %.4g | %.0f img/s, epoch %.1f s "
+             "(eval %.1f s)", progress.epoch, run.cfg.epochs, record["test_acc1"], record["test_acc5"],
+             record["sparsity"], record["d"], record["train_images_per_s"], record["epoch_time_s"], loop.eval_s)
+    for warning in record["warnings"]:
+        log.warning("%s", warning)
     return record
 
 
-def fingerprint(model: nn.Module) -> torch.Tensor:
-    """Per-tensor sums of the parameters and buffers: equal on every rank when they are in sync."""
-    tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
-    return torch.stack([t.detach().double().sum() for t in tensors])
+def _diagnose(run: Run, record: dict[str, Any]) -> list[str]:
+    from stds.health import diagnose
 
-
-def ranks_in_sync(run: Run) -> bool:
-    """True when every rank holds exactly the same weights as rank 0."""
-    if not run.env.distributed:
-        return True
-    mine = fingerprint(run.core)
-    gathered = [torch.empty_like(mine) for _ in range(run.env.world_size)]
-    torch.distributed.all_gather(gathered, mine)
-    return all(torch.equal(g, gathered[0]) for g in gathered)
+    return diagnose(record, run.cfg)
 
 
 def summary(run: Run, progress: Progress) -> dict[str, Any]:
-    """The figures of ``metrics.json``."""
-    last = progress.history[-1]
+    """The figures of ``metrics.json`` (names from ``docs/metrics.md``)."""
+    last = progress.last_record or {}
+    keys = ("test_acc1", "test_acc5", "sparsity", "sparsity_layers", "d", "synops", "first_layer_macs")
     return {
-        "world_size": run.env.world_size, "ranks_in_sync": ranks_in_sync(run),
-        "test_acc1": last["test_acc1"], "test_acc5": last["test_acc5"],
-        "best_test_acc1": progress.best_acc1, "best_epoch": progress.best_epoch,
-        "sparsity": last["sparsity"], "sparsity_layers": last["sparsity_layers"],
-        "synops": last.get("synops"), "first_layer_macs": last.get("first_layer_macs"),
+        **{key: last.get(key) for key in keys},
         "firing_rates": last.get("firing_rates", {}),
+        "best_test_acc1": progress.best_acc1, "best_epoch": progress.best_epoch,
         "epoch": progress.epoch, "epochs_planned": run.cfg.epochs, "step": progress.step,
-        "flat_width": last["flat_width"],
+        "world_size": run.env.world_size, "ranks_in_sync": ranks_in_sync(run),
+        "warnings": last.get("warnings", []),
     }
 
 
-def _write_error(run_dir: Path, exc: BaseException) -> None:
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    (run_dir / "error.txt").write_text(f"{type(exc).__name__}: {message}\n")
-
-
-def fit(run: Run) -> float:
-    """Resume if possible, train the remaining epochs, write ``metrics.json``; the final top-1."""
-    progress = resume(run)
-    run.threshold.step(progress.step)
+def fit(run: Run, progress: Progress, signals: StopSignals) -> float:
+    """Train the remaining epochs from ``progress``, write ``metrics.json``; the final top-1."""
+    loop = Loop(run, signals)
     if run.env.is_main:
-        run.writer = MetricsWriter(run.run_dir, purge_step=progress.step or None)
-        run.writer.rewrite_history(progress.history)
+        loop.writer = MetricsWriter(run.run_dir, purge_step=progress.step or None)
+        loop.writer.truncate_after(progress.step)
     while progress.epoch < run.cfg.epochs:
-        train_stats = train_epoch(run, progress)
-        finish_epoch(run, progress, train_stats)
-    _sync_buffers(run)
+        started = time.perf_counter()
+        train_stats = train_epoch(run, progress, loop)
+        finish_epoch(run, progress, loop, train_stats, started)
+    sync_buffers(run)
     result = summary(run, progress)
-    if run.writer is not None:
-        run.writer.final(result)
-        run.writer.close()
+    if loop.writer is not None:
+        loop.writer.final(result)
+        loop.writer.close()
     return float(result["test_acc1"])
 
 
 def train(cfg: DictConfig, run_dir: Path | str | None = None) -> float:
     """Train the run described by ``cfg`` in ``run_dir`` (Hydra's output dir by default).
 
-    Returns the final test top-1 accuracy (a fraction), the objective of sweeps.
+    Returns the final test top-1 accuracy (a fraction), the objective of sweeps. Any failure,
+    bad config values included, leaves its one line in ``<run_dir>/error.txt``.
     """
-    cfg = prepare_config(cfg)
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = HydraConfig.get().runtime.output_dir
-    run_dir = Path(run_dir)
-    env = distributed.setup(cfg.device)
+    env = distributed.setup(str(cfg.get("device", "auto")))
     # every rank works in rank 0's directory (a `${now:...}` name may differ between processes)
     run_dir = Path(distributed.broadcast_object(str(run_dir), env))
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.txt").unlink(missing_ok=True)
-        _set_determinism(cfg, env)
-        result = fit(build_run(cfg, env, run_dir))
+        with StopSignals() as signals:
+            result = _train_in(cfg, env, run_dir, signals)
+    except RunStopped as stop:
+        log.warning("%s", stop)
+        stop.hand_on()  # SIGUSR2 under submitit: requeue now that last.pt is written
+        raise
     except BaseException as exc:
-        if env.is_main and not isinstance(exc, KeyboardInterrupt):
+        # a run directory that is locked by another process or cannot be written gets no error.txt
+        if env.is_main and not isinstance(exc, (KeyboardInterrupt, RunDirError)):
             _write_error(run_dir, exc)
         raise
     # only after success: a rank that failed leaves its peers inside a collective, and the
     # launcher (torchrun, submitit) ends them; waiting for them here would hang
     distributed.teardown(env)
     return result
+
+
+def _train_in(raw: DictConfig, env: distributed.DistEnv, run_dir: Path, signals: StopSignals) -> float:
+    """Prepare the config, build the run, resume it (or start it, from ``init_from`` if given), fit.
+
+    Rank 0 holds the run directory's lock throughout, so a second process started on the same
+    directory stops at once, naming this one.
+    """
+    with contextlib.ExitStack() as stack:
+        fresh = not (run_dir / "checkpoints" / "last.pt").exists()
+        if env.is_main:
+            rundir.check_writable(run_dir)
+            stack.enter_context(rundir.RunLock(run_dir))
+            (run_dir / "error.txt").unlink(missing_ok=True)
+            if fresh:  # a failing sweep point still has its config (and error.txt) for the report
+                resume.record_config(run_dir, raw)
+        cfg = prepare_config(raw)
+        if env.is_main:
+            rundir.check_writable(run_dir / "checkpoints")
+            rundir.remove_stale_temporaries(run_dir / "checkpoints")
+        set_determinism(cfg, env)
+        run = build_run(cfg, env, run_dir)
+        progress = resume.resume(run)  # refuses a checkpoint of another experiment
+        if env.is_main and not fresh:
+            resume.record_config(run_dir, raw)
+        if progress.step == 0 and cfg.init_from:
+            resume.init_from(run, cfg.init_from)
+        resume.repair_best(run, progress)
+        return fit(run, progress, signals)
+
+
+def _write_error(run_dir: Path, exc: BaseException) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(error_line(exc))
+    except OSError:
+        pass  # a read-only or vanished run directory: the error is still raised and printed

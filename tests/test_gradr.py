@@ -302,3 +302,24 @@ def test_gradr_optimize_pruned_without_pruned_layers_is_a_config_error() -> None
     cfg = compose_train("sparse=stmod", "alpha_gr=0.5", "gradr_optimize=pruned")
     with pytest.raises(ConfigError, match="gradr_optimize=pruned but no layer is pruned"):
         build_optimization(cfg, small_net())
+
+
+def test_prior_follows_a_fused_optimizer_skip_without_reading_the_device():
+    """Under an fp16 GradScaler a fused optimizer is always called and skips inside its kernel;
+    the prior reads the scaler's ``found_inf`` as a tensor and leaves θ as it is on such a step."""
+    theta = torch.nn.Parameter(torch.tensor([1e-4, 0.0, 3e-3, 0.5]))
+    optimizer = torch.optim.Adam([theta], lr=0.01, fused=True)
+    assert optimizer._step_supports_amp_scaling
+    attach_gradr_prior(optimizer, [theta], 0.5, "sign_preserving")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    scaler.scale(torch.ones(()))  # the scaler's state is made by its first scale()
+    theta.grad = torch.tensor([1.0, float("inf"), 1.0, 1.0])
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.equal(theta.detach(), torch.tensor([1e-4, 0.0, 3e-3, 0.5]))
+    theta.grad = torch.ones(4)
+    scaler.scale(torch.ones(()))
+    scaler.step(optimizer)
+    # the brief's one-step case: Adam moves each θ by -0.01, the prior (lr·α = 0.005) zeroes the
+    # three that crossed or sat at 0
+    assert theta.detach().tolist() == pytest.approx([0.0, 0.0, 0.0, 0.485], abs=1e-7)

@@ -40,8 +40,10 @@ def test_run_writes_metrics_tensorboard_and_checkpoints(tiny_cfg, tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "histograms": 0})
     events.Reload()
     tags = events.Tags()
-    assert {"test/acc1", "test/acc5", "train/loss", "sparse/sparsity", "sparse/flat_width"} <= set(tags["scalars"])
-    assert [e.value for e in events.Scalars("test/acc1")] == pytest.approx(
+    assert {"test_acc1", "test_acc5", "train_loss", "sparsity", "d", "step_loss", "images_per_s", "ms_per_step",
+            "data_wait_share", "eta_epoch_s", "eta_run_s", "epoch_time_s", "eval_time_s",
+            "train_images_per_s"} <= set(tags["scalars"])
+    assert [e.value for e in events.Scalars("test_acc1")] == pytest.approx(
         [r["test_acc1"] for r in _history(tmp_path)])
     assert any(tag.startswith("theta/") for tag in tags["histograms"])
     # the static stem conv (1 -> 32, 3x3, padding 1) on 8x8 digits: 64 positions x its non-zero weights
@@ -58,8 +60,8 @@ def test_threshold_follows_the_schedule_after_every_step(tiny_cfg, tmp_path):
     history = _history(tmp_path)
     total = history[-1]["step"]
     for record in history:
-        assert record["flat_width"] == pytest.approx(0.4 * record["step"] / total)
-    assert history[-1]["flat_width"] == pytest.approx(0.4)
+        assert record["d"] == pytest.approx(0.4 * record["step"] / total)
+    assert history[-1]["d"] == pytest.approx(0.4)
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     d_buffers = [v for k, v in state["model"].items() if k.endswith("flat_width")]
     assert d_buffers and all(float(v) == pytest.approx(0.4) for v in d_buffers)
@@ -92,7 +94,7 @@ def _stop_after(monkeypatch, calls: int):
     monkeypatch.setattr(train_module, "train_step", step)
 
 
-SAME = ("test_acc1", "test_acc5", "best_test_acc1", "sparsity", "step", "epoch", "flat_width")
+SAME = ("test_acc1", "test_acc5", "best_test_acc1", "sparsity", "step", "epoch", "d")
 
 
 @pytest.mark.parametrize("extra", [(), ("checkpoint_every_steps=7",)], ids=["per-epoch", "mid-epoch"])
@@ -150,7 +152,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tiny_cfg, 
 def test_grad_r_run_with_constant_threshold(tiny_cfg, tmp_path):
     train(tiny_cfg("scheduler=constant", "flat_width=0.05", "alpha_gr=0.5", "epochs=1"), tmp_path)
     history = _history(tmp_path)
-    assert history[0]["flat_width"] == pytest.approx(0.05)
+    assert history[0]["d"] == pytest.approx(0.05)
 
 
 def test_amp_bf16_on_cpu(tiny_cfg, tmp_path):

@@ -1,0 +1,306 @@
+"""Runs users can pick up again: crash safety of the run directory, refused and accepted changes on
+resume, warm starts, NaN never saved, stop signals that save first."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import stds.train as train_module
+from stds import checkpoint as ckpt
+from stds import distributed
+from stds.errors import CheckpointError, NonFiniteLossError, RunDirError
+from stds.evaluate import evaluate
+from stds.export import export_run
+from stds.resume import changed_keys, init_from, latest_run, resume_overrides
+from stds.run import build_run, prepare_config
+from stds.rundir import RunLock
+from stds.signals import RunStopped
+from stds.train import train
+from tests.conftest import REPO, TRAIN, run_train
+
+STEPS = (1797 - 360) // 64  # optimizer steps per epoch of the tiny digits run
+
+
+def _metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _history(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run_dir):
+    return ckpt.load(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def _same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ crash safety
+
+def test_kill_while_best_is_written_leaves_a_best_checkpoint_after_resume(tiny_cfg, tmp_path, monkeypatch):
+    cfg = ("epochs=2", "flat_width=0.1")
+    real = ckpt.save_atomic
+
+    def killed_at_second_best(state, path):
+        if path.name == ckpt.BEST and state["epoch"] == 2:
+            raise KeyboardInterrupt("killed while writing best.pt")
+        return real(state, path)
+
+    monkeypatch.setattr(ckpt, "save_atomic", killed_at_second_best)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(*cfg), tmp_path / "run")
+    # last.pt still holds epoch 1: the epoch whose best.pt was lost is not recorded as done
+    assert ckpt.load(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
+    monkeypatch.undo()
+    train(tiny_cfg(*cfg), tmp_path / "run")
+    metrics = _metrics(tmp_path / "run")
+    best = ckpt.load(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert best["epoch"] == metrics["best_epoch"]
+    assert best["last_record"]["test_acc1"] == metrics["best_test_acc1"]
+
+
+def test_stale_temporaries_are_removed_when_a_run_starts(tiny_cfg, tmp_path):
+    (tmp_path / "checkpoints").mkdir(parents=True)
+    stale = [tmp_path / "checkpoints" / ".last.pt.x1y2.tmp", tmp_path / "checkpoints" / ".best.pt.abc.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    train(tiny_cfg("epochs=1"), tmp_path)
+    assert not any(path.exists() for path in stale)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_a_second_process_on_the_same_run_directory_is_refused(tiny_cfg, tmp_path):
+    with RunLock(tmp_path):
+        with pytest.raises(RunDirError, match=f"in use by process {os.getpid()}"):
+            train(tiny_cfg("epochs=1"), tmp_path)
+    assert not (tmp_path / "error.txt").exists()  # the holder's directory is not marked failed
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+# ------------------------------------------------------------------ what may change on resume
+
+@pytest.mark.parametrize("override, key", [
+    ("epochs=3", "epochs"), ("batch_size=32", "batch_size"), ("lr=0.01", "lr"), ("seed=1", "seed"),
+    ("flat_width=0.2", "flat_width"), ("amp=bf16", "amp"), ("T=2", "T"),
+])
+def test_a_resume_that_changes_the_experiment_is_refused_naming_the_key(tiny_cfg, tmp_path, override, key):
+    train(tiny_cfg("epochs=1", "flat_width=0.1"), tmp_path)
+    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=rf"with {key}=\S+, not {key}=") as info:
+        train(tiny_cfg("epochs=1", "flat_width=0.1", override), tmp_path)
+    assert "\n" not in str(info.value)
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_safe_keys_may_change_on_resume(tiny_cfg, tmp_path):
+    train(tiny_cfg("epochs=1"), tmp_path)
+    train(tiny_cfg("epochs=1", "logging.log_every_steps=3", "checkpoint_every_steps=5",
+                   "loader.eval_batch_size=100", "deterministic=false"), tmp_path)
+    assert _metrics(tmp_path)["epoch"] == 1
+
+
+def test_changed_keys_lists_only_unsafe_differences():
+    saved = {"lr": 0.1, "epochs": 3, "logging": {"log_every_steps": 5}, "dataset": {"root": "/a", "name": "x"}}
+    current = {"lr": 0.2, "epochs": 3, "logging": {"log_every_steps": 9}, "dataset": {"root": "/b", "name": "y"},
+               "new_key": 1}
+    assert changed_keys(saved, current) == [("dataset.name", "x", "y"), ("lr", 0.1, 0.2)]
+
+
+def test_refused_resume_leaves_the_saved_config_as_it_was(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_train("dataset=digits", "epochs=1", "batch_size=64", "flat_width=0.05",
+                      "logging.synops=false", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved = {name: (run_dir / ".hydra" / name).read_text() for name in ("config.yaml", "overrides.yaml")}
+    refused = run_train("dataset=digits", "epochs=1", "batch_size=64", "flat_width=0.1",
+                        "logging.synops=false", f"hydra.run.dir={run_dir}")
+    assert refused.returncode == 1
+    error_lines = [line for line in refused.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1 and "flat_width=0.05, not flat_width=0.1" in error_lines[0]
+    assert {name: (run_dir / ".hydra" / name).read_text() for name in saved} == saved
+    assert yaml.safe_load(saved["config.yaml"])["flat_width"] == 0.05
+
+
+# ------------------------------------------------------------------ resume= and resume=last
+
+def test_resume_overrides_put_the_saved_command_first_and_the_run_dir_last(tmp_path):
+    run_dir = tmp_path / "outputs" / "runs" / "2026-01-01" / "10-00-00"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"x")
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- experiment=cifar10_stds\n- flat_width=2\n- epochs=5\n")
+    argv = resume_overrides([f"resume={run_dir}", "epochs=6", "logging.log_every_steps=7"], cwd=tmp_path)
+    assert argv == ["experiment=cifar10_stds", "flat_width=2", "epochs=6", "logging.log_every_steps=7",
+                    f"hydra.run.dir={run_dir}", f"resume={run_dir}"]
+    assert resume_overrides(["epochs=6"], cwd=tmp_path) == ["epochs=6"]
+    with pytest.raises(CheckpointError, match="resume=nowhere"):
+        resume_overrides(["resume=nowhere"], cwd=tmp_path)
+
+
+def test_resume_last_picks_the_newest_run_of_the_same_experiment(tmp_path):
+    root = tmp_path / "runs"
+    made = {}
+    for name, experiment, age in [("a", "cifar10_stds", 30), ("b", "cifar10_stds", 10), ("c", None, 5),
+                                  ("d", "cifar10_dense", 1)]:
+        run_dir = root / name
+        (run_dir / "checkpoints").mkdir(parents=True)
+        last = run_dir / "checkpoints" / "last.pt"
+        last.write_bytes(b"x")
+        stamp = time.time() - age
+        os.utime(last, (stamp, stamp))
+        (run_dir / ".hydra").mkdir()
+        lines = [f"- experiment={experiment}\n"] if experiment else []
+        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(lines) + "- epochs=2\n")
+        made[name] = run_dir
+    assert latest_run(root, "cifar10_stds") == made["b"]
+    assert latest_run(root, None) == made["c"]
+    with pytest.raises(CheckpointError, match="no run of experiment=imagenet_stds"):
+        latest_run(root, "imagenet_stds")
+
+
+def test_sigterm_saves_then_resume_last_finishes_bit_identical(tmp_path):
+    args = ("dataset=digits", "epochs=3", "batch_size=64", "flat_width=0.1", "logging.synops=false")
+    whole = tmp_path / "whole"
+    assert run_train(*args, f"hydra.run.dir={whole}").returncode == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(work.glob("outputs/runs/*/*/metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the second epoch
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    (run_dir,) = [p.parent for p in work.glob("outputs/runs/*/*/checkpoints")]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert not (run_dir / "metrics.json").exists(), "the run finished before the signal"
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped by SIGTERM")]
+    assert len(stopped) == 1 and f"resume={run_dir}" in stopped[0]
+    state = ckpt.load(run_dir / "checkpoints" / "last.pt")
+    assert state["step"] > STEPS  # saved in the second epoch, not only at the end of the first
+    resumed = run_train("resume=last", cwd=work)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len(list(work.glob("outputs/runs/*/*"))) == 1  # continued in its own directory
+    assert _same_weights(_weights(run_dir), _weights(whole))
+    keep = ("test_acc1", "best_test_acc1", "sparsity", "step", "epoch", "d")
+    assert {k: _metrics(run_dir)[k] for k in keep} == {k: _metrics(whole)[k] for k in keep}
+    assert [r["step"] for r in _history(run_dir)] == [STEPS, 2 * STEPS, 3 * STEPS]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_finishes_the_step_and_saves(tiny_cfg, tmp_path, monkeypatch, signum):
+    real = train_module.train_step
+    calls = {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        result = real(*args, **kwargs)
+        if calls["n"] == 30:
+            signal.raise_signal(signum)  # arrives during step 30
+        return result
+
+    monkeypatch.setattr(train_module, "train_step", step)
+    with pytest.raises(RunStopped, match=f"stopped by {signal.Signals(signum).name} at epoch 2, step 30"):
+        train(tiny_cfg("epochs=2"), tmp_path)
+    state = ckpt.load(tmp_path / "checkpoints" / "last.pt")
+    assert (state["step"], state["batch_in_epoch"]) == (30, 30 - STEPS)
+    assert not (tmp_path / "error.txt").exists()
+    assert signal.getsignal(signum) is not None  # handlers restored after the run
+
+
+# ------------------------------------------------------------------ NaN never saved
+
+@pytest.mark.parametrize("overrides", [
+    ("loss=mse", "lr=1e20", "flat_width=0.05", "checkpoint_every_steps=7"),
+    ("loss=ce", "lr=1e30", "flat_width=0.05"),
+])
+def test_a_non_finite_state_never_reaches_a_checkpoint(tiny_cfg, tmp_path, overrides):
+    with pytest.raises(NonFiniteLossError, match="NaN or inf"):
+        train(tiny_cfg("epochs=2", *overrides), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    if last.exists():
+        state = ckpt.load(last)
+        tensors = list(state["model"].values()) + [
+            v for s in state["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v)]
+        assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+    assert "NaN or inf" in (tmp_path / "error.txt").read_text()
+    assert not (tmp_path / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------ warm starts
+
+def _evaluate_fresh(cfg, run_dir, source=None):
+    cfg = prepare_config(cfg)
+    run = build_run(cfg, distributed.setup("cpu"), run_dir)
+    if source is not None:
+        init_from(run, str(source))
+    return evaluate(run)["test_acc1"]
+
+
+@pytest.mark.parametrize("form", ["checkpoint", "pruned.pt"])
+def test_init_from_a_dense_run_starts_at_its_accuracy(tiny_cfg, tmp_path, form):
+    dense = tmp_path / "dense"
+    accuracy = train(tiny_cfg("epochs=2", "sparse=identity", "scheduler=constant", "flat_width=0"), dense)
+    source = dense / "checkpoints" / "last.pt" if form == "checkpoint" else export_run(dense, verbose=False)
+    # a constant threshold D > 0: theta = sign(w)(|w| + D), so w (and the accuracy) is kept
+    stds_cfg = tiny_cfg("scheduler=constant", "flat_width=0.05")
+    assert _evaluate_fresh(stds_cfg, tmp_path / "cold") < accuracy - 0.2
+    assert _evaluate_fresh(stds_cfg, tmp_path / "warm", source) == pytest.approx(accuracy, abs=2e-3)
+
+
+def test_init_from_run_through_train_and_a_bad_source(tiny_cfg, tmp_path):
+    dense = tmp_path / "dense"
+    accuracy = train(tiny_cfg("epochs=2", "sparse=identity", "scheduler=constant", "flat_width=0"), dense)
+    source = dense / "checkpoints" / "last.pt"
+    train(tiny_cfg("epochs=1", "flat_width=0.05", f"init_from={source}"), tmp_path / "warm")
+    assert _history(tmp_path / "warm")[0]["test_acc1"] > accuracy - 0.1
+    with pytest.raises(CheckpointError, match="init_from=.*does not fit"):
+        train(tiny_cfg("epochs=1", "model.channels=[8,16,16]", f"init_from={source}"), tmp_path / "bad")
+    with pytest.raises(CheckpointError, match="init_from=.*does not exist"):
+        train(tiny_cfg("epochs=1", f"init_from={tmp_path / 'none.pt'}"), tmp_path / "none")
+
+
+# ------------------------------------------------------------------ torchrun: one run, one directory
+
+@pytest.mark.slow
+def test_torchrun_makes_one_run_directory(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with socket_port() as port:
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+             str(TRAIN), "epochs=1", "batch_size=64", "device=cpu", "logging.synops=false"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [p for p in tmp_path.glob("outputs/runs/*/*") if p.is_dir()]
+    assert len(runs) == 1, runs
+    assert _metrics(runs[0])["world_size"] == 2
+    assert (runs[0] / ".hydra" / "config.yaml").exists()
+
+
+class socket_port:
+    """A free TCP port for torchrun's rendezvous."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    def __exit__(self, *exc: object) -> None:
+        return None
