@@ -33,7 +33,7 @@ def evaluate(run: Run) -> dict[str, Any]:
     extras: dict[str, Any] = {"synops": None, "first_layer_macs": None}
     with FiringRates(run.core) as rates:
         for index, (images, labels) in enumerate(run.test_loader):
-            images, labels = images.to(run.env.device), labels.to(run.env.device)
+            images, labels = run.to_device(images, labels)
             with run.autocast():
                 scores = run.core(images)
             loss = loss_fn(run.cfg.loss, scores, labels)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stds import distributed, loaders
+from stds.accel import apply_layout, maybe_compile, resolve_channels_last, to_device_batch
 from stds.config import instantiate_node, typed_config, validate
 from stds.errors import ConfigError, StdsError
 from stds.optim import build_optimization
@@ -51,6 +52,7 @@ class Run:
     test_loader: torch.utils.data.DataLoader
     steps_per_epoch: int
     amp_dtype: torch.dtype | None
+    channels_last: bool = False  # the model's weights, and so its input batches, are NHWC
 
     @property
     def ckpt_dir(self) -> Path:
@@ -64,6 +66,12 @@ class Run:
     def images_per_step(self) -> int:
         """Training images per optimizer step over all ranks (a number the host knows)."""
         return self.cfg.batch_size * self.env.world_size
+
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch on the run's device (asynchronous from pinned memory), in the model's layout."""
+        non_blocking = self.env.device.type == "cuda"
+        return (to_device_batch(images, self.env.device, self.channels_last),
+                labels.to(self.env.device, non_blocking=non_blocking))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to the run's ``amp`` dtype, or nothing with ``amp=false``."""
@@ -155,13 +163,16 @@ def build_run(cfg: DictConfig, env: distributed.DistEnv, run_dir: Path) -> Run:
     torch.manual_seed(cfg.seed)
     core = build_model(cfg, env.device, threshold.at(0))
     threshold.attach(core)
+    channels_last = resolve_channels_last(cfg.channels_last, core, env.device)
+    apply_layout(core, env.device, channels_last)  # before DDP and the optimizer (their buffers follow)
     model = core
     if env.distributed:
         ids = [env.device.index] if env.device.type == "cuda" else None
         model = DistributedDataParallel(core, device_ids=ids)
+    model = maybe_compile(model, cfg.compile)
     optimizer, lr_scheduler = build_optimization(cfg, core)
     dtype = amp_dtype(cfg, env.device)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16 and env.device.type == "cuda")
     return Run(cfg, env, run_dir, core, model, optimizer, lr_scheduler, scaler, threshold,
-               train_loader, test_loader, steps_per_epoch, dtype)
+               train_loader, test_loader, steps_per_epoch, dtype, channels_last)

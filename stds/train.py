@@ -51,7 +51,6 @@ class Loop:
 def _batches(run: Run, progress: Progress, loop: Loop) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The epoch's remaining batches on the device; the time blocked on each goes to the meter."""
     loaders.start_epoch(run.train_loader, progress.epoch, run.cfg.seed, progress.batch_in_epoch)
-    non_blocking = run.env.device.type == "cuda"
     iterator = iter(run.train_loader)
     while True:
         started = time.perf_counter()
@@ -60,7 +59,7 @@ def _batches(run: Run, progress: Progress, loop: Loop) -> Iterator[tuple[torch.T
         except StopIteration:
             return
         loop.meter.waited(time.perf_counter() - started)
-        yield images.to(run.env.device, non_blocking=non_blocking), labels.to(run.env.device, non_blocking=non_blocking)
+        yield run.to_device(images, labels)
 
 
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
