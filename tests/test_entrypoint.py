@@ -33,7 +33,7 @@ def test_documented_single_run(tmp_path):
     proc = run_train("sparse=stmod", "scheduler=sine", "flat_width=2.0", *FAST, f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr
     metrics = _metrics(out)
-    assert metrics["flat_width"] == pytest.approx(2.0)  # the sine schedule ends at D
+    assert metrics["d"] == pytest.approx(2.0)  # the sine schedule ends at D = flat_width
     assert metrics["sparsity"] > 0.9  # D = 2 prunes nearly every weight of the small net
     assert (out / ".hydra" / "config.yaml").exists()
 
@@ -42,7 +42,7 @@ def test_documented_basic_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_train("-m", "flat_width=1,2,3,4,5", *FAST, "epochs=1", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr
-    widths = [_metrics(sweep / str(i))["flat_width"] for i in range(5)]
+    widths = [_metrics(sweep / str(i))["d"] for i in range(5)]
     assert widths == pytest.approx([1, 2, 3, 4, 5])
 
 
@@ -52,7 +52,7 @@ def test_documented_submitit_local_sweep(tmp_path):
                      f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10")
     assert proc.returncode == 0, proc.stderr
     first, second = _metrics(sweep / "0"), _metrics(sweep / "1")
-    assert (first["flat_width"], second["flat_width"]) == pytest.approx((0.05, 0.3))
+    assert (first["d"], second["d"]) == pytest.approx((0.05, 0.3))
     assert first["sparsity"] < second["sparsity"]
     assert list((sweep / ".submitit").iterdir())
 
