@@ -1,15 +1,28 @@
-"""Median time and peak memory of one training step: dense vs STDS (stmod) vs Grad R.
+"""Training speed: dense vs STDS (stmod) vs Grad R, as a bare step and in the real loop.
 
-A step is what the training loop does per batch: forward over T time steps, loss, backward,
-optimizer step (with the Grad R prior when alpha > 0), ``reset_net`` and the threshold update.
-Each (setup, method) pair runs in its own process so that its peak memory is its own.
+- bare step: what the training loop does per batch (``stds.train.train_step``: forward over T,
+  loss, backward, optimizer step with the Grad R prior, ``reset_net``) plus the threshold
+  update, on one batch already on the device; median of ``--steps`` after ``--warmup``;
+- real loop: ``stds.train.train_epoch`` over the run's DataLoader on ``dataset=fake`` images
+  (``--loop-steps`` batches per epoch), the second epoch timed (the first warms up workers,
+  cuDNN and the allocator);
+- the neuron path that really ran: every spiking layer checked against the condition of
+  SpikingJelly's fused kernel after a forward (`stds.accel.NeuronPathProbe`), e.g.
+  ``fused 8/8`` or ``fallback 8/8``, with SpikingJelly's CUDA implementation (cuda, triton);
+- one profiled step (`stds.accel.profile_step`): kernel launches per step and the GPU-busy
+  share of its wall time (CUDA only; on a CPU both are 0).
+
+Each (setup, method) pair runs in its own process, so its peak memory is its own.
 
     python benchmarks/step_time.py                      # both setups, sizes for this device
-    python benchmarks/step_time.py --setups cifar10 --steps 30 --json out.json
-    python benchmarks/step_time.py --setups imagenet --set dataset.image_size=64 batch_size=8
+    python benchmarks/step_time.py --amp fp16           # on a GPU: the paper's setups with AMP
+    python benchmarks/step_time.py --setups cifar10 --steps 10 --loop-steps 10 --json out.json
+    python benchmarks/step_time.py --setups imagenet --set channels_last=false compile=true
 
-On a CPU the setups are shrunk (fewer channels, smaller images; printed with the results);
-the ratios to dense are what the targets are about (stmod / dense <= 1.05, Grad R / dense <= 1.05).
+On a CPU the setups are shrunk (fewer channels, smaller images, no loader workers; printed
+with the results); the ratios to dense are what the targets are about (stmod / dense <= 1.05,
+Grad R / dense <= 1.05). Config keys (``channels_last``, ``compile``, ``deterministic``, loader
+settings) come from the presets and ``--set``.
 """
 
 from __future__ import annotations
@@ -20,11 +33,11 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from spikingjelly.activation_based import functional
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,14 +47,16 @@ METHODS = {
     "gradr": ["sparse=stmod", "scheduler=constant", "flat_width=0.05", "alpha_gr=1e-3"],
 }
 
+CPU_LOADER = ["loader.num_workers=0", "loader.pin_memory=false", "loader.persistent_workers=false"]
+
 
 def setup_overrides(setup: str, cuda: bool) -> list[str]:
-    """The paper's setup, shrunk on a CPU so that a step takes about a second."""
+    """The paper's setup; on a CPU shrunk so that a step takes about a second."""
     if setup == "cifar10":
         base = ["experiment=cifar10_stds", "dataset=fake", "T=8", "batch_size=16", "loss=mse"]
-        return base + ([] if cuda else ["model.channels=64", "dataset.image_size=32"])
+        return base + ([] if cuda else ["model.channels=64", "dataset.image_size=32", *CPU_LOADER])
     base = ["experiment=imagenet_stds", "dataset=fake", "T=4", "batch_size=32", "dataset.num_classes=1000"]
-    return base + (["dataset.image_size=224"] if cuda else ["dataset.image_size=128", "batch_size=16"])
+    return base + (["dataset.image_size=224"] if cuda else ["dataset.image_size=128", "batch_size=16", *CPU_LOADER])
 
 
 def _compose(overrides: list[str]):
@@ -55,71 +70,132 @@ def _compose(overrides: list[str]):
         return prepare_config(compose("train", overrides=overrides))
 
 
-def measure(setup: str, method: str, steps: int, warmup: int, amp: bool, extra: list[str]) -> dict:
-    """Time ``steps`` training steps after ``warmup`` ones; peak memory of this process."""
+def _build(cfg, device: torch.device, run_dir: Path):
+    """The run of ``cfg`` with the config's layout and compilation applied (no-ops once the loop
+    applies them itself)."""
+    from stds import accel
+    from stds.distributed import DistEnv
+    from stds.train import build_run, set_determinism
+
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=device)
+    set_determinism(cfg, env)
+    run = build_run(cfg, env, run_dir)
+    channels_last = accel.resolve_channels_last(cfg.channels_last, run.core, device)
+    accel.apply_layout(run.core, device, channels_last)
+    if cfg.compile and not isinstance(run.model, torch._dynamo.eval_frame.OptimizedModule):
+        run.model = accel.maybe_compile(run.model, True)
+    return run, channels_last
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bare_steps(run, images, labels, steps: int, warmup: int) -> list[float]:
+    from stds.train import train_step
+
+    times = []
+    for step in range(warmup + steps):
+        started = time.perf_counter()
+        train_step(run, images, labels)
+        run.threshold.step(step + 1)
+        _sync(images.device)
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def _neuron_path(run, images) -> str:
+    """``fused k/n`` or ``fallback k/n`` of the spiking layers in one eager forward."""
+    from spikingjelly.activation_based import functional
+
+    from stds import accel
+
+    with accel.NeuronPathProbe(run.core) as probe, run.autocast():
+        run.core(images)
+    functional.reset_net(run.core)
+    if probe.fallback:
+        return f"fallback {len(probe.fallback)}/{probe.calls}"
+    return f"fused {probe.fused_calls}/{probe.calls}"
+
+
+def _loop_seconds_per_step(run) -> float:
+    """Wall time per step of `train_epoch`'s second epoch (the real loop with its DataLoader)."""
+    from stds.train import Progress, train_epoch
+
+    progress = Progress()
+    for epoch in range(2):
+        progress.epoch, progress.batch_in_epoch = epoch, 0
+        _sync(run.env.device)
+        started = time.perf_counter()
+        train_epoch(run, progress)
+        _sync(run.env.device)
+    return (time.perf_counter() - started) / run.steps_per_epoch
+
+
+def measure(setup: str, method: str, args: argparse.Namespace) -> dict:
+    """Bare-step and loop timings, neuron path, kernel profile and peak memory of one pair."""
+    from stds import accel
     from stds.models.neurons import neuron_implementation
-    from stds.optim import build_optimization
-    from stds.train import build_model, loss_fn
-    from stds.schedule import build_threshold_schedule
+    from stds.train import train_step
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    overrides = setup_overrides(setup, cuda) + extra
-    cfg = _compose(overrides + METHODS[method] + [f"amp={str(amp).lower()}"])
-    torch.manual_seed(0)
-    total = warmup + steps
-    threshold = build_threshold_schedule(cfg, total)
-    model = build_model(cfg, device, threshold.at(0))
-    threshold.attach(model)
-    optimizer, _ = build_optimization(cfg, model)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and cuda)
-    size = cfg.dataset.image_size
-    images = torch.randn(cfg.batch_size, cfg.dataset.in_channels, size, size, device=device)
-    labels = torch.randint(0, cfg.dataset.num_classes, (cfg.batch_size,), device=device)
-    dtype = torch.float16 if cuda else torch.bfloat16
-    times = []
+    overrides = setup_overrides(setup, cuda) + args.set
+    cfg = _compose(overrides + METHODS[method] + [f"amp={args.amp}", "epochs=2"])
+    # the fake training set holds exactly one loop epoch (at least one batch)
+    cfg.dataset.train_size = max(args.loop_steps, 1) * cfg.batch_size
+    cfg.dataset.test_size = cfg.batch_size
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for step in range(total):
-        started = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            scores = model(images)
-        loss = loss_fn(cfg.loss.value, scores, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        functional.reset_net(model)
-        threshold.step(step + 1)
-        if cuda:
-            torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - started)
+    with tempfile.TemporaryDirectory() as run_dir:
+        run, channels_last = _build(cfg, device, Path(run_dir))
+        torch.manual_seed(0)
+        size = cfg.dataset.image_size
+        images = accel.to_device_batch(
+            torch.rand(cfg.batch_size, cfg.dataset.in_channels, size, size), device, channels_last)
+        labels = torch.randint(0, cfg.dataset.num_classes, (cfg.batch_size,), device=device)
+        times = _bare_steps(run, images, labels, args.steps, args.warmup)
+        path = _neuron_path(run, images)
+        profile = accel.profile_step(lambda: train_step(run, images, labels), device)
+        loop_s = _loop_seconds_per_step(run) if args.loop_steps else float("nan")
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    median = statistics.median(times)
     return {
-        "setup": setup, "method": method, "median_s": statistics.median(times),
-        "images_per_s": cfg.batch_size / statistics.median(times), "peak_bytes": int(peak),
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "amp": amp,
-        "neuron_kernel": neuron_implementation(cfg.model.neuron.kind, device),
-        "overrides": overrides,
+        "setup": setup, "method": method, "median_s": median,
+        "images_per_s": cfg.batch_size / median, "loop_s": loop_s,
+        "loop_images_per_s": cfg.batch_size / loop_s, "peak_bytes": int(peak),
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "amp": args.amp,
+        "channels_last": channels_last, "compile": bool(cfg.compile),
+        "neuron_path": path, "neuron_kernel": neuron_implementation(cfg.model.neuron.kind, device),
+        "kernels_per_step": profile.kernels, "gpu_busy_share": profile.gpu_busy_share,
+        "fused_neuron_ops": profile.fused_neuron_ops, "overrides": overrides,
     }
 
 
 def _run_child(setup: str, method: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", setup, method, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--set", *args.set] + (["--amp"] if args.amp else [])
+           "--warmup", str(args.warmup), "--loop-steps", str(args.loop_steps), "--amp", args.amp,
+           "--set", *args.set]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _table(results: list[dict]) -> str:
-    lines = ["| setup | method | median step (s) | images/s | peak memory (MiB) | time / dense | neuron kernel |",
-             "|---|---|---|---|---|---|---|"]
-    dense = {r["setup"]: r["median_s"] for r in results if r["method"] == "dense"}
+    lines = ["| setup | method | step (ms) | step images/s | loop (ms/step) | loop images/s | "
+             "peak MiB | step / dense | loop / dense | kernels/step | GPU busy | neurons |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    dense = {r["setup"]: r for r in results if r["method"] == "dense"}
     for r in results:
-        ratio = r["median_s"] / dense[r["setup"]] if r["setup"] in dense else float("nan")
-        lines.append(f"| {r['setup']} | {r['method']} | {r['median_s']:.4f} | {r['images_per_s']:.1f} | "
-                     f"{r['peak_bytes'] / 2**20:.0f} | {ratio:.3f} | {r['neuron_kernel']} |")
+        base = dense.get(r["setup"])
+        step_ratio = r["median_s"] / base["median_s"] if base else float("nan")
+        loop_ratio = r["loop_s"] / base["loop_s"] if base else float("nan")
+        lines.append(
+            f"| {r['setup']} | {r['method']} | {1e3 * r['median_s']:.1f} | {r['images_per_s']:.1f} | "
+            f"{1e3 * r['loop_s']:.1f} | {r['loop_images_per_s']:.1f} | {r['peak_bytes'] / 2**20:.0f} | "
+            f"{step_ratio:.3f} | {loop_ratio:.3f} | {r['kernels_per_step']} | "
+            f"{100 * r['gpu_busy_share']:.0f}% | {r['neuron_path']} ({r['neuron_kernel']}) |")
     return "\n".join(lines)
 
 
@@ -127,16 +203,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setups", nargs="+", default=["cifar10", "imagenet"], choices=["cifar10", "imagenet"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="timed bare steps (median)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
+    parser.add_argument("--loop-steps", type=int, default=20,
+                        help="batches per timed loop epoch (0: no loop timing)")
+    parser.add_argument("--amp", choices=["false", "fp16", "bf16"], default="false",
+                        help="autocast dtype (fp16 is bf16 on a CPU)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides applied after each setup's own (e.g. dataset.image_size=128)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", nargs=2, metavar=("SETUP", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(*args.child, args.steps, args.warmup, args.amp, args.set)))
+        print(json.dumps(measure(*args.child, args)))
         return
     results = []
     for setup in args.setups:
@@ -144,7 +223,10 @@ def main() -> None:
         runs = [_run_child(setup, m, args) for _ in range(2) for m in args.methods]
         for method in args.methods:
             results.append(min((r for r in runs if r["method"] == method), key=lambda r: r["median_s"]))
-    print(f"device: {results[0]['device']}; torch {torch.__version__}; steps {args.steps}")
+    first = results[0]
+    print(f"device: {first['device']}; torch {torch.__version__}; amp {args.amp}; "
+          f"channels_last {first['channels_last']}; compile {first['compile']}; steps {args.steps}; "
+          f"loop epoch {args.loop_steps} batches")
     for setup in args.setups:
         print(f"{setup}: {' '.join(results[[r['setup'] for r in results].index(setup)]['overrides'])}")
     print(_table(results))
