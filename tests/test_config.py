@@ -46,16 +46,17 @@ def test_optimizers_and_lr_schedules_instantiate_with_the_parameters():
 
 def test_cosine_t_max_follows_epochs_unless_set():
     assert compose_train("epochs=7", "lr_scheduler=cosine").lr_scheduler.T_max == 7
-    assert compose_train("experiment=imagenet_dense", "epochs=3").lr_scheduler.T_max == 320
+    # the ImageNet presets set T_max: ${epochs} too: the cosine ends at the last epoch of any length
+    assert compose_train("experiment=imagenet_dense", "epochs=3").lr_scheduler.T_max == 3
 
 
 PAPER = {
-    "cifar10_dense": dict(T=8, lr=1e-4, batch_size=16, epochs=2048, amp=True, loss="mse", method="identity"),
-    "cifar10_stds": dict(T=8, lr=1e-4, batch_size=16, epochs=2048, amp=True, loss="mse", method="stmod"),
-    "cifar10_gradr": dict(T=8, lr=1e-4, batch_size=16, epochs=2048, amp=True, loss="mse", method="stmod"),
-    "imagenet_dense": dict(T=4, lr=0.1, batch_size=32, epochs=320, amp=True, loss="ce", method="identity"),
-    "imagenet_stds": dict(T=4, lr=0.1, batch_size=32, epochs=320, amp=True, loss="ce", method="stmod"),
-    "imagenet_gradr": dict(T=4, lr=0.1, batch_size=32, epochs=320, amp=True, loss="ce", method="stmod"),
+    "cifar10_dense": dict(T=8, lr=1e-4, batch_size=16, epochs=2048, amp="fp16", loss="mse", method="identity"),
+    "cifar10_stds": dict(T=8, lr=1e-4, batch_size=16, epochs=2048, amp="fp16", loss="mse", method="stmod"),
+    "cifar10_gradr": dict(T=8, lr=1e-4, batch_size=16, epochs=2048, amp="fp16", loss="mse", method="stmod"),
+    "imagenet_dense": dict(T=4, lr=0.1, batch_size=32, epochs=320, amp="fp16", loss="ce", method="identity"),
+    "imagenet_stds": dict(T=4, lr=0.1, batch_size=32, epochs=320, amp="fp16", loss="ce", method="stmod"),
+    "imagenet_gradr": dict(T=4, lr=0.1, batch_size=32, epochs=320, amp="fp16", loss="ce", method="stmod"),
 }
 GIVEN = {"imagenet_stds": ["flat_width=0.6"], "imagenet_gradr": ["flat_width=0.05", "alpha_gr=2e-5"],
          "cifar10_gradr": ["flat_width=0.5", "alpha_gr=1e-3"]}
