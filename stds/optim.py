@@ -6,11 +6,10 @@ import logging
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from stds.config import GradROptimize
+from stds.config import GradROptimize, instantiate_node
 from stds.errors import ConfigError
 from stds.gradr import attach_gradr_prior
 from stds.sparse import pruned_parameters
@@ -57,7 +56,7 @@ FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
 
 def _make_optimizer(cfg: DictConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    factory = instantiate(cfg.optimizer)
+    factory = instantiate_node(cfg.optimizer, "optimizer")
     on_cuda = bool(params) and params[0].is_cuda
     target = getattr(factory, "func", factory)
     if on_cuda and isinstance(target, type) and issubclass(target, FUSED_OPTIMIZERS):
@@ -69,7 +68,7 @@ def _make_optimizer(cfg: DictConfig, params: list[nn.Parameter]) -> torch.optim.
 def build_optimization(cfg: DictConfig, core: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
     """Optimizer over `trained_parameters`, its learning-rate schedule, and the Grad R prior if α > 0."""
     optimizer = _make_optimizer(cfg, trained_parameters(cfg, core))
-    lr_scheduler = instantiate(cfg.lr_scheduler)(optimizer=optimizer)
+    lr_scheduler = instantiate_node(cfg.lr_scheduler, "lr_scheduler")(optimizer=optimizer)
     if cfg.alpha_gr > 0:
         variant = _gradr_variant(cfg, optimizer)
         attach_gradr_prior(optimizer, pruned_parameters(core).values(), cfg.alpha_gr, variant)

@@ -144,7 +144,7 @@ def test_sigkill_mid_epoch_then_same_command_gives_the_same_result(tmp_path):
     proc.wait()
     assert not (split / "metrics.json").exists(), "the run finished before it could be killed"
     assert run_train(*args, f"hydra.run.dir={split}").returncode == 0
-    keep = ("test_acc1", "test_acc5", "best_test_acc1", "sparsity", "step", "epoch", "flat_width")
+    keep = ("test_acc1", "test_acc5", "best_test_acc1", "sparsity", "step", "epoch", "d")
     assert {k: _metrics(split)[k] for k in keep} == {k: _metrics(whole)[k] for k in keep}
 
 
