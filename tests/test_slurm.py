@@ -96,7 +96,7 @@ def test_sweep_runs_one_job_per_point(tmp_path):
         metrics = _metrics(sweep_dir / str(num))
         assert metrics["epoch"] == 1 and metrics["world_size"] == 1
         assert 0.0 <= metrics["test_acc1"] <= 1.0
-        widths.append(metrics["d"]  # the sine schedule ends at D)
+        widths.append(metrics["d"])  # the sine schedule ends at D
         # each point ran as its own SLURM job (one array task per point)
         assert "Job completed successfully" in _job_log(sweep_dir, num)
     assert widths == pytest.approx([0.05, 0.6])
