@@ -6,7 +6,7 @@ and ``metrics.json``'s ``warnings``. Two conditions are checked:
 
 - every pruned weight is zero (``sparsity`` 1.0): the threshold d grew faster than the weights
   could follow (e.g. the default ``flat_width=0.5`` with ``epochs=2``);
-- test top-1 at chance after an epoch: at most ``1/C + min(0.5/C, 0.05)`` for ``C`` classes
+- test top-1 at chance for two epochs in a row, or at the end: at most ``1/C + min(0.5/C, 0.05)`` for ``C`` classes
   (0.15 for 10 classes, 0.0015 for 1000), the accuracy of a network that predicts one class.
 """
 
@@ -55,19 +55,31 @@ def fully_pruned(record: Mapping[str, Any], cfg: Any) -> str | None:
     return f"every weight is pruned (sparsity 1.0) at epoch {epoch}: {fix}"
 
 
-def at_chance(record: Mapping[str, Any], cfg: Any) -> str | None:
-    """The warning for a test top-1 at chance once an epoch has been trained, else None."""
+def _chance(record: Mapping[str, Any] | None, num_classes: int) -> bool:
+    acc = None if record is None else record.get("test_acc1")
+    return acc is not None and num_classes >= 2 and acc <= chance_limit(num_classes)
+
+
+def at_chance(record: Mapping[str, Any], cfg: Any, previous: Mapping[str, Any] | None = None) -> str | None:
+    """The warning for a test top-1 at chance that stayed there for an epoch (this epoch and
+    ``previous``, the one before) or that the run ends with, else None.
+
+    One epoch at chance alone is not warned about: a spiking network can need an epoch before its
+    output layer fires at all (the digits net with batch 64 is at chance after its first epoch).
+    """
     acc, epoch = record.get("test_acc1"), record.get("epoch") or 0
     num_classes = int(_get(cfg, "dataset.num_classes", 0))
-    if acc is None or epoch < 1 or num_classes < 2 or acc > chance_limit(num_classes):
+    last = epoch >= int(_get(cfg, "epochs", 0) or 0)
+    if epoch < 1 or not _chance(record, num_classes) or not (last or _chance(previous, num_classes)):
         return None
     return (f"test_acc1 {acc:.4f} is at chance (1/{num_classes} = {1 / num_classes:.4f}) after epoch "
             f"{epoch}: the network learns nothing; lower lr (now {_get(cfg, 'lr')}) or check the data "
             "(labels, dataset.num_classes, normalisation)")
 
 
-def diagnose(record: Mapping[str, Any], cfg: Any) -> list[str]:
-    """One-line warnings about one epoch's ``record`` under ``cfg``; empty for a healthy epoch.
+def diagnose(record: Mapping[str, Any], cfg: Any, previous: Mapping[str, Any] | None = None) -> list[str]:
+    """One-line warnings about one epoch's ``record`` (``previous``: the epoch before, if any)
+    under ``cfg``; empty for a healthy epoch.
 
     A fully pruned network is also at chance; then only the pruning warning is given (its fix is
     the one that helps).
@@ -75,5 +87,5 @@ def diagnose(record: Mapping[str, Any], cfg: Any) -> list[str]:
     pruned = fully_pruned(record, cfg)
     if pruned is not None:
         return [pruned]
-    chance = at_chance(record, cfg)
+    chance = at_chance(record, cfg, previous)
     return [chance] if chance is not None else []

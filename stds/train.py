@@ -27,6 +27,7 @@ from stds import distributed, loaders, resume, rundir
 from stds.cli import error_line
 from stds.errors import NonFiniteLossError, RunDirError
 from stds.evaluate import evaluate, ranks_in_sync, sync_buffers
+from stds.health import diagnose
 from stds.metrics import IntervalMeter, MetricsWriter, correct_topk, interval_line, loss_fn
 from stds.resume import Progress
 from stds.run import Run, build_run, prepare_config, set_determinism
@@ -193,7 +194,7 @@ def finish_epoch(run: Run, progress: Progress, loop: Loop, train_stats: dict[str
               "sparsity": sp["total"], "sparsity_layers": sp["layers"],
               "epoch_time_s": train_s + loop.eval_s, "eval_time_s": loop.eval_s,
               "train_images_per_s": trained / max(train_s, 1e-9)}
-    record["warnings"] = _diagnose(run, record)
+    record["warnings"] = diagnose(record, run.cfg, previous=progress.last_record)
     progress.last_record = record
     best = record["test_acc1"] > progress.best_acc1
     if best:
@@ -210,12 +211,6 @@ def finish_epoch(run: Run, progress: Progress, loop: Loop, train_stats: dict[str
     for warning in record["warnings"]:
         log.warning("%s", warning)
     return record
-
-
-def _diagnose(run: Run, record: dict[str, Any]) -> list[str]:
-    from stds.health import diagnose
-
-    return diagnose(record, run.cfg)
 
 
 def summary(run: Run, progress: Progress) -> dict[str, Any]:

@@ -37,8 +37,9 @@ def test_chance_limit_is_chance_plus_half_of_it_at_most_five_points():
 
 
 @pytest.mark.parametrize("acc, warned", [(0.10, True), (0.15, True), (0.1501, False), (0.0, True)])
-def test_accuracy_at_chance_after_an_epoch(acc, warned):
-    warnings = diagnose(_record(epoch=1, test_acc1=acc), CFG)
+def test_accuracy_at_chance_for_an_epoch(acc, warned):
+    warnings = diagnose(_record(epoch=1, test_acc1=acc), CFG, previous=_record(epoch=0, test_acc1=0.1))
+    assert bool(warnings) == warned
     assert bool(warnings) == warned
     if warned:
         assert warnings == [f"test_acc1 {acc:.4f} is at chance (1/10 = 0.1000) after epoch 1: the network "
@@ -46,10 +47,19 @@ def test_accuracy_at_chance_after_an_epoch(acc, warned):
                             "dataset.num_classes, normalisation)"]
 
 
+def test_one_early_epoch_at_chance_is_not_warned_but_ending_there_is():
+    # the digits net with batch 64 is at chance after epoch 1, then at 0.97 after epoch 2
+    first = _record(epoch=1, test_acc1=0.0972)
+    assert diagnose(first, CFG) == []
+    assert diagnose(_record(epoch=2, test_acc1=0.9667), CFG, previous=first) == []
+    (warning,) = diagnose(_record(epoch=2, test_acc1=0.0972), CFG, previous=_record(epoch=1, test_acc1=0.5))
+    assert "at chance" in warning and "after epoch 2" in warning
+
+
 def test_chance_on_imagenet_is_a_tenth_of_a_percent():
     cfg = OmegaConf.merge(CFG, {"dataset": {"num_classes": 1000}})
-    assert at_chance(_record(epoch=1, test_acc1=0.0014), cfg) is not None
-    assert at_chance(_record(epoch=1, test_acc1=0.02), cfg) is None  # one epoch of real learning
+    assert at_chance(_record(epoch=2, test_acc1=0.0014), cfg) is not None
+    assert at_chance(_record(epoch=2, test_acc1=0.02), cfg) is None  # one epoch of real learning
 
 
 def test_plain_dict_config_works_too():

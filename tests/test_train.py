@@ -174,3 +174,46 @@ def test_bad_values_name_the_key(tiny_cfg, tmp_path, override, key):
 def test_missing_dataset_root_names_the_key(tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match="dataset.root"):
         train(tiny_cfg("dataset=cifar10", f"dataset.root={tmp_path}/nowhere"), tmp_path)
+
+
+def test_a_fully_pruned_run_says_so_in_the_log_and_metrics(tiny_cfg, tmp_path, caplog):
+    # the default D = 0.5 over 2 short epochs prunes every weight of the digits net
+    train(tiny_cfg("flat_width=0.5"), tmp_path)
+    metrics = _metrics(tmp_path)
+    assert metrics["sparsity"] == 1.0
+    expected = ("every weight is pruned (sparsity 1.0) at epoch 2: flat_width=0.5 is too large for 2 "
+                "epochs; lower flat_width or train longer (more epochs)")
+    assert metrics["warnings"] == [expected]
+    assert expected in caplog.text
+
+
+def test_throughput_is_logged_and_written(tiny_cfg, tmp_path, caplog):
+    caplog.set_level("INFO", logger="stds.train")
+    train(tiny_cfg("logging.log_every_steps=10"), tmp_path)
+    steps = (1797 - 360) // 64
+    for record in _history(tmp_path):
+        assert "time_s" not in record
+        assert 0 < record["eval_time_s"] < record["epoch_time_s"]
+        train_s = record["epoch_time_s"] - record["eval_time_s"]
+        assert record["train_images_per_s"] * train_s == pytest.approx(steps * 64, rel=1e-6)
+    lines = [r.getMessage() for r in caplog.records if "img/s" in r.getMessage() and "ETA epoch" in r.getMessage()]
+    assert len(lines) == 2 * (steps // 10) + 2  # every 10 steps, and at the end of each epoch
+    assert "ms/step" in lines[0] and "data " in lines[0]
+
+
+@pytest.mark.parametrize("value, normalized, dtype", [
+    ("true", "fp16", torch.bfloat16), ("fp16", "fp16", torch.bfloat16), ("bf16", "bf16", torch.bfloat16),
+    ("false", "false", None)])
+def test_amp_values_and_their_autocast_dtype_on_cpu(tiny_cfg, value, normalized, dtype):
+    from stds.run import amp_dtype, prepare_config
+
+    cfg = prepare_config(tiny_cfg(f"amp={value}"))
+    assert cfg.amp == normalized
+    assert amp_dtype(cfg, torch.device("cpu")) is dtype  # no fast fp16 on a CPU: bf16 there
+    assert amp_dtype(cfg, torch.device("cuda")) is {"fp16": torch.float16, "bf16": torch.bfloat16,
+                                                     "false": None}[normalized]
+
+
+def test_amp_unknown_value_names_the_key(tiny_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="amp='fp8' is not valid; use amp=false, amp=fp16 or amp=bf16"):
+        train(tiny_cfg("amp=fp8"), tmp_path)
