@@ -71,20 +71,14 @@ def _compose(overrides: list[str]):
 
 
 def _build(cfg, device: torch.device, run_dir: Path):
-    """The run of ``cfg`` with the config's layout and compilation applied (no-ops once the loop
-    applies them itself)."""
-    from stds import accel
+    """The run of ``cfg`` as the training entrypoint builds it (layout and compilation from the
+    config's ``channels_last`` and ``compile``, cuDNN autotuner from ``deterministic``)."""
     from stds.distributed import DistEnv
     from stds.train import build_run, set_determinism
 
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=device)
     set_determinism(cfg, env)
-    run = build_run(cfg, env, run_dir)
-    channels_last = accel.resolve_channels_last(cfg.channels_last, run.core, device)
-    accel.apply_layout(run.core, device, channels_last)
-    if cfg.compile and not isinstance(run.model, torch._dynamo.eval_frame.OptimizedModule):
-        run.model = accel.maybe_compile(run.model, True)
-    return run, channels_last
+    return build_run(cfg, env, run_dir)
 
 
 def _sync(device: torch.device) -> None:
@@ -150,12 +144,12 @@ def measure(setup: str, method: str, args: argparse.Namespace) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as run_dir:
-        run, channels_last = _build(cfg, device, Path(run_dir))
+        run = _build(cfg, device, Path(run_dir))
         torch.manual_seed(0)
         size = cfg.dataset.image_size
-        images = accel.to_device_batch(
-            torch.rand(cfg.batch_size, cfg.dataset.in_channels, size, size), device, channels_last)
-        labels = torch.randint(0, cfg.dataset.num_classes, (cfg.batch_size,), device=device)
+        images, labels = run.to_device(
+            torch.randn(cfg.batch_size, cfg.dataset.in_channels, size, size),  # as before
+            torch.randint(0, cfg.dataset.num_classes, (cfg.batch_size,)))
         times = _bare_steps(run, images, labels, args.steps, args.warmup)
         path = _neuron_path(run, images)
         profile = accel.profile_step(lambda: train_step(run, images, labels), device)
@@ -167,7 +161,7 @@ def measure(setup: str, method: str, args: argparse.Namespace) -> dict:
         "images_per_s": cfg.batch_size / median, "loop_s": loop_s,
         "loop_images_per_s": cfg.batch_size / loop_s, "peak_bytes": int(peak),
         "device": torch.cuda.get_device_name() if cuda else "cpu", "amp": args.amp,
-        "channels_last": channels_last, "compile": bool(cfg.compile),
+        "channels_last": run.channels_last, "compile": bool(cfg.compile),
         "neuron_path": path, "neuron_kernel": neuron_implementation(cfg.model.neuron.kind, device),
         "kernels_per_step": profile.kernels, "gpu_busy_share": profile.gpu_busy_share,
         "fused_neuron_ops": profile.fused_neuron_ops, "overrides": overrides,

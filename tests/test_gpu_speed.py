@@ -189,10 +189,11 @@ def test_speed_keys_are_in_the_config_and_checked():
 def test_compiled_training_steps_match_eager(tiny_cfg, tmp_path):
     # the digits net with stmod, three optimizer steps with a changing threshold d; inductor
     # compiles C++ kernels on the CPU: about 40 s the first time (cached afterwards)
-    cfg = prepare_config(tiny_cfg("flat_width=0.2"))
     env = DistEnv(0, 0, 1, torch.device("cpu"))
-    eager, compiled = build_run(cfg, env, tmp_path / "a"), build_run(cfg, env, tmp_path / "b")
-    compiled.model = accel.maybe_compile(compiled.model, True)
+    eager = build_run(prepare_config(tiny_cfg("flat_width=0.2")), env, tmp_path / "a")
+    compiled = build_run(prepare_config(tiny_cfg("flat_width=0.2", "compile=true")), env, tmp_path / "b")
+    assert isinstance(compiled.model, torch._dynamo.eval_frame.OptimizedModule)
+    assert not isinstance(eager.model, torch._dynamo.eval_frame.OptimizedModule)
     images, labels = next(iter(eager.train_loader))
     started = time.perf_counter()
     for step in range(3):
@@ -215,12 +216,10 @@ def _cuda_run(tmp_path, *overrides: str):
         "experiment=cifar10_stds", "dataset=fake", "model.channels=32", "batch_size=16",
         "loss=mse", "logging.synops=false", *overrides,
     ))
-    env = DistEnv(0, 0, 1, torch.device("cuda"))
-    run = build_run(cfg, env, tmp_path)
+    run = build_run(cfg, DistEnv(0, 0, 1, torch.device("cuda")), tmp_path)
     torch.manual_seed(0)
-    channels_last = accel.resolve_channels_last(cfg.channels_last, run.core, env.device)
-    images = accel.to_device_batch(torch.rand(16, 3, 32, 32), env.device, channels_last)
-    labels = torch.randint(0, 10, (16,), device=env.device)
+    images, labels = run.to_device(torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    assert run.channels_last  # channels_last=auto on CUDA for a convolutional model
     return run, images, labels
 
 
@@ -246,9 +245,9 @@ def test_amp_step_launches_a_bounded_number_of_kernels(tmp_path):
 @needs_cuda
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_step_never_waits_on_the_gpu(tmp_path, amp):
-    # fp16 needs a fused optimizer: a plain one makes GradScaler read found_inf on the host
-    extra = ("+optimizer.fused=true",) if amp == "fp16" else ()
-    run, images, labels = _cuda_run(tmp_path, f"amp={amp}", *extra)
+    # fp16 relies on the fused optimizer stds.optim builds on CUDA (with a plain one GradScaler
+    # reads found_inf on the host)
+    run, images, labels = _cuda_run(tmp_path, f"amp={amp}")
     train_step(run, images, labels)  # cuDNN and allocator warm-up outside the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -281,7 +280,7 @@ def _losses_on_a_fixed_batch(tmp_path, device: str, amp: str, steps: int, *extra
         *extra,
     ))
     run = build_run(cfg, DistEnv(0, 0, 1, torch.device(device)), tmp_path)
-    images, labels = (t.to(device) for t in next(iter(run.train_loader)))
+    images, labels = run.to_device(*next(iter(run.train_loader)))
     losses = []
     for step in range(steps):
         loss, _ = train_step(run, images, labels)
