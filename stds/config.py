@@ -117,7 +117,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     # scheduler=target: the sparsity S the run ends at (0 < S < 1), and steps between recomputes of d
     target_sparsity: Optional[float] = None
-    target_every_steps: int = 10
+    target_every_steps: Optional[int] = None   # null: stds.schedule.default_every (1000 per run)
     # a run directory to continue (launch/train.py resolves `last`); set by the entrypoint
     resume: Optional[str] = None
     # start a new run from the weights of a checkpoint or an exported pruned.pt
@@ -209,9 +209,9 @@ def _check_target(cfg: DictConfig) -> None:
     if cfg.scheduler.ramp not in SCHEDULES:
         valid = ", ".join(sorted(SCHEDULES))
         raise ConfigError(f"scheduler.ramp={cfg.scheduler.ramp!r} is not valid; use one of {valid}")
-    if cfg.target_every_steps < 1:
+    if cfg.target_every_steps is not None and cfg.target_every_steps < 1:
         raise ConfigError(f"target_every_steps={cfg.target_every_steps} must be >= 1; "
-                          "set target_every_steps=<n> with n >= 1")
+                          "set target_every_steps=<n> with n >= 1, or null for the default")
 
 
 def _check_dataset(cfg: DictConfig) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "TargetSparsitySchedule",
     "ThresholdSchedule",
     "build_threshold_schedule",
+    "default_every",
     "flat_width_at",
     "kth_smallest_abs",
     "register_schedule",
@@ -265,17 +266,32 @@ class TargetSparsitySchedule(ThresholdSchedule):
         super().load_state_dict(state)
 
 
+RECOMPUTES_PER_RUN = 1000
+"""Default number of recomputes of d in a ``scheduler=target`` run (see `default_every`)."""
+
+
+def default_every(total_steps: int) -> int:
+    """Steps between recomputes when ``target_every_steps`` is null: total_steps // 1000, >= 1.
+
+    Measured on the digits net (1320 steps, one seed): recomputing every 10 steps, the d jumps
+    at the end of the run cost 29 points of final top-1 at S = 0.9 against every step. A fixed share of the run
+    keeps each jump the same share of d's growth on every run length, and caps the recompute's
+    cost at 1000 quantiles per run (docs/target_sparsity.md).
+    """
+    return max(1, total_steps // RECOMPUTES_PER_RUN)
+
+
 def build_threshold_schedule(cfg: Any, total_steps: int) -> ThresholdSchedule:
     """The run's threshold schedule from its config.
 
     ``scheduler.kind`` a key of `SCHEDULES`: d follows ``flat_width`` · f(x). ``target``: a
     `TargetSparsitySchedule` from ``target_sparsity``, ``scheduler.ramp`` and
-    ``target_every_steps``; ``flat_width`` is then ignored.
+    ``target_every_steps`` (null: `default_every`); ``flat_width`` is then ignored.
     """
     kind = str(cfg.scheduler.kind)
     if kind != TARGET_KIND:
         return ThresholdSchedule(float(cfg.flat_width), total_steps, kind)
     log.info("scheduler=target: d follows target_sparsity=%s; flat_width is ignored", cfg.target_sparsity)
-    return TargetSparsitySchedule(
-        float(cfg.target_sparsity), total_steps, str(cfg.scheduler.ramp), int(cfg.target_every_steps)
-    )
+    every = cfg.target_every_steps
+    every = default_every(total_steps) if every is None else int(every)
+    return TargetSparsitySchedule(float(cfg.target_sparsity), total_steps, str(cfg.scheduler.ramp), every)

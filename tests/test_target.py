@@ -1,0 +1,309 @@
+"""``scheduler=target``: d as the |θ| quantile for a wanted sparsity, by hand, held, resumed, under DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+from torch import nn
+
+from stds.config import validate
+from stds.errors import ConfigError
+from stds.schedule import (
+    TargetSparsitySchedule,
+    ThresholdSchedule,
+    build_threshold_schedule,
+    kth_smallest_abs,
+    wanted_count,
+)
+from stds.sparse import get_flat_width, pruned_parameters, sparsify, sparsity
+
+# three pruned layers of 4, 3 and 6 weights; two θ are exactly 0 and 0.1 appears four times
+HAND_THETA = ([0.0, -0.3, 0.1, 0.1], [0.2, -0.1, 0.5], [0.0, 0.4, -0.7, 0.25, -0.1, 0.9])
+# sorted |θ|: 0 0 | .1 .1 .1 .1 | .2 .25 .3 .4 .5 .7 .9  (13 values)
+# k -> (the k-th smallest |θ|, #{|θ| <= it}): more than k only where ties (zeros included) force it
+HAND_CASES = {0: (0.0, 2), 1: (0.0, 2), 2: (0.0, 2), 3: (0.1, 6), 6: (0.1, 6), 7: (0.2, 7),
+              9: (0.3, 9), 12: (0.7, 12), 13: (0.9, 13)}
+
+
+def f32(x: float) -> float:
+    """x rounded to float32, as θ holds it."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def hand_model() -> nn.Module:
+    """Linear(2, 2), Linear(3, 1) and Conv2d(1, 2, 1x3) without biases, with θ = HAND_THETA."""
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(3, 1, bias=False),
+                          nn.Conv2d(1, 2, (1, 3), bias=False))
+    sparsify(model, "stmod", 0.0)
+    with torch.no_grad():
+        for theta, values in zip(pruned_parameters(model).values(), HAND_THETA, strict=True):
+            theta.copy_(torch.tensor(values).reshape(theta.shape))
+    return model
+
+
+def hand_thetas() -> list[torch.Tensor]:
+    return [torch.tensor(values) for values in HAND_THETA]
+
+
+@pytest.mark.parametrize("k", sorted(HAND_CASES))
+def test_kth_smallest_abs_by_hand(k: int) -> None:
+    d, _ = HAND_CASES[k]
+    assert kth_smallest_abs(hand_thetas(), k) == f32(d)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6, 7, 9, 12])
+def test_schedule_prunes_the_wanted_count_or_the_ties(k: int) -> None:
+    model = hand_model()
+    # constant ramp: S is asked from step 0; S = k/13 asks for exactly k zeros
+    schedule = TargetSparsitySchedule(k / 13, total_steps=10, ramp="constant").attach(model)
+    d, zeros = HAND_CASES[k]
+    assert schedule.step(0) == f32(d)
+    assert get_flat_width(model) == f32(d)
+    assert sparsity(model)["zeros"] == zeros
+    assert schedule.metrics() == {"d": f32(d), "target_sparsity": k / 13}
+
+
+def test_k_out_of_range_and_layers_of_another_dtype() -> None:
+    with pytest.raises(ValueError, match=r"\[0, 13\]"):
+        kth_smallest_abs(hand_thetas(), 14)
+    with pytest.raises(ValueError, match="scratch"):
+        kth_smallest_abs(hand_thetas(), 3, scratch=torch.empty(12))
+    scratch = torch.empty(13)
+    assert kth_smallest_abs(hand_thetas(), 9, scratch) == f32(0.3)
+    assert kth_smallest_abs(hand_thetas(), 3, scratch) == f32(0.1)  # reused: overwritten
+    doubles = [t.double() for t in hand_thetas()]
+    assert kth_smallest_abs(doubles, 8) == 0.25  # float64 θ: no rounding to float32
+
+
+def test_wanted_count_is_the_nearest_count() -> None:
+    assert wanted_count(0.9, 10) == 9  # 0.9 * 10 = 9.000000000000002: not 10
+    assert wanted_count(0.5, 13) == 7  # 6.5: halves up
+    assert wanted_count(0.9, 13) == 12  # 11.7
+    assert wanted_count(0.0, 13) == 0 and wanted_count(1.0, 13) == 13
+    with pytest.raises(ValueError, match="sparsity"):
+        wanted_count(1.5, 13)
+
+
+def test_cpu_select_equals_kthvalue_with_ties_and_zeros() -> None:
+    generator = torch.Generator().manual_seed(0)
+    layers = [torch.round(torch.randn(n, generator=generator) * 20) / 20 for n in (1000, 37, 4096)]
+    values = torch.cat([t.abs() for t in layers])
+    assert int((values == 0).sum()) > 100  # many exact zeros and many ties
+    for k in (1, 50, 2000, 4567, values.numel()):
+        assert kth_smallest_abs(layers, k) == float(values.kthvalue(k).values)
+        assert kth_smallest_abs(layers, k) == float(np.sort(values.numpy())[k - 1])
+
+
+# S = 0.8 over 4 steps: the fractions of test_schedule's EXPECTED table times 0.8
+@pytest.mark.parametrize(("ramp", "expected"), [
+    ("linear", [0.0, 0.2, 0.4, 0.6, 0.8, 0.8]),
+    ("sine", [0.0, 0.8 * 0.14644661, 0.4, 0.8 * 0.85355339, 0.8, 0.8]),
+])
+def test_wanted_sparsity_follows_the_ramp(ramp: str, expected: list[float]) -> None:
+    schedule = TargetSparsitySchedule(0.8, total_steps=4, ramp=ramp)
+    assert [schedule.wanted(s) for s in (0, 1, 2, 3, 4, 9)] == pytest.approx(expected, abs=1e-8)
+    assert schedule.at(0) == 0.0 and schedule.d == 0.0
+
+
+def _sorted_abs(model: nn.Module) -> torch.Tensor:
+    return torch.cat([t.detach().abs().flatten() for t in pruned_parameters(model).values()]).sort().values
+
+
+def test_d_is_held_between_recomputes_and_recomputed_at_the_last_step() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 5))  # 150 pruned weights
+    sparsify(model, "stmod", 0.0)
+    schedule = TargetSparsitySchedule(0.7, total_steps=7, ramp="linear", every=3).attach(model)
+    thetas = list(pruned_parameters(model).values())
+    for step in range(1, 8):
+        with torch.no_grad():  # θ moves between steps as training would move it
+            for theta in thetas:
+                theta.mul_(1.01).add_(0.001)
+        before = schedule.d
+        d = schedule.step(step)
+        if step in (3, 6, 7):  # multiples of 3, and total_steps
+            k = wanted_count(0.7 * step / 7, 150)
+            assert d == float(_sorted_abs(model)[k - 1])
+            assert schedule.metrics()["target_sparsity"] == pytest.approx(0.7 * step / 7)
+            assert sparsity(model)["zeros"] == k  # random θ: no ties
+        else:
+            assert d == before
+    assert sparsity(model)["total"] == pytest.approx(0.7, abs=1 / 300)
+
+
+def test_d_never_decreases_and_nan_holds_it() -> None:
+    model = hand_model()
+    schedule = TargetSparsitySchedule(9 / 13, total_steps=2, ramp="constant").attach(model)
+    assert schedule.step(0) == f32(0.3)
+    with torch.no_grad():
+        for theta in pruned_parameters(model).values():
+            theta.mul_(0.5)  # the 9th smallest |θ| is now 0.15: below d
+    assert schedule.step(1) == f32(0.3)
+    assert sparsity(model)["zeros"] == 11  # |θ| <= 0.3 after halving: 0 0 .05x4 .1 .125 .15 .2 .25
+    with torch.no_grad():
+        pruned_parameters(model)["0"][0, 0] = float("nan")
+    assert schedule.step(2) == f32(0.3)
+
+
+def _train(schedule: ThresholdSchedule, model: nn.Module, first: int, last: int) -> None:
+    """Full-batch SGD steps ``first..last`` on fixed data, the schedule stepped after each."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.0)
+    inputs = torch.linspace(-1, 1, 64 * 6).reshape(64, 6)
+    targets = torch.sin(3 * inputs[:, :2])
+    for step in range(first, last + 1):
+        loss = ((model(inputs) - targets) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step(step)
+
+
+def _net() -> tuple[nn.Module, TargetSparsitySchedule]:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+    schedule = TargetSparsitySchedule(0.8, total_steps=40, ramp="sine", every=3)
+    sparsify(model, "stmod", schedule.at(0))
+    return model, schedule.attach(model)
+
+
+def test_resume_mid_interval_ends_bitwise_as_the_uninterrupted_run() -> None:
+    whole, whole_schedule = _net()
+    _train(whole_schedule, whole, 1, 40)
+    first, first_schedule = _net()
+    _train(first_schedule, first, 1, 20)  # stopped at step 20: d was last recomputed at 18
+    saved = {"model": first.state_dict(), "threshold": first_schedule.state_dict()}
+    resumed, resumed_schedule = _net()
+    resumed.load_state_dict(saved["model"])
+    resumed_schedule.load_state_dict(saved["threshold"])
+    resumed_schedule.step(20)  # what the loop does after loading
+    _train(resumed_schedule, resumed, 21, 40)
+    assert resumed_schedule.d == whole_schedule.d > 0
+    assert resumed_schedule.metrics() == whole_schedule.metrics()
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert sparsity(whole)["total"] == pytest.approx(0.8, abs=1 / 256)
+
+
+def _ddp_worker(rank: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+        sparsify(model, "stmod", 0.0)
+        schedule = TargetSparsitySchedule(0.75, total_steps=6, ramp="linear").attach(model)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        inputs = torch.randn(16, 8, generator=torch.Generator().manual_seed(100 + rank))  # per-rank data
+        ds = []
+        for step in range(1, 7):
+            ddp.zero_grad()
+            ddp(inputs).pow(2).mean().backward()  # DDP averages the gradients over the ranks
+            with torch.no_grad():  # plain SGD by hand (a torch.optim import costs seconds per process)
+                for parameter in ddp.parameters():
+                    parameter -= 0.5 * parameter.grad
+            ds.append(schedule.step(step))
+        thetas = [t.detach().clone() for t in pruned_parameters(model).values()]
+        torch.save({"d": ds, "thetas": thetas}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_compute_the_same_d_without_communication(tmp_path) -> None:
+    # spawn, not fork: a fork after OpenMP threads have started can hang the children
+    mp.spawn(_ddp_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["d"] == rank1["d"] and rank0["d"] == sorted(rank0["d"]) and rank0["d"][-1] > 0
+    n = sum(t.numel() for t in rank0["thetas"])
+    assert rank0["d"][-1] == kth_smallest_abs(rank1["thetas"], wanted_count(0.75, n))
+
+
+def _validate(tiny_cfg, *overrides: str) -> None:
+    validate(tiny_cfg(*overrides))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("scheduler=target",), "needs target_sparsity in"),
+    (("scheduler=target", "target_sparsity=1.0"), "target_sparsity"),
+    (("scheduler=target", "target_sparsity=0"), "target_sparsity"),
+    (("scheduler=target", "target_sparsity=0.9", "sparse=identity"), "sparse=identity"),
+    (("scheduler=target", "target_sparsity=0.9", "alpha_gr=1e-3"), "alpha_gr=0.001"),
+    (("scheduler=target", "target_sparsity=0.9", "scheduler.ramp=cosine"), "scheduler.ramp='cosine'"),
+    (("scheduler=target", "target_sparsity=0.9", "target_every_steps=0"), "target_every_steps=0"),
+    (("target_sparsity=0.9",), "only by scheduler=target"),
+    (("scheduler.ramp=linear",), "scheduler.ramp=linear is used only"),
+])
+def test_config_errors_name_the_key(tiny_cfg, overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message) as raised:
+        _validate(tiny_cfg, *overrides)
+    assert "\n" not in str(raised.value)
+
+
+def test_config_builds_the_target_schedule_and_ignores_flat_width(tiny_cfg) -> None:
+    cfg = tiny_cfg("scheduler=target", "target_sparsity=0.95", "scheduler.ramp=linear",
+                   "target_every_steps=7", "flat_width=null")
+    validate(cfg)
+    schedule = build_threshold_schedule(cfg, total_steps=100)
+    assert isinstance(schedule, TargetSparsitySchedule)
+    assert (schedule.target, schedule.ramp, schedule.every, schedule.kind) == (0.95, "linear", 7, "target")
+    default = tiny_cfg("scheduler=target", "target_sparsity=0.9")
+    assert OmegaConf.to_container(default.scheduler) == {"kind": "target", "ramp": "sine"}
+    assert type(build_threshold_schedule(tiny_cfg(), 100)) is ThresholdSchedule
+    # target_every_steps=null: total_steps // 1000, at least 1
+    assert [build_threshold_schedule(default, total).every for total in (44, 1999, 2000, 500_000)] == [1, 1, 2, 500]
+
+
+# end to end through stds.train.train on the embedded digits (needs the loop's checkpoint wiring)
+
+def _metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _history(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
+    from stds.train import train
+
+    train(tiny_cfg("scheduler=target", "target_sparsity=0.9", "target_every_steps=5"), tmp_path)
+    metrics, history = _metrics(tmp_path), _history(tmp_path)
+    assert abs(metrics["sparsity"] - 0.9) <= 0.005
+    assert history[-1]["target_sparsity"] == 0.9 and history[-1]["d"] > 0
+    assert metrics["d"] == history[-1]["d"]
+    # the first epoch ends at step 22 of 44: the last recompute was at step 20, x = 20/44
+    assert history[0]["target_sparsity"] == pytest.approx(0.9 * (1 + math.sin(math.pi * (20 / 44 - 0.5))) / 2)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["threshold"] == {"d": history[-1]["d"], "target_sparsity": 0.9}
+
+
+def test_digits_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(tiny_cfg, tmp_path, monkeypatch) -> None:
+    import stds.train as train_module
+
+    overrides = ("scheduler=target", "target_sparsity=0.8", "target_every_steps=5", "epochs=3",
+                 "checkpoint_every_steps=7")
+    train_module.train(tiny_cfg(*overrides), tmp_path / "whole")
+    real, calls = train_module.train_step, {"n": 0}
+
+    def killed_after_30(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 30:  # the last checkpoint is at step 28, between recomputes at 25 and 30
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", killed_after_30)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(tiny_cfg(*overrides), tmp_path / "split")
+    monkeypatch.undo()
+    train_module.train(tiny_cfg(*overrides), tmp_path / "split")
+    whole, split = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)
+                    for run in ("whole", "split"))
+    assert split["threshold"] == whole["threshold"]
+    for key, value in whole["model"].items():
+        assert torch.equal(split["model"][key], value), key
+    assert _metrics(tmp_path / "split")["d"] == _metrics(tmp_path / "whole")["d"]
