@@ -144,11 +144,10 @@ def check_compatible(run: Run, state: dict[str, Any], path: Path) -> None:
     """Refuse a checkpoint whose experiment differs from the config, naming every changed key."""
     changed = changed_keys(state.get("config", {}), to_plain(run.cfg))
     if changed:
-        given = ", ".join(f"{k}={new}" for k, _, new in changed)
-        saved = " ".join(f"{k}={old}" for k, old, _ in changed)
+        listed = ", ".join(f"{key} ({old}, now {new})" for key, old, new in changed)
         raise CheckpointError(
-            f"checkpoint {path} was written with {saved}, not {given}; these keys cannot change "
-            f"when a run resumes: restore them or use a new run directory"
+            f"checkpoint {path} was written with other values of {listed}; these keys cannot change "
+            "when a run resumes (docs/resume.md): restore them or use a new run directory"
         )
 
 

@@ -97,7 +97,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused(tiny_cfg, tmp_pat
 def test_a_resume_that_changes_the_experiment_is_refused_naming_the_key(tiny_cfg, tmp_path, override, key):
     train(tiny_cfg("epochs=1", "flat_width=0.1"), tmp_path)
     before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
-    with pytest.raises(CheckpointError, match=rf"with {key}=\S+, not {key}=") as info:
+    with pytest.raises(CheckpointError, match=rf"other values of (.*, )?{key} \(\S+, now \S+\)") as info:
         train(tiny_cfg("epochs=1", "flat_width=0.1", override), tmp_path)
     assert "\n" not in str(info.value)
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
@@ -127,7 +127,7 @@ def test_refused_resume_leaves_the_saved_config_as_it_was(tmp_path):
                         "logging.synops=false", f"hydra.run.dir={run_dir}")
     assert refused.returncode == 1
     error_lines = [line for line in refused.stderr.splitlines() if line.startswith("Error:")]
-    assert len(error_lines) == 1 and "flat_width=0.05, not flat_width=0.1" in error_lines[0]
+    assert len(error_lines) == 1 and "flat_width (0.05, now 0.1)" in error_lines[0]
     assert {name: (run_dir / ".hydra" / name).read_text() for name in saved} == saved
     assert yaml.safe_load(saved["config.yaml"])["flat_width"] == 0.05
 
