@@ -7,6 +7,7 @@ without padding, so every test sample is counted exactly once.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -57,10 +58,17 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def ignore_interrupts(worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C: the training process saves and stops on it (`stds.signals`),
+    which needs its workers alive until then (the terminal sends SIGINT to the whole group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _worker_options(options: LoaderOptions) -> dict:
     workers = options.num_workers
     return {
         "num_workers": workers,
+        "worker_init_fn": ignore_interrupts if workers > 0 else None,
         "pin_memory": options.pin_memory,
         "persistent_workers": options.persistent_workers and workers > 0,
     }

@@ -57,3 +57,19 @@ def test_eval_shards_cover_every_sample_once_without_padding():
     for rank in range(3):
         labels += _labels(loaders.eval_loader(_dataset(10), 4, OPTS, rank=rank, world_size=3))
     assert sorted(labels) == list(range(10))
+
+
+def test_loader_workers_ignore_ctrl_c_so_the_run_can_save_first():
+    import signal
+
+    from stds.loaders import LoaderOptions, ignore_interrupts, train_loader
+
+    data = torch.utils.data.TensorDataset(torch.arange(8.0))
+    assert train_loader(data, 2, LoaderOptions(num_workers=1), seed=0).worker_init_fn is ignore_interrupts
+    assert train_loader(data, 2, LoaderOptions(num_workers=0), seed=0).worker_init_fn is None
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        ignore_interrupts(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
