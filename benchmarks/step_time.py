@@ -63,7 +63,7 @@ def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from stds.config import register_configs
-    from stds.train import prepare_config
+    from stds.run import prepare_config
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -74,7 +74,7 @@ def _build(cfg, device: torch.device, run_dir: Path):
     """The run of ``cfg`` as the training entrypoint builds it (layout and compilation from the
     config's ``channels_last`` and ``compile``, cuDNN autotuner from ``deterministic``)."""
     from stds.distributed import DistEnv
-    from stds.train import build_run, set_determinism
+    from stds.run import build_run, set_determinism
 
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=device)
     set_determinism(cfg, env)
@@ -116,7 +116,8 @@ def _neuron_path(run, images) -> str:
 
 def _loop_seconds_per_step(run) -> float:
     """Wall time per step of `train_epoch`'s second epoch (the real loop with its DataLoader)."""
-    from stds.train import Progress, train_epoch
+    from stds.resume import Progress
+    from stds.train import train_epoch
 
     progress = Progress()
     for epoch in range(2):
