@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 
 from conftest import CONF, compose_train
 from stds.errors import ConfigError
-from stds.train import prepare_config
+from stds.run import prepare_config
 
 
 def _options(group: str) -> list[str]:

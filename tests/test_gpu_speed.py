@@ -25,7 +25,8 @@ from stds.errors import ConfigError
 from stds.models import CIFAR10Net, DigitsNet, make_neuron, sew_resnet18
 from stds.models.neurons import SURROGATES, fused_kernel_condition
 from stds.sparse import sparsify
-from stds.train import build_run, prepare_config, train_step
+from stds.run import build_run, prepare_config
+from stds.train import train_step
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (kernel counts, syncs, fp16)")
