@@ -99,10 +99,12 @@ def train_epoch(run: Run, progress: Progress, loop: Loop | None = None) -> dict[
         if progress.step % every == 0 or end_of_epoch:
             _check_finite(progress, first_bad)
             _log_interval(run, progress, loop, loss)
-        if (ckpt_every and progress.step % ckpt_every == 0 and not end_of_epoch) or _stop_requested(run, progress, loop, every):
+        stop = _stop_requested(run, progress, loop, every)  # the same answer on every rank
+        if stop or (ckpt_every and progress.step % ckpt_every == 0 and not end_of_epoch):
             _check_finite(progress, first_bad)
             resume.save(run, progress)
-            _stop_if_asked(run, progress, loop)
+        if stop:
+            _raise_stopped(run, progress, loop)
     _close_bar(loop)
     _check_finite(progress, first_bad)
     totals = progress.sums.as_floats()
@@ -134,10 +136,8 @@ def _stop_requested(run: Run, progress: Progress, loop: Loop, every: int) -> boo
     return bool(received)
 
 
-def _stop_if_asked(run: Run, progress: Progress, loop: Loop) -> None:
+def _raise_stopped(run: Run, progress: Progress, loop: Loop) -> None:
     signum = loop.signals.received
-    if signum is None:
-        return
     raise RunStopped(
         f"stopped by {signal_name(signum)} at epoch {progress.epoch + 1}, step {progress.step}; "
         f"{run.ckpt_dir / 'last.pt'} is saved; resume with: python launch/train.py resume={run.run_dir}",
