@@ -339,8 +339,8 @@ def test_runs_at_zero_connectivity_sit_on_the_axis_floor_and_are_listed(tmp_path
     # the limits come from the positive connectivities 40% and 5% alone: [5/1.5, 40*1.5]
     assert ax.get_xlim() == pytest.approx((5 / 1.5, 40 * 1.5))
     marks = [line for line in ax.get_lines() if line.get_marker() == "<"]
-    assert [(line.get_xdata()[0], line.get_ydata()[0]) for line in marks] == pytest.approx(
-        [(floor, 10.0), (floor, 12.0)])
+    assert [float(line.get_xdata()[0]) for line in marks] == pytest.approx([floor, floor])
+    assert [float(line.get_ydata()[0]) for line in marks] == pytest.approx([10.0, 12.0])
     assert marks[0].get_markerfacecolor() != "white" and marks[1].get_markerfacecolor() == "white"
     assert marks[0].get_label() == FLOOR_LABEL
     assert FLOOR_LABEL in [t.get_text() for t in ax.get_legend().get_texts()]
