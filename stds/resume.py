@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from stds import checkpoint as ckpt
 from stds.config import to_plain
 from stds.errors import CheckpointError, NonFiniteLossError
-from stds.run import Run
+from stds.run import Run, normalize_amp
 from stds.sparse import dense_state_dict, load_dense_weights
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,10 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[s
 
 def check_compatible(run: Run, state: dict[str, Any], path: Path) -> None:
     """Refuse a checkpoint whose experiment differs from the config, naming every changed key."""
-    changed = changed_keys(state.get("config", {}), to_plain(run.cfg))
+    saved = dict(state.get("config", {}))
+    if "amp" in saved:  # a bool before amp took fp16 / bf16
+        saved["amp"] = normalize_amp(saved["amp"])
+    changed = changed_keys(saved, to_plain(run.cfg))
     if changed:
         listed = ", ".join(f"{key} ({old}, now {new})" for key, old, new in changed)
         raise CheckpointError(
@@ -166,14 +169,20 @@ def resume(run: Run) -> Progress:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {first}") from None
     run.scaler.load_state_dict(state["scaler"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    run.threshold.load_state_dict(state["threshold"])
+    if "threshold" in state:
+        run.threshold.load_state_dict(state["threshold"])
+    else:  # written before the schedule kept a state: d was a function of the step alone
+        run.threshold.step(state["step"])
     ckpt.set_rng_state(state["rng"])
     sums = state["epoch_sums"]
+    if isinstance(sums, list):  # written before the sums had names: [loss·n, correct, n]
+        sums = {"loss": sums[0], "correct": sums[1], "samples": sums[2]}
+    history = state.get("history") or [None]  # older checkpoints kept every epoch's record
     progress = Progress(
         epoch=state["epoch"], step=state["step"], batch_in_epoch=state["batch_in_epoch"],
         best_acc1=state["best_acc1"], best_epoch=state["best_epoch"],
         sums=EpochSums(sums["loss"], sums["correct"], int(sums["samples"])),
-        last_record=state["last_record"],
+        last_record=state.get("last_record", history[-1]),
     )
     log.info("resumed from %s at epoch %d, step %d", path, progress.epoch, progress.step)
     return progress

@@ -304,3 +304,32 @@ class socket_port:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def test_a_checkpoint_of_the_previous_layout_still_resumes(tiny_cfg, tmp_path, monkeypatch):
+    """Checkpoints written before this version: no threshold state, positional epoch sums, the
+    whole history instead of the last record. They resume, and d follows the schedule."""
+    real = train_module.train_step
+    calls = {"n": 0}
+
+    def stop_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > STEPS + 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", stop_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg("epochs=2", "flat_width=0.2", "scheduler=linear"), tmp_path)
+    monkeypatch.undo()
+    path = tmp_path / "checkpoints" / "last.pt"
+    state = ckpt.load(path)
+    sums = state.pop("epoch_sums")
+    state["epoch_sums"] = [sums["loss"], sums["correct"], float(sums["samples"])]
+    state["history"] = [state.pop("last_record")]
+    del state["threshold"]
+    state["config"]["amp"] = False  # amp was a bool
+    ckpt.save_atomic(state, path)
+    train(tiny_cfg("epochs=2", "flat_width=0.2", "scheduler=linear"), tmp_path)
+    metrics = _metrics(tmp_path)
+    assert metrics["epoch"] == 2 and metrics["d"] == pytest.approx(0.2)
