@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stds.errors import CheckpointError
+from stds.errors import CheckpointError, find_in_chain
 
 FORMAT_VERSION = 1
 LAST = "last.pt"
@@ -30,22 +30,6 @@ BEST = "best.pt"
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def _os_error_in(exc: BaseException) -> OSError | None:
-    """``exc`` if it is an OSError, else the OSError it was raised from or during, if any.
-
-    torch.save reports a failed write to a file object as a RuntimeError ("unexpected pos")
-    raised while the OSError of the write is being handled; the OSError says why.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, OSError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 def _write_error(path: Path, error: OSError) -> CheckpointError:
@@ -82,7 +66,9 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         if tmp_name is not None:
             with contextlib.suppress(OSError):
                 Path(tmp_name).unlink(missing_ok=True)
-        error = _os_error_in(exc) if isinstance(exc, Exception) else None
+        # torch.save reports a failed write to a file object as a RuntimeError ("unexpected pos")
+        # raised while the OSError of the write is being handled; the OSError says why
+        error = find_in_chain(exc, OSError, context=True) if isinstance(exc, Exception) else None
         if error is not None:
             raise _write_error(path, error) from exc
         raise

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from stds.errors import StdsError
+from stds.errors import StdsError, find_in_chain
 
 log = logging.getLogger("stds")
 T = TypeVar("T")
@@ -42,14 +42,7 @@ def print_error(exc: BaseException | str) -> None:
 
 def user_error(exc: BaseException) -> StdsError | None:
     """The `StdsError` that ``exc`` is or wraps (Hydra's InstantiationException, chained causes)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, StdsError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__
-    return None
+    return find_in_chain(exc, StdsError)
 
 
 def _traceback_wanted() -> bool:

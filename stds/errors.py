@@ -1,5 +1,24 @@
 """Errors that the entrypoints report as one line, without a traceback."""
 
+from __future__ import annotations
+
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
+
+def find_in_chain(exc: BaseException, kind: type[E], context: bool = False) -> E | None:
+    """``exc`` if it is a ``kind``, else the first ``kind`` it was raised from (``__cause__``), or
+    also during (``__context__``) when ``context`` is set; None if there is none."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or (current.__context__ if context else None)
+    return None
+
 
 class StdsError(Exception):
     """A problem the user can fix; its message is one line naming the key or file and the fix."""

@@ -31,7 +31,7 @@ from stds import checkpoint as ckpt
 from stds.errors import CheckpointError, StdsError
 from stds.sparse import dense_state_dict, pruned_layers, sparsify, sparsity
 
-__all__ = ["EXPORT_NAME", "export_finished", "export_run", "format_storage", "weight_storage"]
+__all__ = ["EXPORT_NAME", "export_finished", "export_run", "format_storage", "sparsified_model", "weight_storage"]
 
 EXPORT_NAME = "pruned.pt"
 EXPORT_FORMAT_VERSION = 1
@@ -113,7 +113,7 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     return instantiate(OmegaConf.create(config["model"]))
 
 
-def _sparsified(config: dict[str, Any]) -> nn.Module:
+def sparsified_model(config: dict[str, Any]) -> nn.Module:
     """The model with the reparameterizations the run trained with (thresholds from its state)."""
     model = build_model(config)
     sparse = config.get("sparse") or {}
@@ -144,7 +144,7 @@ def export_run(
     source = _checkpoint(run_dir, which)
     state = ckpt.load(source)
     config = _config(run_dir, state)
-    model = _sparsified(config)
+    model = sparsified_model(config)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:

@@ -210,9 +210,9 @@ def _weights_of(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(blob, dict) and "state_dict" in blob and "config" in blob:  # pruned.pt
         return blob["state_dict"]
     if isinstance(blob, dict) and blob.get("format_version") == ckpt.FORMAT_VERSION and "config" in blob:
-        from stds.export import _sparsified
+        from stds.export import sparsified_model
 
-        source = _sparsified(blob["config"])
+        source = sparsified_model(blob["config"])
         source.load_state_dict(blob["model"])
         return dense_state_dict(source)
     raise CheckpointError(f"init_from={path} is neither a stds checkpoint nor an exported pruned.pt; "
