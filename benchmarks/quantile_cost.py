@@ -1,7 +1,7 @@
 """Cost of the target schedule's recompute of d (the |θ| quantile) on realistic θ counts.
 
 ``scheduler=target`` sets d to the k-th smallest |θ| over every pruned layer each
-``target_every_steps`` steps (`stds.schedule.kth_smallest_abs`) and holds d in between. This
+``target_every_steps`` steps (`stds.method.schedule.kth_smallest_abs`) and holds d in between. This
 times, on the θ of the real models (their shapes and initialisation):
 
 - ``recompute``: one `kth_smallest_abs` call at S = 0.9 as the schedule runs it (on a CPU into
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from stds.schedule import TargetSparsitySchedule, kth_smallest_abs, wanted_count
-from stds.sparse import pruned_parameters, sparsify
+from stds.method.schedule import TargetSparsitySchedule, kth_smallest_abs, wanted_count
+from stds.method.sparse import pruned_parameters, sparsify
 
 REPO = Path(__file__).resolve().parents[1]
 SPARSITY = 0.9
@@ -50,7 +50,7 @@ def thetas_of(setup: str, device: torch.device) -> list[torch.Tensor]:
     """The θ of every pruned layer of the setup's model, freshly initialised (seed 0)."""
     from hydra import compose, initialize_config_dir
 
-    from stds.config import register_configs
+    from stds.run.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

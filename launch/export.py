@@ -2,7 +2,7 @@
 
 Writes ``pruned.pt`` (the weights w with their zeros as a plain state dict, and the config) and
 prints the per-layer sparsity and the size of the weights stored sparsely. The work is in
-`stds.export`; see ``docs/reports.md``.
+`stds.results.export`; see ``docs/reports.md``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from stds.cli import print_error
+from stds.cli.entry import print_error
 from stds.errors import StdsError
-from stds.export import export_run
+from stds.results.export import export_run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 Single process, ``torchrun --nproc_per_node=N launch/train.py ...``, or ``-m`` sweeps through any
 Hydra launcher (``hydra/launcher=local``, ``submitit_local``, ``slurm``, ``slurm_cpu``; ``local``
 is registered from ``launch/hydra_plugins/``, on ``sys.path`` beside this file). The work is in
-`stds.train.train`; this file only wires Hydra to it.
+`stds.run.loop.train`; this file only wires Hydra to it.
 """
 
 import os
@@ -12,18 +12,18 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from stds.cli import report_errors, run_hydra_main
-from stds.config import register_configs
-from stds.resume import resume_overrides
-from stds.signals import RunStopped
-from stds.train import train
+from stds.cli.entry import report_errors, run_hydra_main
+from stds.run.config import register_configs
+from stds.run.resume import resume_overrides
+from stds.run.signals import RunStopped
+from stds.run.loop import train
 
 register_configs()
 
 
 def _argv(argv: list[str]) -> list[str]:
     """``resume=`` expanded; under torchrun, ranks other than 0 make no run directory of their own
-    (rank 0's directory is given to every rank by `stds.train.train`)."""
+    (rank 0's directory is given to every rank by `stds.run.loop.train`)."""
     argv = report_errors(lambda: resume_overrides(argv))
     if int(os.environ.get("RANK", "0")) > 0:
         argv = argv + ["hydra.run.dir=.", "hydra/job_logging=stdout"]

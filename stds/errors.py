@@ -20,6 +20,21 @@ def find_in_chain(exc: BaseException, kind: type[E], context: bool = False) -> E
     return None
 
 
+def user_error(exc: BaseException) -> StdsError | None:
+    """The `StdsError` that ``exc`` is or wraps (Hydra's InstantiationException, chained causes)."""
+    return find_in_chain(exc, StdsError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` with every run of whitespace (newlines included) as one space."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def error_line(exc: BaseException) -> str:
+    """``ExceptionType: message`` on one line, ending in a newline: the text of ``error.txt``."""
+    return f"{type(exc).__name__}: {one_line(exc)}\n"
+
+
 class StdsError(Exception):
     """A problem the user can fix; its message is one line naming the key or file and the fix."""
 

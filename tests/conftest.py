@@ -21,7 +21,7 @@ TINY = ("dataset=digits", "epochs=2", "batch_size=64", "logging.log_every_steps=
 
 def compose_train(*overrides: str, hydra: bool = False) -> DictConfig:
     """``conf/train.yaml`` composed with ``overrides`` (and the ``hydra`` node if asked)."""
-    from stds.config import register_configs
+    from stds.run.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

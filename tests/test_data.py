@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision import datasets
 
 from conftest import compose_train
-from stds import data
+from stds.data import datasets as data
 from stds.errors import ConfigError, DatasetNotFoundError
 
 # ---------------------------------------------------------------- digits

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stds import distributed
+from stds.run import distributed
 from stds.errors import ConfigError
 
 SLURM_TASK = {

@@ -1,4 +1,4 @@
-"""Export of the pruned network (`stds.export`, ``launch/export.py``)."""
+"""Export of the pruned network (`stds.results.export`, ``launch/export.py``)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from spikingjelly.activation_based import functional
 from torch import nn
 
 from conftest import REPO, compose_train
-from stds.checkpoint import FORMAT_VERSION
-from stds.config import to_plain
+from stds.run.checkpoint import FORMAT_VERSION
+from stds.run.config import to_plain
 from stds.errors import StdsError
-from stds.export import export_finished, export_run, storage, weight_storage
-from stds.report import read_run
-from stds.sparse import set_flat_width, sparsify, sparsity
+from stds.results.export import export_finished, export_run, storage, weight_storage
+from stds.results.report import read_run
+from stds.method.sparse import set_threshold, sparsify, sparsity
 
 
 def test_weight_storage_by_hand():
@@ -60,7 +60,7 @@ def _trained_like(cfg, flat_width: float) -> nn.Module:
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 module.weight.mul_(8)
     sparsify(model, "stmod", flat_width=0.0)
-    set_flat_width(model, flat_width)
+    set_threshold(model, flat_width)
     for module in model.modules():  # BatchNorm state other than the defaults; strong enough to spike
         if isinstance(module, nn.BatchNorm2d):
             module.weight.data.fill_(4.0)

@@ -12,9 +12,9 @@ from torch import nn
 
 from conftest import compose_train
 from stds.errors import ConfigError
-from stds.gradr import attach_gradr_prior
-from stds.optim import build_optimization
-from stds.sparse import pruned_parameters, sparsify
+from stds.method.gradr import attach_gradr_prior
+from stds.run.optim import build_optimization
+from stds.method.sparse import pruned_parameters, sparsify
 
 THETA0 = [0.33, -0.20, 0.02, -0.04, 0.12]
 LR = 0.1

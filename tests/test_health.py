@@ -3,7 +3,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from stds.health import at_chance, chance_limit, diagnose
+from stds.run.health import at_chance, chance_limit, diagnose
 
 CFG = OmegaConf.create({"dataset": {"num_classes": 10}, "flat_width": 0.5, "epochs": 2, "lr": 0.002,
                         "scheduler": {"kind": "sine"}})

@@ -3,7 +3,7 @@
 import torch
 from torch.utils.data import TensorDataset
 
-from stds import loaders
+from stds.data import loaders
 
 OPTS = loaders.LoaderOptions()
 
@@ -62,7 +62,7 @@ def test_eval_shards_cover_every_sample_once_without_padding():
 def test_loader_workers_ignore_ctrl_c_so_the_run_can_save_first():
     import signal
 
-    from stds.loaders import LoaderOptions, ignore_interrupts, train_loader
+    from stds.data.loaders import LoaderOptions, ignore_interrupts, train_loader
 
     data = torch.utils.data.TensorDataset(torch.arange(8.0))
     assert train_loader(data, 2, LoaderOptions(num_workers=1), seed=0).worker_init_fn is ignore_interrupts

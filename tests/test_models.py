@@ -27,7 +27,7 @@ from stds.models import (
 )
 from stds.models.neurons import Float32StateIFNode, Float32StateLIFNode
 from stds.models.sew_resnet import BasicBlock, Bottleneck
-from stds.sparse import pruned_parameters, sparsify
+from stds.method.sparse import pruned_parameters, sparsify
 
 
 def weight_count(model: nn.Module, types: tuple[type, ...]) -> int:

@@ -1,4 +1,4 @@
-"""Sweep reports from run directories written by hand (`stds.report`, ``launch/report.py``)."""
+"""Sweep reports from run directories written by hand (`stds.results.report`, ``launch/report.py``)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import matplotlib.image
 import pytest
 
 from stds.errors import StdsError
-from stds.report import collect_runs, method_label, read_run, write_report
+from stds.results.report import collect_runs, method_label, read_run, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
 CONFIG = """\
 dataset:
-  _target_: stds.data.{dataset}
+  _target_: stds.data.datasets.{dataset}
   root: data/{dataset}
   num_classes: 10
   in_channels: 3
@@ -52,7 +52,7 @@ def make_run(
     model: str = "CIFAR10Net", history: list[dict] | None = None, final: dict | None = None,
     error: str | None = None, overrides: tuple[str, ...] = (),
 ) -> Path:
-    """A run directory as `stds.train` leaves it (only the files the report reads)."""
+    """A run directory as `stds.run.loop` leaves it (only the files the report reads)."""
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "config.yaml").write_text(CONFIG.format(
         dataset=dataset, model=model, method=method, schedule=schedule, D=D, alpha=alpha, S=S,
@@ -304,7 +304,7 @@ def test_target_sparsity_runs_are_their_own_method_beside_a_d_sweep(tmp_path):
     assert "| target/1 | cifar10 | CIFAR10Net | STDS-target | - | 0 | 80.00% | 8 |" in md  # D unused
     assert "| d/0 | cifar10 | CIFAR10Net | STDS-sine | 0.5 | 0 | - | 8 |" in md
 
-    from stds.report import figure
+    from stds.results.report import figure
 
     fig = figure(runs)
     assert len(fig.axes) == 1  # one (dataset, model): both sweeps in one panel
@@ -332,7 +332,7 @@ def test_runs_at_zero_connectivity_sit_on_the_axis_floor_and_are_listed(tmp_path
             "test_acc1 10.00%, finished), `3` (STDS-sine, flat_width=0.5: test_acc1 12.00%, "
             "running).") in md
 
-    from stds.report import FLOOR_LABEL, figure
+    from stds.results.report import FLOOR_LABEL, figure
 
     ax = figure(runs).axes[0]
     floor = ax.get_xlim()[0]

@@ -14,17 +14,17 @@ import pytest
 import torch
 import yaml
 
-import stds.train as train_module
-from stds import checkpoint as ckpt
-from stds import distributed
+import stds.run.loop as train_module
+from stds.run import checkpoint as ckpt
+from stds.run import distributed
 from stds.errors import CheckpointError, NonFiniteLossError, RunDirError
-from stds.evaluate import evaluate
-from stds.export import export_run
-from stds.resume import changed_keys, init_from, latest_run, resume_overrides
-from stds.run import build_run, prepare_config
-from stds.rundir import RunLock
-from stds.signals import RunStopped
-from stds.train import train
+from stds.run.evaluate import evaluate
+from stds.results.export import export_run
+from stds.run.resume import changed_keys, init_from, latest_run, resume_overrides
+from stds.run.build import build_run, prepare_config
+from stds.run.rundir import RunLock
+from stds.run.signals import RunStopped
+from stds.run.loop import train
 from tests.conftest import REPO, TRAIN, run_train
 
 STEPS = (1797 - 360) // 64  # optimizer steps per epoch of the tiny digits run

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from stds.schedule import SCHEDULES, ThresholdSchedule, flat_width_at, register_schedule
-from stds.sparse import get_flat_width, sparsify
+from stds.method.schedule import SCHEDULES, ThresholdSchedule, threshold_at, register_schedule
+from stds.method.sparse import get_flat_width, sparsify
 
 FINAL = 0.8
 TOTAL = 4
@@ -22,25 +22,25 @@ EXPECTED = {
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "sine"])
 def test_schedule_values(kind: str) -> None:
-    got = [flat_width_at(step, TOTAL, FINAL, kind) for step in STEPS]
+    got = [threshold_at(step, TOTAL, FINAL, kind) for step in STEPS]
     assert got == pytest.approx(EXPECTED[kind], abs=1e-8)
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "sine"])
 def test_schedule_reaches_final_exactly_and_never_overshoots(kind: str) -> None:
-    assert flat_width_at(1000, 1000, 0.3, kind) == 0.3
-    assert max(flat_width_at(s, 1000, 0.3, kind) for s in range(0, 2001, 7)) <= 0.3
+    assert threshold_at(1000, 1000, 0.3, kind) == 0.3
+    assert max(threshold_at(s, 1000, 0.3, kind) for s in range(0, 2001, 7)) <= 0.3
 
 
 def test_sine_is_monotone_and_symmetric() -> None:
-    values = [flat_width_at(s, 100, 1.0, "sine") for s in range(101)]
+    values = [threshold_at(s, 100, 1.0, "sine") for s in range(101)]
     assert values == sorted(values)
     assert values[25] + values[75] == pytest.approx(1.0)
 
 
 def test_unknown_kind_lists_valid_kinds() -> None:
     with pytest.raises(ValueError, match="constant, linear, sine"):
-        flat_width_at(0, 10, 0.1, "cosine")
+        threshold_at(0, 10, 0.1, "cosine")
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,7 @@ def test_unknown_kind_lists_valid_kinds() -> None:
 )
 def test_invalid_arguments(step: int, total: int, final: float, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        flat_width_at(step, total, final, "linear")
+        threshold_at(step, total, final, "linear")
 
 
 def test_register_schedule_adds_a_kind() -> None:
@@ -60,8 +60,8 @@ def test_register_schedule_adds_a_kind() -> None:
 
     try:
         assert SCHEDULES["test_square"] is square
-        assert flat_width_at(1, 2, 0.8, "test_square") == pytest.approx(0.2)
-        assert flat_width_at(5, 2, 0.8, "test_square") == pytest.approx(0.8)
+        assert threshold_at(1, 2, 0.8, "test_square") == pytest.approx(0.2)
+        assert threshold_at(5, 2, 0.8, "test_square") == pytest.approx(0.8)
         with pytest.raises(ValueError, match="already registered"):
             register_schedule("test_square")(square)
     finally:
@@ -71,8 +71,8 @@ def test_register_schedule_adds_a_kind() -> None:
 def test_fraction_is_clipped() -> None:
     register_schedule("test_overshoot")(lambda x: 2 * x - 0.5)
     try:
-        assert flat_width_at(0, 4, 0.8, "test_overshoot") == 0.0
-        assert flat_width_at(3, 4, 0.8, "test_overshoot") == 0.8
+        assert threshold_at(0, 4, 0.8, "test_overshoot") == 0.0
+        assert threshold_at(3, 4, 0.8, "test_overshoot") == 0.8
     finally:
         del SCHEDULES["test_overshoot"]
 

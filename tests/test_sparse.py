@@ -10,13 +10,13 @@ from spikingjelly.activation_based import layer as sj_layer
 from torch import nn
 from torch.nn.utils import parametrize
 
-from stds.sparse import (
+from stds.method.sparse import (
     dense_state_dict,
     get_flat_width,
     make_reparam,
     pruned_layers,
     pruned_parameters,
-    set_flat_width,
+    set_threshold,
     sparsify,
     sparsity,
     unsparsify,
@@ -89,7 +89,7 @@ def test_invalid_flat_width_is_rejected(bad: float) -> None:
         sparsify(model, "st", flat_width=bad)
     sparsify(model, "st")
     with pytest.raises(ValueError, match="flat_width"):
-        set_flat_width(model, bad)
+        set_threshold(model, bad)
 
 
 def test_reparam_method_names() -> None:
@@ -150,7 +150,7 @@ def test_set_and_get_flat_width() -> None:
     model = small_net()
     sparsify(model, "stmod", 0.1)
     assert get_flat_width(model) == pytest.approx(0.1)
-    set_flat_width(model, 0.5)
+    set_threshold(model, 0.5)
     assert get_flat_width(model) == 0.5
     for layer in pruned_layers(model).values():
         assert layer.parametrizations.weight[0].flat_width.item() == 0.5
@@ -161,7 +161,7 @@ def test_set_and_get_flat_width() -> None:
 def test_flat_width_in_state_dict_survives_save_load() -> None:
     model = small_net()
     sparsify(model, "stmod", 0.0)
-    set_flat_width(model, 0.375)
+    set_threshold(model, 0.375)
     state = model.state_dict()
     assert state["4.parametrizations.weight.0.flat_width"].item() == 0.375
     assert state["4.parametrizations.weight.0.flat_width"].dtype == torch.float32
@@ -185,7 +185,7 @@ def test_sparsity_counts_by_hand() -> None:
     result = sparsity(model)
     assert result == {"total": 17 / 50, "zeros": 17, "numel": 50, "layers": {"0": 0.5, "4": 0.25}}
 
-    set_flat_width(model, 1e3)  # larger than every |θ|
+    set_threshold(model, 1e3)  # larger than every |θ|
     result = sparsity(model)
     assert result == {"total": 1.0, "zeros": 50, "numel": 50, "layers": {"0": 1.0, "4": 1.0}}
 
@@ -197,7 +197,7 @@ def test_sparsity_at_an_intermediate_threshold() -> None:
         layer.parametrizations.weight.original.copy_(
             torch.tensor([[0.1, -0.2, 0.3, -0.4], [0.5, -0.6, 0.7, -0.8]])
         )
-    set_flat_width(layer, 0.35)  # prunes 0.1, -0.2, 0.3
+    set_threshold(layer, 0.35)  # prunes 0.1, -0.2, 0.3
     assert sparsity(layer) == {"total": 3 / 8, "zeros": 3, "numel": 8, "layers": {"": 3 / 8}}
 
 
@@ -211,7 +211,7 @@ def test_dense_state_dict_loads_into_plain_model(name: str) -> None:
     plain = small_net()
     plain_keys = list(plain.state_dict())
     sparsify(model, name, 0.0, exclude=("6",))
-    set_flat_width(model, 0.2)
+    set_threshold(model, 0.2)
     theta_before = model[4].parametrizations.weight.original.detach().clone()
     model.eval()
     plain.eval()
@@ -247,7 +247,7 @@ def test_unsparsify_keeps_weights() -> None:
 def test_bf16_autocast_keeps_sparsity_pattern(name: str) -> None:
     model = small_net()
     sparsify(model, name, 0.0)
-    set_flat_width(model, 0.2)
+    set_threshold(model, 0.2)
     x = torch.randn(4, 1, 4, 4)
 
     out32 = model(x)
@@ -279,7 +279,7 @@ def test_works_with_parametrize_cached() -> None:
     sparsify(layer, "stmod", 0.0)
     with torch.no_grad():
         layer.parametrizations.weight.original.copy_(torch.tensor([[0.5, -0.1, 0.0]]))
-    set_flat_width(layer, 0.25)
+    set_threshold(layer, 0.25)
     x = torch.tensor([[1.0, 2.0, 3.0]])
     with parametrize.cached():
         y = layer(x) + layer(2 * x)  # w = [0.25, 0, 0], used twice
@@ -296,7 +296,7 @@ def test_threshold_moves_with_the_module() -> None:
     reparam = model[4].parametrizations.weight[0]
     assert reparam.flat_width.dtype == torch.float64
     assert model[4].weight.dtype == torch.float64
-    set_flat_width(model, 0.25)
+    set_threshold(model, 0.25)
     assert get_flat_width(model) == 0.25
 
 
@@ -318,7 +318,7 @@ def _check_compiled_layer(name: str) -> None:
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     x = torch.tensor([UPSTREAM])
     for d, w in ((D, EXPECTED_W[name]), (0.5, [-0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.25])):
-        set_flat_width(layer, d)  # a new d must not make dynamo trace again
+        set_threshold(layer, d)  # a new d must not make dynamo trace again
         theta.grad = None
         y = compiled(x)
         y.backward()

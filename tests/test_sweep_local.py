@@ -1,5 +1,5 @@
-"""``hydra/launcher=local``: CPUs shared out among parallel sweep points (`stds.launcher`), the
-thread count applied in each process (`stds.distributed`), and a failed point reported as failed."""
+"""``hydra/launcher=local``: CPUs shared out among parallel sweep points (`stds.cli.launcher`), the
+thread count applied in each process (`stds.run.distributed`), and a failed point reported as failed."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose_train, run_train
-from stds import distributed, launcher
+from stds.run import distributed
+from stds.cli import launcher
 from stds.errors import ConfigError
-from stds.launcher import CpuShare, LocalSweepLauncher, share_cpus
+from stds.cli.launcher import CpuShare, LocalSweepLauncher, share_cpus
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""SynOps, MACs and firing rates against hand-computed counts (`stds.synops`)."""
+"""SynOps, MACs and firing rates against hand-computed counts (`stds.run.synops`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from spikingjelly.activation_based import functional, layer, neuron
 from torch import nn
 
-from stds.sparse import set_flat_width, sparsify
-from stds.synops import FiringRates, count_synops, is_spike_tensor
+from stds.method.sparse import set_threshold, sparsify
+from stds.run.synops import FiringRates, count_synops, is_spike_tensor
 
 
 class Wrap(nn.Module):
@@ -212,7 +212,7 @@ def test_counts_go_through_the_reparameterization():
         model.fc.weight.copy_(torch.tensor([[1.0, 0.05, 1, 1], [0.05, 0.05, 2, 1]]))
     sparsify(model, "st", flat_width=0.0, exclude=("stem",))
     assert count_synops(model, _tiny_images())["synops"] == 5 * 2  # every weight is non-zero
-    set_flat_width(model, 0.1)  # w = sign(θ) max(|θ| - 0.1, 0): the 0.05 entries become 0
+    set_threshold(model, 0.1)  # w = sign(θ) max(|θ| - 0.1, 0): the 0.05 entries become 0
     assert count_synops(model, _tiny_images())["synops"] == 6.0
 
 
@@ -279,7 +279,7 @@ def test_digits_net_agrees_with_a_brute_force_count():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 module.weight.mul_(8)
     sparsify(model, "st", flat_width=0.0)
-    set_flat_width(model, 0.5)  # prunes 20 to 50 % of each layer
+    set_threshold(model, 0.5)  # prunes 20 to 50 % of each layer
     images = 2 * torch.randn(5, 1, 8, 8)
     counts = count_synops(model, images)
     expected = _brute_force(model, images)

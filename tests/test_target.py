@@ -13,16 +13,16 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 from torch import nn
 
-from stds.config import validate
+from stds.run.config import validate
 from stds.errors import ConfigError
-from stds.schedule import (
+from stds.method.schedule import (
     TargetSparsitySchedule,
     ThresholdSchedule,
     build_threshold_schedule,
     kth_smallest_abs,
     wanted_count,
 )
-from stds.sparse import get_flat_width, pruned_parameters, sparsify, sparsity
+from stds.method.sparse import get_flat_width, pruned_parameters, sparsify, sparsity
 
 # three pruned layers of 4, 3 and 6 weights; two θ are exactly 0 and 0.1 appears four times
 HAND_THETA = ([0.0, -0.3, 0.1, 0.1], [0.2, -0.1, 0.5], [0.0, 0.4, -0.7, 0.25, -0.1, 0.9])
@@ -258,7 +258,7 @@ def test_config_builds_the_target_schedule_and_ignores_flat_width(tiny_cfg) -> N
     assert [build_threshold_schedule(default, total).every for total in (44, 1999, 2000, 500_000)] == [1, 1, 2, 500]
 
 
-# end to end through stds.train.train on the embedded digits (needs the loop's checkpoint wiring)
+# end to end through stds.run.loop.train on the embedded digits (needs the loop's checkpoint wiring)
 
 def _metrics(run_dir):
     return json.loads((run_dir / "metrics.json").read_text())
@@ -269,7 +269,7 @@ def _history(run_dir):
 
 
 def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
-    from stds.train import train
+    from stds.run.loop import train
 
     train(tiny_cfg("scheduler=target", "target_sparsity=0.9", "target_every_steps=5"), tmp_path)
     metrics, history = _metrics(tmp_path), _history(tmp_path)
@@ -283,7 +283,7 @@ def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
 
 
 def test_digits_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(tiny_cfg, tmp_path, monkeypatch) -> None:
-    import stds.train as train_module
+    import stds.run.loop as train_module
 
     overrides = ("scheduler=target", "target_sparsity=0.8", "target_every_steps=5", "epochs=3",
                  "checkpoint_every_steps=7")

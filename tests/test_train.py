@@ -7,11 +7,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import stds.train as train_module
-from stds import checkpoint as ckpt
+import stds.run.loop as train_module
+from stds.run import checkpoint as ckpt
 from stds.errors import CheckpointError, ConfigError, NonFiniteLossError
-from stds.schedule import flat_width_at
-from stds.train import train
+from stds.method.schedule import threshold_at
+from stds.run.loop import train
 
 
 def _metrics(run_dir):
@@ -65,7 +65,7 @@ def test_threshold_follows_the_schedule_after_every_step(tiny_cfg, tmp_path):
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     d_buffers = [v for k, v in state["model"].items() if k.endswith("flat_width")]
     assert d_buffers and all(float(v) == pytest.approx(0.4) for v in d_buffers)
-    assert flat_width_at(total // 2, total, 0.4, "linear") == pytest.approx(0.2)
+    assert threshold_at(total // 2, total, 0.4, "linear") == pytest.approx(0.2)
 
 
 def test_sparsity_reported_matches_the_weights(tiny_cfg, tmp_path):
@@ -188,7 +188,7 @@ def test_a_fully_pruned_run_says_so_in_the_log_and_metrics(tiny_cfg, tmp_path, c
 
 
 def test_throughput_is_logged_and_written(tiny_cfg, tmp_path, caplog):
-    caplog.set_level("INFO", logger="stds.train")
+    caplog.set_level("INFO", logger="stds.run.loop")
     train(tiny_cfg("logging.log_every_steps=10"), tmp_path)
     steps = (1797 - 360) // 64
     for record in _history(tmp_path):
@@ -205,7 +205,7 @@ def test_throughput_is_logged_and_written(tiny_cfg, tmp_path, caplog):
     ("true", "fp16", torch.bfloat16), ("fp16", "fp16", torch.bfloat16), ("bf16", "bf16", torch.bfloat16),
     ("false", "false", None)])
 def test_amp_values_and_their_autocast_dtype_on_cpu(tiny_cfg, value, normalized, dtype):
-    from stds.run import amp_dtype, prepare_config
+    from stds.run.build import amp_dtype, prepare_config
 
     cfg = prepare_config(tiny_cfg(f"amp={value}"))
     assert cfg.amp == normalized

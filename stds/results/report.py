@@ -11,7 +11,7 @@ Status: ``metrics.json`` present -> finished (its figures); otherwise ``error.tx
 (its first line is shown); otherwise, if the submitit job that ran the point has ended (its
 ``<job>_<task>_result.pkl`` in the sweep's ``.submitit/<job>/``), failed with the job's error;
 otherwise running (figures of the last line of ``metrics.jsonl``). Connectivity = 1 - sparsity.
-SynOps are per evaluated sample (`stds.synops`). The mean firing rate is the unweighted mean over
+SynOps are per evaluated sample (`stds.run.synops`). The mean firing rate is the unweighted mean over
 spiking layers.
 """
 

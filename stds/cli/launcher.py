@@ -5,7 +5,7 @@ once, and each process starts as many threads as the machine has cores: six poin
 machine then spend most of their time fighting over the cores (a 6-point digits sweep took 212 s
 where the six runs one after the other took 30 s). `LocalSweepLauncher` runs at most
 ``parallel`` points at a time and gives each ``threads`` CPU threads (`share_cpus`), through
-``OMP_NUM_THREADS`` in the job's environment, which `stds.distributed.setup` applies with
+``OMP_NUM_THREADS`` in the job's environment, which `stds.run.distributed.setup` applies with
 ``torch.set_num_threads``. It starts the next point as soon as one ends and logs the sweep's
 progress while it waits. Everything else (job folders, pickled results, failed points) is
 hydra-submitit-launcher's local launcher. See ``docs/slurm.md``.

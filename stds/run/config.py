@@ -18,12 +18,13 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from stds.errors import ConfigError
-from stds.schedule import SCHEDULES, TARGET_KIND
+from stds.errors import ConfigError, user_error
+from stds.run.accel import check_channels_last
+from stds.method.schedule import SCHEDULES, TARGET_KIND
 
 
 class SparseMethod(str, Enum):
-    """Reparameterization of the pruned weights (see `stds.sparse`)."""
+    """Reparameterization of the pruned weights (see `stds.method.sparse`)."""
 
     identity = "identity"
     st = "st"
@@ -62,7 +63,7 @@ class SparseConfig:
 
 @dataclass
 class ScheduleConfig:
-    # a key of stds.schedule.SCHEDULES: constant, linear, sine, or one registered by the user;
+    # a key of stds.method.schedule.SCHEDULES: constant, linear, sine, or one registered by the user;
     # or target: d follows target_sparsity (see docs/target_sparsity.md)
     kind: str = "sine"
     # kind=target only: the SCHEDULES key the wanted sparsity follows from 0 to target_sparsity
@@ -106,18 +107,18 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     loss: LossKind = LossKind.ce
-    # false | fp16 | bf16 (true = fp16); normalised by stds.run.prepare_config
+    # false | fp16 | bf16 (true = fp16); normalised by stds.run.build.prepare_config
     amp: Any = False
     seed: int = 0
     deterministic: bool = True
     device: str = "auto"
-    # auto (on for a convolutional model on CUDA), true or false; see stds.accel
+    # auto (on for a convolutional model on CUDA), true or false; see stds.run.accel
     channels_last: str = "auto"
     compile: bool = False  # torch.compile the training model
     checkpoint_every_steps: int = 0
     # scheduler=target: the sparsity S the run ends at (0 < S < 1), and steps between recomputes of d
     target_sparsity: Optional[float] = None
-    target_every_steps: Optional[int] = None   # null: stds.schedule.default_every (1000 per run)
+    target_every_steps: Optional[int] = None   # null: stds.method.schedule.default_every (1000 per run)
     # a run directory to continue (launch/train.py resolves `last`); set by the entrypoint
     resume: Optional[str] = None
     # start a new run from the weights of a checkpoint or an exported pruned.pt
@@ -229,8 +230,6 @@ def _check_dataset(cfg: DictConfig) -> None:
 
 
 def _check_speed(cfg: DictConfig) -> None:
-    from stds.accel import check_channels_last  # imports SpikingJelly: only when validating
-
     check_channels_last(cfg.channels_last)
 
 
@@ -280,8 +279,6 @@ def instantiate_node(node: Any, key: str, **kwargs: Any) -> Any:
     """
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
-
-    from stds.cli import user_error
 
     try:
         return instantiate(node, **kwargs)

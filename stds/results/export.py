@@ -3,7 +3,7 @@
 ``pruned.pt`` (``torch.load(path, weights_only=True)``) holds ``state_dict`` (the weights w with
 their zeros, keys of the architecture built without `stds` reparameterizations), ``config`` (the
 run's composed config as a plain dict: ``hydra.utils.instantiate(config["model"])`` builds the
-plain model), ``sparsity`` (as `stds.sparse.sparsity`), ``storage`` (bytes, below), ``source``
+plain model), ``sparsity`` (as `stds.method.sparse.sparsity`), ``storage`` (bytes, below), ``source``
 (checkpoint file, epoch, step) and ``format_version``. Loading it::
 
     model = instantiate(OmegaConf.create(blob["config"]["model"]))
@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torch import Tensor, nn
+from torch import Tensor
 
-from stds import checkpoint as ckpt
 from stds.errors import CheckpointError, StdsError
-from stds.sparse import dense_state_dict, pruned_layers, sparsify, sparsity
+from stds.method.sparse import dense_state_dict, pruned_layers, sparsity
+from stds.run import checkpoint as ckpt
+from stds.run.rebuild import build_model, sparsified_model
 
-__all__ = ["EXPORT_NAME", "export_finished", "export_run", "format_storage", "sparsified_model", "weight_storage"]
+__all__ = ["EXPORT_NAME", "export_finished", "export_run", "format_storage", "weight_storage"]
 
 EXPORT_NAME = "pruned.pt"
 EXPORT_FORMAT_VERSION = 1
@@ -108,22 +108,6 @@ def _config(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
 
 
-def build_model(config: dict[str, Any]) -> nn.Module:
-    """The plain model of ``config["model"]`` (no reparameterization)."""
-    return instantiate(OmegaConf.create(config["model"]))
-
-
-def sparsified_model(config: dict[str, Any]) -> nn.Module:
-    """The model with the reparameterizations the run trained with (thresholds from its state)."""
-    model = build_model(config)
-    sparse = config.get("sparse") or {}
-    exclude = sparse.get("exclude")
-    if exclude is None:
-        exclude = getattr(model, "prune_exclude", ())
-    sparsify(model, str(sparse.get("method", "identity")), exclude=tuple(exclude))
-    return model
-
-
 def _checkpoint(run_dir: Path, which: str) -> Path:
     if which not in CHECKPOINTS:
         raise StdsError(f"which={which!r} is not valid; use one of {', '.join(CHECKPOINTS)}")
@@ -174,7 +158,7 @@ def export_run(
 
 
 def export_finished(runs: Iterable[Any], which: str = "last") -> list[Path]:
-    """`export_run` for every finished run (a `stds.report.RunRecord`) with a checkpoint whose
+    """`export_run` for every finished run (a `stds.results.report.RunRecord`) with a checkpoint whose
     ``pruned.pt`` is missing or older; one line per run, a failing run is reported and skipped."""
     written = []
     for run in runs:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from stds.errors import StdsError, find_in_chain
+from stds.errors import error_line, one_line, user_error
 
 log = logging.getLogger("stds")
 T = TypeVar("T")
@@ -24,25 +24,10 @@ _FULL_ERROR = "HYDRA_FULL_ERROR"
 _user_wants_traceback: bool | None = None  # the user's HYDRA_FULL_ERROR, read by run_hydra_main
 
 
-def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` with every run of whitespace (newlines included) as one space."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def error_line(exc: BaseException) -> str:
-    """``ExceptionType: message`` on one line, ending in a newline: the text of ``error.txt``."""
-    return f"{type(exc).__name__}: {one_line(exc)}\n"
-
-
 def print_error(exc: BaseException | str) -> None:
     """Print ``Error: <message on one line>`` to stderr."""
     text = exc if isinstance(exc, str) else one_line(exc)
     print(f"Error: {text}", file=sys.stderr, flush=True)
-
-
-def user_error(exc: BaseException) -> StdsError | None:
-    """The `StdsError` that ``exc`` is or wraps (Hydra's InstantiationException, chained causes)."""
-    return find_in_chain(exc, StdsError)
 
 
 def _traceback_wanted() -> bool:

@@ -1,10 +1,7 @@
 """A run's checkpoint state: what `last.pt` / `best.pt` hold, how a run resumes, how one starts
 from another run's weights.
 
-Writes go through `stds.checkpoint.save_atomic` on rank 0 only. Order matters for crash safety:
-``best.pt`` is written before ``last.pt``, so ``last.pt`` never records an epoch as the best one
-unless ``best.pt`` already holds it (a kill in between makes the resumed run redo that epoch and
-write both again). A state holding NaN or inf is never written.
+The loop's state and what a checkpoint holds of it are in `stds.run.state`.
 
 Resuming compares the checkpoint's config with the current one: keys that change the experiment
 are refused with one line naming them; the keys in `SAFE_ON_RESUME` may change (``docs/resume.md``).
@@ -13,18 +10,19 @@ are refused with one line naming them; the keys in `SAFE_ON_RESUME` may change (
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-from stds import checkpoint as ckpt
-from stds.config import to_plain
-from stds.errors import CheckpointError, NonFiniteLossError
-from stds.run import Run, normalize_amp
-from stds.sparse import dense_state_dict, load_dense_weights
+from stds.errors import CheckpointError
+from stds.method.sparse import dense_state_dict, load_dense_weights
+from stds.run import checkpoint as ckpt
+from stds.run.build import Run, normalize_amp
+from stds.run.config import to_plain
+from stds.run.rebuild import sparsified_model
+from stds.run.state import EpochSums, Progress
 
 log = logging.getLogger(__name__)
 
@@ -35,86 +33,6 @@ SAFE_ON_RESUME: tuple[str, ...] = (
 """Config keys (and key prefixes) that may differ between a checkpoint and the run resuming it:
 where the data lies, how it is loaded, logged and checkpointed, and how the step is executed.
 ``init_from`` only matters when a run starts; ``deterministic=false`` gives up bit-identity."""
-
-
-@dataclass
-class EpochSums:
-    """Running sums of the epoch's training batches: loss·n and correct on the device (no sync per
-    step), the sample count on the host."""
-
-    loss: torch.Tensor | float = 0.0
-    correct: torch.Tensor | float = 0.0
-    samples: int = 0
-
-    def add(self, loss: torch.Tensor, correct: torch.Tensor, samples: int) -> None:
-        self.loss = self.loss + loss.double() * samples
-        self.correct = self.correct + correct.double()
-        self.samples += samples
-
-    def as_floats(self) -> dict[str, float]:
-        """Plain numbers (reads the device: call at checkpoint or epoch end only)."""
-        return {"loss": float(self.loss), "correct": float(self.correct), "samples": self.samples}
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps completed
-    batch_in_epoch: int = 0  # batches of the current epoch already trained (mid-epoch checkpoint)
-    best_acc1: float = -1.0
-    best_epoch: int = 0
-    sums: EpochSums = field(default_factory=EpochSums)
-    last_record: dict[str, Any] | None = None  # the last finished epoch's metrics.jsonl line
-
-
-def state_dict(run: Run, progress: Progress) -> dict[str, Any]:
-    """Everything `resume` needs, as plain tensors and numbers (``weights_only`` loadable)."""
-    return {
-        "format_version": ckpt.FORMAT_VERSION,
-        "model": run.core.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "lr_scheduler": run.lr_scheduler.state_dict(),
-        "threshold": run.threshold.state_dict(),
-        "epoch": progress.epoch,
-        "step": progress.step,
-        "batch_in_epoch": progress.batch_in_epoch,
-        "best_acc1": progress.best_acc1,
-        "best_epoch": progress.best_epoch,
-        "epoch_sums": progress.sums.as_floats(),
-        "last_record": progress.last_record,
-        "rng": ckpt.rng_state(),
-        "config": to_plain(run.cfg),
-    }
-
-
-def _non_finite(state: dict[str, Any]) -> list[str]:
-    from stds.rundir import non_finite_entries
-
-    return non_finite_entries({"model": state["model"], "optimizer": state["optimizer"]["state"]})
-
-
-def save(run: Run, progress: Progress, best: bool = False) -> None:
-    """Write ``best.pt`` (if ``best``) then ``last.pt`` atomically, on rank 0 only.
-
-    A model or optimizer state holding NaN or inf is refused (`NonFiniteLossError`) and the
-    checkpoints on disk stay as they were.
-    """
-    if not run.env.is_main:
-        return
-    state = state_dict(run, progress)
-    bad = _non_finite(state)
-    if bad:
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise NonFiniteLossError(
-            f"the model or optimizer state became NaN or inf by epoch {progress.epoch + 1}, step "
-            f"{progress.step} ({shown}); the last good checkpoint is kept; lower lr or set amp=false"
-        )
-    if best:
-        ckpt.save_atomic(state, run.ckpt_dir / ckpt.BEST)
-    ckpt.save_atomic(state, run.ckpt_dir / ckpt.LAST)
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -210,8 +128,6 @@ def _weights_of(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(blob, dict) and "state_dict" in blob and "config" in blob:  # pruned.pt
         return blob["state_dict"]
     if isinstance(blob, dict) and blob.get("format_version") == ckpt.FORMAT_VERSION and "config" in blob:
-        from stds.export import sparsified_model
-
         source = sparsified_model(blob["config"])
         source.load_state_dict(blob["model"])
         return dense_state_dict(source)

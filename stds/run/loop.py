@@ -1,12 +1,12 @@
-"""The training loop: `train(cfg, run_dir)` builds a run from its config (`stds.run`), resumes it
-(`stds.resume`) and trains.
+"""The training loop: `train(cfg, run_dir)` builds a run from its config (`stds.run.build`), resumes it
+(`stds.run.resume`) and trains.
 
 Per step: the static batch goes through the spiking model (which repeats it over T and averages
 over T), loss, backward, optimizer step (the Grad R prior follows through the optimizer's step
 hook), ``reset_net``, then the threshold d for the next step. Nothing is read from the device in a
 step: losses and accuracies are summed on the device and read at the log interval, where the log
 line, the progress bar and TensorBoard get images/s, ms per step, the share of time spent waiting
-for data and the ETAs. Per epoch: learning-rate step, evaluation (`stds.evaluate`), sparsity,
+for data and the ETAs. Per epoch: learning-rate step, evaluation (`stds.run.evaluate`), sparsity,
 metrics, checkpoints.
 """
 
@@ -23,16 +23,16 @@ import torch
 from omegaconf import DictConfig
 from spikingjelly.activation_based import functional
 
-from stds import distributed, loaders, resume, rundir
-from stds.cli import error_line
-from stds.errors import NonFiniteLossError, RunDirError
-from stds.evaluate import evaluate, ranks_in_sync, sync_buffers
-from stds.health import diagnose
-from stds.metrics import IntervalMeter, MetricsWriter, correct_topk, interval_line, loss_fn
-from stds.resume import Progress
-from stds.run import Run, build_run, prepare_config, set_determinism
-from stds.signals import RunStopped, StopSignals, name as signal_name
-from stds.sparse import sparsity
+from stds.data import loaders
+from stds.errors import NonFiniteLossError, RunDirError, error_line
+from stds.method.sparse import sparsity
+from stds.run import distributed, resume, rundir, state
+from stds.run.build import Run, build_run, prepare_config, set_determinism
+from stds.run.evaluate import evaluate, ranks_in_sync, sync_buffers
+from stds.run.health import diagnose
+from stds.run.metrics import IntervalMeter, MetricsWriter, correct_topk, interval_line, loss_fn
+from stds.run.signals import RunStopped, StopSignals, name as signal_name
+from stds.run.state import Progress
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def train_epoch(run: Run, progress: Progress, loop: Loop | None = None) -> dict[
         stop = _stop_requested(run, progress, loop, every)  # the same answer on every rank
         if stop or (ckpt_every and progress.step % ckpt_every == 0 and not end_of_epoch):
             _check_finite(progress, first_bad)
-            resume.save(run, progress)
+            state.save(run, progress)
         if stop:
             _raise_stopped(run, progress, loop)
     _close_bar(loop)
@@ -187,7 +187,7 @@ def finish_epoch(run: Run, progress: Progress, loop: Loop, train_stats: dict[str
     progress.epoch += 1
     progress.batch_in_epoch = 0
     trained = progress.sums.samples * run.env.world_size
-    progress.sums = resume.EpochSums()
+    progress.sums = state.EpochSums()
     sp = sparsity(run.core)
     record = {"epoch": progress.epoch, "step": progress.step, "lr": run.optimizer.param_groups[0]["lr"],
               **run.threshold.metrics(), **train_stats, **test_stats,
@@ -199,7 +199,7 @@ def finish_epoch(run: Run, progress: Progress, loop: Loop, train_stats: dict[str
     best = record["test_acc1"] > progress.best_acc1
     if best:
         progress.best_acc1, progress.best_epoch = record["test_acc1"], progress.epoch
-    resume.save(run, progress, best=best)
+    state.save(run, progress, best=best)
     if loop.writer is not None:
         loop.writer.epoch(record)
         every = run.cfg.logging.histogram_every_epochs

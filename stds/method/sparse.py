@@ -41,7 +41,7 @@ __all__ = [
     "pruned_layers",
     "pruned_parameters",
     "reparams",
-    "set_flat_width",
+    "set_threshold",
     "sparsify",
     "sparsity",
     "unsparsify",
@@ -89,7 +89,7 @@ class _SoftThresholdStraightThrough(torch.autograd.Function):
 class Reparam(nn.Module):
     """Base of the reparameterizations: holds the threshold d in the buffer ``flat_width``.
 
-    The forward pass reads a host copy of d (no device read per call); `set_flat_width` and
+    The forward pass reads a host copy of d (no device read per call); `set_threshold` and
     ``load_state_dict`` keep it equal to the buffer, so set d through them. Under
     `torch.compile` the buffer itself is read. Subclasses define ``forward(theta) -> w`` and are
     listed in `REPARAMS`.
@@ -113,7 +113,7 @@ class Reparam(nn.Module):
         """θ = sign(w)(|w| + d), so that f(θ, d) = w for the current d."""
         return torch.sign(w) * (w.abs() + self.flat_width)
 
-    def set_flat_width(self, d: float) -> None:
+    def set_threshold(self, d: float) -> None:
         """Set the threshold in place (one ``fill_``, no host-device synchronisation)."""
         d = _check_flat_width(d)
         self.flat_width.fill_(d)
@@ -241,11 +241,11 @@ def sparsify(
     return names
 
 
-def set_flat_width(model: nn.Module, d: float) -> None:
+def set_threshold(model: nn.Module, d: float) -> None:
     """Set the threshold d of every reparameterization in ``model``."""
     d = _check_flat_width(d)
     for reparam in reparams(model):
-        reparam.set_flat_width(d)
+        reparam.set_threshold(d)
 
 
 def get_flat_width(model: nn.Module) -> float:

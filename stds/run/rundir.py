@@ -5,7 +5,7 @@
 - `RunLock`: an exclusive ``flock`` on ``<run dir>/.lock`` for as long as a run uses the
   directory; a second process started on the same directory gets a `RunDirError` naming the
   holder. The kernel drops the lock when its holder exits or is killed.
-- `remove_stale_temporaries`: the ``.<name>.*.tmp`` files a kill during `stds.checkpoint.save_atomic`
+- `remove_stale_temporaries`: the ``.<name>.*.tmp`` files a kill during `stds.run.checkpoint.save_atomic`
   leaves behind.
 - `non_finite_entries`: the dotted names of NaN/inf values in a nested state (a checkpoint must
   not keep them).
@@ -55,7 +55,7 @@ def check_writable(path: Path | str) -> None:
 def remove_stale_temporaries(ckpt_dir: Path | str) -> list[Path]:
     """Delete the ``.<name>.*.tmp`` files of interrupted checkpoint writes; returns what went.
 
-    `stds.checkpoint.save_atomic` writes ``.last.pt.<random>.tmp`` next to ``last.pt`` and renames
+    `stds.run.checkpoint.save_atomic` writes ``.last.pt.<random>.tmp`` next to ``last.pt`` and renames
     it; a process killed in between leaves the temporary. Call this only while holding `RunLock`
     (another writer's temporary is not stale).
     """

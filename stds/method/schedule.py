@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stds.sparse import pruned_parameters, reparams
+from stds.method.sparse import pruned_parameters, reparams
 
 __all__ = [
     "SCHEDULES",
@@ -34,7 +34,7 @@ __all__ = [
     "ThresholdSchedule",
     "build_threshold_schedule",
     "default_every",
-    "flat_width_at",
+    "threshold_at",
     "kth_smallest_abs",
     "register_schedule",
     "wanted_count",
@@ -81,7 +81,7 @@ def sine(x: float) -> float:
     return (1.0 + math.sin(math.pi * (x - 0.5))) / 2.0
 
 
-def flat_width_at(step: int, total_steps: int, final: float, kind: str) -> float:
+def threshold_at(step: int, total_steps: int, final: float, kind: str) -> float:
     """The threshold d after ``step`` optimizer steps out of ``total_steps``, reaching ``final``.
 
     The schedule's fraction is clipped to [0, 1], so d stays within [0, final]. Unknown ``kind``,
@@ -112,7 +112,7 @@ class ThresholdSchedule:
     """
 
     def __init__(self, final: float, total_steps: int, kind: str) -> None:
-        flat_width_at(0, total_steps, final, kind)  # validates the arguments
+        threshold_at(0, total_steps, final, kind)  # validates the arguments
         self.final = final
         self.total_steps = total_steps
         self.kind = kind
@@ -121,7 +121,7 @@ class ThresholdSchedule:
 
     def at(self, step: int) -> float:
         """d after ``step`` optimizer steps, by the schedule alone."""
-        return flat_width_at(step, self.total_steps, self.final, self.kind)
+        return threshold_at(step, self.total_steps, self.final, self.kind)
 
     def attach(self, model: nn.Module) -> ThresholdSchedule:
         """Remember the reparameterizations of ``model`` and set them to the current d."""
@@ -132,7 +132,7 @@ class ThresholdSchedule:
     def _apply(self, d: float) -> None:
         self.d = d
         for reparam in self._reparams:
-            reparam.set_flat_width(d)
+            reparam.set_threshold(d)
 
     def step(self, step: int) -> float:
         """Set d for ``step`` optimizer steps done; returns d."""
@@ -207,7 +207,7 @@ class TargetSparsitySchedule(ThresholdSchedule):
     """
 
     def __init__(self, target: float, total_steps: int, ramp: str = "sine", every: int = 1) -> None:
-        flat_width_at(0, total_steps, 1.0, ramp)  # validates total_steps and the ramp's name
+        threshold_at(0, total_steps, 1.0, ramp)  # validates total_steps and the ramp's name
         if not 0.0 < target < 1.0:
             raise ValueError(f"target sparsity must lie in (0, 1), got {target}")
         if every < 1:
@@ -222,7 +222,7 @@ class TargetSparsitySchedule(ThresholdSchedule):
 
     def wanted(self, step: int) -> float:
         """The sparsity asked for after ``step`` steps: S · f(min(step / total_steps, 1))."""
-        return flat_width_at(step, self.total_steps, self.target, self.ramp)
+        return threshold_at(step, self.total_steps, self.target, self.ramp)
 
     def at(self, step: int) -> float:
         """d before any θ is seen: 0 at step 0 (θ = w0 at registration); later the d set last."""

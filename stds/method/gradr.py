@@ -147,7 +147,7 @@ def attach_gradr_prior(
 ) -> GradRPrior:
     """Attach the Grad R prior with strength ``alpha`` on the pruned ``params`` to ``optimizer``.
 
-    ``params`` are the θ to shrink (e.g. ``stds.sparse.pruned_parameters(model).values()``); each
+    ``params`` are the θ to shrink (e.g. ``stds.method.sparse.pruned_parameters(model).values()``); each
     must belong to a param group of ``optimizer``. ``variant`` is ``sign_preserving`` or
     ``plain``. α = 0 attaches nothing (the returned object's `GradRPrior.remove` still works).
     """

@@ -38,7 +38,7 @@ from spikingjelly.activation_based import functional, neuron
 from spikingjelly.activation_based.op_counter import BaseCounter, DispatchCounterMode, SynOpCounter
 from torch import Tensor, nn
 
-from stds.sparse import unwrap_model
+from stds.method.sparse import unwrap_model
 
 __all__ = ["FiringRates", "count_synops", "is_spike_tensor", "mac_rules", "synop_rules"]
 
