@@ -19,7 +19,7 @@ from stds.run.checkpoint import FORMAT_VERSION
 from stds.run.config import to_plain
 from stds.errors import StdsError
 from stds.results.export import export_finished, export_run, storage, weight_storage
-from stds.results.report import read_run
+from stds.results.collect import read_run
 from stds.method.sparse import set_threshold, sparsify, sparsity
 
 

@@ -12,7 +12,8 @@ import matplotlib.image
 import pytest
 
 from stds.errors import StdsError
-from stds.results.report import collect_runs, method_label, read_run, write_report
+from stds.results.collect import collect_runs, method_label, read_run
+from stds.results.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -304,7 +305,7 @@ def test_target_sparsity_runs_are_their_own_method_beside_a_d_sweep(tmp_path):
     assert "| target/1 | cifar10 | CIFAR10Net | STDS-target | - | 0 | 80.00% | 8 |" in md  # D unused
     assert "| d/0 | cifar10 | CIFAR10Net | STDS-sine | 0.5 | 0 | - | 8 |" in md
 
-    from stds.results.report import figure
+    from stds.results.plot import figure
 
     fig = figure(runs)
     assert len(fig.axes) == 1  # one (dataset, model): both sweeps in one panel
@@ -332,7 +333,7 @@ def test_runs_at_zero_connectivity_sit_on_the_axis_floor_and_are_listed(tmp_path
             "test_acc1 10.00%, finished), `3` (STDS-sine, flat_width=0.5: test_acc1 12.00%, "
             "running).") in md
 
-    from stds.results.report import FLOOR_LABEL, figure
+    from stds.results.plot import FLOOR_LABEL, figure
 
     ax = figure(runs).axes[0]
     floor = ax.get_xlim()[0]

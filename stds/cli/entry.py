@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from stds.errors import error_line, one_line, user_error
+from stds.errors import one_line, user_error
 
 log = logging.getLogger("stds")
 T = TypeVar("T")

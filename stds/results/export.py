@@ -158,7 +158,7 @@ def export_run(
 
 
 def export_finished(runs: Iterable[Any], which: str = "last") -> list[Path]:
-    """`export_run` for every finished run (a `stds.results.report.RunRecord`) with a checkpoint whose
+    """`export_run` for every finished run (a `stds.results.collect.RunRecord`) with a checkpoint whose
     ``pruned.pt`` is missing or older; one line per run, a failing run is reported and skipped."""
     written = []
     for run in runs:

@@ -1,0 +1,170 @@
+"""The report's tables: ``report.csv`` (every field of every run) and ``report.md`` (the columns
+that vary, percentages, warnings and failed points); columns named as in ``docs/metrics.md``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from stds.results.collect import RunRecord, at_zero_connectivity, point_label
+from stds.results.paper import PAPER_CIFAR10_STDS, PAPER_LABEL, PAPER_SETTING
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        name = os.path.relpath(path, base)
+    except ValueError:  # another drive
+        return str(path)
+    return "." if name == "." else name
+
+
+_CSV_COLUMNS = (
+    "run", "status", "error", "dataset", "model", "method", "flat_width", "alpha_gr",
+    "target_sparsity", "T", "epoch", "epochs_planned", "test_acc1", "best_test_acc1",
+    "best_epoch", "test_acc5", "sparsity", "connectivity", "d", "synops", "first_layer_macs",
+    "firing_rate_mean", "firing_rates", "warnings", "overrides",
+)
+"""``report.csv``'s columns: the names of ``docs/metrics.md``, plus run, status, error,
+dataset, model, method, T, firing_rate_mean (the unweighted mean of ``firing_rates``) and
+overrides."""
+
+
+def _csv_row(run: RunRecord, base: Path) -> dict[str, Any]:
+    """Raw values (fractions, counts per sample); absent values are empty cells; the per-layer
+    firing rates and the warnings as JSON."""
+    values = {name: getattr(run, name, None) for name in _CSV_COLUMNS}
+    values.update(
+        run=_relative(run.path, base),
+        firing_rates=json.dumps(run.firing_rates) if run.firing_rates else None,
+        warnings=json.dumps(run.warnings) if run.warnings else None,
+        overrides="; ".join(run.overrides),
+    )
+    return {key: "" if value is None else value for key, value in values.items()}
+
+
+def write_csv(runs: list[RunRecord], path: Path, base: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=_CSV_COLUMNS)
+        writer.writeheader()
+        for run in runs:
+            writer.writerow(_csv_row(run, base))
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _plain(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def si(value: float | None) -> str:
+    """``3287052.0`` -> ``3.29M``: three significant digits and k / M / G / T."""
+    if value is None:
+        return "-"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _status_cell(run: RunRecord) -> str:
+    return f"failed: {run.error}" if run.status == "failed" else run.status
+
+
+_MD_COLUMNS = (
+    "run", "dataset", "model", "method", "flat_width", "alpha_gr", "target_sparsity", "T",
+    "epoch", "epochs_planned", "test_acc1", "best_test_acc1", "test_acc5", "sparsity",
+    "connectivity", "d", "synops", "first_layer_macs", "firing_rate_mean", "status",
+)
+_PERCENT_COLUMNS = {"test_acc1", "best_test_acc1", "test_acc5", "sparsity", "connectivity",
+                    "target_sparsity"}
+
+
+def _md_columns(runs: list[RunRecord]) -> tuple[str, ...]:
+    """The table's columns; ``target_sparsity`` only when a run has one."""
+    with_target = any(run.target_sparsity is not None for run in runs)
+    return tuple(c for c in _MD_COLUMNS if c != "target_sparsity" or with_target)
+
+
+def _md_cell(run: RunRecord, column: str, base: Path) -> str:
+    value = getattr(run, column, None)
+    if column == "run":
+        return _relative(run.path, base)
+    if column == "status":
+        return _status_cell(run)
+    if column == "epochs_planned":
+        return "?" if value is None else str(value)
+    if column in _PERCENT_COLUMNS:
+        return _percent(value)
+    if column in ("synops", "first_layer_macs"):
+        return si(value)
+    if column == "firing_rate_mean":
+        return "-" if value is None else f"{value:.4f}"
+    if isinstance(value, str) or value is None:
+        return value or "-"
+    return _plain(value)
+
+
+def markdown(runs: list[RunRecord], base: Path, image: str | None = "report.png") -> str:
+    """The report as Markdown: counts by status, the table, warnings, firing rates, the plot
+    (with the runs at 0% connectivity listed under it)."""
+    counts = {s: sum(r.status == s for r in runs) for s in ("finished", "running", "failed")}
+    columns = _md_columns(runs)
+    lines = [
+        "# Sweep report", "",
+        f"{len(runs)} run{'' if len(runs) == 1 else 's'}: {counts['finished']} finished, "
+        f"{counts['running']} running, {counts['failed']} failed. Figures of the last evaluated "
+        "epoch, named as in docs/metrics.md: flat_width = D, d = the threshold reached; "
+        "connectivity = 1 - sparsity; synops per test sample (spikes x non-zero weights, summed "
+        "over T); firing_rate_mean: mean over spiking layers of spikes per neuron per step.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(_cell(_md_cell(run, c, base)) for c in columns) + " |"
+              for run in runs]
+    lines += _warning_lines(runs, base)
+    with_rates = [run for run in runs if run.firing_rates]
+    if with_rates:
+        lines += ["", "## Firing rates per spiking layer", ""]
+        for run in with_rates:
+            rates = ", ".join(f"{name} {rate:.4f}" for name, rate in run.firing_rates.items())
+            lines.append(f"- `{_relative(run.path, base)}`: {rates}")
+    if any((r.dataset, r.model) == PAPER_SETTING for r in runs):
+        lines += ["", f"Reference points: {PAPER_LABEL}, final test_acc1 at final sparsity: " + "; ".join(
+            f"flat_width={d:g}: {100 * a:.2f}% at {100 * s:.2f}%" for d, a, s in PAPER_CIFAR10_STDS) + "."]
+    if image:
+        lines += ["", f"![test_acc1 against connectivity]({image})"]
+    lines += _zero_connectivity_lines(runs, base)
+    return "\n".join(lines) + "\n"
+
+
+def _warning_lines(runs: list[RunRecord], base: Path) -> list[str]:
+    """The ``warnings`` of ``metrics.json``, one item per warning, under the table."""
+    warned = [run for run in runs if run.warnings]
+    if not warned:
+        return []
+    lines = ["", "## Warnings", ""]
+    for run in warned:
+        lines += [f"- `{_relative(run.path, base)}`: {_cell(w)}" for w in run.warnings]
+    return lines
+
+
+def _zero_connectivity_lines(runs: list[RunRecord], base: Path) -> list[str]:
+    zero = [run for run in runs if at_zero_connectivity(run)]
+    if not zero:
+        return []
+    items = ", ".join(
+        f"`{_relative(run.path, base)}` ({run.method}, {point_label(run) or '-'}: test_acc1 "
+        f"{_percent(run.test_acc1)}, {run.status})" for run in zero)
+    return ["", "Runs at 0% connectivity (every weight pruned) have no place on the log axis; "
+            f"the plot draws them at its left edge as triangles (◀): {items}."]
+
+
