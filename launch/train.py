@@ -3,7 +3,8 @@
 Single process, ``torchrun --nproc_per_node=N launch/train.py ...``, or ``-m`` sweeps through any
 Hydra launcher (``hydra/launcher=local``, ``submitit_local``, ``slurm``, ``slurm_cpu``; ``local``
 is registered from ``launch/hydra_plugins/``, on ``sys.path`` beside this file). The work is in
-`stds.run.loop.train`; this file only wires Hydra to it.
+`stds.run.loop.train`; this file only wires Hydra to it (``resume=`` points Hydra's run
+directory at the run it continues: `stds.cli.resume_arg`).
 """
 
 import os
@@ -13,8 +14,8 @@ import hydra
 from omegaconf import DictConfig
 
 from stds.cli.entry import report_errors, run_hydra_main
+from stds.cli.resume_arg import resume_argv
 from stds.run.config import register_configs
-from stds.run.resume import resume_overrides
 from stds.run.signals import RunStopped
 from stds.run.loop import train
 
@@ -22,9 +23,9 @@ register_configs()
 
 
 def _argv(argv: list[str]) -> list[str]:
-    """``resume=`` expanded; under torchrun, ranks other than 0 make no run directory of their own
+    """``hydra.run.dir`` set for ``resume=``; under torchrun, ranks other than 0 make no run directory of their own
     (rank 0's directory is given to every rank by `stds.run.loop.train`)."""
-    argv = report_errors(lambda: resume_overrides(argv))
+    argv = report_errors(lambda: resume_argv(argv))
     if int(os.environ.get("RANK", "0")) > 0:
         argv = argv + ["hydra.run.dir=.", "hydra/job_logging=stdout"]
     return argv

@@ -15,6 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 TRAIN = REPO / "launch" / "train.py"
 
+HANG_S = 1800
+"""Subprocess time limit: only a hang guard (a loaded 2-core machine runs a test many times slower;
+pytest-timeout's per-test limit in pyproject.toml is the same)."""
+
 # a short run on the embedded digits: seconds on 2 CPU cores
 TINY = ("dataset=digits", "epochs=2", "batch_size=64", "logging.log_every_steps=5", "logging.synops=false")
 
@@ -28,7 +32,7 @@ def compose_train(*overrides: str, hydra: bool = False) -> DictConfig:
         return compose("train", overrides=list(overrides), return_hydra_config=hydra)
 
 
-def run_train(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600):
+def run_train(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = HANG_S):
     """``python launch/train.py ARGS`` as a user runs it; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from hydra.errors import ConfigCompositionException
 
-from conftest import CONF, compose_train
+from tests.conftest import CONF, compose_train
 from stds.errors import ConfigError
 from stds.run.build import prepare_config
 

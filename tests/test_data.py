@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from torchvision import datasets
 
-from conftest import compose_train
+from tests.conftest import compose_train
 from stds.data import datasets as data
 from stds.errors import ConfigError, DatasetNotFoundError
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TRAIN, run_train
+from tests.conftest import HANG_S, REPO, TRAIN, run_train
 
 FAST = ("epochs=1", "batch_size=64")
 
@@ -101,7 +101,7 @@ def test_run_dir_under_a_regular_file_is_one_line(tmp_path, mode, key):
 def test_hydra_full_error_still_shows_the_traceback(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
     proc = subprocess.run([sys.executable, str(TRAIN), "flat_widht=1", f"hydra.run.dir={tmp_path}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ConfigCompositionException" in proc.stderr
 
 
@@ -120,7 +120,7 @@ def test_checkpoint_that_does_not_fit_on_disk_is_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(TRAIN), *FAST, "checkpoint_every_steps=1", "logging.synops=false",
          f"hydra.run.dir={out}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, preexec_fn=_file_size_limit(200_000),
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S, preexec_fn=_file_size_limit(200_000),
     )
     line = _one_error_line(proc)
     assert line.startswith(f"Error: cannot write checkpoint {out / 'checkpoints' / 'last.pt'} (File too large)")
@@ -155,7 +155,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
          str(TRAIN), "epochs=2", "batch_size=32", "device=cpu", f"hydra.run.dir={out}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = _metrics(out)

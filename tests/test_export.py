@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from spikingjelly.activation_based import functional
 from torch import nn
 
-from conftest import REPO, compose_train
+from tests.conftest import HANG_S, REPO, compose_train
 from stds.run.checkpoint import FORMAT_VERSION
 from stds.run.config import to_plain
 from stds.errors import StdsError
@@ -59,7 +59,7 @@ def _trained_like(cfg, flat_width: float) -> nn.Module:
         for module in model.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 module.weight.mul_(8)
-    sparsify(model, "stmod", flat_width=0.0)
+    sparsify(model, "stmod", d=0.0)
     set_threshold(model, flat_width)
     for module in model.modules():  # BatchNorm state other than the defaults; strong enough to spike
         if isinstance(module, nn.BatchNorm2d):
@@ -161,7 +161,7 @@ def test_export_finished_runs_once(tmp_path):
 
 def _launch(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), *args],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_S)
 
 
 def test_entrypoint(tmp_path):
@@ -180,9 +180,9 @@ def test_report_exports_finished_runs_only_when_asked(tmp_path):
     run = _run_dir(tmp_path, cfg, {"last": _trained_like(cfg, 0.8)})
     (run / "metrics.json").write_text("{}")
     report = [sys.executable, str(REPO / "launch" / "report.py"), str(run)]
-    done = subprocess.run(report, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(report, capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     assert (run / "report.csv").exists() and not (run / "pruned.pt").exists()
-    done = subprocess.run([*report, "--export"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([*report, "--export"], capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     assert (run / "pruned.pt").exists() and "weights kept" in done.stdout

@@ -18,7 +18,7 @@ import torch
 from spikingjelly.activation_based import functional, surrogate
 from torch import nn
 
-from conftest import compose_train
+from tests.conftest import compose_train
 from stds.run import accel
 from stds.run.distributed import DistEnv
 from stds.errors import ConfigError
@@ -91,7 +91,7 @@ def _small_model(name: str, kind: str) -> tuple[nn.Module, torch.Tensor]:
     build, shape = SMALL[name]
     torch.manual_seed(0)
     model = build(functools.partial(make_neuron, kind))
-    sparsify(model, "stmod", flat_width=0.01)
+    sparsify(model, "stmod", d=0.01)
     return model.train(), torch.rand(shape) * 3
 
 
@@ -133,7 +133,7 @@ def test_real_config_amp_step_takes_the_fused_kernel(tiny_cfg, tmp_path):
 @pytest.mark.parametrize("name", SMALL)
 def test_channels_last_gives_the_default_layouts_outputs_and_gradients(name):
     default, images = _small_model(name, "lif" if name != "sew_resnet18" else "if")
-    last = accel.prepare_model(copy.deepcopy(default), torch.device("cpu"), True, False)
+    last = accel.apply_layout(copy.deepcopy(default), torch.device("cpu"), True)
     first_conv = next(m for m in last.modules() if isinstance(m, nn.Conv2d))
     assert first_conv.parametrizations.weight.original.is_contiguous(
         memory_format=torch.channels_last

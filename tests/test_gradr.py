@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from conftest import compose_train
+from tests.conftest import compose_train
 from stds.errors import ConfigError
 from stds.method.gradr import attach_gradr_prior
 from stds.run.optim import build_optimization
@@ -323,3 +323,31 @@ def test_prior_follows_a_fused_optimizer_skip_without_reading_the_device():
     # the brief's one-step case: Adam moves each θ by -0.01, the prior (lr·α = 0.005) zeroes the
     # three that crossed or sat at 0
     assert theta.detach().tolist() == pytest.approx([0.0, 0.0, 0.0, 0.485], abs=1e-7)
+
+
+@pytest.mark.parametrize("optimizer, rule", [("adam", "sign_preserving"), ("sgd", "plain")])
+def test_a_run_built_with_alpha_attaches_the_prior_to_its_optimizer(tiny_cfg, tmp_path, optimizer, rule):
+    """With every gradient zero the optimizer moves nothing (Adam: m = v = 0; SGD: no momentum yet),
+    so one step leaves exactly the prior: |θ| shrinks by lr·α (not past 0 for Adam's rule)."""
+    from stds.method.sparse import pruned_parameters
+    from stds.run.build import build_run, prepare_config
+    from stds.run.distributed import DistEnv
+
+    lr, alpha = 0.01, 3.0
+    cfg = prepare_config(tiny_cfg("scheduler=constant", "flat_width=0.05", f"alpha_gr={alpha}", f"lr={lr}",
+                                  f"optimizer={optimizer}"))
+    run = build_run(cfg, DistEnv(0, 0, 1, torch.device("cpu")), tmp_path)
+    thetas = pruned_parameters(run.core)
+    before = {name: theta.detach().clone() for name, theta in thetas.items()}
+    for parameter in run.core.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    run.optimizer.step()
+    amount = lr * alpha
+    for name, theta in thetas.items():
+        old = before[name]
+        if rule == "sign_preserving":
+            expected = old.sign() * (old.abs() - amount).clamp(min=0)
+        else:
+            expected = old - old.sign() * amount
+        torch.testing.assert_close(theta.detach(), expected, rtol=0, atol=1e-7)
+    assert any((before[n].abs() < amount).any() for n in before)  # the rules differ on this run

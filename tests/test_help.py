@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import CONF, compose_train, run_train
+from tests.conftest import CONF, compose_train, run_train
 
 
 @pytest.fixture(scope="module")

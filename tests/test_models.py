@@ -12,16 +12,13 @@ from hydra.errors import InstantiationException
 from spikingjelly.activation_based import functional, layer, neuron, surrogate
 from torch import nn
 
-from conftest import compose_train
+from tests.conftest import compose_train
 from stds.errors import ConfigError
 from stds.models import (
     CIFAR10Net,
     DigitsNet,
     SEWResNet,
     make_neuron,
-    sew_resnet18,
-    sew_resnet34,
-    sew_resnet50,
     sew_resnet101,
     sew_resnet152,
 )
@@ -50,9 +47,9 @@ SMALL_MODELS = {
         lambda: CIFAR10Net(T=2, in_channels=3, image_size=32, channels=4, num_classes=7),
         (2, 3, 32, 32), 7,
     ),
-    "sew18": (lambda: sew_resnet18(T=2, num_classes=10), (2, 3, 32, 32), 10),
-    "sew34": (lambda: sew_resnet34(T=2, num_classes=5), (2, 3, 32, 32), 5),
-    "sew50": (lambda: sew_resnet50(T=2, num_classes=10, in_channels=1), (2, 1, 32, 32), 10),
+    "sew18": (lambda: SEWResNet(depth=18, T=2, num_classes=10), (2, 3, 32, 32), 10),
+    "sew34": (lambda: SEWResNet(depth=34, T=2, num_classes=5), (2, 3, 32, 32), 5),
+    "sew50": (lambda: SEWResNet(depth=50, T=2, num_classes=10, in_channels=1), (2, 1, 32, 32), 10),
 }
 
 
@@ -198,7 +195,7 @@ def test_default_neurons():
     cifar = CIFAR10Net(T=2, in_channels=1, image_size=8, channels=4)
     assert {type(n) for n in neurons_of(cifar)} == {Float32StateLIFNode}
     assert len(neurons_of(cifar)) == 8  # 6 conv + 2 fc
-    sew = sew_resnet18(T=2, num_classes=10)
+    sew = SEWResNet(depth=18, T=2, num_classes=10)
     assert {type(n) for n in neurons_of(sew)} == {Float32StateIFNode}
     # stem 1 + 8 blocks x 2 + 3 downsample shortcuts = 20
     assert len(neurons_of(sew)) == 20
@@ -268,28 +265,28 @@ def test_bottleneck_connect_truth_table(connect_f):
 
 def test_unknown_connect_function_is_a_config_error():
     with pytest.raises(ConfigError, match="connect_f.*ADD, AND, IAND"):
-        sew_resnet18(T=1, connect_f="OR")
+        SEWResNet(depth=18, T=1, connect_f="OR")
 
 
 def test_downsample_shortcut_is_conv1x1_bn_if():
-    model = sew_resnet18(T=1, num_classes=10)
+    model = SEWResNet(depth=18, T=1, num_classes=10)
     assert model.layer1[0].downsample is None  # 64 -> 64, stride 1
     conv, bn, sn = model.layer2[0].downsample
     assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (2, 2)
     assert (conv.in_channels, conv.out_channels) == (64, 128)
     assert isinstance(bn, nn.BatchNorm2d) and isinstance(sn, neuron.IFNode)
-    assert isinstance(sew_resnet50(T=1).layer1[0].downsample[0], nn.Conv2d)  # 64 -> 256
+    assert isinstance(SEWResNet(depth=50, T=1).layer1[0].downsample[0], nn.Conv2d)  # 64 -> 256
 
 
 @pytest.mark.parametrize("connect_f, bias", [("ADD", 0.0), ("IAND", 0.0), ("AND", 1.0)])
 def test_zero_init_residual(connect_f, bias):
-    model = sew_resnet18(T=1, connect_f=connect_f, zero_init_residual=True)
+    model = SEWResNet(depth=18, T=1, connect_f=connect_f, zero_init_residual=True)
     last_bns = [block.bn2 for stage in (model.layer1, model.layer2, model.layer3, model.layer4)
                 for block in stage]
     assert len(last_bns) == 8
     assert all(bool((bn.weight == 0).all()) and bool((bn.bias == bias).all()) for bn in last_bns)
     assert bool((model.layer1[0].bn1.weight == 1).all())  # only the last BN of a block
-    bottleneck = sew_resnet50(T=1, zero_init_residual=True).layer1[0]
+    bottleneck = SEWResNet(depth=50, T=1, zero_init_residual=True).layer1[0]
     assert bool((bottleneck.bn3.weight == 0).all()) and bool((bottleneck.bn2.weight == 1).all())
 
 
@@ -297,7 +294,7 @@ def test_zero_init_residual(connect_f, bias):
 
 
 def test_sew_stem_runs_once_on_the_static_image_and_fc_sees_the_time_mean():
-    model = sew_resnet18(T=4, num_classes=10).eval()
+    model = SEWResNet(depth=18, T=4, num_classes=10).eval()
     seen: dict[str, list] = {"conv1": [], "sn1": [], "flatten": [], "fc": []}
 
     def record(name):
@@ -379,7 +376,7 @@ def test_cifar10net_weights_all_pruned():
 
 
 def test_sew_resnet18_convs_pruned_fc_dense():
-    model = sew_resnet18(T=1, num_classes=1000)
+    model = SEWResNet(depth=18, T=1, num_classes=1000)
     # stem 3*64*49 = 9,408; layer1 4 * 64*64*9 = 147,456;
     # layer2 128*64*9 + 3*128*128*9 + 64*128 (shortcut) = 73,728 + 442,368 + 8,192 = 524,288;
     # layer3 256*128*9 + 3*256*256*9 + 128*256 = 294,912 + 1,769,472 + 32,768 = 2,097,152;
@@ -397,7 +394,7 @@ def test_prune_exclude_is_a_tuple_of_patterns():
     assert DigitsNet(T=1, prune_exclude=["stem.*", "features.10"]).prune_exclude == (
         "stem.*", "features.10",
     )
-    assert sew_resnet18(T=1, prune_exclude="fc").prune_exclude == ("fc",)
+    assert SEWResNet(depth=18, T=1, prune_exclude="fc").prune_exclude == ("fc",)
     assert SEWResNet(depth=18, T=1, prune_exclude=[]).prune_exclude == ()
 
 

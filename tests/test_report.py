@@ -11,6 +11,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+from tests.conftest import HANG_S
+
 from stds.errors import StdsError
 from stds.results.collect import collect_runs, method_label, read_run
 from stds.results.report import write_report
@@ -239,7 +241,7 @@ def test_truncated_metrics_line_is_skipped(tmp_path):
 
 def _launch(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "launch" / "report.py"), *args],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_S)
 
 
 def test_entrypoint_writes_into_the_first_directory_or_out(sweep, tmp_path):

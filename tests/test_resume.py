@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
@@ -20,12 +21,13 @@ from stds.run import distributed
 from stds.errors import CheckpointError, NonFiniteLossError, RunDirError
 from stds.run.evaluate import evaluate
 from stds.results.export import export_run
-from stds.run.resume import changed_keys, init_from, latest_run, resume_overrides
+from stds.cli.resume_arg import resume_argv
+from stds.run.resume import changed_keys, init_from, latest_run, runs_root
 from stds.run.build import build_run, prepare_config
 from stds.run.rundir import RunLock
 from stds.run.signals import RunStopped
 from stds.run.loop import train
-from tests.conftest import REPO, TRAIN, run_train
+from tests.conftest import HANG_S, REPO, TRAIN, run_train
 
 STEPS = (1797 - 360) // 64  # optimizer steps per epoch of the tiny digits run
 
@@ -134,18 +136,38 @@ def test_refused_resume_leaves_the_saved_config_as_it_was(tmp_path):
 
 # ------------------------------------------------------------------ resume= and resume=last
 
-def test_resume_overrides_put_the_saved_command_first_and_the_run_dir_last(tmp_path):
+def test_resume_argv_points_hydra_at_the_run_and_takes_nothing_from_its_files(tmp_path, monkeypatch):
     run_dir = tmp_path / "outputs" / "runs" / "2026-01-01" / "10-00-00"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.pt").write_bytes(b"x")
     (run_dir / ".hydra").mkdir()
-    (run_dir / ".hydra" / "overrides.yaml").write_text("- experiment=cifar10_stds\n- flat_width=2\n- epochs=5\n")
-    argv = resume_overrides([f"resume={run_dir}", "epochs=6", "logging.log_every_steps=7"], cwd=tmp_path)
-    assert argv == ["experiment=cifar10_stds", "flat_width=2", "epochs=6", "logging.log_every_steps=7",
-                    f"hydra.run.dir={run_dir}", f"resume={run_dir}"]
-    assert resume_overrides(["epochs=6"], cwd=tmp_path) == ["epochs=6"]
+    # a planted override must never reach the command line Hydra parses
+    (run_dir / ".hydra" / "overrides.yaml").write_text(
+        "- experiment=cifar10_stds\n- +hydra.callbacks.x._target_=os.system\n")
+    monkeypatch.chdir(tmp_path)
+    argv = resume_argv([f"resume={run_dir}", "epochs=6", "hydra.run.dir=elsewhere"])
+    assert argv == ["epochs=6", f"hydra.run.dir={run_dir}", f"resume={run_dir}"]
+    assert resume_argv(["epochs=6"]) == ["epochs=6"]
     with pytest.raises(CheckpointError, match="resume=nowhere"):
-        resume_overrides(["resume=nowhere"], cwd=tmp_path)
+        resume_argv(["resume=nowhere"])
+    with pytest.raises(CheckpointError, match="drop -m"):
+        resume_argv(["-m", "resume=last"])
+
+
+@pytest.mark.parametrize("pattern, root", [
+    (None, "outputs/runs"),
+    ("outputs/runs/${now:%Y-%m-%d}/${now:%H-%M-%S}", "outputs/runs"),
+    ("/scratch/runs/${now:%H-%M-%S}", "/scratch/runs"),
+    ("/scratch/me/run1", "/scratch/me/run1"),
+    ("${oc.env:SCRATCH}/runs", "."),
+])
+def test_runs_root_is_the_fixed_part_of_the_run_dir(pattern, root):
+    assert runs_root(pattern) == Path(root)
+
+
+def test_the_runs_root_default_is_the_fixed_part_of_train_yaml():
+    pattern = yaml.safe_load((REPO / "conf" / "train.yaml").read_text())["hydra"]["run"]["dir"]
+    assert runs_root(pattern) == runs_root(None)
 
 
 def test_resume_last_picks_the_newest_run_of_the_same_experiment(tmp_path):
@@ -170,31 +192,37 @@ def test_resume_last_picks_the_newest_run_of_the_same_experiment(tmp_path):
 
 
 def test_sigterm_saves_then_resume_last_finishes_bit_identical(tmp_path):
+    """A cluster user's scratch run directory: ``resume=last`` with the same ``hydra.run.dir``
+    override finds the newest run under its fixed part and continues it there."""
     args = ("dataset=digits", "epochs=3", "batch_size=64", "flat_width=0.1", "logging.synops=false")
     whole = tmp_path / "whole"
     assert run_train(*args, f"hydra.run.dir={whole}").returncode == 0
     work = tmp_path / "work"
     work.mkdir()
+    scratch = f"hydra.run.dir={tmp_path}/scratch/runs/${{now:%H-%M-%S}}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=work, env=env,
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args, scratch], cwd=work, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not list(work.glob("outputs/runs/*/*/metrics.jsonl")) and time.monotonic() < deadline:
+    while not list(tmp_path.glob("scratch/runs/*/metrics.jsonl")) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)  # into the second epoch
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
-    (run_dir,) = [p.parent for p in work.glob("outputs/runs/*/*/checkpoints")]
+    (run_dir,) = [p.parent for p in tmp_path.glob("scratch/runs/*/checkpoints")]
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert not (run_dir / "metrics.json").exists(), "the run finished before the signal"
     stopped = [line for line in stderr.splitlines() if line.startswith("stopped by SIGTERM")]
     assert len(stopped) == 1 and f"resume={run_dir}" in stopped[0]
     state = ckpt.load(run_dir / "checkpoints" / "last.pt")
     assert state["step"] > STEPS  # saved in the second epoch, not only at the end of the first
-    resumed = run_train("resume=last", cwd=work)
+    resumed = run_train("resume=last", scratch, cwd=work)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert len(list(work.glob("outputs/runs/*/*"))) == 1  # continued in its own directory
+    assert len(list(tmp_path.glob("scratch/runs/*"))) == 1  # continued in its own directory
+    assert not (work / "outputs").exists()
+    where = stopped[0].split(" in ", 1)[1].split(";")[0]  # "epoch 2/3, step N": one numbering
+    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} in {where}" in resumed.stdout + resumed.stderr
     assert _same_weights(_weights(run_dir), _weights(whole))
     keep = ("test_acc1", "best_test_acc1", "sparsity", "step", "epoch", "d")
     assert {k: _metrics(run_dir)[k] for k in keep} == {k: _metrics(whole)[k] for k in keep}
@@ -283,7 +311,7 @@ def test_torchrun_makes_one_run_directory(tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
              str(TRAIN), "epochs=1", "batch_size=64", "device=cpu", "logging.synops=false"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S,
         )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [p for p in tmp_path.glob("outputs/runs/*/*") if p.is_dir()]
@@ -306,9 +334,10 @@ class socket_port:
         return None
 
 
-def test_a_checkpoint_of_the_previous_layout_still_resumes(tiny_cfg, tmp_path, monkeypatch):
-    """Checkpoints written before this version: no threshold state, positional epoch sums, the
-    whole history instead of the last record. They resume, and d follows the schedule."""
+@pytest.mark.slow
+def test_throughput_after_a_mid_epoch_resume_counts_only_this_process(tiny_cfg, tmp_path, monkeypatch):
+    """Resumed after 5 of the epoch's 22 batches: the epoch's images/s is the 17 batches this
+    process trained over the time it trained them (rate × train time = 17 × 64 images)."""
     real = train_module.train_step
     calls = {"n": 0}
 
@@ -320,16 +349,51 @@ def test_a_checkpoint_of_the_previous_layout_still_resumes(tiny_cfg, tmp_path, m
 
     monkeypatch.setattr(train_module, "train_step", stop_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_cfg("epochs=2", "flat_width=0.2", "scheduler=linear"), tmp_path)
+        train(tiny_cfg("flat_width=0.05", "checkpoint_every_steps=1"), tmp_path)
     monkeypatch.undo()
-    path = tmp_path / "checkpoints" / "last.pt"
-    state = ckpt.load(path)
-    sums = state.pop("epoch_sums")
-    state["epoch_sums"] = [sums["loss"], sums["correct"], float(sums["samples"])]
-    state["history"] = [state.pop("last_record")]
-    del state["threshold"]
-    state["config"]["amp"] = False  # amp was a bool
-    ckpt.save_atomic(state, path)
-    train(tiny_cfg("epochs=2", "flat_width=0.2", "scheduler=linear"), tmp_path)
-    metrics = _metrics(tmp_path)
-    assert metrics["epoch"] == 2 and metrics["d"] == pytest.approx(0.2)
+    assert ckpt.load(tmp_path / "checkpoints" / "last.pt")["batch_in_epoch"] == 5
+    train(tiny_cfg("flat_width=0.05", "checkpoint_every_steps=1"), tmp_path)
+    record = _history(tmp_path)[-1]
+    train_s = record["epoch_time_s"] - record["eval_time_s"]
+    assert record["epoch"] == 2
+    assert record["train_images_per_s"] * train_s == pytest.approx((STEPS - 5) * 64, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_train_with_resume_in_the_config_continues_that_run(tiny_cfg, tmp_path, monkeypatch, caplog):
+    """The library resumes from ``cfg.resume`` (no command line involved): the run continues in
+    its own directory, ``run_dir`` given or not, and ends as an uninterrupted run."""
+    args = ("flat_width=0.1", "checkpoint_every_steps=1")
+    train(tiny_cfg(*args), tmp_path / "whole")
+    real = train_module.train_step
+    calls = {"n": 0}
+
+    def stop_in_epoch_two(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > STEPS + 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_module, "train_step", stop_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(*args), tmp_path / "run")
+    monkeypatch.undo()
+    with caplog.at_level("INFO"):
+        train(tiny_cfg(*args, f"resume={tmp_path / 'run'}"), tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()
+    assert f"in epoch 2/2, step {STEPS + 3}" in caplog.text
+    assert _same_weights(_weights(tmp_path / "run"), _weights(tmp_path / "whole"))
+    assert [r["step"] for r in _history(tmp_path / "run")] == [STEPS, 2 * STEPS]
+    caplog.clear()
+    with caplog.at_level("INFO"):  # finished: says so, and how to train on
+        train(tiny_cfg(*args, f"resume={tmp_path / 'run'}"))
+    assert "already finished its 2 epochs" in caplog.text and "init_from=" in caplog.text
+
+
+def test_resume_refuses_a_checkpoint_whose_config_was_planted(tiny_cfg, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    state = {"format_version": ckpt.FORMAT_VERSION, "model": {},
+             "config": {"dataset": {"root": "${oc.env:HOME}"}}}
+    ckpt.save_atomic(state, tmp_path / "checkpoints" / "last.pt")
+    with pytest.raises(CheckpointError, match=r"config.dataset.root in .*last.pt holds an interpolation"):
+        train(tiny_cfg(f"resume={tmp_path}"), tmp_path / "other")

@@ -11,15 +11,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from stds.method.sparse import (
+    reparams,
     dense_state_dict,
-    get_flat_width,
     make_reparam,
     pruned_layers,
     pruned_parameters,
     set_threshold,
     sparsify,
     sparsity,
-    unsparsify,
 )
 
 # θ chosen so that |θ| = d (0.25) and θ = 0 occur; all values exact in binary floating point
@@ -82,13 +81,13 @@ def test_unknown_reparam_lists_valid_names() -> None:
 
 @pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
 def test_invalid_flat_width_is_rejected(bad: float) -> None:
-    with pytest.raises(ValueError, match="flat_width"):
+    with pytest.raises(ValueError, match="threshold d"):
         make_reparam("stmod", bad)
     model = small_net()
-    with pytest.raises(ValueError, match="flat_width"):
-        sparsify(model, "st", flat_width=bad)
+    with pytest.raises(ValueError, match="threshold d"):
+        sparsify(model, "st", d=bad)
     sparsify(model, "st")
-    with pytest.raises(ValueError, match="flat_width"):
+    with pytest.raises(ValueError, match="threshold d"):
         set_threshold(model, bad)
 
 
@@ -101,7 +100,7 @@ def test_reparam_method_names() -> None:
 def test_inverse_map_keeps_initial_weights(name: str) -> None:
     layer = nn.Linear(16, 8)
     w0 = layer.weight.detach().clone()
-    sparsify(layer, name, flat_width=0.05)
+    sparsify(layer, name, d=0.05)
     theta = layer.parametrizations.weight.original.detach()
     assert torch.equal(theta, torch.sign(w0) * (w0.abs() + 0.05))
     torch.testing.assert_close(layer.weight.detach(), w0, rtol=0, atol=1e-7)
@@ -111,7 +110,7 @@ def test_inverse_map_keeps_initial_weights(name: str) -> None:
 def test_identity_registration_keeps_weights_exactly() -> None:
     layer = nn.Linear(16, 8)
     w0 = layer.weight.detach().clone()
-    sparsify(layer, "identity", flat_width=0.3)
+    sparsify(layer, "identity", d=0.3)
     assert torch.equal(layer.weight.detach(), w0)
     assert torch.equal(layer.parametrizations.weight.original.detach(), w0)
 
@@ -146,25 +145,33 @@ def test_sparsify_twice_is_an_error() -> None:
         sparsify(model, "st", 0.1)
 
 
-def test_set_and_get_flat_width() -> None:
+def _thresholds(model: nn.Module) -> set[float]:
+    """The distinct d held by the model's reparameterizations (buffer and host copy must agree)."""
+    values = set()
+    for reparam in reparams(model):
+        assert reparam.current_d() == pytest.approx(float(reparam.d))
+        values.add(float(reparam.d))
+    return values
+
+
+def test_set_threshold_sets_every_layer() -> None:
     model = small_net()
     sparsify(model, "stmod", 0.1)
-    assert get_flat_width(model) == pytest.approx(0.1)
+    (value,) = _thresholds(model)
+    assert value == pytest.approx(0.1)
     set_threshold(model, 0.5)
-    assert get_flat_width(model) == 0.5
+    assert _thresholds(model) == {0.5}
     for layer in pruned_layers(model).values():
-        assert layer.parametrizations.weight[0].flat_width.item() == 0.5
-    with pytest.raises(ValueError, match="no pruned layers"):
-        get_flat_width(small_net())
+        assert layer.parametrizations.weight[0].d.item() == 0.5
 
 
-def test_flat_width_in_state_dict_survives_save_load() -> None:
+def test_threshold_in_state_dict_survives_save_load() -> None:
     model = small_net()
     sparsify(model, "stmod", 0.0)
     set_threshold(model, 0.375)
     state = model.state_dict()
-    assert state["4.parametrizations.weight.0.flat_width"].item() == 0.375
-    assert state["4.parametrizations.weight.0.flat_width"].dtype == torch.float32
+    assert state["4.parametrizations.weight.0.d"].item() == 0.375
+    assert state["4.parametrizations.weight.0.d"].dtype == torch.float32
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
@@ -172,7 +179,7 @@ def test_flat_width_in_state_dict_survives_save_load() -> None:
     other = small_net()
     sparsify(other, "stmod", 0.0)
     other.load_state_dict(torch.load(buffer, weights_only=True))
-    assert get_flat_width(other) == 0.375
+    assert _thresholds(other) == {0.375}
     assert torch.equal(other[4].weight, model[4].weight)
 
 
@@ -230,19 +237,6 @@ def test_dense_state_dict_loads_into_plain_model(name: str) -> None:
     assert torch.equal(model[4].parametrizations.weight.original, theta_before)
 
 
-def test_unsparsify_keeps_weights() -> None:
-    model = small_net()
-    sparsify(model, "st", 0.2)
-    weights = {name: layer.weight.detach().clone() for name, layer in pruned_layers(model).items()}
-    assert unsparsify(model) == ["0", "4", "6"]
-    assert pruned_layers(model) == {}
-    for name, w in weights.items():
-        layer = model.get_submodule(name)
-        assert not parametrize.is_parametrized(layer)
-        assert torch.equal(layer.weight.detach(), w)
-    assert sorted(model.state_dict()) == sorted(small_net().state_dict())
-
-
 @pytest.mark.parametrize("name", ["st", "stmod"])
 def test_bf16_autocast_keeps_sparsity_pattern(name: str) -> None:
     model = small_net()
@@ -294,10 +288,10 @@ def test_threshold_moves_with_the_module() -> None:
     sparsify(model, "stmod", 0.5)
     model.double()
     reparam = model[4].parametrizations.weight[0]
-    assert reparam.flat_width.dtype == torch.float64
+    assert reparam.d.dtype == torch.float64
     assert model[4].weight.dtype == torch.float64
     set_threshold(model, 0.25)
-    assert get_flat_width(model) == 0.25
+    assert _thresholds(model) == {0.25}
 
 
 @pytest.mark.parametrize("name", ["st", "stmod"])

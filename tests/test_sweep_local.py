@@ -16,7 +16,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose_train, run_train
+from tests.conftest import HANG_S, REPO, compose_train, run_train
 from stds.run import distributed
 from stds.cli import launcher
 from stds.errors import ConfigError
@@ -133,7 +133,7 @@ def test_sweep_with_a_failed_point_end_to_end(tmp_path):
     assert "flat_width=-1.0 must be >= 0" in proc.stderr
     assert "Local sweep: 1 finished, 1 failed, 0 running, 0 waiting, of 2" in proc.stdout
     report = subprocess.run([sys.executable, str(REPO / "launch" / "report.py"), str(sweep)],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=HANG_S)
     assert report.returncode == 0, report.stderr
     with (sweep / "report.csv").open() as handle:
         rows = {r["run"]: r for r in csv.DictReader(handle)}

@@ -210,7 +210,7 @@ def test_counts_go_through_the_reparameterization():
     model = Tiny()
     with torch.no_grad():
         model.fc.weight.copy_(torch.tensor([[1.0, 0.05, 1, 1], [0.05, 0.05, 2, 1]]))
-    sparsify(model, "st", flat_width=0.0, exclude=("stem",))
+    sparsify(model, "st", d=0.0, exclude=("stem",))
     assert count_synops(model, _tiny_images())["synops"] == 5 * 2  # every weight is non-zero
     set_threshold(model, 0.1)  # w = sign(θ) max(|θ| - 0.1, 0): the 0.05 entries become 0
     assert count_synops(model, _tiny_images())["synops"] == 6.0
@@ -278,7 +278,7 @@ def test_digits_net_agrees_with_a_brute_force_count():
         for module in model.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 module.weight.mul_(8)
-    sparsify(model, "st", flat_width=0.0)
+    sparsify(model, "st", d=0.0)
     set_threshold(model, 0.5)  # prunes 20 to 50 % of each layer
     images = 2 * torch.randn(5, 1, 8, 8)
     counts = count_synops(model, images)

@@ -56,7 +56,8 @@ def report_errors(work: Callable[[], T]) -> T:
         error = user_error(exc)
         if error is None or _multirun() or _traceback_wanted():
             raise
-        log.error("%s", one_line(error))
+        if logging.getLogger().handlers:  # Hydra's log file; before Hydra starts, stderr alone
+            log.error("%s", one_line(error))
         print_error(error)
         sys.exit(1)
 

@@ -8,8 +8,8 @@ and computes its weight as w = f(θ, d), with d the current threshold ("flat wid
 - ``stmod`` (STDS): the same forward; the gradient of max(·, 0) is passed straight through, so
   dw/dθ = 1 for every θ ≠ 0 and pruned synapses keep learning and can regrow.
 
-Each reparameterization is a module holding d in a float32 scalar buffer ``flat_width`` (saved as
-``<layer>.parametrizations.weight.0.flat_width``; it moves with ``.to()``). Its inverse map
+Each reparameterization is a module holding d in a float32 scalar buffer ``d`` (saved as
+``<layer>.parametrizations.weight.0.d``; it moves with ``.to()``). Its inverse map
 θ = sign(w)(|w| + d) is used when it is registered, so registering it with threshold D keeps the
 freshly initialised weights (up to one rounding of |w| + D − D).
 
@@ -35,7 +35,6 @@ __all__ = [
     "REPARAMS",
     "Reparam",
     "dense_state_dict",
-    "get_flat_width",
     "load_dense_weights",
     "make_reparam",
     "pruned_layers",
@@ -44,18 +43,17 @@ __all__ = [
     "set_threshold",
     "sparsify",
     "sparsity",
-    "unsparsify",
 ]
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 """Layer types whose weight `sparsify` reparameterizes (subclasses such as SpikingJelly's too)."""
 
 
-def _check_flat_width(flat_width: float) -> float:
-    """``flat_width`` as a float; a negative or non-finite value is a ValueError."""
-    value = float(flat_width)
+def _check_d(d: float) -> float:
+    """The threshold ``d`` as a float; a negative or non-finite value is a ValueError."""
+    value = float(d)
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"flat_width must be a finite number >= 0, got {flat_width!r}")
+        raise ValueError(f"the threshold d must be a finite number >= 0, got {d!r}")
     return value
 
 
@@ -87,7 +85,7 @@ class _SoftThresholdStraightThrough(torch.autograd.Function):
 
 
 class Reparam(nn.Module):
-    """Base of the reparameterizations: holds the threshold d in the buffer ``flat_width``.
+    """Base of the reparameterizations: holds the threshold d in the buffer ``d``.
 
     The forward pass reads a host copy of d (no device read per call); `set_threshold` and
     ``load_state_dict`` keep it equal to the buffer, so set d through them. Under
@@ -96,32 +94,31 @@ class Reparam(nn.Module):
     """
 
     method: ClassVar[str] = ""
-    flat_width: Tensor
+    d: Tensor
 
-    def __init__(self, flat_width: float = 0.0) -> None:
+    def __init__(self, d: float = 0.0) -> None:
         super().__init__()
-        d = _check_flat_width(flat_width)
-        self.register_buffer("flat_width", torch.tensor(d, dtype=torch.float32), persistent=True)
-        self._d = d
+        value = _check_d(d)
+        self.register_buffer("d", torch.tensor(value, dtype=torch.float32), persistent=True)
+        self._d_host = value
 
-    @property
-    def d(self) -> float | Tensor:
+    def current_d(self) -> float | Tensor:
         """The threshold as the forward pass uses it: the host number, or the buffer when compiling."""
-        return self.flat_width if torch.compiler.is_compiling() else self._d
+        return self.d if torch.compiler.is_compiling() else self._d_host
 
     def right_inverse(self, w: Tensor) -> Tensor:
         """θ = sign(w)(|w| + d), so that f(θ, d) = w for the current d."""
-        return torch.sign(w) * (w.abs() + self.flat_width)
+        return torch.sign(w) * (w.abs() + self.d)
 
     def set_threshold(self, d: float) -> None:
         """Set the threshold in place (one ``fill_``, no host-device synchronisation)."""
-        d = _check_flat_width(d)
-        self.flat_width.fill_(d)
-        self._d = d
+        value = _check_d(d)
+        self.d.fill_(value)
+        self._d_host = value
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._d = float(self.flat_width)
+        self._d_host = float(self.d)
 
     def extra_repr(self) -> str:
         return f"method={self.method}"
@@ -148,7 +145,7 @@ class SoftThreshold(Reparam):
 
     def forward(self, theta: Tensor) -> Tensor:
         """w = sign(θ)·max(|θ| − d, 0); autograd's gradient is 1 where |θ| > d, else 0."""
-        return _shrink(theta, self.d)
+        return _shrink(theta, self.current_d())
 
 
 class SoftThresholdMod(Reparam):
@@ -158,7 +155,7 @@ class SoftThresholdMod(Reparam):
 
     def forward(self, theta: Tensor) -> Tensor:
         """w = sign(θ)·max(|θ| − d, 0)."""
-        return _SoftThresholdStraightThrough.apply(theta, self.d)
+        return _SoftThresholdStraightThrough.apply(theta, self.current_d())
 
 
 REPARAMS: dict[str, type[Reparam]] = {
@@ -167,12 +164,12 @@ REPARAMS: dict[str, type[Reparam]] = {
 """Reparameterizations by name."""
 
 
-def make_reparam(name: str, flat_width: float = 0.0) -> nn.Module:
+def make_reparam(name: str, d: float = 0.0) -> nn.Module:
     """The reparameterization ``name`` (``identity``, ``st``, ``stmod``) with threshold d."""
     if name not in REPARAMS:
         valid = ", ".join(sorted(REPARAMS))
         raise ValueError(f"unknown reparameterization {name!r}; valid: {valid}")
-    return REPARAMS[name](flat_width)
+    return REPARAMS[name](d)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -218,24 +215,27 @@ def _excluded(name: str, exclude: Iterable[str]) -> bool:
 
 
 def sparsify(
-    model: nn.Module, name: str, flat_width: float = 0.0, exclude: Iterable[str] = ()
+    model: nn.Module, name: str, d: float = 0.0, exclude: Iterable[str] = ()
 ) -> list[str]:
-    """Register reparameterization ``name`` with threshold ``flat_width`` on every prunable layer.
+    """Register reparameterization ``name`` with threshold ``d`` on every prunable layer.
+
+    θ starts at sign(w0)(|w0| + d), so the initial weights are kept: give d = D (``flat_width``)
+    for a constant threshold, 0 for a schedule that starts at 0.
 
     Prunable layers are the `nn.Conv2d` and `nn.Linear` (subclasses included) whose qualified
     name matches none of the ``fnmatch`` patterns in ``exclude`` (a single string is one pattern).
     Returns their qualified names. A model that already carries reparameterizations is a
     ValueError. Register before wrapping the model in DDP.
     """
-    make_reparam(name, flat_width)  # validates name and flat_width before touching the model
+    make_reparam(name, d)  # validates name and d before touching the model
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     core = unwrap_model(model)
     if pruned_layers(core):
-        raise ValueError("model is already sparsified; sparsify it once (or call unsparsify first)")
+        raise ValueError("model is already sparsified; sparsify it once ")
     names = []
     for qualified, module in list(core.named_modules()):
         if isinstance(module, PRUNABLE_TYPES) and not _excluded(qualified, exclude):
-            reparam = make_reparam(name, flat_width).to(module.weight.device)
+            reparam = make_reparam(name, d).to(module.weight.device)
             parametrize.register_parametrization(module, "weight", reparam)
             names.append(qualified)
     return names
@@ -243,23 +243,9 @@ def sparsify(
 
 def set_threshold(model: nn.Module, d: float) -> None:
     """Set the threshold d of every reparameterization in ``model``."""
-    d = _check_flat_width(d)
+    d = _check_d(d)
     for reparam in reparams(model):
         reparam.set_threshold(d)
-
-
-def get_flat_width(model: nn.Module) -> float:
-    """The threshold d shared by the reparameterizations of ``model`` (reads it from the device).
-
-    A model without reparameterizations, or whose layers hold different thresholds, is a
-    ValueError.
-    """
-    values = {float(r.flat_width) for r in reparams(model)}
-    if not values:
-        raise ValueError("model has no pruned layers; call sparsify first")
-    if len(values) > 1:
-        raise ValueError(f"pruned layers hold different flat_width values: {sorted(values)}")
-    return values.pop()
 
 
 @torch.no_grad()
@@ -339,11 +325,3 @@ def _owning_prefix(key: str, prefixes: dict[str, Tensor]) -> str | None:
         if key.startswith(prefix) and (best is None or len(prefix) > len(best)):
             best = prefix
     return best
-
-
-def unsparsify(model: nn.Module) -> list[str]:
-    """Remove the reparameterizations in place, leaving weight = w; returns the layer names."""
-    layers = pruned_layers(model)
-    for layer in layers.values():
-        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-    return list(layers)

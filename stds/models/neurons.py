@@ -92,6 +92,27 @@ def fused_kernel_condition(
     )
 
 
+MATERIALIZE_STATES_PARAMETERS = ("self", "inputs", "states", "step_mode")
+"""SpikingJelly 2.0's ``BaseNode.materialize_states(inputs, states, step_mode)``, which
+`_Float32State` overrides; its ``_neuron_precision`` attribute says whether the precision API
+set a dtype. Checked by `check_spikingjelly_contract` before a float32-state node is built."""
+
+
+def check_spikingjelly_contract() -> None:
+    """Raise one line naming the API if SpikingJelly no longer has the hook `_Float32State` relies on."""
+    import inspect
+
+    api = "spikingjelly.activation_based.neuron.BaseNode.materialize_states"
+    hook = getattr(neuron.BaseNode, "materialize_states", None)
+    if hook is None:
+        raise ConfigError(f"{api} is gone in this SpikingJelly; install spikingjelly>=2.0,<2.1 "
+                          "or set model.neuron.backend=torch")
+    names = tuple(inspect.signature(hook).parameters)
+    if names != MATERIALIZE_STATES_PARAMETERS:
+        raise ConfigError(f"{api}{names} is not (inputs, states, step_mode) as in SpikingJelly 2.0; install "
+                          "spikingjelly>=2.0,<2.1 or set model.neuron.backend=torch")
+
+
 class _Float32State:
     """Mixin for SpikingJelly's `BaseNode`: a float32 membrane state for float16/bfloat16 input.
 
@@ -165,6 +186,8 @@ def make_neuron(
     _choice("kind", kind, NEURON_KINDS)
     _choice("surrogate", surrogate, SURROGATES)
     _choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        check_spikingjelly_contract()
     common = dict(
         v_threshold=float(v_threshold),
         v_reset=None if v_reset is None else float(v_reset),

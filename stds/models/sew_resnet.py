@@ -218,28 +218,3 @@ class SEWResNet(SpikingClassifier):
                 nn.init.zeros_(module.last_bn.weight)
                 if self.connect_f == "AND":
                     nn.init.ones_(module.last_bn.bias)
-
-
-def sew_resnet18(**kwargs: object) -> SEWResNet:
-    """SEW ResNet-18 (BasicBlock, 2-2-2-2); keyword arguments as `SEWResNet`."""
-    return SEWResNet(depth=18, **kwargs)
-
-
-def sew_resnet34(**kwargs: object) -> SEWResNet:
-    """SEW ResNet-34 (BasicBlock, 3-4-6-3); keyword arguments as `SEWResNet`."""
-    return SEWResNet(depth=34, **kwargs)
-
-
-def sew_resnet50(**kwargs: object) -> SEWResNet:
-    """SEW ResNet-50 (Bottleneck, 3-4-6-3); keyword arguments as `SEWResNet`."""
-    return SEWResNet(depth=50, **kwargs)
-
-
-def sew_resnet101(**kwargs: object) -> SEWResNet:
-    """SEW ResNet-101 (Bottleneck, 3-4-23-3); keyword arguments as `SEWResNet`."""
-    return SEWResNet(depth=101, **kwargs)
-
-
-def sew_resnet152(**kwargs: object) -> SEWResNet:
-    """SEW ResNet-152 (Bottleneck, 3-8-36-3); keyword arguments as `SEWResNet`."""
-    return SEWResNet(depth=152, **kwargs)

@@ -29,12 +29,12 @@ from torch import Tensor
 from stds.errors import CheckpointError, StdsError
 from stds.method.sparse import dense_state_dict, pruned_layers, sparsity
 from stds.run import checkpoint as ckpt
+from stds.run.files import write_atomic
 from stds.run.rebuild import build_model, sparsified_model
 
 __all__ = ["EXPORT_NAME", "export_finished", "export_run", "format_storage", "weight_storage"]
 
 EXPORT_NAME = "pruned.pt"
-EXPORT_FORMAT_VERSION = 1
 CHECKPOINTS = {"last": ckpt.LAST, "best": ckpt.BEST}
 
 
@@ -139,7 +139,7 @@ def export_run(
     build_model(config).load_state_dict(weights)  # loads into the plain model, or raises here
     info = storage(weights, layers)
     blob = {
-        "format_version": EXPORT_FORMAT_VERSION,
+        "format_version": ckpt.PRUNED_FORMAT_VERSION,
         "state_dict": weights,
         "config": config,
         "sparsity": sparsity(model),
@@ -147,10 +147,7 @@ def export_run(
         "source": {"checkpoint": source.name, "epoch": state.get("epoch"), "step": state.get("step")},
     }
     target = Path(out) if out is not None else run_dir / EXPORT_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(target)
+    write_atomic(target, lambda handle: torch.save(blob, handle))
     if verbose:
         print(f"{target}: {source.name}, epoch {state.get('epoch')}, step {state.get('step')}")
         print(format_storage(info))

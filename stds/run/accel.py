@@ -84,13 +84,6 @@ def maybe_compile(model: nn.Module, compile: bool) -> nn.Module:
     return torch.compile(model) if compile else model
 
 
-def prepare_model(
-    model: nn.Module, device: torch.device, channels_last: bool, compile: bool
-) -> nn.Module:
-    """`apply_layout` then `maybe_compile` for a single-process model; returns what to call."""
-    return maybe_compile(apply_layout(model, device, channels_last), compile)
-
-
 def to_device_batch(
     images: torch.Tensor, device: torch.device, channels_last: bool
 ) -> torch.Tensor:

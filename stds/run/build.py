@@ -138,7 +138,7 @@ def build_model(cfg: DictConfig, device: torch.device, d0: float) -> nn.Module:
     exclude = cfg.sparse.exclude
     if exclude is None:
         exclude = getattr(model, "prune_exclude", ())
-    names = sparsify(model, str(cfg.sparse.method.value), flat_width=d0, exclude=tuple(exclude))
+    names = sparsify(model, str(cfg.sparse.method.value), d=d0, exclude=tuple(exclude))
     log.info("pruned layers (%d): %s", len(names), ", ".join(names))
     return model.to(device)
 

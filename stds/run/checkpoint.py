@@ -1,19 +1,15 @@
 """Atomic checkpoints that load with ``torch.load(path, weights_only=True)``.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (see
-``docs/architecture.md``). It is written to a temporary file in the same directory, flushed to
-disk, then renamed over the old one, so a process killed during a save leaves the last good
-checkpoint in place.
+``docs/architecture.md``), written by `stds.run.files.write_atomic`, so a process killed during a
+save leaves the last good checkpoint in place. `upgrade` reads every older layout.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,10 +18,22 @@ import numpy as np
 import torch
 
 from stds.errors import CheckpointError, find_in_chain
+from stds.run.files import write_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The layout `save_atomic` writes; `upgrade` brings every older layout to it.
+
+- 1, first form: no schedule state (d was a function of the step), ``epoch_sums`` a list
+  [loss·n, correct, n], ``history`` (every epoch's record) instead of ``last_record``,
+  ``config.amp`` a bool, the reparameterizations' d in buffers ``...parametrizations.weight.0.flat_width``.
+- 1, second form (same number): ``threshold`` (the schedule's state), named ``epoch_sums``,
+  ``last_record``, ``config.amp`` a string; buffers still ``...flat_width``.
+- 2: ``schedule`` (the state of d's schedule) and buffers ``...parametrizations.weight.0.d``.
+"""
 LAST = "last.pt"
 BEST = "best.pt"
+PRUNED_FORMAT_VERSION = 1
+"""The layout of an exported ``pruned.pt`` (`stds.results.export`), checked by ``init_from``."""
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -53,19 +61,9 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     refused by the system (full disk or quota, read-only or not permitted, file too large) is a
     `CheckpointError` naming the file and the fix; other errors (a kill, a bug) pass unchanged.
     """
-    tmp_name: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+        write_atomic(path, lambda handle: torch.save(state, handle))
     except BaseException as exc:
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                Path(tmp_name).unlink(missing_ok=True)
         # torch.save reports a failed write to a file object as a RuntimeError ("unexpected pos")
         # raised while the OSError of the write is being handled; the OSError says why
         error = find_in_chain(exc, OSError, context=True) if isinstance(exc, Exception) else None
@@ -83,11 +81,51 @@ def load(path: Path) -> dict[str, Any]:
             f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}); "
             "delete it to start the run afresh, or restore a good copy"
         ) from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+    return upgrade(state, path)
+
+
+def upgrade(state: Any, path: Path) -> dict[str, Any]:
+    """``state`` in the layout of `FORMAT_VERSION`, from any layout listed there (the one place
+    that knows the old layouts); a foreign file or a newer format is a `CheckpointError`."""
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
         raise CheckpointError(
-            f"checkpoint {path} is not a stds checkpoint of format {FORMAT_VERSION}; "
-            "delete it or point the run at another directory"
+            f"checkpoint {path} is " + (f"of format {version}, newer than this stds reads ({FORMAT_VERSION}); "
+                                        "upgrade stds" if newer else
+                                        "not a stds checkpoint; delete it or point the run at another directory")
         )
+    if version == 1:
+        state = _upgrade_from_1(dict(state))
+    return state
+
+
+_OLD_D_SUFFIX = ".0.flat_width"
+
+
+def _upgrade_from_1(state: dict[str, Any]) -> dict[str, Any]:
+    """Both forms of format 1 to format 2 (see `FORMAT_VERSION`)."""
+    model = {}
+    for key, value in state.get("model", {}).items():
+        if key.endswith(_OLD_D_SUFFIX) and ".parametrizations." in key:
+            key = key[: -len("flat_width")] + "d"
+        model[key] = value
+    state["model"] = model
+    if "threshold" in state:
+        state["schedule"] = state.pop("threshold")
+    else:  # first form: d was set from the step; every layer's buffer holds it
+        buffers = [v for k, v in model.items() if k.endswith(".0.d") and ".parametrizations." in k]
+        state["schedule"] = {"d": float(buffers[0]) if buffers else 0.0}
+    sums = state.get("epoch_sums")
+    if isinstance(sums, (list, tuple)):
+        state["epoch_sums"] = {"loss": sums[0], "correct": sums[1], "samples": sums[2]}
+    if "last_record" not in state:
+        history = state.pop("history", None) or [None]
+        state["last_record"] = history[-1]
+    config = state.get("config")
+    if isinstance(config, dict) and isinstance(config.get("amp"), bool):
+        state["config"] = {**config, "amp": "fp16" if config["amp"] else "false"}
+    state["format_version"] = 2
     return state
 
 

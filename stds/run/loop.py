@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from spikingjelly.activation_based import functional
 
@@ -47,6 +48,7 @@ class Loop:
         self.signals = signals
         self.bar: Any = None
         self.eval_s = 0.0
+        self.resumed_samples = 0  # samples of the current epoch trained before a restart (not timed here)
 
 
 def _batches(run: Run, progress: Progress, loop: Loop) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -84,6 +86,7 @@ def train_epoch(run: Run, progress: Progress, loop: Loop | None = None) -> dict[
     every = max(run.cfg.logging.log_every_steps, 1)
     ckpt_every = run.cfg.checkpoint_every_steps
     _open_bar(run, progress, loop)
+    loop.resumed_samples = progress.sums.samples
     loop.meter.restart()
     for images, labels in _batches(run, progress, loop):
         loss, correct = train_step(run, images, labels)
@@ -139,7 +142,7 @@ def _stop_requested(run: Run, progress: Progress, loop: Loop, every: int) -> boo
 def _raise_stopped(run: Run, progress: Progress, loop: Loop) -> None:
     signum = loop.signals.received
     raise RunStopped(
-        f"stopped by {signal_name(signum)} at epoch {progress.epoch + 1}, step {progress.step}; "
+        f"stopped by {signal_name(signum)} in {progress.where(run.cfg.epochs)}; "
         f"{run.ckpt_dir / 'last.pt'} is saved; resume with: python launch/train.py resume={run.run_dir}",
         signum, loop.signals.previous_handler(signum),
     )
@@ -186,7 +189,9 @@ def finish_epoch(run: Run, progress: Progress, loop: Loop, train_stats: dict[str
     loop.eval_s = time.perf_counter() - eval_started
     progress.epoch += 1
     progress.batch_in_epoch = 0
-    trained = progress.sums.samples * run.env.world_size
+    # only what this process trained since `started`: after a mid-epoch resume the epoch's earlier
+    # samples were trained (and timed) by the process before the restart
+    trained = (progress.sums.samples - loop.resumed_samples) * run.env.world_size
     progress.sums = state.EpochSums()
     sp = sparsity(run.core)
     record = {"epoch": progress.epoch, "step": progress.step, "lr": run.optimizer.param_groups[0]["lr"],
@@ -251,9 +256,11 @@ def train(cfg: DictConfig, run_dir: Path | str | None = None) -> float:
     Returns the final test top-1 accuracy (a fraction), the objective of sweeps. Any failure,
     bad config values included, leaves its one line in ``<run_dir>/error.txt``.
     """
-    if run_dir is None:
-        from hydra.core.hydra_config import HydraConfig
-
+    resumed_dir = resume.resume_target(cfg)  # resume=<dir> | last: that run, in its own directory
+    if resumed_dir is not None:
+        cfg = resume.resumed_config(cfg, resumed_dir)
+        run_dir = resumed_dir
+    elif run_dir is None:
         run_dir = HydraConfig.get().runtime.output_dir
     env = distributed.setup(str(cfg.get("device", "auto")))
     # every rank works in rank 0's directory (a `${now:...}` name may differ between processes)
@@ -262,7 +269,7 @@ def train(cfg: DictConfig, run_dir: Path | str | None = None) -> float:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         with StopSignals() as signals:
-            result = _train_in(cfg, env, run_dir, signals)
+            result = _train_in(cfg, env, run_dir, signals, keep_command=resumed_dir is not None)
     except RunStopped as stop:
         log.warning("%s", stop)
         stop.hand_on()  # SIGUSR2 under submitit: requeue now that last.pt is written
@@ -278,11 +285,13 @@ def train(cfg: DictConfig, run_dir: Path | str | None = None) -> float:
     return result
 
 
-def _train_in(raw: DictConfig, env: distributed.DistEnv, run_dir: Path, signals: StopSignals) -> float:
+def _train_in(raw: DictConfig, env: distributed.DistEnv, run_dir: Path, signals: StopSignals,
+              keep_command: bool = False) -> float:
     """Prepare the config, build the run, resume it (or start it, from ``init_from`` if given), fit.
 
     Rank 0 holds the run directory's lock throughout, so a second process started on the same
-    directory stops at once, naming this one.
+    directory stops at once, naming this one. ``keep_command``: a ``resume=`` run keeps the
+    ``.hydra/`` command files of the run it continues.
     """
     with contextlib.ExitStack() as stack:
         fresh = not (run_dir / "checkpoints" / "last.pt").exists()
@@ -300,11 +309,21 @@ def _train_in(raw: DictConfig, env: distributed.DistEnv, run_dir: Path, signals:
         run = build_run(cfg, env, run_dir)
         progress = resume.resume(run)  # refuses a checkpoint of another experiment
         if env.is_main and not fresh:
-            resume.record_config(run_dir, raw)
+            resume.record_config(run_dir, raw, with_hydra=not keep_command)
         if progress.step == 0 and cfg.init_from:
             resume.init_from(run, cfg.init_from)
         resume.repair_best(run, progress)
+        if progress.epoch >= cfg.epochs:
+            _say_finished(run, progress)
         return fit(run, progress, signals)
+
+
+def _say_finished(run: Run, progress: Progress) -> None:
+    """A resumed run that has nothing left to train says so, and how to train on."""
+    log.warning("%s already finished its %d epochs (step %d); nothing to train. To train on from its "
+                "weights, start a new run: python launch/train.py init_from=%s epochs=<n> (epochs of a "
+                "finished run cannot change)", run.run_dir, run.cfg.epochs, progress.step,
+                run.ckpt_dir / "last.pt")
 
 
 def _write_error(run_dir: Path, exc: BaseException) -> None:

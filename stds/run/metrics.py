@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from stds.method.sparse import pruned_parameters
+from stds.run.files import write_atomic
 
 
 def loss_fn(kind: str, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -114,9 +115,7 @@ class MetricsWriter:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line + "\n")
-        tmp = self.jsonl.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(self.jsonl)
+        write_atomic(self.jsonl, "".join(kept))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Scalars under their own names (the log interval's ``step_loss``, ``lr``, ``d``, throughput)."""
@@ -147,9 +146,7 @@ class MetricsWriter:
     def final(self, summary: dict[str, Any]) -> None:
         """``metrics.json``: the final and best figures."""
         clean = {k: (_finite(v) if isinstance(v, float) else v) for k, v in summary.items()}
-        tmp = self.run_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(clean, indent=2) + "\n")
-        tmp.replace(self.run_dir / "metrics.json")
+        write_atomic(self.run_dir / "metrics.json", json.dumps(clean, indent=2) + "\n")
 
     def close(self) -> None:
         self.tb.close()

@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 from stds.errors import CheckpointError
 from stds.method.sparse import dense_state_dict, load_dense_weights
 from stds.run import checkpoint as ckpt
-from stds.run.build import Run, normalize_amp
+from stds.run.build import Run
 from stds.run.config import to_plain
-from stds.run.rebuild import sparsified_model
+from stds.run.files import write_atomic
+from stds.run.rebuild import check_saved_config, sparsified_model
 from stds.run.state import EpochSums, Progress
 
 log = logging.getLogger(__name__)
@@ -61,8 +63,6 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[s
 def check_compatible(run: Run, state: dict[str, Any], path: Path) -> None:
     """Refuse a checkpoint whose experiment differs from the config, naming every changed key."""
     saved = dict(state.get("config", {}))
-    if "amp" in saved:  # a bool before amp took fp16 / bf16
-        saved["amp"] = normalize_amp(saved["amp"])
     changed = changed_keys(saved, to_plain(run.cfg))
     if changed:
         listed = ", ".join(f"{key} ({old}, now {new})" for key, old, new in changed)
@@ -87,22 +87,16 @@ def resume(run: Run) -> Progress:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {first}") from None
     run.scaler.load_state_dict(state["scaler"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if "threshold" in state:
-        run.threshold.load_state_dict(state["threshold"])
-    else:  # written before the schedule kept a state: d was a function of the step alone
-        run.threshold.step(state["step"])
+    run.threshold.load_state_dict(state["schedule"])
     ckpt.set_rng_state(state["rng"])
     sums = state["epoch_sums"]
-    if isinstance(sums, list):  # written before the sums had names: [loss·n, correct, n]
-        sums = {"loss": sums[0], "correct": sums[1], "samples": sums[2]}
-    history = state.get("history") or [None]  # older checkpoints kept every epoch's record
     progress = Progress(
         epoch=state["epoch"], step=state["step"], batch_in_epoch=state["batch_in_epoch"],
         best_acc1=state["best_acc1"], best_epoch=state["best_epoch"],
         sums=EpochSums(sums["loss"], sums["correct"], int(sums["samples"])),
-        last_record=state.get("last_record", history[-1]),
+        last_record=state["last_record"],
     )
-    log.info("resumed from %s at epoch %d, step %d", path, progress.epoch, progress.step)
+    log.info("resumed from %s in %s", path, progress.where(run.cfg.epochs))
     return progress
 
 
@@ -126,10 +120,14 @@ def _weights_of(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"init_from={path} is not readable ({type(exc).__name__}); "
                               "give a checkpoints/*.pt or an exported pruned.pt") from None
     if isinstance(blob, dict) and "state_dict" in blob and "config" in blob:  # pruned.pt
+        if blob.get("format_version") != ckpt.PRUNED_FORMAT_VERSION:
+            raise CheckpointError(f"init_from={path} is a pruned.pt of format {blob.get('format_version')}, "
+                                  f"not {ckpt.PRUNED_FORMAT_VERSION}; export it again with this stds")
         return blob["state_dict"]
-    if isinstance(blob, dict) and blob.get("format_version") == ckpt.FORMAT_VERSION and "config" in blob:
-        source = sparsified_model(blob["config"])
-        source.load_state_dict(blob["model"])
+    if isinstance(blob, dict) and "format_version" in blob and "model" in blob and "config" in blob:
+        state = ckpt.upgrade(blob, path)
+        source = sparsified_model(state["config"])
+        source.load_state_dict(state["model"])
         return dense_state_dict(source)
     raise CheckpointError(f"init_from={path} is neither a stds checkpoint nor an exported pruned.pt; "
                           "give a checkpoints/*.pt or a pruned.pt")
@@ -157,83 +155,132 @@ def _model_name(run: Run) -> str:
 
 # ---------------------------------------------------------------- the run's saved config
 
-def record_config(run_dir: Path, cfg: Any) -> None:
-    """Write ``.hydra/config.yaml`` (and ``hydra.yaml``, ``overrides.yaml`` under Hydra).
+def record_config(run_dir: Path, cfg: Any, with_hydra: bool = True) -> None:
+    """Write ``.hydra/config.yaml`` (and, under Hydra with ``with_hydra``, ``hydra.yaml`` and
+    ``overrides.yaml``: the command that started the run; a ``resume=`` keeps the original ones).
 
     Hydra's own writing is off (``hydra.output_subdir: null``): the run writes these itself when
     it starts fresh or once a resume is accepted, so a refused resume leaves the files of the run
     as they were.
     """
-    from hydra.core.hydra_config import HydraConfig
-
     out = run_dir / ".hydra"
     out.mkdir(parents=True, exist_ok=True)
     files = {"config.yaml": cfg}
-    if HydraConfig.initialized():
+    if with_hydra and HydraConfig.initialized():
         hydra_node = HydraConfig.get()
         files["hydra.yaml"] = OmegaConf.create({"hydra": hydra_node})
         files["overrides.yaml"] = OmegaConf.create(list(hydra_node.overrides.task))
     for name, node in files.items():
-        tmp = out / f".{name}.tmp"
-        OmegaConf.save(node, tmp)
-        tmp.replace(out / name)
+        write_atomic(out / name, OmegaConf.to_yaml(node))
 
 
 # ---------------------------------------------------------------- resume=<dir> | resume=last
 
-RUNS_ROOT = Path("outputs") / "runs"
-"""Where ``resume=last`` looks (the default ``hydra.run.dir`` lies under it), relative to the cwd."""
+DEFAULT_RUNS_ROOT = Path("outputs") / "runs"
+"""Where ``resume=last`` looks without Hydra: the fixed part of ``conf/train.yaml``'s ``hydra.run.dir``."""
 
 
-def _value(overrides: list[str], key: str) -> str | None:
+def runs_root(run_dir_pattern: str | None) -> Path:
+    """The fixed leading part of a ``hydra.run.dir`` value, before its first interpolation:
+    ``/scratch/runs/${now:%H-%M-%S}`` -> ``/scratch/runs``; None -> `DEFAULT_RUNS_ROOT`."""
+    if not run_dir_pattern:
+        return DEFAULT_RUNS_ROOT
+    parts = []
+    for part in Path(run_dir_pattern).expanduser().parts:
+        if "${" in part:
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
+def _hydra_runs_root() -> Path:
+    """`runs_root` of this Hydra job's ``hydra.run.dir`` as written (its interpolations unresolved)."""
+    if not HydraConfig.initialized():
+        return DEFAULT_RUNS_ROOT
+    pattern = OmegaConf.to_container(HydraConfig.get().run, resolve=False).get("dir")
+    return runs_root(str(pattern) if pattern is not None else None)
+
+
+def _choice(overrides: list[str], key: str) -> str | None:
     for item in overrides:
-        if item.split("=", 1)[0].lstrip("+~") == key and "=" in item:
-            return item.split("=", 1)[1]
+        name, sep, value = item.partition("=")
+        if sep and name.lstrip("+~") == key:
+            return value
     return None
 
 
 def _saved_overrides(run_dir: Path) -> list[str]:
+    """The run's ``.hydra/overrides.yaml`` as plain strings (read as data, never resolved)."""
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.exists():
         return []
-    return [str(item) for item in OmegaConf.load(path)]
+    listed = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return [str(item) for item in listed] if isinstance(listed, list) else []
 
 
 def latest_run(root: Path, experiment: str | None) -> Path:
     """The run under ``root`` with the newest ``checkpoints/last.pt`` whose ``experiment`` choice
     is ``experiment`` (None: runs started without a preset)."""
     candidates = []
-    for last in root.glob("**/checkpoints/last.pt"):
+    for last in Path(root).glob("**/checkpoints/last.pt"):
         run_dir = last.parent.parent
-        if _value(_saved_overrides(run_dir), "experiment") == experiment:
+        if _choice(_saved_overrides(run_dir), "experiment") == experiment:
             candidates.append((last.stat().st_mtime, run_dir))
     if not candidates:
         which = f"experiment={experiment}" if experiment else "the default experiment"
         raise CheckpointError(f"resume=last: no run of {which} with checkpoints/last.pt under {root}; "
                               "give resume=<run dir> or start a new run without resume")
-    return max(candidates)[1]
+    return max(candidates)[1].resolve()
 
 
-def resume_overrides(argv: list[str], cwd: Path | None = None) -> list[str]:
-    """The command line with ``resume=<run dir>|last`` expanded: the run's saved overrides first,
-    then the user's (later ones win, and `check_compatible` refuses those that change the
-    experiment), then ``hydra.run.dir`` pointing at the run. Other command lines are unchanged."""
-    target = _value(argv, "resume")
-    if target is None or target in ("null", "None", ""):
-        return argv
-    if "-m" in argv or "--multirun" in argv:
-        raise CheckpointError("resume= continues one run; drop -m/--multirun (each sweep point resumes in its own directory)")
-    cwd = cwd or Path.cwd()
-    own = [item for item in argv if _value([item], "resume") is None]
+def find_run(target: str, root: Path, experiment: str | None) -> Path:
+    """The run directory ``resume=<target>`` names: ``last`` (`latest_run` under ``root``) or a path."""
     if target == "last":
-        run_dir = latest_run(cwd / RUNS_ROOT, _value(own, "experiment"))
-    else:
-        run_dir = (cwd / Path(target).expanduser()).resolve()
-        if not (run_dir / "checkpoints" / "last.pt").exists():
-            raise CheckpointError(f"resume={target}: {run_dir / 'checkpoints' / 'last.pt'} does not exist; "
-                                  "give a run directory holding a checkpoint")
-    given = {item.split("=", 1)[0].lstrip("+~") for item in own if "=" in item}
-    given |= {"resume", "hydra.run.dir"}
-    saved = [item for item in _saved_overrides(run_dir) if item.split("=", 1)[0].lstrip("+~") not in given]
-    print(f"resuming {run_dir}", flush=True)
-    return saved + own + [f"hydra.run.dir={run_dir}", f"resume={run_dir}"]
+        return latest_run(root, experiment)
+    run_dir = Path(target).expanduser().resolve()
+    if not (run_dir / "checkpoints" / ckpt.LAST).exists():
+        raise CheckpointError(f"resume={target}: {run_dir / 'checkpoints' / ckpt.LAST} does not exist; "
+                              "give a run directory holding a checkpoint")
+    return run_dir
+
+
+def resume_target(cfg: DictConfig) -> Path | None:
+    """The run directory ``cfg.resume`` names (None when it is unset), ``last`` looked up under the
+    fixed part of this job's ``hydra.run.dir`` (or `DEFAULT_RUNS_ROOT`), for this experiment."""
+    target = cfg.get("resume")
+    if target in (None, "", "null", "None"):
+        return None
+    experiment = None
+    if HydraConfig.initialized():
+        experiment = HydraConfig.get().runtime.choices.get("experiment")
+    return find_run(str(target), _hydra_runs_root(), experiment)
+
+
+def _given_keys(cfg: DictConfig) -> list[str] | None:
+    """The config keys the user set for this job (Hydra's task overrides; a group choice such as
+    ``optimizer=sgd`` names its whole node); None without Hydra: every key of ``cfg`` counts."""
+    if not HydraConfig.initialized():
+        return None
+    keys = []
+    for item in HydraConfig.get().overrides.task:
+        name = str(item).partition("=")[0].lstrip("+~")
+        if name != "resume" and not name.startswith("hydra.") and OmegaConf.select(cfg, name) is not None:
+            keys.append(name)
+    return keys
+
+
+def resumed_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """The config of the run in ``run_dir`` (its checkpoint's, as data: never resolved, its
+    ``_target_``s allowlisted) with the keys the user gave now on top; `check_compatible` later
+    refuses those that change the experiment."""
+    path = run_dir / "checkpoints" / ckpt.LAST
+    saved = ckpt.load(path)["config"]
+    check_saved_config(saved, path)
+    merged = OmegaConf.create(saved)
+    given = _given_keys(cfg)
+    if given is None:
+        merged = OmegaConf.merge(merged, OmegaConf.create(to_plain(cfg)))
+    for key in given or ():
+        OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
+    merged.resume = str(run_dir)
+    return merged

@@ -52,6 +52,10 @@ class Progress:
     sums: EpochSums = field(default_factory=EpochSums)
     last_record: dict[str, Any] | None = None  # the last finished epoch's metrics.jsonl line
 
+    def where(self, epochs: int) -> str:
+        """``epoch E/N, step S`` with E the epoch in progress (the one numbering of the logs)."""
+        return f"epoch {min(self.epoch + 1, epochs)}/{epochs}, step {self.step}"
+
 
 def state_dict(run: Run, progress: Progress) -> dict[str, Any]:
     """Everything `resume` needs, as plain tensors and numbers (``weights_only`` loadable)."""
@@ -61,7 +65,7 @@ def state_dict(run: Run, progress: Progress) -> dict[str, Any]:
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
         "lr_scheduler": run.lr_scheduler.state_dict(),
-        "threshold": run.threshold.state_dict(),
+        "schedule": run.threshold.state_dict(),
         "epoch": progress.epoch,
         "step": progress.step,
         "batch_in_epoch": progress.batch_in_epoch,

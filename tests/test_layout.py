@@ -1,0 +1,108 @@
+"""The layout holds: the method needs torch only, and imports run one way between packages
+(``docs/architecture.md``): cli -> results -> run -> models, data -> method -> errors."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HANG_S, REPO
+
+PACKAGE = REPO / "stds"
+LAYER = {"errors": 0, "method": 1, "models": 2, "data": 2, "run": 3, "results": 4, "cli": 5}
+"""Each package may import those of a lower layer (and itself); models and data not each other."""
+
+
+def _package(module: str) -> str | None:
+    """``stds.run.loop`` -> ``run``; ``stds`` itself -> None."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "stds" else None
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """Every module ``path`` imports, at any depth (function bodies too), with its line."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found += [(f"{node.module}.{alias.name}" if node.module == "stds" else node.module, node.lineno)
+                      for alias in node.names]
+    return found
+
+
+def _own_package(path: Path) -> str:
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0].removesuffix(".py")
+
+
+def test_every_import_points_down_the_layers():
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == PACKAGE / "__init__.py":
+            continue
+        own = _own_package(path)
+        for module, line in _imports(path):
+            other = _package(module)
+            if other is None or other == own:
+                continue
+            if LAYER[other] >= LAYER[own]:
+                wrong.append(f"{path.relative_to(REPO)}:{line} imports {module} ({own} -> {other})")
+    assert wrong == []
+
+
+def test_every_module_is_in_a_layer():
+    assert {_own_package(p) for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py"} == set(LAYER)
+
+
+def test_the_method_imports_torch_and_the_standard_library_only():
+    allowed = {"torch", "numpy", "stds"} | set(sys.stdlib_module_names)
+    used = {module.split(".")[0] for path in (PACKAGE / "method").glob("*.py") for module, _ in _imports(path)}
+    assert used <= allowed, used - allowed
+    inner = {_package(m) for path in (PACKAGE / "method").glob("*.py") for m, _ in _imports(path)}
+    assert inner <= {None, "method", "errors"}
+
+
+def test_import_stds_gives_the_method_without_hydra():
+    code = (
+        "import sys, stds\n"
+        "from stds import sparsify, sparsity, ThresholdSchedule, TargetSparsitySchedule, attach_gradr_prior\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'omegaconf', 'spikingjelly'})\n"
+        "print(','.join(loaded) or 'none')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=HANG_S)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "none"
+
+
+def test_the_method_prunes_a_plain_torch_model():
+    import torch
+    from torch import nn
+
+    import stds
+
+    model = nn.Sequential(nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.5, -0.1, 0.3], [-0.7, 0.05, 0.0]]))
+    assert stds.sparsify(model, "stmod", d=0.2) == ["0"]  # θ = sign(w)(|w| + 0.2); θ = 0 stays 0
+    schedule = stds.ThresholdSchedule(final=0.3, total_steps=4, kind="linear").attach(model)
+    assert schedule.step(2) == pytest.approx(0.15)  # |θ| - 0.15 > 0 but for θ = 0
+    assert stds.sparsity(model)["zeros"] == 1
+    schedule.step(4)  # d = 0.3: |θ| = 0.7, 0.3, 0.5 / 0.9, 0.25, 0
+    expected = torch.tensor([[0.4, 0.0, 0.2], [-0.6, 0.0, 0.0]])
+    torch.testing.assert_close(model[0].weight.detach(), expected)
+    assert stds.sparsity(model)["zeros"] == 3
+
+
+@pytest.mark.parametrize("name", ["sparsify", "sparsity", "ThresholdSchedule", "TargetSparsitySchedule",
+                                  "attach_gradr_prior"])
+def test_the_public_names_are_the_methods_own(name):
+    import stds
+    import stds.method as method
+
+    assert getattr(stds, name) is getattr(method, name)
