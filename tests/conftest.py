@@ -46,3 +46,20 @@ def run_train(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: in
 def tiny_cfg():
     """A composed config for a run of a few seconds (extra overrides appended)."""
     return lambda *overrides: compose_train(*TINY, *overrides)
+
+
+def kill_after_steps(monkeypatch, steps: int) -> None:
+    """Make the loop's training step raise KeyboardInterrupt (as a kill would) once ``steps``
+    optimizer steps have run; ``monkeypatch.undo()`` restores it."""
+    import stds.run.loop as loop_module
+
+    real = loop_module.train_step
+    calls = {"n": 0}
+
+    def step_or_die(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_step", step_or_die)

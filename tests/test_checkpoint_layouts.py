@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-import stds.run.loop as loop_module
 from stds.errors import CheckpointError
 from stds.run import checkpoint as ckpt
 from stds.run.loop import train
+from tests.conftest import kill_after_steps
 
 STEPS = (1797 - 360) // 64  # optimizer steps per epoch of the tiny digits run
 
@@ -80,16 +80,7 @@ def test_a_checkpoint_of_each_old_layout_resumes_as_todays(tiny_cfg, tmp_path, m
     """Stopped mid-way through epoch 2, rewritten in an old layout, resumed: the same end as
     resuming today's checkpoint (bit for bit: the run is deterministic)."""
     args = ("epochs=2", "flat_width=0.2", "scheduler=linear")
-    real = loop_module.train_step
-    calls = {"n": 0}
-
-    def stop_in_epoch_two(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > STEPS + 5:
-            raise KeyboardInterrupt("simulated kill")
-        return real(*a, **k)
-
-    monkeypatch.setattr(loop_module, "train_step", stop_in_epoch_two)
+    kill_after_steps(monkeypatch, STEPS + 5)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg(*args, "checkpoint_every_steps=1"), tmp_path / "old")
     monkeypatch.undo()

@@ -28,6 +28,7 @@ def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_documented_single_run(tmp_path):
     out = tmp_path / "run"
     proc = run_train("sparse=stmod", "scheduler=sine", "flat_width=2.0", *FAST, f"hydra.run.dir={out}")
@@ -38,6 +39,7 @@ def test_documented_single_run(tmp_path):
     assert (out / ".hydra" / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_documented_basic_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_train("-m", "flat_width=1,2,3,4,5", *FAST, "epochs=1", f"hydra.sweep.dir={sweep}")
@@ -46,6 +48,7 @@ def test_documented_basic_sweep(tmp_path):
     assert widths == pytest.approx([1, 2, 3, 4, 5])
 
 
+@pytest.mark.slow
 def test_documented_submitit_local_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_train("-m", "hydra/launcher=submitit_local", "flat_width=0.05,0.3", *FAST,
@@ -68,14 +71,18 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.parametrize(
     "override, expected",
+    # one case of each kind in the quick tier: Hydra's composition, our schema, our checks
     [("sparse=magic", "Could not find 'sparse/magic'; options in 'sparse': identity, st, stmod"),
-     ("flat_width=-1", "flat_width=-1.0 must be >= 0"), ("alpha_gr=-1", "alpha_gr=-1.0 must be >= 0"),
-     ("T=0", "T=0 must be an integer >= 1"), ("epochs=0", "epochs=0 must be an integer >= 1"),
-     ("dataset=cifar10", "dataset.root="),
-     ("flat_width=nan", "flat_width=nan is not a finite number; set flat_width=<a finite value>"),
-     ("flat_widht=1", "flat_widht is not a config key"), ("+flat_widht=1", "flat_widht is not a config key"),
-     ("model.neuron.kind=bogus", "model.neuron.kind='bogus' is not valid; use one of lif, if"),
-     ("dataset.test_fraction=0", "dataset.test_fraction=0 is not valid; use a value in (0, 1)")],
+     ("flat_widht=1", "flat_widht is not a config key"),
+     ("flat_width=-1", "flat_width=-1.0 must be >= 0"),
+     *[pytest.param(*case, marks=pytest.mark.slow) for case in (
+         ("alpha_gr=-1", "alpha_gr=-1.0 must be >= 0"),
+         ("T=0", "T=0 must be an integer >= 1"), ("epochs=0", "epochs=0 must be an integer >= 1"),
+         ("dataset=cifar10", "dataset.root="),
+         ("flat_width=nan", "flat_width=nan is not a finite number; set flat_width=<a finite value>"),
+         ("+flat_widht=1", "flat_widht is not a config key"),
+         ("model.neuron.kind=bogus", "model.neuron.kind='bogus' is not valid; use one of lif, if"),
+         ("dataset.test_fraction=0", "dataset.test_fraction=0 is not valid; use a value in (0, 1)"))]],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, override, expected):
     # in-process tests cover the other values of each kind (tests/test_config.py, test_data.py)
@@ -83,12 +90,14 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, override, expected):
     assert expected in _one_error_line(proc)
 
 
+@pytest.mark.slow
 def test_cifar10_root_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     proc = run_train("dataset=cifar10", f"dataset.root={tmp_path / 'afile'}", f"hydra.run.dir={tmp_path}/run")
     assert f"dataset.root={tmp_path / 'afile'} is a file, not a folder" in _one_error_line(proc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, key", [("run", "hydra.run.dir"), ("sweep", "hydra.sweep.dir")])
 def test_run_dir_under_a_regular_file_is_one_line(tmp_path, mode, key):
     (tmp_path / "afile").write_text("x")
@@ -98,6 +107,7 @@ def test_run_dir_under_a_regular_file_is_one_line(tmp_path, mode, key):
                     f"{tmp_path / 'afile'} is a file; set {key}=<a directory path>")
 
 
+@pytest.mark.slow
 def test_hydra_full_error_still_shows_the_traceback(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
     proc = subprocess.run([sys.executable, str(TRAIN), "flat_widht=1", f"hydra.run.dir={tmp_path}"],
@@ -112,6 +122,7 @@ def _file_size_limit(limit: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
+@pytest.mark.slow
 def test_checkpoint_that_does_not_fit_on_disk_is_one_line(tmp_path):
     # the checkpoint (about 700 kB for the digits net with Adam) passes a 200 kB file-size limit the
     # log and metrics files stay under: its write fails part-way, as on a full disk

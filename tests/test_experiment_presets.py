@@ -17,14 +17,15 @@ SHRINK = ("dataset=fake", "dataset.train_size=4", "dataset.test_size=2", "batch_
           "loader.num_workers=0", "loader.pin_memory=false", "loader.persistent_workers=false",
           "logging.synops=false")
 MODEL_SHRINK = {"cifar10": ("model.channels=8", "model.hidden=16"), "imagenet": ("model.width=8",)}
-GRADR = ("flat_width=0.05", "alpha_gr=0.01")
+GIVEN = {"cifar10_gradr": ("flat_width=0.05", "alpha_gr=0.01"), "imagenet_gradr": ("flat_width=0.05", "alpha_gr=0.01"),
+         "imagenet_stds": ("flat_width=0.6",)}
+"""What each preset asks for on the command line (``???``/null in the preset)."""
 
 
 def _shrunk(preset: str):
     setting = preset.split("_")[0]
     classes = "dataset.num_classes=1000" if setting == "imagenet" else "dataset.num_classes=10"
-    extra = GRADR if preset.endswith("gradr") else ()
-    return compose_train(f"experiment={preset}", *SHRINK, classes, *MODEL_SHRINK[setting], *extra)
+    return compose_train(f"experiment={preset}", *SHRINK, classes, *MODEL_SHRINK[setting], *GIVEN.get(preset, ()))
 
 
 def test_every_preset_is_listed():

@@ -175,6 +175,7 @@ def test_entrypoint(tmp_path):
     assert done.stderr.startswith("Error: ") and done.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_report_exports_finished_runs_only_when_asked(tmp_path):
     cfg = _config()
     run = _run_dir(tmp_path, cfg, {"last": _trained_like(cfg, 0.8)})

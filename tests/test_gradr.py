@@ -333,7 +333,7 @@ def test_a_run_built_with_alpha_attaches_the_prior_to_its_optimizer(tiny_cfg, tm
     from stds.run.build import build_run, prepare_config
     from stds.run.distributed import DistEnv
 
-    lr, alpha = 0.01, 3.0
+    lr, alpha = 0.01, 10.0  # lr·α = 0.1 > some |θ| = |w0| + 0.05
     cfg = prepare_config(tiny_cfg("scheduler=constant", "flat_width=0.05", f"alpha_gr={alpha}", f"lr={lr}",
                                   f"optimizer={optimizer}"))
     run = build_run(cfg, DistEnv(0, 0, 1, torch.device("cpu")), tmp_path)

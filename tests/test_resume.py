@@ -27,7 +27,7 @@ from stds.run.build import build_run, prepare_config
 from stds.run.rundir import RunLock
 from stds.run.signals import RunStopped
 from stds.run.loop import train
-from tests.conftest import HANG_S, REPO, TRAIN, run_train
+from tests.conftest import HANG_S, REPO, TRAIN, kill_after_steps, run_train
 
 STEPS = (1797 - 360) // 64  # optimizer steps per epoch of the tiny digits run
 
@@ -50,6 +50,7 @@ def _same_weights(a, b) -> bool:
 
 # ------------------------------------------------------------------ crash safety
 
+@pytest.mark.slow
 def test_kill_while_best_is_written_leaves_a_best_checkpoint_after_resume(tiny_cfg, tmp_path, monkeypatch):
     cfg = ("epochs=2", "sparse=identity", "scheduler=constant", "flat_width=0")  # top-1 0.10, then 0.97
     real = ckpt.save_atomic
@@ -72,6 +73,7 @@ def test_kill_while_best_is_written_leaves_a_best_checkpoint_after_resume(tiny_c
     assert best["last_record"]["test_acc1"] == metrics["best_test_acc1"]
 
 
+@pytest.mark.slow
 def test_stale_temporaries_are_removed_when_a_run_starts(tiny_cfg, tmp_path):
     (tmp_path / "checkpoints").mkdir(parents=True)
     stale = [tmp_path / "checkpoints" / ".last.pt.x1y2.tmp", tmp_path / "checkpoints" / ".best.pt.abc.tmp"]
@@ -82,6 +84,7 @@ def test_stale_temporaries_are_removed_when_a_run_starts(tiny_cfg, tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_directory_is_refused(tiny_cfg, tmp_path):
     with RunLock(tmp_path):
         with pytest.raises(RunDirError, match=f"in use by process {os.getpid()}"):
@@ -96,6 +99,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused(tiny_cfg, tmp_pat
     ("epochs=3", "epochs"), ("batch_size=32", "batch_size"), ("lr=0.01", "lr"), ("seed=1", "seed"),
     ("flat_width=0.2", "flat_width"), ("amp=bf16", "amp"), ("T=2", "T"),
 ])
+@pytest.mark.slow
 def test_a_resume_that_changes_the_experiment_is_refused_naming_the_key(tiny_cfg, tmp_path, override, key):
     train(tiny_cfg("epochs=1", "flat_width=0.1"), tmp_path)
     before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
@@ -105,6 +109,7 @@ def test_a_resume_that_changes_the_experiment_is_refused_naming_the_key(tiny_cfg
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_safe_keys_may_change_on_resume(tiny_cfg, tmp_path):
     train(tiny_cfg("epochs=1"), tmp_path)
     train(tiny_cfg("epochs=1", "logging.log_every_steps=3", "checkpoint_every_steps=5",
@@ -119,6 +124,7 @@ def test_changed_keys_lists_only_unsafe_differences():
     assert changed_keys(saved, current) == [("dataset.name", "x", "y"), ("lr", 0.1, 0.2)]
 
 
+@pytest.mark.slow
 def test_refused_resume_leaves_the_saved_config_as_it_was(tmp_path):
     run_dir = tmp_path / "run"
     first = run_train("dataset=digits", "epochs=1", "batch_size=64", "flat_width=0.05",
@@ -191,6 +197,7 @@ def test_resume_last_picks_the_newest_run_of_the_same_experiment(tmp_path):
         latest_run(root, "imagenet_stds")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_then_resume_last_finishes_bit_identical(tmp_path):
     """A cluster user's scratch run directory: ``resume=last`` with the same ``hydra.run.dir``
     override finds the newest run under its fixed part and continues it there."""
@@ -229,6 +236,7 @@ def test_sigterm_saves_then_resume_last_finishes_bit_identical(tmp_path):
     assert [r["step"] for r in _history(run_dir)] == [STEPS, 2 * STEPS, 3 * STEPS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_finishes_the_step_and_saves(tiny_cfg, tmp_path, monkeypatch, signum):
     real = train_module.train_step
@@ -242,7 +250,7 @@ def test_a_stop_signal_finishes_the_step_and_saves(tiny_cfg, tmp_path, monkeypat
         return result
 
     monkeypatch.setattr(train_module, "train_step", step)
-    with pytest.raises(RunStopped, match=f"stopped by {signal.Signals(signum).name} at epoch 2, step 30"):
+    with pytest.raises(RunStopped, match=f"stopped by {signal.Signals(signum).name} in epoch 2/2, step 30"):
         train(tiny_cfg("epochs=2"), tmp_path)
     state = ckpt.load(tmp_path / "checkpoints" / "last.pt")
     assert (state["step"], state["batch_in_epoch"]) == (30, 30 - STEPS)
@@ -256,6 +264,7 @@ def test_a_stop_signal_finishes_the_step_and_saves(tiny_cfg, tmp_path, monkeypat
     ("loss=mse", "lr=1e20", "flat_width=0.05", "checkpoint_every_steps=7"),
     ("loss=ce", "lr=1e30", "flat_width=0.05"),
 ])
+@pytest.mark.slow
 def test_a_non_finite_state_never_reaches_a_checkpoint(tiny_cfg, tmp_path, overrides):
     with pytest.raises(NonFiniteLossError, match="NaN or inf"):
         train(tiny_cfg("epochs=2", *overrides), tmp_path)
@@ -279,6 +288,7 @@ def _evaluate_fresh(cfg, run_dir, source=None):
     return evaluate(run)["test_acc1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["checkpoint", "pruned.pt"])
 def test_init_from_a_dense_run_starts_at_its_accuracy(tiny_cfg, tmp_path, form):
     dense = tmp_path / "dense"
@@ -290,6 +300,7 @@ def test_init_from_a_dense_run_starts_at_its_accuracy(tiny_cfg, tmp_path, form):
     assert _evaluate_fresh(stds_cfg, tmp_path / "warm", source) == pytest.approx(accuracy, abs=2e-3)
 
 
+@pytest.mark.slow
 def test_init_from_run_through_train_and_a_bad_source(tiny_cfg, tmp_path):
     dense = tmp_path / "dense"
     accuracy = train(tiny_cfg("epochs=2", "sparse=identity", "scheduler=constant", "flat_width=0"), dense)
@@ -338,16 +349,7 @@ class socket_port:
 def test_throughput_after_a_mid_epoch_resume_counts_only_this_process(tiny_cfg, tmp_path, monkeypatch):
     """Resumed after 5 of the epoch's 22 batches: the epoch's images/s is the 17 batches this
     process trained over the time it trained them (rate × train time = 17 × 64 images)."""
-    real = train_module.train_step
-    calls = {"n": 0}
-
-    def stop_in_epoch_two(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > STEPS + 5:
-            raise KeyboardInterrupt("simulated kill")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_step", stop_in_epoch_two)
+    kill_after_steps(monkeypatch, STEPS + 5)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg("flat_width=0.05", "checkpoint_every_steps=1"), tmp_path)
     monkeypatch.undo()
@@ -365,16 +367,7 @@ def test_train_with_resume_in_the_config_continues_that_run(tiny_cfg, tmp_path, 
     its own directory, ``run_dir`` given or not, and ends as an uninterrupted run."""
     args = ("flat_width=0.1", "checkpoint_every_steps=1")
     train(tiny_cfg(*args), tmp_path / "whole")
-    real = train_module.train_step
-    calls = {"n": 0}
-
-    def stop_in_epoch_two(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > STEPS + 3:
-            raise KeyboardInterrupt("simulated kill")
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_module, "train_step", stop_in_epoch_two)
+    kill_after_steps(monkeypatch, STEPS + 3)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg(*args), tmp_path / "run")
     monkeypatch.undo()

@@ -71,6 +71,7 @@ _HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_second_process_on_the_same_run_dir_is_refused_until_the_first_dies(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:

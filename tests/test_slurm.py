@@ -184,10 +184,10 @@ def test_preempted_job_is_requeued_and_resumes_in_the_same_run_dir(tmp_path):
 
     # the second run found the first one's directory and checkpoint
     assert [p.name for p in root.iterdir()] == [sweep_dir.name]
-    resumed = re.search(r"resumed from (\S+) at epoch (\d+)", log)
+    resumed = re.search(r"resumed from (\S+) in epoch (\d+)/4", log)
     assert resumed, log[-3000:]
     assert Path(resumed.group(1)) == run_dir / "checkpoints" / "last.pt"
-    assert 1 <= int(resumed.group(2)) < 4
+    assert 2 <= int(resumed.group(2)) <= 4  # the epoch in progress: after at least one finished
     assert _epochs_logged(run_dir) == [1, 2, 3, 4]
     assert not (run_dir / "error.txt").exists()
 

@@ -124,6 +124,7 @@ def test_launcher_runs_at_most_parallel_points_with_their_threads(tmp_path, monk
     assert "Local sweep: 4 finished, 1 failed, 0 running, 0 waiting, of 5" in log
 
 
+@pytest.mark.slow
 def test_sweep_with_a_failed_point_end_to_end(tmp_path):
     """The failed point's run dir shows as failed with its one line; the other one finishes."""
     sweep = tmp_path / "sweep"

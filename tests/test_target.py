@@ -268,6 +268,7 @@ def _history(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
     from stds.run.loop import train
 
@@ -282,6 +283,7 @@ def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
     assert state["threshold"] == {"d": history[-1]["d"], "target_sparsity": 0.9}
 
 
+@pytest.mark.slow
 def test_digits_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(tiny_cfg, tmp_path, monkeypatch) -> None:
     import stds.run.loop as train_module
 

@@ -53,6 +53,7 @@ def test_run_writes_metrics_tensorboard_and_checkpoints(tiny_cfg, tmp_path):
     assert all(0.0 <= rate <= 1.0 for rate in metrics["firing_rates"].values())
 
 
+@pytest.mark.slow
 def test_threshold_follows_the_schedule_after_every_step(tiny_cfg, tmp_path):
     cfg = tiny_cfg("flat_width=0.4", "scheduler=linear")
     train(cfg, tmp_path)
@@ -67,6 +68,7 @@ def test_threshold_follows_the_schedule_after_every_step(tiny_cfg, tmp_path):
     assert threshold_at(total // 2, total, 0.4, "linear") == pytest.approx(0.2)
 
 
+@pytest.mark.slow
 def test_sparsity_reported_matches_the_weights(tiny_cfg, tmp_path):
     train(tiny_cfg("flat_width=0.3"), tmp_path)
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
@@ -96,6 +98,7 @@ def _stop_after(monkeypatch, calls: int):
 SAME = ("test_acc1", "test_acc5", "best_test_acc1", "sparsity", "step", "epoch", "d")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), ("checkpoint_every_steps=7",)], ids=["per-epoch", "mid-epoch"])
 def test_interrupted_run_resumes_to_the_same_result(tiny_cfg, tmp_path, monkeypatch, extra):
     overrides = ("epochs=3", "flat_width=0.3", *extra)
@@ -112,6 +115,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_cfg, tmp_path, monkeypa
     assert strip(_history(tmp_path / "split")) == strip(_history(tmp_path / "whole"))
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tiny_cfg, tmp_path):
     last = tmp_path / "checkpoints" / "last.pt"
     last.parent.mkdir(parents=True)
@@ -122,12 +126,14 @@ def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tiny_cfg, tmp_path):
     assert "CheckpointError" in (tmp_path / "error.txt").read_text()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_experiment_is_refused(tiny_cfg, tmp_path):
     train(tiny_cfg("epochs=1", "flat_width=0.3"), tmp_path)
     with pytest.raises(CheckpointError, match="flat_width"):
         train(tiny_cfg("epochs=2", "flat_width=0.5"), tmp_path)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tiny_cfg, tmp_path, monkeypatch):
     real = train_module.loss_fn
     calls = {"n": 0}
@@ -148,12 +154,14 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tiny_cfg, 
     assert "epoch 2, step 30" in (tmp_path / "error.txt").read_text()
 
 
+@pytest.mark.slow
 def test_grad_r_run_with_constant_threshold(tiny_cfg, tmp_path):
     train(tiny_cfg("scheduler=constant", "flat_width=0.05", "alpha_gr=0.5", "epochs=1"), tmp_path)
     history = _history(tmp_path)
     assert history[0]["d"] == pytest.approx(0.05)
 
 
+@pytest.mark.slow
 def test_amp_true_trains_in_bf16_on_cpu(tiny_cfg, tmp_path):
     """amp=true is fp16, which a CPU runs as bf16: the convolutions compute in bf16, and the run
     still learns (chance is 0.1)."""
@@ -190,6 +198,7 @@ def test_missing_dataset_root_names_the_key(tiny_cfg, tmp_path):
         train(tiny_cfg("dataset=cifar10", f"dataset.root={tmp_path}/nowhere"), tmp_path)
 
 
+@pytest.mark.slow
 def test_a_fully_pruned_run_says_so_in_the_log_and_metrics(tiny_cfg, tmp_path, caplog):
     # the default D = 0.5 over 2 short epochs prunes every weight of the digits net
     train(tiny_cfg("flat_width=0.5"), tmp_path)
@@ -201,6 +210,7 @@ def test_a_fully_pruned_run_says_so_in_the_log_and_metrics(tiny_cfg, tmp_path, c
     assert expected in caplog.text
 
 
+@pytest.mark.slow
 def test_throughput_is_logged_and_written(tiny_cfg, tmp_path, caplog):
     caplog.set_level("INFO", logger="stds.run.loop")
     train(tiny_cfg("logging.log_every_steps=10"), tmp_path)
