@@ -32,7 +32,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from stds.errors import ConfigError, StdsError, one_line
+from stds.errors import ConfigError, StdsError, error_line, one_line
 from stds.results.pareto import Bound, constraint_values, pareto_mask
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,9 @@ OBJECTIVE_METRICS = ("test_acc1", "best_test_acc1", "test_acc5", "sparsity", "d"
 """Names of ``metrics.json`` (``docs/metrics.md``) a search may optimise or constrain."""
 DIRECTIONS = ("maximize", "minimize")
 STUDY_FILE = "study.db"
-RUN_DIR_ATTR, SWEEP_DIR_ATTR, REASON_ATTR, CONSTRAINTS_ATTR = "run_dir", "sweep_dir", "fail_reason", "constraints"
+RUN_DIR_ATTR, SWEEP_DIR_ATTR, REASON_ATTR = "run_dir", "sweep_dir", "fail_reason"
 PREFIX = "hydra.sweeper"
+_UNMET = 1e9  # a finite stand-in for the inf of a constraint on a missing or non-finite metric
 
 LaunchFn = Callable[[list[list[str]], int], Sequence[Any]]
 
@@ -68,6 +69,20 @@ class SearchSettings:
     @property
     def maximize(self) -> list[bool]:
         return [d == "maximize" for d in self.objectives.values()]
+
+    @property
+    def constraint_names(self) -> list[str]:
+        """Optuna's names of the constraint values, in `constraint_values` order: ``sparsity>=0.9``."""
+        names = []
+        for metric, bound in self.constraints.items():
+            names += [f"{metric}>={bound.min:g}"] if bound.min is not None else []
+            names += [f"{metric}<={bound.max:g}"] if bound.max is not None else []
+        return names
+
+    def describe(self) -> dict[str, list[str]]:
+        """What a study is for, stored with it: objectives with directions, and constraints."""
+        return {"objectives": [f"{n} ({d})" for n, d in self.objectives.items()],
+                "constraints": self.constraint_names}
 
 
 def _metric(name: str, where: str) -> str:
@@ -202,15 +217,11 @@ def default_storage(sweep_dir: Path) -> str:
     return f"sqlite:///{(sweep_dir / STUDY_FILE).resolve()}"
 
 
-def _stored_constraints(trial: FrozenTrial) -> Sequence[float]:
-    """Optuna's ``constraints_func``: the values `Search` stored on the trial before telling it."""
-    return trial.user_attrs.get(CONSTRAINTS_ATTR, [])
-
-
-def make_sampler(spec: Mapping[str, Any] | None, constrained: bool, seed_offset: int
-                 ) -> optuna.samplers.BaseSampler | None:
+def make_sampler(spec: Mapping[str, Any] | None, seed_offset: int) -> optuna.samplers.BaseSampler | None:
     """``hydra.sweeper.sampler`` (``_target_: optuna.samplers.<Name>``, its arguments) built; a
-    seed is moved on by the trials the study already has, so a continued study draws new points."""
+    seed is moved on by the trials the study already has, so a continued study draws new points.
+    Constraints need nothing here: Optuna's samplers read each trial's ``set_constraint`` values
+    (NSGA-II, TPE and GP take them into account)."""
     if not spec:
         return None
     from hydra.utils import instantiate
@@ -222,38 +233,39 @@ def make_sampler(spec: Mapping[str, Any] | None, constrained: bool, seed_offset:
                           "optuna.samplers.<Name> (NSGAIISampler, TPESampler, GPSampler, RandomSampler)")
     if spec.get("seed") is not None:
         spec["seed"] = int(spec["seed"]) + seed_offset
-    extra = {"constraints_func": _stored_constraints} if constrained else {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return instantiate(spec, **extra)
+            return instantiate(spec)
     except Exception as exc:
-        hint = (f"; {PREFIX}.constraints needs a sampler with constraints_func (NSGAIISampler, "
-                "TPESampler, GPSampler)" if constrained else "")
-        raise ConfigError(f"{PREFIX}.sampler ({target}) cannot be built: {one_line(exc)}{hint}") from exc
+        raise ConfigError(f"{PREFIX}.sampler ({target}) cannot be built: {one_line(exc)}") from exc
 
 
 def open_study(settings: SearchSettings, storage: str) -> optuna.Study:
     """The study ``settings.study_name`` in ``storage``, created when new; an existing one must
-    have the same objectives (the metrics and their directions)."""
-    names = list(settings.objectives)
+    be for the same objectives (metrics and directions) and constraints."""
     try:
         study = optuna.create_study(storage=storage, study_name=settings.study_name,
                                     directions=list(settings.objectives.values()), load_if_exists=True)
     except Exception as exc:
-        if isinstance(exc, StdsError):
-            raise
         raise StdsError(f"cannot open the study {settings.study_name!r} in {PREFIX}.storage={storage}: "
-                        f"{one_line(exc)}") from exc
-    stored = study.user_attrs.get("objectives")
-    if stored is None:
-        study.set_user_attr("objectives", names)
-    wanted = [d.name.lower() for d in study.directions]
-    if (stored is not None and stored != names) or wanted != list(settings.objectives.values()):
+                        f"{_reason(exc)}") from exc
+    wanted = settings.describe()
+    stored = {key: study.user_attrs.get(key) for key in wanted}
+    if all(value is None for value in stored.values()):
+        for key, value in wanted.items():
+            study.set_user_attr(key, value)
+        stored = wanted
+    if stored != wanted:
         raise ConfigError(
-            f"the study {settings.study_name!r} in {storage} searches {stored or '?'} ({', '.join(wanted)}), not "
-            f"{names}; set {PREFIX}.study_name=<a new name> or use a new hydra.sweep.dir")
+            f"the study {settings.study_name!r} in {storage} is for {_describe(stored)}, not "
+            f"{_describe(wanted)}; set {PREFIX}.study_name=<a new name> or use a new hydra.sweep.dir")
     return study
+
+
+def _describe(what: Mapping[str, Any]) -> str:
+    constraints = what.get("constraints") or []
+    return ", ".join(what.get("objectives") or ["?"]) + (f" where {', '.join(constraints)}" if constraints else "")
 
 
 @dataclass(frozen=True)
@@ -300,7 +312,12 @@ def _job_error(returned: Any) -> str | None:
     if returned is None or getattr(returned, "status", None) != JobStatus.FAILED:
         return None
     error = getattr(returned, "_return_value", None)
-    return one_line(error) if isinstance(error, BaseException) else "the job failed"
+    return _reason(error) if isinstance(error, BaseException) else "the job failed"
+
+
+def _reason(exc: BaseException) -> str:
+    """``Type: message`` on one line: why a trial failed, as ``error.txt`` would say it."""
+    return error_line(exc).strip()
 
 
 @contextmanager
@@ -355,7 +372,7 @@ class Search:
             self.validate([self.fixed])  # a bad fixed override fails here, before any trial
         with sweep_lock(self.sweep_dir):
             study = open_study(self.settings, self.storage)
-            sampler = make_sampler(self.sampler_spec, bool(self.settings.constraints), len(study.trials))
+            sampler = make_sampler(self.sampler_spec, len(study.trials))
             if sampler is not None:
                 study.sampler = sampler
             self._settle_stopped(study)
@@ -411,7 +428,7 @@ class Search:
             try:
                 self.validate([self._overrides(trial)])
             except Exception as exc:
-                error = f"its config does not compose: {one_line(exc)}"
+                error = f"its config does not compose: {_reason(exc)}"
         if error is not None:
             self._tell(study, trial, Outcome(None, error=error))
         return error is None
@@ -423,8 +440,8 @@ class Search:
         try:
             returns = list(self.launch(overrides, job_index))
         except Exception as exc:  # e.g. a SLURM job that died without a result: read the files
-            log.error("The launcher reported: %s", one_line(exc))
-            return [one_line(exc)] * len(overrides)
+            log.error("The launcher reported: %s", _reason(exc))
+            return [_reason(exc)] * len(overrides)
         returns += [None] * (len(overrides) - len(returns))
         return [_job_error(r) for r in returns]
 
@@ -435,15 +452,15 @@ class Search:
             log.warning("Trial %d failed: %s", trial.number, outcome.error)
             study.tell(trial, state=TrialState.FAIL)
             return
-        if self.settings.constraints:
-            trial.set_user_attr(CONSTRAINTS_ATTR, outcome.constraints)
+        for name, value in zip(self.settings.constraint_names, outcome.constraints):
+            trial.set_constraint(name, min(value, _UNMET))  # <= 0: met
         study.tell(trial, outcome.values)
 
     def _summary(self, study: optuna.Study) -> list[dict[str, Any]]:
         """Log the study's counts and its Pareto front (feasible finished trials); return the front."""
         trials = study.get_trials(deepcopy=False)
         done = [t for t in trials if t.state == TrialState.COMPLETE]
-        ok = [t for t in done if all(v <= 0 for v in t.user_attrs.get(CONSTRAINTS_ATTR, []))]
+        ok = [t for t in done if all(v <= 0 for v in t.constraints.values())]
         failed = sum(t.state == TrialState.FAIL for t in trials)
         log.info("Study %r in %s: %d trials, %d finished (%d feasible), %d failed, %d running elsewhere",
                  study.study_name, self.storage, len(trials), len(done), len(ok), failed,
