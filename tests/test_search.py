@@ -7,8 +7,11 @@ digits net through ``launch/train.py``.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -20,7 +23,7 @@ from optuna.trial import TrialState
 from stds.cli.search import Search, SearchSettings, constraints_from, objectives_from, search_space
 from stds.errors import ConfigError, StdsError
 from stds.results.pareto import Bound, constraint_values, dominates, feasible, pareto_mask
-from tests.conftest import compose_train, run_train
+from tests.conftest import REPO, compose_train, run_train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -271,3 +274,65 @@ def test_a_study_with_other_objectives_is_refused(tmp_path):
         _search(sweep_dir, FakeLauncher(sweep_dir), n_trials=2, objectives={"test_acc1": "maximize"}).run()
     with pytest.raises(ConfigError, match=r"not test_acc1 \(maximize\), sparsity \(maximize\) where sparsity>=0.9"):
         _search(sweep_dir, FakeLauncher(sweep_dir), n_trials=2, constraints={"sparsity": Bound(min=0.9)}).run()
+
+
+# ------------------------------------------------------------- real searches on the digits net
+
+SEARCH = ("-m", "hparams_search=frontier", "hydra/launcher=local", "dataset=digits", "epochs=1",
+          "batch_size=64", "logging.log_every_steps=5", "logging.synops=false", "hydra.sweeper.n_jobs=2",
+          # the digits net prunes everything in one epoch above D of about 0.1
+          "hydra.sweeper.params.flat_width.low=0.005", "hydra.sweeper.params.flat_width.high=0.2")
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+@pytest.mark.slow
+def test_frontier_search_runs_six_trials_then_continues_to_eight(tmp_path):
+    sweep_dir = tmp_path / "search"
+    _ok(run_train(*SEARCH, "hydra.sweeper.n_trials=6", f"hydra.sweep.dir={sweep_dir}", timeout=900))
+    study = optuna.load_study(study_name="frontier", storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    first = study.trials
+    assert [t.state for t in first] == [TrialState.COMPLETE] * 6
+    for t in first:  # each trial is a normal run directory; its values are its metrics.json
+        metrics = json.loads((sweep_dir / str(t.number) / "metrics.json").read_text())
+        assert t.values == [metrics["test_acc1"], metrics["sparsity"]]
+        assert metrics["d"] == pytest.approx(t.params["flat_width"])  # the sine schedule ends at D
+        assert 0.005 <= t.params["flat_width"] <= 0.2
+
+    # the same command with a larger budget adds exactly two trials and re-runs none
+    mtimes = {n: (sweep_dir / str(n) / "metrics.json").stat().st_mtime_ns for n in range(6)}
+    _ok(run_train(*SEARCH, "hydra.sweeper.n_trials=8", f"hydra.sweep.dir={sweep_dir}", timeout=600))
+    trials = optuna.load_study(study_name="frontier", storage=f"sqlite:///{sweep_dir / 'study.db'}").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 8
+    assert [(t.params, t.values) for t in trials[:6]] == [(t.params, t.values) for t in first]
+    assert {n: (sweep_dir / str(n) / "metrics.json").stat().st_mtime_ns for n in range(6)} == mtimes
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit()) == [str(n) for n in range(8)]
+
+    # the report lists the trials with their parameters and marks the front from the same values
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "report.py"), str(sweep_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with (sweep_dir / "report.csv").open() as handle:
+        rows = {int(r["trial"]): r for r in csv.DictReader(handle)}
+    assert sorted(rows) == list(range(8))
+    on_front = pareto_mask([t.values for t in trials], [True, True])
+    assert [rows[t.number]["pareto"] == "front" for t in trials] == on_front
+    assert all(rows[t.number]["params"] == f"flat_width={t.params['flat_width']:.4g}" for t in trials)
+
+
+@pytest.mark.slow
+def test_a_failed_trial_is_recorded_with_its_reason(tmp_path):
+    sweep_dir = tmp_path / "bad"
+    # a point the run refuses (D < 0): the trial fails with the run's one line
+    proc = run_train("-m", "hydra/sweeper=stds_optuna", "hydra/launcher=local", "dataset=digits", "epochs=1",
+                     "flat_width=choice(-1.0)", "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={sweep_dir}",
+                     timeout=300)
+    assert proc.returncode == 1
+    assert ("Error: all 1 trials of this search failed; the first: ConfigError: flat_width=-1.0 must be >= 0"
+            in proc.stderr)
+    (trial,) = optuna.load_study(study_name="train", storage=f"sqlite:///{sweep_dir / 'study.db'}").trials
+    assert trial.state == TrialState.FAIL and trial.params == {"flat_width": -1.0}
+    assert trial.user_attrs["fail_reason"].startswith("ConfigError: flat_width=-1.0 must be >= 0")
+    assert trial.user_attrs["fail_reason"] == (sweep_dir / "0" / "error.txt").read_text().strip()
