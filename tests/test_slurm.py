@@ -217,3 +217,35 @@ def test_failed_point_does_not_lose_the_others(tmp_path):
     assert not (bad / "metrics.json").exists()
     error = (bad / "error.txt").read_text()
     assert "CIFAR-10 not found" in error and str(empty) in error
+
+
+def test_search_runs_its_trials_as_slurm_jobs_with_the_study_in_a_server_database(tmp_path):
+    """``hparams_search=frontier`` through the SLURM launcher, the study in the cluster's MariaDB
+    (given by URL, as machines sharing a study would give it), each trial a SLURM job."""
+    import os
+    import uuid
+
+    import optuna
+
+    storage = os.environ.get("STDS_TEST_SEARCH_STORAGE")
+    if not storage:
+        pytest.skip(f"STDS_TEST_SEARCH_STORAGE is not set; {START_HINT}")
+    name = f"slurm-{uuid.uuid4().hex[:8]}"
+    sweep_dir = tmp_path / "search"
+    proc = run_train("-m", "hparams_search=frontier", *SWEEP[1:], "epochs=1", "hydra.sweeper.n_trials=2",
+                     "hydra.sweeper.n_jobs=2", "hydra.sweeper.params.flat_width.low=0.005",
+                     "hydra.sweeper.params.flat_width.high=0.1", f"hydra.sweeper.storage='{storage}'",
+                     f"hydra.sweeper.study_name={name}", f"hydra.sweep.dir={sweep_dir}", timeout=TIMEOUT)
+    _ok(proc)
+    try:
+        trials = optuna.load_study(study_name=name, storage=storage).trials
+    finally:
+        optuna.delete_study(study_name=name, storage=storage)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for t in trials:
+        metrics = _metrics(sweep_dir / str(t.number))  # each trial a normal run directory
+        assert t.values == [metrics["test_acc1"], metrics["sparsity"]]
+        assert metrics["d"] == pytest.approx(t.params["flat_width"])
+        assert "Job completed successfully" in _job_log(sweep_dir, t.number)  # ran as a SLURM job
+    assert not (sweep_dir / "study.db").exists()  # the study is in the server, not the sweep dir
+    assert "stds:***@localhost" in proc.stderr + proc.stdout and ":stds@" not in proc.stderr + proc.stdout

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "OBJECTIVE_METRICS", "Outcome", "Search", "SearchSettings", "default_storage", "open_study",
-    "search_space", "trial_outcome",
+    "search_space", "shown_url", "trial_outcome",
 ]
 
 OBJECTIVE_METRICS = ("test_acc1", "best_test_acc1", "test_acc5", "sparsity", "d", "synops",
@@ -212,6 +212,16 @@ def override_value(value: Any) -> str:
     return f"'{text}'"
 
 
+def shown_url(url: str) -> str:
+    """A storage URL fit for a log line: its password replaced by ``***``."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: opening the study will say so
+        return url
+
+
 def default_storage(sweep_dir: Path) -> str:
     """The study's SQLite database in the sweep directory: nothing to start, copied with it."""
     return f"sqlite:///{(sweep_dir / STUDY_FILE).resolve()}"
@@ -248,7 +258,7 @@ def open_study(settings: SearchSettings, storage: str) -> optuna.Study:
         study = optuna.create_study(storage=storage, study_name=settings.study_name,
                                     directions=list(settings.objectives.values()), load_if_exists=True)
     except Exception as exc:
-        raise StdsError(f"cannot open the study {settings.study_name!r} in {PREFIX}.storage={storage}: "
+        raise StdsError(f"cannot open the study {settings.study_name!r} in {PREFIX}.storage={shown_url(storage)}: "
                         f"{_reason(exc)}") from exc
     wanted = settings.describe()
     stored = {key: study.user_attrs.get(key) for key in wanted}
@@ -258,7 +268,7 @@ def open_study(settings: SearchSettings, storage: str) -> optuna.Study:
         stored = wanted
     if stored != wanted:
         raise ConfigError(
-            f"the study {settings.study_name!r} in {storage} is for {_describe(stored)}, not "
+            f"the study {settings.study_name!r} in {shown_url(storage)} is for {_describe(stored)}, not "
             f"{_describe(wanted)}; set {PREFIX}.study_name=<a new name> or use a new hydra.sweep.dir")
     return study
 
@@ -463,7 +473,7 @@ class Search:
         ok = [t for t in done if all(v <= 0 for v in t.constraints.values())]
         failed = sum(t.state == TrialState.FAIL for t in trials)
         log.info("Study %r in %s: %d trials, %d finished (%d feasible), %d failed, %d running elsewhere",
-                 study.study_name, self.storage, len(trials), len(done), len(ok), failed,
+                 study.study_name, shown_url(self.storage), len(trials), len(done), len(ok), failed,
                  len(trials) - len(done) - failed)
         names = list(self.settings.objectives)
         front = [t for t, on in zip(ok, pareto_mask([t.values for t in ok], self.settings.maximize)) if on]

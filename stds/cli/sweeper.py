@@ -26,7 +26,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from stds.cli.search import Search, SearchSettings, constraints_from, objectives_from, search_space
+from stds.cli.search import Search, SearchSettings, constraints_from, objectives_from, search_space, shown_url
 from stds.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -87,5 +87,5 @@ class OptunaSweeper(Sweeper):
         search = Search(settings, sweep_dir, fixed, self.launcher.launch, sampler=self.raw["sampler"],
                         validate=self.validate_batch_is_legal)
         log.info("Search %r: %d trials in all, %d at a time, study in %s; trials in %s/<trial>",
-                 settings.study_name, settings.n_trials, settings.n_jobs, search.storage, search.sweep_dir)
+                 settings.study_name, settings.n_trials, settings.n_jobs, shown_url(search.storage), search.sweep_dir)
         return search.run()
