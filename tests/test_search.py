@@ -276,6 +276,71 @@ def test_a_study_with_other_objectives_is_refused(tmp_path):
         _search(sweep_dir, FakeLauncher(sweep_dir), n_trials=2, constraints={"sparsity": Bound(min=0.9)}).run()
 
 
+# ------------------------------------------------------------------------- the report's marks
+
+
+def _trial_dir(sweep_dir: Path, number: int, acc: float, sparsity: float, D: float,
+               constraints: str = "{}", study: str = "frontier") -> None:
+    """A finished trial as a search leaves it: a run directory whose hydra.yaml names the sweeper."""
+    from tests.test_report import finished_run
+
+    run_dir = finished_run(sweep_dir / str(number), [acc], sparsity, D=D, dataset="digits", model="DigitsNet",
+                           overrides=("hparams_search=frontier", f"flat_width={D!r}"))
+    (run_dir / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n"
+        f"  sweep:\n    dir: {sweep_dir}\n    subdir: '{number}'\n"
+        "  sweeper:\n    _target_: hydra_plugins.stds_optuna_sweeper.OptunaSweeper\n"
+        f"    storage: null\n    study_name: {study}\n"
+        "    objectives:\n      test_acc1: maximize\n      sparsity: maximize\n"
+        f"    constraints: {constraints}\n"
+        "    params:\n      flat_width: {low: 0.01, high: 1.0, log: true}\n")
+
+
+def test_report_marks_the_pareto_front_of_hand_made_trials(tmp_path):
+    from stds.results.plot import PARETO_LABEL, figure
+    from stds.results.report import collect_runs, write_report
+
+    sweep_dir = tmp_path / "search"
+    points = [(0.97, 0.50, 0.02), (0.95, 0.80, 0.05), (0.90, 0.75, 0.04), (0.60, 0.95, 0.2), (0.95, 0.70, 0.03)]
+    for number, (acc, sparsity, D) in enumerate(points):
+        _trial_dir(sweep_dir, number, acc, sparsity, D)
+    # trial 2 loses to trial 1 (less accurate and denser); trial 4 to trial 1 (as accurate, denser)
+    runs = collect_runs([sweep_dir])
+    paths = write_report(runs, sweep_dir)
+    with paths["csv"].open() as handle:
+        rows = {int(r["trial"]): r for r in csv.DictReader(handle)}
+    assert [rows[n]["pareto"] for n in range(5)] == ["front", "front", "", "front", ""]
+    assert rows[1]["params"] == "flat_width=0.05"
+    md = paths["md"].read_text()
+    assert "| run | trial | params | dataset |" in md and "| firing_rate_mean | pareto | status |" in md
+    assert "| 1 | 1 | flat_width=0.05 | digits | DigitsNet | STDS-sine | 0.05 |" in md
+
+    ax = figure(runs).axes[0]
+    (front,) = [line for line in ax.get_lines() if line.get_label() == PARETO_LABEL]
+    # ringed in order of connectivity (1 - sparsity, percent): trials 3, 1, 0
+    assert list(front.get_xdata()) == pytest.approx([5.0, 20.0, 50.0])
+    assert list(front.get_ydata()) == pytest.approx([60.0, 95.0, 97.0])
+    assert PARETO_LABEL in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_report_front_keeps_to_feasible_trials_of_one_study(tmp_path):
+    from stds.results.report import collect_runs, write_report
+
+    constrained = "{sparsity: {min: 0.9, max: null}}"
+    _trial_dir(tmp_path / "a", 0, 0.97, 0.50, 0.02, constraints=constrained, study="constrained")
+    _trial_dir(tmp_path / "a", 1, 0.80, 0.905, 0.1, constraints=constrained, study="constrained")
+    _trial_dir(tmp_path / "a", 2, 0.85, 0.91, 0.09, constraints=constrained, study="constrained")
+    _trial_dir(tmp_path / "b", 0, 0.50, 0.99, 0.5)  # another study: its own front
+    from tests.test_report import finished_run
+
+    finished_run(tmp_path / "plain" / "0", [0.99], 0.2, D=0.01, dataset="digits", model="DigitsNet")
+    runs = collect_runs([tmp_path])
+    write_report(runs, tmp_path)
+    marks = {str(r.path.relative_to(tmp_path)): (r.trial, r.pareto) for r in runs}
+    assert marks == {"a/0": (0, "infeasible"), "a/1": (1, ""), "a/2": (2, "front"), "b/0": (0, "front"),
+                     "plain/0": (None, None)}
+
+
 # ------------------------------------------------------------- real searches on the digits net
 
 SEARCH = ("-m", "hparams_search=frontier", "hydra/launcher=local", "dataset=digits", "epochs=1",
