@@ -249,3 +249,34 @@ def test_search_runs_its_trials_as_slurm_jobs_with_the_study_in_a_server_databas
         assert "Job completed successfully" in _job_log(sweep_dir, t.number)  # ran as a SLURM job
     assert not (sweep_dir / "study.db").exists()  # the study is in the server, not the sweep dir
     assert "stds:***@localhost" in proc.stderr + proc.stdout and ":stds@" not in proc.stderr + proc.stdout
+
+
+def test_a_requeued_trial_resumes_in_its_run_dir_and_reports_once(tmp_path):
+    """A trial's job preempted (USR2): SLURM requeues it, it resumes in ``<sweep dir>/0``, and the
+    study gets one result, the resumed run's."""
+    import optuna
+
+    sweep_dir = tmp_path / "search"
+    proc = _popen_train("-m", "hparams_search=frontier", *SWEEP[1:], "epochs=3", "hydra.sweeper.n_trials=1",
+                        "hydra.sweeper.n_jobs=1", "hydra.sweeper.params.flat_width.low=0.01",
+                        "hydra.sweeper.params.flat_width.high=0.02", f"hydra.sweep.dir={sweep_dir}")
+    run_dir = sweep_dir / "0"
+    try:
+        _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and _epochs_logged(run_dir)
+                  and (run_dir / "checkpoints" / "last.pt").is_file(), 150, "the trial's first epoch", proc)
+        subprocess.run(["scancel", "--signal=USR2", _job_dir(sweep_dir, 0).name], check=True, timeout=30)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, f"{out[-2000:]}\n{err[-5000:]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    log = _job_log(sweep_dir, 0)
+    assert "Requeued job" in log and log.count("Starting with JobEnvironment") == 2
+    assert re.search(r"resumed from \S+ at epoch [12]\b", log), log[-3000:]
+    assert _epochs_logged(run_dir) == [1, 2, 3]
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit()) == ["0"]
+    (trial,) = optuna.load_study(study_name="frontier", storage=f"sqlite:///{sweep_dir / 'study.db'}").trials
+    metrics = _metrics(run_dir)
+    assert trial.state == optuna.trial.TrialState.COMPLETE and metrics["epoch"] == 3
+    assert trial.values == [metrics["test_acc1"], metrics["sparsity"]]
