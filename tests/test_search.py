@@ -276,6 +276,39 @@ def test_a_study_with_other_objectives_is_refused(tmp_path):
         _search(sweep_dir, FakeLauncher(sweep_dir), n_trials=2, constraints={"sparsity": Bound(min=0.9)}).run()
 
 
+def test_a_trial_whose_config_does_not_compose_fails_without_a_job(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    launcher = FakeLauncher(sweep_dir)
+
+    def validate(batch):
+        for overrides in batch:
+            if "hydra.sweep.subdir=1" in overrides:
+                raise ConfigError("flat_width: a value the schema refuses")
+
+    search = _search(sweep_dir, launcher, n_trials=2)
+    search.validate = validate
+    search.run()
+    launched = [o[-1] for batch in launcher.calls for o in batch]
+    assert launched == ["hydra.sweep.subdir=0"]  # trial 1 never started
+    trials = _study(sweep_dir).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert trials[1].user_attrs["fail_reason"] == (
+        "its config does not compose: ConfigError: flat_width: a value the schema refuses")
+
+
+def test_one_search_at_a_time_in_a_sweep_directory(tmp_path):
+    import fcntl
+
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    with (sweep_dir / ".search.lock").open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 123 on node7\n")
+        held.flush()
+        with pytest.raises(StdsError, match=r"a search is already running in .*sweep \(pid 123 on node7\)"):
+            _search(sweep_dir, FakeLauncher(sweep_dir), n_trials=1).run()
+
+
 # ------------------------------------------------------------------------- the report's marks
 
 
