@@ -370,7 +370,7 @@ class Search:
         self.sampler_spec = sampler
         self.validate = validate
         self.storage = settings.storage or default_storage(self.sweep_dir)
-        self.ran: list[Outcome] = []  # outcomes of the trials this invocation launched
+        self.ran: list[Outcome] = []  # outcomes of the trials this invocation asked for
 
     def run_dir(self, number: int) -> Path:
         return self.sweep_dir / str(number)
@@ -413,6 +413,7 @@ class Search:
             job_index += len(ready)
             for trial, job_error in zip(ready, errors):
                 outcome = trial_outcome(self.run_dir(trial.number), self.settings, job_error)
+                self.ran.append(outcome)
                 self._tell(study, trial, outcome)
 
     def _ask(self, study: optuna.Study) -> optuna.Trial:
@@ -440,7 +441,8 @@ class Search:
             except Exception as exc:
                 error = f"its config does not compose: {_reason(exc)}"
         if error is not None:
-            self._tell(study, trial, Outcome(None, error=error))
+            self.ran.append(Outcome(None, error=error))
+            self._tell(study, trial, self.ran[-1])
         return error is None
 
     def _launch(self, overrides: list[list[str]], job_index: int) -> list[str | None]:
@@ -456,7 +458,6 @@ class Search:
         return [_job_error(r) for r in returns]
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
-        self.ran.append(outcome)
         if outcome.values is None:
             trial.set_user_attr(REASON_ATTR, outcome.error)
             log.warning("Trial %d failed: %s", trial.number, outcome.error)
