@@ -64,3 +64,9 @@ def test_imagenet_dense_cosine_decays_over_the_epochs_asked_for(epochs):
     assert cfg.lr_scheduler._target_.endswith("CosineAnnealingLR")
     assert cfg.lr_scheduler.T_max == epochs
     assert compose_train("experiment=imagenet_dense").lr_scheduler.T_max == 320  # the paper's
+
+
+def test_help_names_every_search_preset(help_text):
+    searches = _section(help_text, "Searches")
+    for name in sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")):
+        assert re.search(rf"^{name} ", searches, re.MULTILINE), name

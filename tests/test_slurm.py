@@ -217,3 +217,66 @@ def test_failed_point_does_not_lose_the_others(tmp_path):
     assert not (bad / "metrics.json").exists()
     error = (bad / "error.txt").read_text()
     assert "CIFAR-10 not found" in error and str(empty) in error
+
+
+def test_search_runs_its_trials_as_slurm_jobs_with_the_study_in_a_server_database(tmp_path):
+    """``hparams_search=frontier`` through the SLURM launcher, the study in the cluster's MariaDB
+    (given by URL, as machines sharing a study would give it), each trial a SLURM job."""
+    import os
+    import uuid
+
+    import optuna
+
+    storage = os.environ.get("STDS_TEST_SEARCH_STORAGE")
+    if not storage:
+        pytest.skip(f"STDS_TEST_SEARCH_STORAGE is not set; {START_HINT}")
+    name = f"slurm-{uuid.uuid4().hex[:8]}"
+    sweep_dir = tmp_path / "search"
+    proc = run_train("-m", "hparams_search=frontier", *SWEEP[1:], "epochs=1", "hydra.sweeper.n_trials=2",
+                     "hydra.sweeper.n_jobs=2", "hydra.sweeper.params.flat_width.low=0.005",
+                     "hydra.sweeper.params.flat_width.high=0.1", f"hydra.sweeper.storage='{storage}'",
+                     f"hydra.sweeper.study_name={name}", f"hydra.sweep.dir={sweep_dir}", timeout=TIMEOUT)
+    _ok(proc)
+    try:
+        trials = optuna.load_study(study_name=name, storage=storage).trials
+    finally:
+        optuna.delete_study(study_name=name, storage=storage)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for t in trials:
+        metrics = _metrics(sweep_dir / str(t.number))  # each trial a normal run directory
+        assert t.values == [metrics["test_acc1"], metrics["sparsity"]]
+        assert metrics["d"] == pytest.approx(t.params["flat_width"])
+        assert "Job completed successfully" in _job_log(sweep_dir, t.number)  # ran as a SLURM job
+    assert not (sweep_dir / "study.db").exists()  # the study is in the server, not the sweep dir
+    assert "stds:***@localhost" in proc.stderr + proc.stdout and ":stds@" not in proc.stderr + proc.stdout
+
+
+def test_a_requeued_trial_resumes_in_its_run_dir_and_reports_once(tmp_path):
+    """A trial's job preempted (USR2): SLURM requeues it, it resumes in ``<sweep dir>/0``, and the
+    study gets one result, the resumed run's."""
+    import optuna
+
+    sweep_dir = tmp_path / "search"
+    proc = _popen_train("-m", "hparams_search=frontier", *SWEEP[1:], "epochs=3", "hydra.sweeper.n_trials=1",
+                        "hydra.sweeper.n_jobs=1", "hydra.sweeper.params.flat_width.low=0.01",
+                        "hydra.sweeper.params.flat_width.high=0.02", f"hydra.sweep.dir={sweep_dir}")
+    run_dir = sweep_dir / "0"
+    try:
+        _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and _epochs_logged(run_dir)
+                  and (run_dir / "checkpoints" / "last.pt").is_file(), 150, "the trial's first epoch", proc)
+        subprocess.run(["scancel", "--signal=USR2", _job_dir(sweep_dir, 0).name], check=True, timeout=30)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, f"{out[-2000:]}\n{err[-5000:]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    log = _job_log(sweep_dir, 0)
+    assert "Requeued job" in log and log.count("Starting with JobEnvironment") == 2
+    assert re.search(r"resumed from \S+ at epoch [12]\b", log), log[-3000:]
+    assert _epochs_logged(run_dir) == [1, 2, 3]
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit()) == ["0"]
+    (trial,) = optuna.load_study(study_name="frontier", storage=f"sqlite:///{sweep_dir / 'study.db'}").trials
+    metrics = _metrics(run_dir)
+    assert trial.state == optuna.trial.TrialState.COMPLETE and metrics["epoch"] == 3
+    assert trial.values == [metrics["test_acc1"], metrics["sparsity"]]

@@ -60,6 +60,11 @@ class RunRecord:
     firing_rates: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
+    # trials of a search (stds.results.search.mark_trials): number, searched values, and
+    # "front" / "infeasible" / "" (dominated); None for runs no search started
+    trial: int | None = None
+    params: str | None = None
+    pareto: str | None = None
 
     @property
     def connectivity(self) -> float | None:

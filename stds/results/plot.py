@@ -1,5 +1,6 @@
 """The report's figure ``report.png``: test top-1 against connectivity per (dataset, model), one
-series per method, the published CIFAR-10 points beside runs of that setting."""
+series per method, the published CIFAR-10 points beside runs of that setting, and the trials on a
+search's Pareto front ringed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from stds.results.collect import RunRecord, at_zero_connectivity, point_label
 from stds.results.paper import PAPER_CIFAR10_STDS, PAPER_LABEL, PAPER_SETTING
+from stds.results.search import FRONT
 
 def _plottable(run: RunRecord) -> bool:
     return run.test_acc1 is not None and run.connectivity is not None
@@ -60,6 +62,17 @@ def _draw_method(
 
 
 FLOOR_LABEL = "0% connectivity (all pruned), drawn at the axis floor"
+PARETO_LABEL = "Pareto front of the search (ringed)"
+
+
+def _draw_pareto(ax: Any, runs: list[RunRecord]) -> None:
+    """The trials on their search's Pareto front (``pareto == "front"``): a ring around each,
+    joined by a dashed line in order of connectivity."""
+    front = sorted((r for r in runs if r.pareto == FRONT), key=lambda r: r.connectivity)  # type: ignore[arg-type, return-value]
+    if front:
+        ax.plot([100 * r.connectivity for r in front], [100 * r.test_acc1 for r in front],  # type: ignore[operator]
+                marker="o", markersize=13, markerfacecolor="none", markeredgecolor="crimson",
+                markeredgewidth=1.6, color="crimson", linestyle="--", linewidth=1, label=PARETO_LABEL)
 
 
 def _draw_floor(ax: Any, runs: list[RunRecord], colors: dict[str, str], floor: float) -> None:
@@ -100,6 +113,7 @@ def _draw_panel(ax: Any, setting: tuple[str, str], runs: list[RunRecord]) -> Non
         # the first method's labels go below its line, clear of the published points above it
         if _draw_method(ax, method, members, colors[method], hollow_label, below=index % 2 == 0):
             hollow_label = None
+    _draw_pareto(ax, shown)
     if setting == PAPER_SETTING:
         _draw_paper(ax)
     _draw_floor(ax, zero, colors, low)

@@ -1,7 +1,8 @@
 """Sweep reports: one row per run, and top-1 accuracy against connectivity (the paper's figure).
 
 `collect_runs(paths)` (`stds.results.collect`) reads every run under ``paths`` into a `RunRecord`;
-`write_report(runs, out_dir)` writes ``report.csv`` and ``report.md`` (`stds.results.tables`) and
+`write_report(runs, out_dir)` marks the trials of searches and their Pareto front
+(`stds.results.search`), then writes ``report.csv`` and ``report.md`` (`stds.results.tables`) and
 ``report.png`` (`stds.results.plot`).
 """
 
@@ -13,6 +14,7 @@ from typing import Iterable
 from stds.results.collect import RunRecord, collect_runs, find_run_dirs, method_label, read_run, sort_runs
 from stds.results.paper import PAPER_CIFAR10_STDS
 from stds.results.plot import plot
+from stds.results.search import mark_trials
 from stds.results.tables import markdown, write_csv
 
 __all__ = [
@@ -31,6 +33,7 @@ def write_report(runs: Iterable[RunRecord], out_dir: Path | str) -> dict[str, Pa
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ordered = sort_runs(runs)
+    mark_trials(ordered)
     paths = {kind: out_dir / f"report.{kind}" for kind in ("csv", "md", "png")}
     write_csv(ordered, paths["csv"], out_dir)
     paths["md"].write_text(markdown(ordered, out_dir, image=paths["png"].name))

@@ -21,14 +21,16 @@ def _relative(path: Path, base: Path) -> str:
 
 
 _CSV_COLUMNS = (
-    "run", "status", "error", "dataset", "model", "method", "flat_width", "alpha_gr",
+    "run", "status", "error", "trial", "params", "pareto", "dataset", "model", "method",
+    "flat_width", "alpha_gr",
     "target_sparsity", "T", "epoch", "epochs_planned", "test_acc1", "best_test_acc1",
     "best_epoch", "test_acc5", "sparsity", "connectivity", "d", "synops", "first_layer_macs",
     "firing_rate_mean", "firing_rates", "warnings", "overrides",
 )
 """``report.csv``'s columns: the names of ``docs/metrics.md``, plus run, status, error,
 dataset, model, method, T, firing_rate_mean (the unweighted mean of ``firing_rates``) and
-overrides."""
+overrides; for trials of a search: trial (its number), params (the searched values) and pareto
+(front, infeasible, or empty when dominated)."""
 
 
 def _csv_row(run: RunRecord, base: Path) -> dict[str, Any]:
@@ -79,18 +81,25 @@ def _status_cell(run: RunRecord) -> str:
 
 
 _MD_COLUMNS = (
-    "run", "dataset", "model", "method", "flat_width", "alpha_gr", "target_sparsity", "T",
+    "run", "trial", "params", "dataset", "model", "method", "flat_width", "alpha_gr",
+    "target_sparsity", "T",
     "epoch", "epochs_planned", "test_acc1", "best_test_acc1", "test_acc5", "sparsity",
-    "connectivity", "d", "synops", "first_layer_macs", "firing_rate_mean", "status",
+    "connectivity", "d", "synops", "first_layer_macs", "firing_rate_mean", "pareto", "status",
 )
 _PERCENT_COLUMNS = {"test_acc1", "best_test_acc1", "test_acc5", "sparsity", "connectivity",
                     "target_sparsity"}
 
 
+_SEARCH_COLUMNS = {"trial", "params", "pareto"}
+
+
 def _md_columns(runs: list[RunRecord]) -> tuple[str, ...]:
-    """The table's columns; ``target_sparsity`` only when a run has one."""
+    """The table's columns; ``target_sparsity`` only when a run has one, trial, params and
+    pareto only when a run is a trial of a search."""
     with_target = any(run.target_sparsity is not None for run in runs)
-    return tuple(c for c in _MD_COLUMNS if c != "target_sparsity" or with_target)
+    with_search = any(run.pareto is not None or run.trial is not None for run in runs)
+    return tuple(c for c in _MD_COLUMNS if (c != "target_sparsity" or with_target)
+                 and (c not in _SEARCH_COLUMNS or with_search))
 
 
 def _md_cell(run: RunRecord, column: str, base: Path) -> str:
@@ -99,6 +108,8 @@ def _md_cell(run: RunRecord, column: str, base: Path) -> str:
         return _relative(run.path, base)
     if column == "status":
         return _status_cell(run)
+    if column == "trial":
+        return "-" if value is None else str(value)
     if column == "epochs_planned":
         return "?" if value is None else str(value)
     if column in _PERCENT_COLUMNS:

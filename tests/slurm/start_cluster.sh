@@ -7,8 +7,8 @@
 #
 # Installs the Debian packages when missing, writes slurm.conf/slurmdbd.conf, the munge key and the
 # MariaDB data directory under DIR, starts munged, mariadbd, slurmdbd, slurmctld and slurmd in the
-# background (PIDs in DIR/pids/<name>.pid, logs in DIR/log/), registers the cluster in accounting and
-# waits until the node is idle. Running it again while the cluster is up only re-checks it.
+# background (PIDs in DIR/pids/<name>.pid, logs in DIR/log/), registers the cluster in accounting,
+# creates the database stds_search (user stds) for the search tests and waits until the node is idle. Running it again while the cluster is up only re-checks it.
 # The three TCP ports are derived from DIR, so clusters in two directories (a checkout's and a CI
 # clone's) can run side by side; MariaDB and munge listen on sockets under DIR only.
 set -euo pipefail
@@ -108,6 +108,12 @@ start mariadbd mariadbd --no-defaults --user=root --datadir="$dir/mysql" --socke
 wait_for 60 mariadbd mariadb --no-defaults --socket="$dbsock" -uroot -e "select 1"
 mariadb --no-defaults --socket="$dbsock" -uroot -e \
     "CREATE DATABASE IF NOT EXISTS slurm_acct_db;" || die "cannot create the accounting database"
+# a database for Optuna studies shared by URL, as a cluster's database server would hold them
+# (tests/test_slurm.py; PyMySQL reaches it through the socket: STDS_TEST_SEARCH_STORAGE in env.sh)
+search_storage="mysql+pymysql://stds:stds@localhost/stds_search?unix_socket=$dbsock"
+mariadb --no-defaults --socket="$dbsock" -uroot -e "CREATE DATABASE IF NOT EXISTS stds_search;
+    CREATE USER IF NOT EXISTS 'stds'@'localhost' IDENTIFIED BY 'stds';
+    GRANT ALL PRIVILEGES ON stds_search.* TO 'stds'@'localhost';" || die "cannot create the search database"
 
 # --- configs ----------------------------------------------------------------------------------
 node_line="$(slurmd -C | head -n1)"
@@ -201,6 +207,8 @@ install_conf "$conf" slurmd slurmctld
 cat >"$dir/env.sh" <<ENV
 # source this file to talk to the test cluster under $dir
 export SLURM_CONF=$conf
+# the SQLAlchemy URL of the test cluster's database for Optuna studies (MariaDB, PyMySQL)
+export STDS_TEST_SEARCH_STORAGE='$search_storage'
 ENV
 
 # --- slurmdbd, cluster registration, slurmctld, slurmd ---------------------------------------

@@ -1,0 +1,91 @@
+"""``hydra/sweeper=stds_optuna``: Hydra's sweeper over an Optuna study (`stds.cli.search.Search`).
+
+The presets ``hparams_search=frontier|frontier_gradr|constrained`` select it. Each trial is one
+normal training run in ``<sweep dir>/<trial number>``, started by whichever Hydra launcher the
+command chose (``local``, ``submitit_local``, ``slurm``), ``n_jobs`` at a time. See
+``docs/search.md``.
+
+Why not ``hydra-optuna-sweeper``: its last release (1.3.0) requires ``optuna<3`` (2.10), whose
+database storage fails with SQLAlchemy 2 (measured: ``create_study`` with SQLite raises an
+AssertionError); it runs only with SQLAlchemy 1.4 and alembic < 1.14 pinned. This plugin uses the
+current Optuna's ask-and-tell API instead.
+
+Hydra takes sweepers only from the ``hydra_plugins`` namespace: the preset names
+``hydra_plugins.stds_optuna_sweeper.OptunaSweeper``, this class under that name, in
+``launch/hydra_plugins/`` (on ``sys.path`` whenever ``launch/train.py`` runs).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+from stds.cli.search import Search, SearchSettings, constraints_from, objectives_from, search_space, shown_url
+from stds.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OptunaSweeper"]
+
+
+def _plain(node: Any) -> Any:
+    """A config node as plain Python values (the sweeper's arguments may be DictConfigs)."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _count(value: Any, key: str, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"hydra.sweeper.{key}={value!r} must be an integer >= {least}")
+    return value
+
+
+class OptunaSweeper(Sweeper):
+    """Searches the config with an Optuna study; trials are launched by the configured launcher."""
+
+    def __init__(self, objectives: Mapping[str, str] | None = None, constraints: Mapping[str, Any] | None = None,
+                 params: Mapping[str, Any] | None = None, sampler: Mapping[str, Any] | None = None,
+                 storage: str | None = None, study_name: str = "search", n_trials: int = 20,
+                 n_jobs: int = 2) -> None:
+        self.raw = {k: _plain(v) for k, v in dict(objectives=objectives, constraints=constraints,
+                                                     params=params, sampler=sampler).items()}
+        self.storage = storage
+        self.study_name = str(study_name)
+        self.n_trials = _count(n_trials, "n_trials", 0)
+        self.n_jobs = _count(n_jobs, "n_jobs", 1)
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+        self.launcher: Any = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def settings(self, arguments: Sequence[str]) -> tuple[SearchSettings, list[str]]:
+        """The checked search settings and the overrides every trial gets."""
+        space, fixed = search_space(self.raw["params"], arguments)
+        settings = SearchSettings(
+            objectives=objectives_from(self.raw["objectives"]),
+            constraints=constraints_from(self.raw["constraints"]), space=space,
+            study_name=self.study_name, storage=self.storage or None,
+            n_trials=self.n_trials, n_jobs=self.n_jobs)
+        return settings, fixed
+
+    def sweep(self, arguments: list[str]) -> list[dict[str, Any]]:
+        assert self.config is not None and self.launcher is not None
+        settings, fixed = self.settings(arguments)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        search = Search(settings, sweep_dir, fixed, self.launcher.launch, sampler=self.raw["sampler"],
+                        validate=self.validate_batch_is_legal)
+        log.info("Search %r: %d trials in all, %d at a time, study in %s; trials in %s/<trial>",
+                 settings.study_name, settings.n_trials, settings.n_jobs, shown_url(search.storage), search.sweep_dir)
+        return search.run()
