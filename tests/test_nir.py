@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import compose_train
+from conftest import REPO, compose_train
 from stds.errors import ExportError
 from stds.models import CIFAR10Net, DigitsNet, make_neuron, sew_resnet18
 from stds.results.nir import (
@@ -190,11 +190,12 @@ def test_max_pool_of_non_spikes_and_soft_reset_are_refused():
 
 @pytest.fixture(scope="module")
 def trained_digits_run(tmp_path_factory):
-    """A digits net trained for one short epoch with the real config."""
+    """A small digits net trained for one epoch (22 steps) with the real config; a high learning
+    rate and a low firing threshold keep its spikes alive after so few steps."""
     run = tmp_path_factory.mktemp("digits") / "run"
-    cfg = compose_train("dataset=digits", "epochs=1", "batch_size=64", "T=2",
-                        "model.channels=[8,8,8]", "flat_width=0.3", "logging.synops=false",
-                        "logging.progress_bar=false")
+    cfg = compose_train("dataset=digits", "epochs=1", "batch_size=64", "T=2", "lr=0.01",
+                        "model.channels=[8,8,8]", "model.neuron.v_threshold=0.5",
+                        "flat_width=0.02", "logging.synops=false", "logging.progress_bar=false")
     train(cfg, run)
     return run
 
@@ -224,3 +225,32 @@ def test_trained_run_agrees_in_norse(trained_digits_run):
     assert sum(result.spikes_stds.values()) > 0
     assert result.spikes_other == result.spikes_stds  # same dynamics: identical spikes per layer
     assert "predicted class: same as stds on" in format_check(result)
+
+
+def _export_cli():
+    spec = importlib.util.spec_from_file_location("export_cli", REPO / "launch" / "export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    main = _export_cli()
+    assert main([str(tmp_path / "missing"), "--format", "nir"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and err.strip().count("\n") == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--check"])  # --check needs --format nir
+    assert exit_info.value.code == 2 and "--check and --check-images need --format nir" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@needs_norse
+def test_cli_writes_model_nir_and_checks(trained_digits_run, capsys):
+    (trained_digits_run / NIR_NAME).unlink(missing_ok=True)
+    main = _export_cli()
+    assert main([str(trained_digits_run), "--format", "nir", "--check", "--check-images", "40"]) == 0
+    out = capsys.readouterr().out
+    assert (trained_digits_run / NIR_NAME).exists()
+    assert "same as the run's" in out and "ran the graph on 40 test images, T=2" in out
+    assert "features.7" in out and not (trained_digits_run / "pruned.pt").exists()

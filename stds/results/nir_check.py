@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import keyword
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -122,7 +123,9 @@ def norse_from_nir(graph: nir.NIRGraph, dtype: torch.dtype = torch.float32) -> n
     node's ``v_reset`` says, so a graph with another reset is refused.
     """
     try:
-        from norse.torch.utils.import_nir import _import_norse_module
+        with warnings.catch_warnings():  # Norse 1.1 scripts functions with the deprecated torch.jit
+            warnings.simplefilter("ignore", FutureWarning)
+            from norse.torch.utils.import_nir import _import_norse_module
     except ImportError:
         raise ExportError("the NIR check needs Norse: pip install -e '.[nir]'") from None
     for name, node in graph.nodes.items():
@@ -243,14 +246,14 @@ def check_run(run_dir: Path | str, path: Path | str | None = None, which: str = 
 
 def format_check(result: CheckResult) -> str:
     """The agreement line, the accuracies and a table of spikes per neuron layer."""
-    n = max(result.images, 1)
+    n, short = max(result.images, 1), result.framework.split()[0]
     lines = [
         f"check: {result.framework} ran the graph on {result.images} test images, T={result.T}, "
         f"{result.dtype}",
         f"predicted class: same as stds on {result.same_class} of {result.images} images "
         f"({100 * result.same_class / n:.2f}%); test accuracy stds {100 * result.correct_stds / n:.2f}%"
-        f", {result.framework.split()[0]} {100 * result.correct_other / n:.2f}%",
-        f"{'layer':<24} {'stds spikes':>14} {'other spikes':>14} {'difference':>11}",
+        f", {short} {100 * result.correct_other / n:.2f}%",
+        f"{'layer':<24} {'stds spikes':>14} {short + ' spikes':>14} {'difference':>11}",
     ]
     for name, ours in result.spikes_stds.items():
         theirs = result.spikes_other[name]
