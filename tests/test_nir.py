@@ -15,10 +15,22 @@ from conftest import REPO, compose_train
 from stds.errors import ExportError
 from stds.models import CIFAR10Net, DigitsNet, make_neuron, sew_resnet18
 from stds.results.nir import (
-    NIR_NAME, GraphBuilder, Signal, export_nir, fold_batchnorm, model_graph, sequence, zero_weights,
+    NIR_NAME,
+    GraphBuilder,
+    Signal,
+    export_nir,
+    fold_batchnorm,
+    model_graph,
+    sequence,
+    zero_weights,
 )
 from stds.results.nir_check import (
-    check_run, format_check, graph_forward, neuron_nodes, norse_from_nir, spikingjelly_from_nir,
+    check_run,
+    format_check,
+    graph_forward,
+    neuron_nodes,
+    norse_from_nir,
+    spikingjelly_from_nir,
     stds_forward,
 )
 from stds.run.loop import train
@@ -143,7 +155,8 @@ def _weight_zeros(model: nn.Module) -> dict[str, int]:
 
 @pytest.mark.parametrize("build, shape", [
     (lambda: CIFAR10Net(T=3, channels=8, hidden=32, voting=4, image_size=8), (3, 8, 8)),
-    (lambda: sew_resnet18(T=3, num_classes=10, width=8, connect_f="ADD"), (3, 32, 32)),
+    pytest.param(lambda: sew_resnet18(T=3, num_classes=10, width=8, connect_f="ADD"), (3, 32, 32),
+                 marks=pytest.mark.slow),
 ], ids=["cifar10net", "sew_resnet18_add"])
 def test_round_trip_through_spikingjelly_import(tmp_path, build, shape):
     torch.manual_seed(0)

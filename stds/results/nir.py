@@ -28,9 +28,10 @@ assembled here, which the exchange module has no mappings for.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import nir
 import numpy as np
@@ -155,7 +156,7 @@ def plain_neuron(name: str, module: nn.Module) -> nn.Module:
     if module.v_reset is None:
         raise _refuse(name, module, "it resets softly (v_reset=None) and NIR's LIF/IF reset to "
                       "v_reset; train with model.neuron.v_reset=0.0")
-    common = dict(v_threshold=float(module.v_threshold), v_reset=float(module.v_reset))
+    common = {"v_threshold": float(module.v_threshold), "v_reset": float(module.v_reset)}
     if isinstance(module, LIF_TYPES):
         return neuron.LIFNode(tau=float(module.tau), decay_input=bool(module.decay_input), **common)
     return neuron.IFNode(**common)

@@ -19,10 +19,11 @@ from __future__ import annotations
 import importlib.metadata
 import keyword
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import nir
 import nirtorch
@@ -247,14 +248,13 @@ def check_run(run_dir: Path | str, path: Path | str | None = None, which: str = 
 def format_check(result: CheckResult) -> str:
     """The agreement line, the accuracies and a table of spikes per neuron layer."""
     n, short = max(result.images, 1), result.framework.split()[0]
-    lines = [
-        f"check: {result.framework} ran the graph on {result.images} test images, T={result.T}, "
-        f"{result.dtype}",
-        f"predicted class: same as stds on {result.same_class} of {result.images} images "
-        f"({100 * result.same_class / n:.2f}%); test accuracy stds {100 * result.correct_stds / n:.2f}%"
-        f", {short} {100 * result.correct_other / n:.2f}%",
-        f"{'layer':<24} {'stds spikes':>14} {short + ' spikes':>14} {'difference':>11}",
-    ]
+    ran = (f"check: {result.framework} ran the graph on {result.images} test images, "
+           f"T={result.T}, {result.dtype}")
+    same = (f"predicted class: same as stds on {result.same_class} of {result.images} images "
+            f"({100 * result.same_class / n:.2f}%); test accuracy stds "
+            f"{100 * result.correct_stds / n:.2f}%, {short} {100 * result.correct_other / n:.2f}%")
+    header = f"{'layer':<24} {'stds spikes':>14} {short + ' spikes':>14} {'difference':>11}"
+    lines = [ran, same, header]
     for name, ours in result.spikes_stds.items():
         theirs = result.spikes_other[name]
         lines.append(f"{name:<24} {ours:>14,} {theirs:>14,} {theirs - ours:>+11,}")
