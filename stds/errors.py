@@ -57,3 +57,7 @@ class RunDirError(StdsError, RuntimeError):
 
 class NonFiniteLossError(StdsError, FloatingPointError):
     """The loss became NaN or inf (names the epoch and step)."""
+
+
+class ExportError(StdsError, ValueError):
+    """A trained network cannot be written in the asked format (names the layer and why)."""

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from omegaconf import OmegaConf
-from torch import Tensor
+from torch import Tensor, nn
 
 from stds.errors import CheckpointError, StdsError
 from stds.method.sparse import dense_state_dict, pruned_layers, sparsity
@@ -32,7 +33,10 @@ from stds.run import checkpoint as ckpt
 from stds.run.files import write_atomic
 from stds.run.rebuild import build_model, sparsified_model
 
-__all__ = ["EXPORT_NAME", "export_finished", "export_run", "format_storage", "weight_storage"]
+__all__ = [
+    "EXPORT_NAME", "TrainedNetwork", "export_finished", "export_run", "format_storage",
+    "trained_network", "weight_storage",
+]
 
 EXPORT_NAME = "pruned.pt"
 CHECKPOINTS = {"last": ckpt.LAST, "best": ckpt.BEST}
@@ -119,37 +123,64 @@ def _checkpoint(run_dir: Path, which: str) -> Path:
     return path
 
 
-def export_run(
-    run_dir: Path | str, which: str = "last", out: Path | str | None = None, verbose: bool = True
-) -> Path:
-    """Write the plain pruned network of ``checkpoints/<which>.pt`` to ``out`` (default
-    ``<run_dir>/pruned.pt``); print the per-layer sparsity and sizes if ``verbose``."""
+@dataclass(frozen=True)
+class TrainedNetwork:
+    """A run's network as `export_run` and the NIR export read it from one checkpoint.
+
+    ``model``: the plain architecture (no reparameterizations) holding ``weights``, in eval
+    mode; ``layers``: the pruned layers' qualified names; ``sparsity``: as
+    `stds.method.sparse.sparsity` of the trained model; ``config``: the run's resolved config;
+    ``source``: checkpoint file name, epoch and step.
+    """
+
+    model: nn.Module
+    weights: dict[str, Tensor]
+    layers: list[str]
+    sparsity: dict[str, Any]
+    config: dict[str, Any]
+    source: dict[str, Any]
+
+
+def trained_network(run_dir: Path | str, which: str = "last") -> TrainedNetwork:
+    """The network of ``<run_dir>/checkpoints/<which>.pt`` with its zeros, as a plain model."""
     run_dir = Path(run_dir)
-    source = _checkpoint(run_dir, which)
-    state = ckpt.load(source)
+    path = _checkpoint(run_dir, which)
+    state = ckpt.load(path)
     config = _config(run_dir, state)
     model = sparsified_model(config)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {source} does not fit its config's model: {first}") from None
-    layers = list(pruned_layers(model))
+        raise CheckpointError(f"checkpoint {path} does not fit its config's model: {first}") from None
     weights = dense_state_dict(model)
-    build_model(config).load_state_dict(weights)  # loads into the plain model, or raises here
-    info = storage(weights, layers)
+    plain = build_model(config)
+    plain.load_state_dict(weights)  # loads into the plain model, or raises here
+    source = {"checkpoint": path.name, "epoch": state.get("epoch"), "step": state.get("step")}
+    return TrainedNetwork(plain.eval(), weights, list(pruned_layers(model)), sparsity(model),
+                          config, source)
+
+
+def export_run(
+    run_dir: Path | str, which: str = "last", out: Path | str | None = None, verbose: bool = True
+) -> Path:
+    """Write the plain pruned network of ``checkpoints/<which>.pt`` to ``out`` (default
+    ``<run_dir>/pruned.pt``); print the per-layer sparsity and sizes if ``verbose``."""
+    net = trained_network(run_dir, which)
+    info = storage(net.weights, net.layers)
     blob = {
         "format_version": ckpt.PRUNED_FORMAT_VERSION,
-        "state_dict": weights,
-        "config": config,
-        "sparsity": sparsity(model),
+        "state_dict": net.weights,
+        "config": net.config,
+        "sparsity": net.sparsity,
         "storage": info,
-        "source": {"checkpoint": source.name, "epoch": state.get("epoch"), "step": state.get("step")},
+        "source": net.source,
     }
-    target = Path(out) if out is not None else run_dir / EXPORT_NAME
+    target = Path(out) if out is not None else Path(run_dir) / EXPORT_NAME
     write_atomic(target, lambda handle: torch.save(blob, handle))
     if verbose:
-        print(f"{target}: {source.name}, epoch {state.get('epoch')}, step {state.get('step')}")
+        source = net.source
+        print(f"{target}: {source['checkpoint']}, epoch {source['epoch']}, step {source['step']}")
         print(format_storage(info))
     return target
 

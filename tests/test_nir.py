@@ -1,0 +1,269 @@
+"""NIR export (`stds.results.nir`) and its check in other frameworks (`stds.results.nir_check`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import nir
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO, compose_train
+from stds.errors import ExportError
+from stds.models import CIFAR10Net, DigitsNet, make_neuron, sew_resnet18
+from stds.results.nir import (
+    NIR_NAME,
+    GraphBuilder,
+    Signal,
+    export_nir,
+    fold_batchnorm,
+    model_graph,
+    sequence,
+    zero_weights,
+)
+from stds.results.nir_check import (
+    check_run,
+    format_check,
+    graph_forward,
+    neuron_nodes,
+    norse_from_nir,
+    spikingjelly_from_nir,
+    stds_forward,
+)
+from stds.run.loop import train
+
+needs_norse = pytest.mark.skipif(importlib.util.find_spec("norse") is None,
+                                 reason="Norse is not installed (pip install -e '.[nir]')")
+
+
+def _round_trip(graph: nir.NIRGraph, tmp_path) -> nir.NIRGraph:
+    path = tmp_path / "graph.nir"
+    nir.write(path, graph)
+    return nir.read(path)
+
+
+def test_fold_batchnorm_by_hand():
+    conv = nn.Conv2d(1, 2, 1, bias=False)
+    bn = nn.BatchNorm2d(2, eps=0.0).eval()
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([3.0, 0.0]).view(2, 1, 1, 1))
+        bn.weight.copy_(torch.tensor([2.0, 5.0]))
+        bn.bias.copy_(torch.tensor([1.0, -1.0]))
+        bn.running_mean.copy_(torch.tensor([0.5, 2.0]))
+        bn.running_var.copy_(torch.tensor([4.0, 0.25]))
+    weight, bias = fold_batchnorm(conv, bn)
+    # scale = gamma / sqrt(var): 1 and 10; bias = beta - mean * scale: 0.5 and -21
+    assert weight.flatten().tolist() == [3.0, 0.0] and bias.tolist() == [0.5, -21.0]
+    x = torch.randn(4, 1, 3, 3)
+    torch.testing.assert_close(nn.functional.conv2d(x, weight, bias), bn(conv(x)))
+
+
+def _hand_made_digits_net() -> DigitsNet:
+    """A 1-channel DigitsNet on 4x4 images whose convs pass only their kernel's centre.
+
+    stem: centre 2, BN y = 2 (x - 0.5) + 1 = 2x (folded: centre 4, bias 0); features.1: centre
+    1.5; features.5: centre 4; fc: 0.5. Every other BN is the identity (eps 0).
+    """
+    model = DigitsNet(T=3, in_channels=1, num_classes=1, image_size=4, channels=(1, 1, 1)).eval()
+    centres = {"stem.0": 2.0, "features.1": 1.5, "features.5": 4.0}
+    with torch.no_grad():
+        for name, value in centres.items():
+            conv = model.get_submodule(name)
+            conv.weight.zero_()
+            conv.weight[0, 0, 1, 1] = value
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.eps = 0.0
+        model.stem[1].weight.fill_(2.0)
+        model.stem[1].running_mean.fill_(0.5)
+        model.stem[1].bias.fill_(1.0)
+        model.features[10].weight.fill_(0.5)
+    return model
+
+
+def _hand_made_image() -> torch.Tensor:
+    image = torch.zeros(1, 1, 4, 4)
+    image[0, 0, 0, 0] = 1.0    # stem current 4: LIF (tau 2) h = 2 at every step -> 1, 1, 1
+    image[0, 0, 2, 2] = 0.375  # current 1.5: h = 0.75, 1.125 (spike, reset), 0.75 -> 0, 1, 0
+    return image
+
+
+# features.0: 3 + 1 spikes. features.3 (current 1.5 x spikes): pixel (0,0) fires 0, 1, 0 as above,
+# pixel (2,2) gets 0, 1.5, 0: h = 0, 0.75, 0.375 -> none. Max pool: the top-left window 0, 1, 0;
+# features.7 (current 4 x spikes) copies it; max pool to 1x1: 0, 1, 0; fc 0.5: mean 0.5 / 3.
+HAND_SPIKES = {"features.0": 4, "features.3": 1, "features.7": 1}
+HAND_SCORE = 0.5 / 3
+
+
+def _hand_graph(tmp_path) -> tuple[DigitsNet, nir.NIRGraph]:
+    model = _hand_made_digits_net()
+    graph = _round_trip(model_graph(model, (1, 4, 4)), tmp_path)
+    return model, graph
+
+
+def test_hand_made_weights_spike_as_computed_by_hand(tmp_path):
+    model, graph = _hand_graph(tmp_path)
+    stem = graph.nodes["stem.0"]
+    assert stem.weight[0, 0, 1, 1] == 4.0 and np.count_nonzero(stem.weight) == 1
+    assert stem.bias.tolist() == [0.0]
+    lif = graph.nodes["features.0"]
+    assert isinstance(lif, nir.LIF) and np.all(lif.tau == 2.0) and np.all(lif.r == 1.0)
+    assert np.all(lif.v_leak == 0.0) and np.all(lif.v_reset == 0.0) and np.all(lif.v_threshold == 1.0)
+    assert isinstance(graph.nodes["features.4.sum"], nir.SumPool2d)
+    assert isinstance(graph.nodes["features.4"], nir.Threshold)
+    assert ("features.4.sum", "features.4") in graph.edges
+    image = _hand_made_image()
+    counts = dict.fromkeys(neuron_nodes(graph), 0)
+    assert stds_forward(model, image, list(counts), counts).item() == pytest.approx(HAND_SCORE)
+    assert counts == HAND_SPIKES
+    counts = dict.fromkeys(neuron_nodes(graph), 0)
+    scores = graph_forward(spikingjelly_from_nir(graph), graph, image, model.T, counts)
+    assert scores.item() == pytest.approx(HAND_SCORE) and counts == HAND_SPIKES
+
+
+@needs_norse
+def test_hand_made_weights_in_norse(tmp_path):
+    model, graph = _hand_graph(tmp_path)
+    counts = dict.fromkeys(neuron_nodes(graph), 0)
+    scores = graph_forward(norse_from_nir(graph), graph, _hand_made_image(), model.T, counts)
+    assert scores.item() == pytest.approx(HAND_SCORE) and counts == HAND_SPIKES
+
+
+def _strong(model: nn.Module, prune: float) -> nn.Module:
+    """Random BatchNorm statistics that make the layers spike, and ``prune`` of each conv and
+    linear weight set to exactly zero."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 3.0, generator=generator)
+                m.bias.uniform_(0.0, 2.5, generator=generator)
+                m.running_mean.uniform_(-0.3, 0.3, generator=generator)
+                m.running_var.uniform_(0.5, 2.0, generator=generator)
+            elif isinstance(m, (nn.Conv2d, nn.Linear)):
+                gain = 3.0 if isinstance(m, nn.Conv2d) else 10.0
+                m.weight.mul_(gain).mul_(torch.rand(m.weight.shape, generator=generator) >= prune)
+    return model.eval()
+
+
+def _weight_zeros(model: nn.Module) -> dict[str, int]:
+    return {name: int((m.weight == 0).sum()) for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+@pytest.mark.parametrize("build, shape", [
+    (lambda: CIFAR10Net(T=3, channels=8, hidden=32, voting=4, image_size=8), (3, 8, 8)),
+    pytest.param(lambda: sew_resnet18(T=3, num_classes=10, width=8, connect_f="ADD"), (3, 32, 32),
+                 marks=pytest.mark.slow),
+], ids=["cifar10net", "sew_resnet18_add"])
+def test_round_trip_through_spikingjelly_import(tmp_path, build, shape):
+    torch.manual_seed(0)
+    model = _strong(build(), prune=0.5).double()
+    graph = _round_trip(model_graph(model, shape), tmp_path)
+    zeros = _weight_zeros(model)
+    assert zero_weights(graph, zeros) == sum(zeros.values()) > 0
+    images = torch.randn(4, *shape, dtype=torch.float64)
+    names = neuron_nodes(graph)
+    ours, theirs = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
+    expected = stds_forward(model, images, names, ours)
+    got = graph_forward(spikingjelly_from_nir(graph, torch.float64), graph, images, model.T, theirs)
+    assert expected.abs().sum() > 0 and sum(ours.values()) > 0  # the spikes reach the output
+    assert theirs == ours
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_sew_add_is_a_node_with_two_incoming_edges():
+    graph = model_graph(sew_resnet18(T=2, num_classes=10, width=8).eval(), (3, 32, 32))
+    assert isinstance(graph.nodes["layer1.0.add"], nir.Scale)
+    into = sorted(source for source, target in graph.edges if target == "layer1.0.add")
+    assert into == ["layer1.0.sn2", "maxpool"]
+    into = sorted(source for source, target in graph.edges if target == "layer2.0.add")
+    assert into == ["layer2.0.downsample.2", "layer2.0.sn2"]
+
+
+@pytest.mark.parametrize("connect_f", ["AND", "IAND"])
+def test_and_iand_are_refused_in_one_line(connect_f):
+    model = sew_resnet18(T=2, num_classes=10, width=8, connect_f=connect_f).eval()
+    with pytest.raises(ExportError, match=rf"layer layer1\.0 \(BasicBlock\).*connect_f={connect_f}") as err:
+        model_graph(model, (3, 32, 32))
+    assert "\n" not in str(err.value)
+
+
+def test_max_pool_of_non_spikes_and_soft_reset_are_refused():
+    b = GraphBuilder()
+    analog = Signal("input", (1, 4, 4), spikes=False)
+    with pytest.raises(ExportError, match=r"layer pool \(MaxPool2d\).*not 0/1 spikes"):
+        sequence(b, [("pool", nn.MaxPool2d(2))], analog)
+    soft = DigitsNet(T=2, neuron=lambda: make_neuron(v_reset=None)).eval()
+    with pytest.raises(ExportError, match=r"layer features\.0 .*soft"):
+        model_graph(soft, (1, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def trained_digits_run(tmp_path_factory):
+    """A small digits net trained for one epoch (22 steps) with the real config; a high learning
+    rate and a low firing threshold keep its spikes alive after so few steps."""
+    run = tmp_path_factory.mktemp("digits") / "run"
+    cfg = compose_train("dataset=digits", "epochs=1", "batch_size=64", "T=2", "lr=0.01",
+                        "model.channels=[8,8,8]", "model.neuron.v_threshold=0.5",
+                        "flat_width=0.02", "logging.synops=false", "logging.progress_bar=false")
+    train(cfg, run)
+    return run
+
+
+@pytest.mark.slow
+def test_trained_run_exports_with_its_zeros(trained_digits_run, capsys):
+    written = export_nir(trained_digits_run)
+    assert written.path == trained_digits_run / NIR_NAME
+    graph = nir.read(written.path)
+    pruned = graph.metadata["pruned_layers"].split(",")
+    assert pruned == ["stem.0", "features.1", "features.5", "features.10"]
+    numel = sum(graph.nodes[name].weight.size for name in pruned)
+    run_sparsity = json.loads((trained_digits_run / "metrics.json").read_text())["sparsity"]
+    zeros = zero_weights(graph, pruned)
+    assert zeros == round(run_sparsity * numel) == written.zeros_in_run > 0
+    assert graph.metadata["zero_weights"] == zeros
+    assert graph.metadata["T"] == 2 and "averaged over the T steps" in graph.metadata["readout"]
+    assert "same as the run's" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@needs_norse
+def test_trained_run_agrees_in_norse(trained_digits_run):
+    export_nir(trained_digits_run, verbose=False)
+    result = check_run(trained_digits_run)
+    assert result.images == 360 and result.same_class >= 0.99 * result.images
+    assert sum(result.spikes_stds.values()) > 0
+    assert result.spikes_other == result.spikes_stds  # same dynamics: identical spikes per layer
+    assert "predicted class: same as stds on" in format_check(result)
+
+
+def _export_cli():
+    spec = importlib.util.spec_from_file_location("export_cli", REPO / "launch" / "export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    main = _export_cli()
+    assert main([str(tmp_path / "missing"), "--format", "nir"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and err.strip().count("\n") == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--check"])  # --check needs --format nir
+    assert exit_info.value.code == 2 and "--check and --check-images need --format nir" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@needs_norse
+def test_cli_writes_model_nir_and_checks(trained_digits_run, capsys):
+    (trained_digits_run / NIR_NAME).unlink(missing_ok=True)
+    main = _export_cli()
+    assert main([str(trained_digits_run), "--format", "nir", "--check", "--check-images", "40"]) == 0
+    out = capsys.readouterr().out
+    assert (trained_digits_run / NIR_NAME).exists()
+    assert "same as the run's" in out and "ran the graph on 40 test images, T=2" in out
+    assert "features.7" in out and not (trained_digits_run / "pruned.pt").exists()
