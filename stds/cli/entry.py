@@ -56,9 +56,19 @@ def report_errors(work: Callable[[], T]) -> T:
         error = user_error(exc)
         if error is None or _multirun() or _traceback_wanted():
             raise
-        log.error("%s", one_line(error))
+        log_to_files(one_line(error))
         print_error(error)
         sys.exit(1)
+
+
+def log_to_files(message: str) -> None:
+    """Write ``message`` as an error to the log files only (the run's ``train.log``): the terminal
+    gets it once, from `print_error`. A log file no longer on disk (the directory of a run that
+    never started, removed) is not made again."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in [*logging.getLogger().handlers, *log.handlers]:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_file():
+            handler.handle(record)
 
 
 _KEYS_HINT = "check the key's spelling (python launch/train.py --cfg job lists every key)"

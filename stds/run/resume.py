@@ -99,6 +99,7 @@ def resume(run: Run) -> Progress:
     progress = Progress(
         epoch=state["epoch"], step=state["step"], batch_in_epoch=state["batch_in_epoch"],
         best_acc1=state["best_acc1"], best_epoch=state["best_epoch"],
+        best_sparsity=float(state.get("best_sparsity", 0.0)),  # 0: written before it was kept
         sums=EpochSums(sums["loss"], sums["correct"], int(sums["samples"])),
         last_record=state.get("last_record", history[-1]),
     )
