@@ -212,3 +212,15 @@ def test_empty_submitit_pattern_folders_are_removed(tmp_path):
     assert [p.name for p in remove_empty_pattern_folders(folder)] == ["%A_%a", "%j"]
     assert sorted(p.name for p in folder.iterdir()) == ["123", "456"]
     assert remove_empty_pattern_folders(tmp_path / "missing") == []
+
+
+def test_sweep_progress_reads_the_loops_own_log_lines(tiny_run, tmp_path):
+    from stds.cli.launcher import point_progress
+
+    _, lines = tiny_run
+    log_file = tmp_path / "train.log"
+    log_file.write_text("".join(f"[2026-01-01 10:00:00,000][stds.run.loop][INFO] - {l}\n" for l in lines))
+    last_epoch = [l for l in lines if l.startswith("epoch 2/2: ")][-1]
+    acc, sparsity = re.search(r"test_acc1 (\S+) .*sparsity (\S+)", last_epoch).groups()
+    eta = re.search(r"run (\S+)$", [l for l in lines if l.startswith("epoch 2/2 step 44/44")][-1]).group(1)
+    assert point_progress(log_file) == f"step 44/44 ETA {eta}, epoch 2/2 test_acc1 {acc} sparsity {sparsity}"
