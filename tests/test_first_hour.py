@@ -224,3 +224,14 @@ def test_sweep_progress_reads_the_loops_own_log_lines(tiny_run, tmp_path):
     acc, sparsity = re.search(r"test_acc1 (\S+) .*sparsity (\S+)", last_epoch).groups()
     eta = re.search(r"run (\S+)$", [l for l in lines if l.startswith("epoch 2/2 step 44/44")][-1]).group(1)
     assert point_progress(log_file) == f"step 44/44 ETA {eta}, epoch 2/2 test_acc1 {acc} sparsity {sparsity}"
+
+
+def test_config_error_keeps_a_directory_a_run_trained_in(tiny_cfg, tmp_path):
+    from stds.errors import ConfigError
+
+    run = tmp_path / "run"
+    (run / "tb").mkdir(parents=True)  # a run killed in its first epoch, before any checkpoint
+    (run / ".hydra").mkdir()
+    with pytest.raises(ConfigError, match="T=0"):
+        train(tiny_cfg("T=0"), run)
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "error.txt", "tb"]

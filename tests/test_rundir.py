@@ -182,3 +182,18 @@ def test_remove_unstarted_removes_empty_date_folders_only_inside_outputs(tmp_pat
     elsewhere.mkdir(parents=True)
     rundir.remove_unstarted(elsewhere)
     assert (tmp_path / "mine").is_dir() and not elsewhere.exists()
+
+
+def test_holds_only_unstarted(tmp_path):
+    assert rundir.holds_only_unstarted(tmp_path / "missing")
+    for name in (".hydra/config.yaml", "error.txt", ".lock", "train.log"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    (tmp_path / "checkpoints").mkdir()
+    assert rundir.holds_only_unstarted(tmp_path, [tmp_path / "train.log"])
+    assert not rundir.holds_only_unstarted(tmp_path)  # train.log is not one of its log files
+    (tmp_path / "checkpoints" / "last.pt").write_text("x")
+    assert not rundir.holds_only_unstarted(tmp_path, [tmp_path / "train.log"])
+    (tmp_path / "checkpoints" / "last.pt").unlink()
+    (tmp_path / "tb").mkdir()  # a run that trained (and was killed before its first checkpoint)
+    assert not rundir.holds_only_unstarted(tmp_path, [tmp_path / "train.log"])

@@ -355,8 +355,8 @@ def train(cfg: DictConfig, run_dir: Path | str | None = None) -> float:
 
 
 class _Start:
-    """How far `_train_in` got: whether it found the directory without a checkpoint (``fresh``),
-    took its lock, and began training."""
+    """How far `_train_in` got: whether it found the directory holding nothing of a run that
+    trained (``fresh``: `stds.run.rundir.holds_only_unstarted`), took its lock, and began training."""
 
     def __init__(self) -> None:
         self.fresh = self.locked = self.training = False
@@ -391,7 +391,7 @@ def _train_in(raw: DictConfig, env: distributed.DistEnv, run_dir: Path, signals:
     start = start or _Start()
     with contextlib.ExitStack() as stack:
         fresh = not (run_dir / "checkpoints" / "last.pt").exists()
-        start.fresh = fresh
+        start.fresh = rundir.holds_only_unstarted(run_dir, _log_files(run_dir))
         if env.is_main:
             rundir.check_writable(run_dir)
             stack.enter_context(rundir.RunLock(run_dir))

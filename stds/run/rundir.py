@@ -78,6 +78,19 @@ UNSTARTED_FILES = (".hydra", "error.txt", LOCK_NAME, "checkpoints")
 """What a run writes in its directory before its first step (`remove_unstarted` deletes them)."""
 
 
+def holds_only_unstarted(run_dir: Path | str, extra: list[Path] | tuple[Path, ...] = ()) -> bool:
+    """Whether ``run_dir`` is missing or holds nothing but `UNSTARTED_FILES` (``checkpoints/``
+    empty) and ``extra``: a directory no run has trained in (`remove_unstarted` may clear it)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return True
+    names = set(UNSTARTED_FILES) | {Path(path).name for path in extra}
+    for path in run_dir.iterdir():
+        if path.name not in names or (path.name == "checkpoints" and any(path.iterdir())):
+            return False
+    return True
+
+
 def remove_unstarted(run_dir: Path | str, extra: list[Path] | tuple[Path, ...] = ()) -> None:
     """Delete what a run that never started left in ``run_dir``: `UNSTARTED_FILES` (``checkpoints/``
     only when empty) and ``extra`` (its log files), then ``run_dir`` itself if nothing else is in
