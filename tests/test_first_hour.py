@@ -235,3 +235,20 @@ def test_config_error_keeps_a_directory_a_run_trained_in(tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match="T=0"):
         train(tiny_cfg("T=0"), run)
     assert sorted(p.name for p in run.iterdir()) == [".hydra", "error.txt", "tb"]
+
+
+def test_help_into_a_closed_pipe_says_nothing_about_a_run_directory(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TRAIN
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `--help | head` once head has left
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run([sys.executable, str(TRAIN), "--help"], stdout=write_end, stderr=subprocess.PIPE,
+                          cwd=tmp_path, env=env, text=True, timeout=300)
+    os.close(write_end)
+    assert proc.returncode == 1 and proc.stderr == "", proc.stderr
+    assert not (tmp_path / "outputs").exists()

@@ -161,6 +161,9 @@ def run_hydra_main(main: Callable[[], Any], argv: list[str] | None = None) -> No
     os.environ[_FULL_ERROR] = "1"
     try:
         main()
+    except BrokenPipeError:  # the reader of the output left (`--help | head`): nothing to report
+        _silence_stdout()
+        sys.exit(1)
     except Exception as exc:
         line = _main_error_line(exc, multirun=bool({"-m", "--multirun"} & set(argv)))
         if line is None:
@@ -169,6 +172,14 @@ def run_hydra_main(main: Callable[[], Any], argv: list[str] | None = None) -> No
         sys.exit(1)
     finally:
         os.environ.pop(_FULL_ERROR, None)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush meets no closed pipe either."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _raised_in_job(exc: BaseException) -> bool:
