@@ -5,6 +5,7 @@ no stale lock, no empty ``.submitit/%j``)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -163,9 +164,11 @@ def test_the_run_eta_is_at_the_front_of_the_progress_bar_in_a_120_column_termina
 
 
 def test_amp_on_a_cpu_warns_once_and_compile_says_it_is_compiling(tiny_cfg, tmp_path, monkeypatch):
-    # torch.compile itself is replaced (a real compile takes minutes on this CPU): the lines
-    # around the first step are what is tested; tests/test_gpu_speed.py compiles for real
+    # torch.compile and autocast are replaced (a real compile takes minutes on this CPU, bf16 is
+    # slow there): the lines around the first step are what is tested; tests/test_gpu_speed.py and
+    # tests/test_train.py compile and autocast for real
     monkeypatch.setattr(build_module, "maybe_compile", lambda model, compile: model)
+    monkeypatch.setattr(build_module.Run, "autocast", lambda self: contextlib.nullcontext())
     lines = _train_logged(tiny_cfg("epochs=1", "amp=fp16", "compile=true", "flat_width=0.05"), tmp_path)
     amp = [l for l in lines if l.startswith("amp=")]
     assert amp == ["amp=fp16 on a CPU: autocast runs as bf16 there and trains about 6.5 times slower than "
