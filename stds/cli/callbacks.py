@@ -2,7 +2,8 @@
 
 `TidySweepDir` removes, once a sweep has ended, the empty folders submitit leaves under the sweep
 directory: ``.submitit/%j`` is made for the unresolved job-id pattern of ``submitit_folder`` and
-never holds anything (every job writes under its own id).
+never holds anything (every job writes under its own id). Hydra calls it only after a sweep
+whose points all succeeded; `stds.cli.launcher.LocalSweepLauncher` tidies after every sweep.
 """
 
 from __future__ import annotations

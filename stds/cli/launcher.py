@@ -32,6 +32,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 from omegaconf import OmegaConf
 
+from stds.cli.callbacks import remove_empty_pattern_folders
 from stds.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,8 @@ class LocalSweepLauncher(LocalLauncher):
                 if not job.done():
                     job.cancel(check=False)
             raise
+        finally:  # here too: Hydra skips its end-of-sweep callbacks when a point failed
+            remove_empty_pattern_folders(sweep_dir / ".submitit")
         return [job.results()[0] for job in jobs]
 
     def _job_runner(self) -> LocalLauncher:
