@@ -58,6 +58,7 @@ def test_documented_submitit_local_sweep(tmp_path):
     assert (first["d"], second["d"]) == pytest.approx((0.05, 0.3))
     assert first["sparsity"] < second["sparsity"]
     assert list((sweep / ".submitit").iterdir())
+    assert not (sweep / ".submitit" / "%j").exists()  # the empty pattern folder is tidied away
 
 
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.conftest import CONF, compose_train, run_train
+from tests.conftest import CONF, REPO, compose_train, run_train
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,44 @@ def test_help_names_every_search_preset(help_text):
     searches = _section(help_text, "Searches")
     for name in sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")):
         assert re.search(rf"^{name} ", searches, re.MULTILINE), name
+
+
+QUICK_TRY = "python launch/train.py epochs=2 flat_width=0.05"
+
+
+def test_help_names_resume_init_from_compile_and_the_other_entrypoints(help_text):
+    keys = _section(help_text, "Main keys")
+    for key, words in [("compile=true", "torch.compile"), ("resume=DIR|last", "stopped run"),
+                       ("init_from=CKPT", "new run from trained weights")]:
+        line = next(l for l in keys.splitlines() if l.startswith(key))
+        assert words in line, line
+    assert "python launch/report.py DIR" in help_text and "python launch/export.py RUN_DIR" in help_text
+    assert "under 3 minutes" in help_text and "a few minutes" not in help_text
+
+
+def test_help_and_readme_show_the_same_quick_try(help_text):
+    readme = (REPO / "README.md").read_text()
+    assert f"Quick try: {QUICK_TRY} " in help_text
+    assert f"`{QUICK_TRY}`" in readme
+    assert "< 3 min" in readme and "under 3 minutes" in help_text  # the same promise
+
+
+def test_readme_says_how_to_get_the_cpu_only_build_and_keeps_the_ci_line():
+    lines = (REPO / "README.md").read_text().splitlines()
+    cpu = [l for l in lines if "--index-url https://download.pytorch.org/whl/cpu" in l]
+    assert len(cpu) == 1 and cpu[0].startswith("pip install torch==2.14.1 torchvision==0.29.1 --index-url")
+    assert any(l.startswith("pip install torch==2.14.1 torchvision==0.29.1   # the line CI uses") for l in lines)
+
+
+@pytest.mark.slow
+def test_the_quick_try_learns_and_prunes_without_a_warning(tmp_path):
+    # the documented quick try, in process: 2 epochs of 44 steps
+    import json
+
+    from stds.run.loop import train
+
+    overrides = QUICK_TRY.split()[2:]
+    train(compose_train(*overrides, "logging.synops=false"), tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test_acc1"] > 0.9 and 0.3 < metrics["sparsity"] < 0.99  # 0.9833 at 0.6582 measured
+    assert metrics["warnings"] == []

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, compose_train
+from tests.conftest import REPO, compose_train
 from stds.errors import ExportError
-from stds.models import CIFAR10Net, DigitsNet, make_neuron, sew_resnet18
+from stds.models import CIFAR10Net, DigitsNet, SEWResNet, make_neuron
 from stds.results.nir import (
     NIR_NAME,
     GraphBuilder,
@@ -155,7 +155,7 @@ def _weight_zeros(model: nn.Module) -> dict[str, int]:
 
 @pytest.mark.parametrize("build, shape", [
     (lambda: CIFAR10Net(T=3, channels=8, hidden=32, voting=4, image_size=8), (3, 8, 8)),
-    pytest.param(lambda: sew_resnet18(T=3, num_classes=10, width=8, connect_f="ADD"), (3, 32, 32),
+    pytest.param(lambda: SEWResNet(depth=18, T=3, num_classes=10, width=8, connect_f="ADD"), (3, 32, 32),
                  marks=pytest.mark.slow),
 ], ids=["cifar10net", "sew_resnet18_add"])
 def test_round_trip_through_spikingjelly_import(tmp_path, build, shape):
@@ -175,7 +175,7 @@ def test_round_trip_through_spikingjelly_import(tmp_path, build, shape):
 
 
 def test_sew_add_is_a_node_with_two_incoming_edges():
-    graph = model_graph(sew_resnet18(T=2, num_classes=10, width=8).eval(), (3, 32, 32))
+    graph = model_graph(SEWResNet(depth=18, T=2, num_classes=10, width=8).eval(), (3, 32, 32))
     assert isinstance(graph.nodes["layer1.0.add"], nir.Scale)
     into = sorted(source for source, target in graph.edges if target == "layer1.0.add")
     assert into == ["layer1.0.sn2", "maxpool"]
@@ -185,7 +185,7 @@ def test_sew_add_is_a_node_with_two_incoming_edges():
 
 @pytest.mark.parametrize("connect_f", ["AND", "IAND"])
 def test_and_iand_are_refused_in_one_line(connect_f):
-    model = sew_resnet18(T=2, num_classes=10, width=8, connect_f=connect_f).eval()
+    model = SEWResNet(depth=18, T=2, num_classes=10, width=8, connect_f=connect_f).eval()
     with pytest.raises(ExportError, match=rf"layer layer1\.0 \(BasicBlock\).*connect_f={connect_f}") as err:
         model_graph(model, (3, 32, 32))
     assert "\n" not in str(err.value)

@@ -122,3 +122,79 @@ def test_non_finite_entries_names_nan_and_inf_in_model_and_optimizer_state():
              "step": 3, "counts": torch.tensor([1, 2]), "note": "nan"}
     assert rundir.non_finite_entries(state) == [
         "model.weight", "optimizer.state.1.exp_avg_sq", "best_acc1", "history.1.loss"]
+
+
+def test_lock_file_is_deleted_on_release_and_a_dead_holders_file_is_taken_over(tmp_path):
+    with rundir.RunLock(tmp_path) as lock:
+        assert f"pid={os.getpid()}\n" in lock.path.read_text()
+    assert not (tmp_path / ".lock").exists()  # a finished run keeps no lock file
+    (tmp_path / ".lock").write_text("pid=999999999\nhost=elsewhere\nstarted=yesterday\n")  # a killed holder's
+    with rundir.RunLock(tmp_path) as lock:
+        assert f"pid={os.getpid()}\n" in lock.path.read_text()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_lock_taken_on_a_file_deleted_meanwhile_moves_to_the_new_file(tmp_path, monkeypatch):
+    # another holder released (and deleted) .lock between this process's open and its flock
+    lock = rundir.RunLock(tmp_path)
+    real_lock_file, calls = lock._lock_file, []
+
+    def lock_then_lose_the_path():
+        handle = real_lock_file()
+        calls.append(handle)
+        if len(calls) == 1:
+            lock.path.unlink()
+            lock.path.write_text("")  # the next process's new file
+        return handle
+
+    monkeypatch.setattr(lock, "_lock_file", lock_then_lose_the_path)
+    with lock:
+        assert len(calls) == 2 and os.fstat(calls[1].fileno()).st_ino == os.stat(lock.path).st_ino
+        with pytest.raises(RunDirError, match="in use by process"):
+            rundir.RunLock(tmp_path).acquire()
+
+
+def test_remove_unstarted_leaves_nothing_of_its_own_and_keeps_other_files(tmp_path):
+    run = tmp_path / "run"
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "error.txt", ".lock", "train.log"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    (run / "checkpoints").mkdir()
+    rundir.remove_unstarted(run, [run / "train.log"])
+    assert not run.exists()
+    # a directory holding something else (a user's notes, a checkpoint) is kept with it
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_text("x")
+    (run / "notes.txt").write_text("mine")
+    (run / ".hydra").mkdir()
+    rundir.remove_unstarted(run)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "notes.txt"]
+
+
+def test_remove_unstarted_removes_empty_date_folders_only_inside_outputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "runs" / "day" / "old").mkdir(parents=True)
+    for run in (tmp_path / "outputs" / "runs" / "day" / "new", tmp_path / "outputs" / "runs" / "empty" / "t"):
+        (run / ".hydra").mkdir(parents=True)
+        rundir.remove_unstarted(run)
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "outputs").rglob("*")) == [
+        "outputs/runs", "outputs/runs/day", "outputs/runs/day/old"]
+    elsewhere = tmp_path / "mine" / "run"
+    elsewhere.mkdir(parents=True)
+    rundir.remove_unstarted(elsewhere)
+    assert (tmp_path / "mine").is_dir() and not elsewhere.exists()
+
+
+def test_holds_only_unstarted(tmp_path):
+    assert rundir.holds_only_unstarted(tmp_path / "missing")
+    for name in (".hydra/config.yaml", "error.txt", ".lock", "train.log"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    (tmp_path / "checkpoints").mkdir()
+    assert rundir.holds_only_unstarted(tmp_path, [tmp_path / "train.log"])
+    assert not rundir.holds_only_unstarted(tmp_path)  # train.log is not one of its log files
+    (tmp_path / "checkpoints" / "last.pt").write_text("x")
+    assert not rundir.holds_only_unstarted(tmp_path, [tmp_path / "train.log"])
+    (tmp_path / "checkpoints" / "last.pt").unlink()
+    (tmp_path / "tb").mkdir()  # a run that trained (and was killed before its first checkpoint)
+    assert not rundir.holds_only_unstarted(tmp_path, [tmp_path / "train.log"])

@@ -140,5 +140,33 @@ def test_sweep_with_a_failed_point_end_to_end(tmp_path):
         rows = {r["run"]: r for r in csv.DictReader(handle)}
     assert rows["0"]["status"] == "finished" and rows["0"]["flat_width"] == "0.1"
     assert rows["1"]["status"] == "failed"
+    # no clutter: no empty .submitit/%j, no lock file in the finished point
+    assert not (sweep / ".submitit" / "%j").exists() and list((sweep / ".submitit").iterdir())
+    assert not (sweep / "0" / ".lock").exists() and (sweep / "0" / "metrics.json").exists()
     assert rows["1"]["error"] == ("ConfigError: flat_width=-1.0 must be >= 0; "
                                   "set flat_width=<value> with value >= 0")
+
+
+def test_sweep_progress_lines_show_each_running_points_step_eta_and_last_epoch(tmp_path, caplog):
+    cfg = compose_train(f"hydra.sweep.dir={tmp_path}", "hydra.job.name=train", "hydra/launcher=local", hydra=True)
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    params.pop("_target_")
+    sweep_launcher = LocalSweepLauncher(**{**params, "poll_s": 0.0, "progress_every_s": 0.0})
+    sweep_launcher.setup(hydra_context=mock.Mock(), task_function=mock.Mock(), config=cfg)
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "train.log").write_text(  # the loop's lines, as in a point's train.log
+        "[2026-01-01 10:00:00,000][stds.run.loop][INFO] - epoch 1/2 step 11/44 loss 1.2 lr 0.002 d 0.01 | "
+        "880 img/s 72.7 ms/step data 1% | ETA epoch 0:00:01 run 0:00:05\n"
+        "[2026-01-01 10:00:01,000][stds.run.loop][INFO] - epoch 1/2: test_acc1 0.9000 test_acc5 1.0000 "
+        "sparsity 0.4000 d 0.02 | 880 img/s, epoch 1.9 s (eval 0.2 s)\n"
+        "[2026-01-01 10:00:02,000][stds.run.loop][INFO] - epoch 2/2 step 33/44 loss 0.6 lr 0.002 d 0.04 | "
+        "900 img/s 71.1 ms/step data 1% | ETA epoch 0:00:01 run 0:00:01\n")
+    board = {"running": 0, "most": 0, "submitted": []}
+    with mock.patch.object(submitit, "AutoExecutor") as auto, caplog.at_level(logging.INFO):
+        auto.return_value.submit.side_effect = lambda runner, *args: FakeJob(args, polls=3, board=board)
+        sweep_launcher.launch([["flat_width=0.1"], ["flat_width=0.3"]], initial_job_idx=0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Local sweep: 0 finished")]
+    # point 1 has written no step yet: only point 0 is shown
+    assert lines and all(line.endswith(" s); #0 step 33/44 ETA 0:00:01, epoch 1/2 test_acc1 0.9000 "
+                                       "sparsity 0.4000") for line in lines), lines
+    assert launcher.point_progress(tmp_path / "1" / "train.log") is None

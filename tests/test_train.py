@@ -205,9 +205,11 @@ def test_a_fully_pruned_run_says_so_in_the_log_and_metrics(tiny_cfg, tmp_path, c
     metrics = _metrics(tmp_path)
     assert metrics["sparsity"] == 1.0
     expected = ("every weight is pruned (sparsity 1.0) at epoch 2: flat_width=0.5 is too large for 2 "
-                "epochs; lower flat_width or train longer (more epochs)")
+                "epochs; lower flat_width (e.g. flat_width=0.05), train more epochs, or ask for a sparsity "
+                "with scheduler=target target_sparsity=0.9")
     assert metrics["warnings"] == [expected]
     assert expected in caplog.text
+    assert "lower lr" not in caplog.text  # the pruning, not the learning rate, is the cause
 
 
 @pytest.mark.slow

@@ -56,10 +56,19 @@ def report_errors(work: Callable[[], T]) -> T:
         error = user_error(exc)
         if error is None or _multirun() or _traceback_wanted():
             raise
-        if logging.getLogger().handlers:  # Hydra's log file; before Hydra starts, stderr alone
-            log.error("%s", one_line(error))
+        log_to_files(one_line(error))
         print_error(error)
         sys.exit(1)
+
+
+def log_to_files(message: str) -> None:
+    """Write ``message`` as an error to the log files only (the run's ``train.log``): the terminal
+    gets it once, from `print_error`. A log file no longer on disk (the directory of a run that
+    never started, removed) is not made again."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in [*logging.getLogger().handlers, *log.handlers]:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_file():
+            handler.handle(record)
 
 
 _KEYS_HINT = "check the key's spelling (python launch/train.py --cfg job lists every key)"
@@ -152,6 +161,9 @@ def run_hydra_main(main: Callable[[], Any], argv: list[str] | None = None) -> No
     os.environ[_FULL_ERROR] = "1"
     try:
         main()
+    except BrokenPipeError:  # the reader of the output left (`--help | head`): nothing to report
+        _silence_stdout()
+        sys.exit(1)
     except Exception as exc:
         line = _main_error_line(exc, multirun=bool({"-m", "--multirun"} & set(argv)))
         if line is None:
@@ -160,6 +172,14 @@ def run_hydra_main(main: Callable[[], Any], argv: list[str] | None = None) -> No
         sys.exit(1)
     finally:
         os.environ.pop(_FULL_ERROR, None)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush meets no closed pipe either."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _raised_in_job(exc: BaseException) -> bool:

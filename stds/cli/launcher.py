@@ -7,7 +7,8 @@ where the six runs one after the other took 30 s). `LocalSweepLauncher` runs at 
 ``parallel`` points at a time and gives each ``threads`` CPU threads (`share_cpus`), through
 ``OMP_NUM_THREADS`` in the job's environment, which `stds.run.distributed.setup` applies with
 ``torch.set_num_threads``. It starts the next point as soon as one ends and logs the sweep's
-progress while it waits. Everything else (job folders, pickled results, failed points) is
+progress while it waits: the counts of finished, failed, running and waiting points, and each
+running point's step, ETA and last epoch, read from the end of its ``train.log`` (`point_progress`). Everything else (job folders, pickled results, failed points) is
 hydra-submitit-launcher's local launcher. See ``docs/slurm.md``.
 
 Hydra takes launchers only from the ``hydra_plugins`` namespace: the preset names
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 from omegaconf import OmegaConf
 
+from stds.cli.callbacks import remove_empty_pattern_folders
 from stds.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,31 @@ class CpuShare:
 
     parallel: int
     threads: int
+
+
+_STEP_LINE = re.compile(r"epoch \d+/\d+ step (\d+)/(\d+) .*\| ETA epoch \S+ run (\S+)")
+_EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+): test_acc1 (\S+) .*sparsity (\S+)")
+"""The loop's interval and end-of-epoch log lines (`stds.run.loop`), as a point's log holds them."""
+
+
+def point_progress(log_file: Path, tail_bytes: int = 16384) -> str | None:
+    """``step 120/1320 ETA 0:05:00, epoch 3/30 test_acc1 0.9500 sparsity 0.6100`` from the end of a
+    sweep point's log (its latest step line and latest finished epoch); None before either."""
+    try:
+        with open(log_file, "rb") as handle:
+            handle.seek(max(handle.seek(0, os.SEEK_END) - tail_bytes, 0))
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    steps, epochs = _STEP_LINE.findall(text), _EPOCH_LINE.findall(text)
+    parts = []
+    if steps:
+        step, total, eta = steps[-1]
+        parts.append(f"step {step}/{total} ETA {eta}")
+    if epochs:
+        epoch, planned, acc, sparsity = epochs[-1]
+        parts.append(f"epoch {epoch}/{planned} test_acc1 {acc} sparsity {sparsity}")
+    return ", ".join(parts) or None
 
 
 def available_cpus() -> int:
@@ -129,6 +157,8 @@ class LocalSweepLauncher(LocalLauncher):
                 if not job.done():
                     job.cancel(check=False)
             raise
+        finally:  # here too: Hydra skips its end-of-sweep callbacks when a point failed
+            remove_empty_pattern_folders(sweep_dir / ".submitit")
         return [job.results()[0] for job in jobs]
 
     def _job_runner(self) -> LocalLauncher:
@@ -148,6 +178,7 @@ class LocalSweepLauncher(LocalLauncher):
         """Submit the points in order, at most ``parallel`` running; log progress until all end."""
         total, started = len(pending), time.monotonic()
         failed: dict[int, bool] = {}  # index in jobs -> whether it failed, once ended
+        numbers: list[int] = []  # index in jobs -> the point's job number
         last_line, last_time = "", started
         while True:
             for index, job in enumerate(jobs):
@@ -155,6 +186,7 @@ class LocalSweepLauncher(LocalLauncher):
                     failed[index] = _failed(job)
             running = len(jobs) - len(failed)
             while pending and running < parallel:
+                numbers.append(pending[0][2])
                 jobs.append(executor.submit(runner, *pending.pop(0)))
                 running += 1
             ended_bad = sum(failed.values())
@@ -162,11 +194,31 @@ class LocalSweepLauncher(LocalLauncher):
                     f"{len(pending)} waiting, of {total}")
             now = time.monotonic()
             if line != last_line or now - last_time >= self.progress_every_s:
-                log.info(f"Local sweep: {line} ({now - started:.0f} s)")
+                running_now = [numbers[i] for i in range(len(jobs)) if i not in failed]
+                log.info(f"Local sweep: {line} ({now - started:.0f} s){self._points_line(running_now)}")
                 last_line, last_time = line, now
             if not running and not pending:
                 return
             time.sleep(self.poll_s)
+
+
+    def _point_log(self, number: int) -> Path | None:
+        """A point's ``<job name>.log``, when its directory is the default ``<sweep dir>/<job num>``."""
+        assert self.config is not None
+        sweep = OmegaConf.to_container(self.config.hydra.sweep, resolve=False)
+        if not isinstance(sweep, dict) or sweep.get("subdir") != "${hydra.job.num}":
+            return None
+        return Path(str(self.config.hydra.sweep.dir)) / str(number) / f"{self.config.hydra.job.name}.log"
+
+    def _points_line(self, numbers: list[int]) -> str:
+        """``; #0 step 20/44 ETA 0:00:31; #1 ...`` for the running points whose logs show progress."""
+        parts = []
+        for number in numbers:
+            log_file = self._point_log(number)
+            progress = point_progress(log_file) if log_file is not None else None
+            if progress is not None:
+                parts.append(f"#{number} {progress}")
+        return "".join(f"; {part}" for part in parts)
 
 
 def _failed(job: Any) -> bool:

@@ -28,7 +28,9 @@ FORMAT_VERSION = 2
   ``config.amp`` a bool, the reparameterizations' d in buffers ``...parametrizations.weight.0.flat_width``.
 - 1, second form (same number): ``threshold`` (the schedule's state), named ``epoch_sums``,
   ``last_record``, ``config.amp`` a string; buffers still ``...flat_width``.
-- 2: ``schedule`` (the state of d's schedule) and buffers ``...parametrizations.weight.0.d``.
+- 2: ``schedule`` (the state of d's schedule), buffers ``...parametrizations.weight.0.d`` and
+  ``best_sparsity`` (the sparsity of the epoch in ``best.pt``; 0 from older files, so the next
+  epoch at the final sparsity becomes the best).
 """
 LAST = "last.pt"
 BEST = "best.pt"
@@ -125,6 +127,7 @@ def _upgrade_from_1(state: dict[str, Any]) -> dict[str, Any]:
     config = state.get("config")
     if isinstance(config, dict) and isinstance(config.get("amp"), bool):
         state["config"] = {**config, "amp": "fp16" if config["amp"] else "false"}
+    state.setdefault("best_sparsity", 0.0)
     state["format_version"] = 2
     return state
 

@@ -30,8 +30,9 @@ from stds.method.sparse import sparsity
 from stds.run import distributed, resume, rundir, state
 from stds.run.build import Run, build_run, prepare_config, set_determinism
 from stds.run.evaluate import evaluate, ranks_in_sync, sync_buffers
-from stds.run.health import diagnose
-from stds.run.metrics import IntervalMeter, MetricsWriter, correct_topk, interval_line, loss_fn
+from stds.run.health import diagnose, diagnose_run
+from stds.run.metrics import (BEST_RULE, IntervalMeter, MetricsWriter, correct_topk, format_duration,
+                              interval_line, loss_fn, replaces_best)
 from stds.run.signals import RunStopped, StopSignals, name as signal_name
 from stds.run.state import Progress
 
@@ -40,7 +41,9 @@ log = logging.getLogger(__name__)
 
 class Loop:
     """What the loop keeps between steps besides `Progress`: the metric writer (rank 0), the
-    interval meter, the progress bar, the stop signals and the last evaluation's duration."""
+    interval meter, the progress bar, the stop signals, the last evaluation's duration, the
+    run's ETA (shown at the front of the progress bar) and whether torch.compile still has to
+    compile the training step."""
 
     def __init__(self, run: Run, signals: StopSignals) -> None:
         self.writer: MetricsWriter | None = None
@@ -49,6 +52,14 @@ class Loop:
         self.bar: Any = None
         self.eval_s = 0.0
         self.resumed_samples = 0  # samples of the current epoch trained before a restart (not timed here)
+        self.eta_run_s: float | None = None
+        self.compiling = bool(run.cfg.compile)
+
+
+def log_interval(run: Run) -> int:
+    """Steps between log lines: ``logging.log_every_steps``, but at most half an epoch, so every
+    epoch reports its loss and ETA while it runs (and again at its end)."""
+    return max(min(run.cfg.logging.log_every_steps, run.steps_per_epoch // 2), 1)
 
 
 def _batches(run: Run, progress: Progress, loop: Loop) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -78,18 +89,35 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
     return loss.detach(), correct_topk(scores.detach(), labels, 1)
 
 
+def _compiling_step(run: Run, images: torch.Tensor, labels: torch.Tensor, loop: Loop) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first step under ``compile=true``, where torch.compile compiles: said before, timed after."""
+    if run.env.is_main:
+        log.info("compile=true: torch.compile is compiling the training step (the first step waits "
+                 "for it: seconds on a GPU, up to minutes on a CPU)")
+    started = time.perf_counter()
+    loss, correct = train_step(run, images, labels)
+    float(loss)  # waits for the step: the time includes its kernels
+    loop.compiling = False
+    if run.env.is_main:
+        log.info("compile=true: compiled and ran the first step in %.1f s", time.perf_counter() - started)
+    return loss, correct
+
+
 def train_epoch(run: Run, progress: Progress, loop: Loop | None = None) -> dict[str, float]:
     """Train one epoch (or its rest, after a mid-epoch resume); returns its train loss and top-1."""
     loop = loop or Loop(run, StopSignals())
     run.model.train()
     first_bad = torch.full((), -1, dtype=torch.long, device=run.env.device)
-    every = max(run.cfg.logging.log_every_steps, 1)
+    every = log_interval(run)
     ckpt_every = run.cfg.checkpoint_every_steps
     _open_bar(run, progress, loop)
     loop.resumed_samples = progress.sums.samples
     loop.meter.restart()
     for images, labels in _batches(run, progress, loop):
-        loss, correct = train_step(run, images, labels)
+        if loop.compiling:
+            loss, correct = _compiling_step(run, images, labels, loop)
+        else:
+            loss, correct = train_step(run, images, labels)
         progress.step += 1
         progress.batch_in_epoch += 1
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), progress.step, first_bad)
@@ -153,7 +181,15 @@ def _open_bar(run: Run, progress: Progress, loop: Loop) -> None:
         from tqdm import tqdm
 
         loop.bar = tqdm(total=run.steps_per_epoch, initial=progress.batch_in_epoch, leave=False,
-                        desc=f"epoch {progress.epoch + 1}/{run.cfg.epochs}", dynamic_ncols=True)
+                        desc=bar_description(progress.epoch + 1, run.cfg.epochs, loop.eta_run_s),
+                        dynamic_ncols=True)
+
+
+def bar_description(epoch: int, epochs: int, eta_run_s: float | None) -> str:
+    """The progress bar's left end, which a narrow terminal never cuts: the epoch and the run's ETA
+    (tqdm shortens the bar and cuts the right end, where loss and throughput are)."""
+    eta = "" if eta_run_s is None else f" ETA run {format_duration(eta_run_s)}"
+    return f"epoch {epoch}/{epochs}{eta}"
 
 
 def _close_bar(loop: Loop) -> None:
@@ -172,7 +208,10 @@ def _log_interval(run: Run, progress: Progress, loop: Loop, loss: torch.Tensor) 
     ))
     if loop.writer is not None:
         loop.writer.scalars(progress.step, values)
+    loop.eta_run_s = values["eta_run_s"]
     if loop.bar is not None:
+        loop.bar.set_description_str(bar_description(progress.epoch + 1, run.cfg.epochs, loop.eta_run_s),
+                                     refresh=False)
         loop.bar.set_postfix_str(f"loss {values['step_loss']:.4f} | {interval_line(values)}", refresh=False)
     elif run.env.is_main:
         log.info("epoch %d/%d step %d/%d loss %.4f lr %.3g d %.4g | %s", progress.epoch + 1,
@@ -201,9 +240,10 @@ def finish_epoch(run: Run, progress: Progress, loop: Loop, train_stats: dict[str
               "train_images_per_s": trained / max(train_s, 1e-9)}
     record["warnings"] = diagnose(record, run.cfg, previous=progress.last_record)
     progress.last_record = record
-    best = record["test_acc1"] > progress.best_acc1
+    best = replaces_best(record["test_acc1"], record["sparsity"], progress.best_acc1, progress.best_sparsity)
     if best:
         progress.best_acc1, progress.best_epoch = record["test_acc1"], progress.epoch
+        progress.best_sparsity = record["sparsity"]
     state.save(run, progress, best=best)
     if loop.writer is not None:
         loop.writer.epoch(record)
@@ -226,6 +266,7 @@ def summary(run: Run, progress: Progress) -> dict[str, Any]:
         **{key: last.get(key) for key in keys},
         "firing_rates": last.get("firing_rates", {}),
         "best_test_acc1": progress.best_acc1, "best_epoch": progress.best_epoch,
+        "best_sparsity": progress.best_sparsity, "best_rule": BEST_RULE,
         "epoch": progress.epoch, "epochs_planned": run.cfg.epochs, "step": progress.step,
         "world_size": run.env.world_size, "ranks_in_sync": ranks_in_sync(run),
         "warnings": last.get("warnings", []),
@@ -238,6 +279,7 @@ def fit(run: Run, progress: Progress, signals: StopSignals) -> float:
     if run.env.is_main:
         loop.writer = MetricsWriter(run.run_dir, purge_step=progress.step or None)
         loop.writer.truncate_after(progress.step)
+        _log_start(run)
     while progress.epoch < run.cfg.epochs:
         started = time.perf_counter()
         train_stats = train_epoch(run, progress, loop)
@@ -245,16 +287,47 @@ def fit(run: Run, progress: Progress, signals: StopSignals) -> float:
     sync_buffers(run)
     result = summary(run, progress)
     if loop.writer is not None:
+        run_warnings = diagnose_run(loop.writer.history(), run.cfg)
+        for warning in run_warnings:
+            log.warning("%s", warning)
+        result["warnings"] = [*result["warnings"], *run_warnings]
         loop.writer.final(result)
         loop.writer.close()
+        _log_end(run, result)
     return float(result["test_acc1"])
+
+
+def _log_start(run: Run) -> None:
+    """Where the run writes, and a warning for settings that make a CPU run slow."""
+    log.info("run directory: %s (train.log, metrics.json, checkpoints/, tb/)", run.run_dir.resolve())
+    if run.amp_dtype is not None and run.env.device.type == "cpu":
+        log.warning("amp=%s on a CPU: autocast runs as bf16 there and trains about 6.5 times slower than "
+                    "amp=false (136 against 888 images/s for the digits net on 2 cores); set amp=false "
+                    "on a CPU", run.cfg.amp)
+
+
+def _log_end(run: Run, result: dict[str, Any]) -> None:
+    """The closing summary: final and best figures, where the files are, and what to run next (a
+    finished run is not resumed: ``init_from`` starts a new one from its weights)."""
+    where = run.run_dir.resolve()
+    log.info("finished %d/%d epochs: test_acc1 %.4f at sparsity %.4f; best.pt: test_acc1 %.4f at epoch %d "
+             "(sparsity %.4f; the most accurate epoch at the final sparsity, docs/metrics.md)",
+             result["epoch"], result["epochs_planned"], result["test_acc1"] or 0.0, result["sparsity"] or 0.0,
+             result["best_test_acc1"], result["best_epoch"], result["best_sparsity"])
+    log.info("files: %s, metrics.jsonl, checkpoints/last.pt and best.pt, tb/ (tensorboard --logdir %s)",
+             where / "metrics.json", where)
+    log.info("next: python launch/export.py %s writes pruned.pt (--which best: from best.pt); "
+             "python launch/train.py init_from=%s starts a new run from these weights",
+             where, where / "checkpoints" / "last.pt")
 
 
 def train(cfg: DictConfig, run_dir: Path | str | None = None) -> float:
     """Train the run described by ``cfg`` in ``run_dir`` (Hydra's output dir by default).
 
-    Returns the final test top-1 accuracy (a fraction), the objective of sweeps. Any failure,
-    bad config values included, leaves its one line in ``<run_dir>/error.txt``.
+    Returns the final test top-1 accuracy (a fraction), the objective of sweeps. A failure once
+    training has begun, or in a sweep point, leaves its one line in ``<run_dir>/error.txt``; a
+    run that fails before its first step (a bad config value, a missing dataset) in a directory
+    of its own leaves nothing behind (`stds.run.rundir.remove_unstarted`).
     """
     resumed_dir = resume.resume_target(cfg)  # resume=<dir> | last: that run, in its own directory
     if resumed_dir is not None:
@@ -267,16 +340,19 @@ def train(cfg: DictConfig, run_dir: Path | str | None = None) -> float:
     run_dir = Path(distributed.broadcast_object(str(run_dir), env))
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    start = _Start()
     try:
         with StopSignals() as signals:
-            result = _train_in(cfg, env, run_dir, signals, keep_command=resumed_dir is not None)
+            result = _train_in(cfg, env, run_dir, signals, start, keep_command=resumed_dir is not None)
     except RunStopped as stop:
         log.warning("%s", stop)
         stop.hand_on()  # SIGUSR2 under submitit: requeue now that last.pt is written
         raise
     except BaseException as exc:
+        if env.is_main and start.unstarted() and not _in_sweep():
+            rundir.remove_unstarted(run_dir, _log_files(run_dir))
         # a run directory that is locked by another process or cannot be written gets no error.txt
-        if env.is_main and not isinstance(exc, (KeyboardInterrupt, RunDirError)):
+        elif env.is_main and not isinstance(exc, (KeyboardInterrupt, RunDirError)):
             _write_error(run_dir, exc)
         raise
     # only after success: a rank that failed leaves its peers inside a collective, and the
@@ -285,19 +361,49 @@ def train(cfg: DictConfig, run_dir: Path | str | None = None) -> float:
     return result
 
 
+class _Start:
+    """How far `_train_in` got: whether it found the directory holding nothing of a run that
+    trained (``fresh``: `stds.run.rundir.holds_only_unstarted`), took its lock, and began training."""
+
+    def __init__(self) -> None:
+        self.fresh = self.locked = self.training = False
+
+    def unstarted(self) -> bool:
+        """A run of its own (fresh, locked by this process) that failed before its first step."""
+        return self.fresh and self.locked and not self.training
+
+
+def _in_sweep() -> bool:
+    """Whether this is a point of a Hydra sweep (its directory stays, error.txt in it, for the report)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _log_files(run_dir: Path) -> list[Path]:
+    """The log files that logging handlers (Hydra's ``train.log``) write inside ``run_dir``."""
+    handlers = [*logging.getLogger().handlers, *logging.getLogger("stds").handlers]
+    files = [Path(h.baseFilename) for h in handlers if isinstance(h, logging.FileHandler)]
+    return [path for path in files if path.parent.resolve() == run_dir.resolve()]
+
+
 def _train_in(raw: DictConfig, env: distributed.DistEnv, run_dir: Path, signals: StopSignals,
-              keep_command: bool = False) -> float:
+              start: _Start | None = None, keep_command: bool = False) -> float:
     """Prepare the config, build the run, resume it (or start it, from ``init_from`` if given), fit.
 
     Rank 0 holds the run directory's lock throughout, so a second process started on the same
     directory stops at once, naming this one. ``keep_command``: a ``resume=`` run keeps the
     ``.hydra/`` command files of the run it continues.
     """
+    start = start or _Start()
     with contextlib.ExitStack() as stack:
         fresh = not (run_dir / "checkpoints" / "last.pt").exists()
+        start.fresh = rundir.holds_only_unstarted(run_dir, _log_files(run_dir))
         if env.is_main:
             rundir.check_writable(run_dir)
             stack.enter_context(rundir.RunLock(run_dir))
+            start.locked = True
             (run_dir / "error.txt").unlink(missing_ok=True)
             if fresh:  # a failing sweep point still has its config (and error.txt) for the report
                 resume.record_config(run_dir, raw)
@@ -315,6 +421,7 @@ def _train_in(raw: DictConfig, env: distributed.DistEnv, run_dir: Path, signals:
         resume.repair_best(run, progress)
         if progress.epoch >= cfg.epochs:
             _say_finished(run, progress)
+        start.training = True
         return fit(run, progress, signals)
 
 

@@ -36,6 +36,48 @@ def correct_topk(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
     return (top == labels.unsqueeze(1)).any(dim=1).sum()
 
 
+BEST_CONNECTIVITY_TOLERANCE = 0.05
+"""An epoch counts as at the run's final sparsity when its connectivity (1 - sparsity) is at most
+5% (relative) above the final epoch's: final sparsity 0.90 takes epochs from 0.895 up."""
+
+BEST_RULE = ("the most accurate epoch whose connectivity (1 - sparsity) is within 5% of the last "
+             "epoch's (a dense run: the most accurate epoch)")
+"""What ``best.pt``, ``best_test_acc1`` and ``best_epoch`` mean (``metrics.json``'s ``best_rule``)."""
+
+
+def at_final_sparsity(sparsity: float, final_sparsity: float) -> bool:
+    """Whether an epoch at ``sparsity`` counts as reaching ``final_sparsity`` (its connectivity
+    at most `BEST_CONNECTIVITY_TOLERANCE` above the final one, relative)."""
+    return 1.0 - sparsity <= (1.0 - final_sparsity) * (1.0 + BEST_CONNECTIVITY_TOLERANCE) + 1e-12
+
+
+def replaces_best(acc1: float, sparsity: float, best_acc1: float, best_sparsity: float) -> bool:
+    """Whether a finished epoch (top-1 ``acc1`` at ``sparsity``) becomes ``best.pt``.
+
+    It does when there is no best yet (``best_acc1`` < 0), when the best epoch is no longer at
+    this epoch's sparsity (`at_final_sparsity`: the run has pruned on since, so an early, denser
+    epoch is not the network the run ends with), or when it is more accurate. After the last
+    epoch the best is therefore always at the run's final sparsity; an epoch once replaced for
+    being too dense is not taken back should sparsity later fall (its weights are gone).
+    """
+    if best_acc1 < 0 or not at_final_sparsity(best_sparsity, sparsity):
+        return True
+    return acc1 > best_acc1
+
+
+def best_of(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The record ``best.pt`` holds after the epochs of ``history`` (``metrics.jsonl`` lines, in
+    order), by `replaces_best`; None without a scored epoch."""
+    best: dict[str, Any] | None = None
+    for record in history:
+        acc1, sparsity = record.get("test_acc1"), record.get("sparsity")
+        if acc1 is None or sparsity is None:
+            continue
+        if best is None or replaces_best(acc1, sparsity, best["test_acc1"], best["sparsity"]):
+            best = record
+    return best
+
+
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -116,6 +158,18 @@ class MetricsWriter:
             if record.get("step", 0) <= step:
                 kept.append(line + "\n")
         write_atomic(self.jsonl, "".join(kept))
+
+    def history(self) -> list[dict[str, Any]]:
+        """The ``metrics.jsonl`` records written so far, in order (a line cut by a kill is skipped)."""
+        if not self.jsonl.exists():
+            return []
+        records = []
+        for line in self.jsonl.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Scalars under their own names (the log interval's ``step_loss``, ``lr``, ``d``, throughput)."""

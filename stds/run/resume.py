@@ -93,6 +93,7 @@ def resume(run: Run) -> Progress:
     progress = Progress(
         epoch=state["epoch"], step=state["step"], batch_in_epoch=state["batch_in_epoch"],
         best_acc1=state["best_acc1"], best_epoch=state["best_epoch"],
+        best_sparsity=float(state["best_sparsity"]),
         sums=EpochSums(sums["loss"], sums["correct"], int(sums["samples"])),
         last_record=state["last_record"],
     )

@@ -4,7 +4,10 @@
   ``checkpoints/`` fails at once, in one line, not after the first epoch).
 - `RunLock`: an exclusive ``flock`` on ``<run dir>/.lock`` for as long as a run uses the
   directory; a second process started on the same directory gets a `RunDirError` naming the
-  holder. The kernel drops the lock when its holder exits or is killed.
+  holder. The kernel drops the lock when its holder exits or is killed; a holder that ends
+  normally deletes the file, so a finished run keeps no ``.lock``.
+- `remove_unstarted`: what a run that failed before its first step wrote (its saved config,
+  lock, log), and the directory itself once empty.
 - `remove_stale_temporaries`: the ``.<name>.*.tmp`` files a kill during `stds.run.checkpoint.save_atomic`
   leaves behind.
 - `non_finite_entries`: the dotted names of NaN/inf values in a nested state (a checkpoint must
@@ -18,6 +21,7 @@ import errno
 import fcntl
 import math
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -70,6 +74,55 @@ def remove_stale_temporaries(ckpt_dir: Path | str) -> list[Path]:
     return removed
 
 
+UNSTARTED_FILES = (".hydra", "error.txt", LOCK_NAME, "checkpoints")
+"""What a run writes in its directory before its first step (`remove_unstarted` deletes them)."""
+
+
+def holds_only_unstarted(run_dir: Path | str, extra: list[Path] | tuple[Path, ...] = ()) -> bool:
+    """Whether ``run_dir`` is missing or holds nothing but `UNSTARTED_FILES` (``checkpoints/``
+    empty) and ``extra``: a directory no run has trained in (`remove_unstarted` may clear it)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return True
+    names = set(UNSTARTED_FILES) | {Path(path).name for path in extra}
+    for path in run_dir.iterdir():
+        if path.name not in names or (path.name == "checkpoints" and any(path.iterdir())):
+            return False
+    return True
+
+
+def remove_unstarted(run_dir: Path | str, extra: list[Path] | tuple[Path, ...] = ()) -> None:
+    """Delete what a run that never started left in ``run_dir``: `UNSTARTED_FILES` (``checkpoints/``
+    only when empty) and ``extra`` (its log files), then ``run_dir`` itself if nothing else is in
+    it. Anything else in the directory (a user's own files) stays, and so does the directory."""
+    run_dir = Path(run_dir)
+    for name in UNSTARTED_FILES:
+        path = run_dir / name
+        with contextlib.suppress(OSError):
+            if name == "checkpoints":
+                path.rmdir()  # only an empty one
+            elif path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    for path in extra:
+        with contextlib.suppress(OSError):
+            Path(path).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
+        _remove_empty_parents(run_dir)
+
+
+def _remove_empty_parents(run_dir: Path) -> None:
+    """Remove the empty folders above ``run_dir`` that lie inside ``./outputs`` (the date folder
+    Hydra made for the default ``hydra.run.dir``); nothing outside it, nor ``outputs`` itself."""
+    outputs = (Path.cwd() / "outputs").resolve()
+    for parent in run_dir.resolve().parents:
+        if parent == outputs or outputs not in parent.parents:
+            return
+        parent.rmdir()  # OSError when not empty: the caller stops there
+
+
 def _holder(handle: TextIO) -> str:
     handle.seek(0)
     fields = dict(line.split("=", 1) for line in handle.read().splitlines() if "=" in line)
@@ -87,6 +140,8 @@ class RunLock:
     sharing a file system whose locks reach across machines) gets a `RunDirError` naming the
     holder. Released on exit from the block and, by the kernel, when the process dies.
     Re-entering from the same process with another `RunLock` fails too: one owner per directory.
+    `release` deletes the file; a process that locked a file another one deleted meanwhile opens
+    the new file and locks that instead (the lock must be on the file the path names).
     """
 
     def __init__(self, run_dir: Path | str) -> None:
@@ -95,6 +150,30 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock or raise `RunDirError`."""
+        for _ in range(10):
+            handle = self._lock_file()
+            if self._names(handle):
+                break
+            handle.close()  # released and deleted between our open and flock: lock the new file
+        else:
+            raise RunDirError(f"cannot lock {self.path}: it is deleted and made again by other processes; "
+                              "set hydra.run.dir=<another directory>")
+        started = time.strftime("%Y-%m-%d %H:%M:%S %z")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid={os.getpid()}\nhost={socket.gethostname()}\nstarted={started}\n")
+        handle.flush()
+        self._handle = handle
+
+    def _names(self, handle: TextIO) -> bool:
+        """Whether ``self.path`` still names the file ``handle`` holds open."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+        except OSError:
+            return False
+
+    def _lock_file(self) -> TextIO:
+        """Open ``self.path`` and take the flock on it; `RunDirError` if it is held or unusable."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle = open(self.path, "a+", encoding="utf-8")
@@ -111,16 +190,15 @@ class RunLock:
                 f"run directory {self.path.parent} is in use by {holder}; wait for it to end, "
                 "stop it, or set hydra.run.dir=<another directory>"
             ) from None
-        started = time.strftime("%Y-%m-%d %H:%M:%S %z")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid={os.getpid()}\nhost={socket.gethostname()}\nstarted={started}\n")
-        handle.flush()
-        self._handle = handle
+        return handle
 
     def release(self) -> None:
-        """Drop the lock (the file stays; its content names the last holder)."""
+        """Delete the file, then drop the lock (deleting first: no process can lock the old file
+        after this one let go and still find it at the path)."""
         if self._handle is not None:
+            if self._names(self._handle):
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
             fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None

@@ -49,6 +49,7 @@ class Progress:
     batch_in_epoch: int = 0  # batches of the current epoch already trained (mid-epoch checkpoint)
     best_acc1: float = -1.0
     best_epoch: int = 0
+    best_sparsity: float = 0.0  # of the best epoch (best.pt), for `stds.run.metrics.replaces_best`
     sums: EpochSums = field(default_factory=EpochSums)
     last_record: dict[str, Any] | None = None  # the last finished epoch's metrics.jsonl line
 
@@ -71,6 +72,7 @@ def state_dict(run: Run, progress: Progress) -> dict[str, Any]:
         "batch_in_epoch": progress.batch_in_epoch,
         "best_acc1": progress.best_acc1,
         "best_epoch": progress.best_epoch,
+        "best_sparsity": progress.best_sparsity,
         "epoch_sums": progress.sums.as_floats(),
         "last_record": progress.last_record,
         "rng": ckpt.rng_state(),
