@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from stds.errors import CheckpointError, StdsError
 from stds.method.sparse import dense_state_dict, pruned_layers, sparsity
 from stds.run import checkpoint as ckpt
-from stds.run.rebuild import build_model, sparsified_model
+from stds.run.rebuild import build_model, load_saved_yaml, sparsified_model
 
 __all__ = ["EXPORT_NAME", "export_finished", "export_run", "format_storage", "weight_storage"]
 
@@ -98,14 +97,15 @@ def format_storage(info: dict[str, Any]) -> str:
 
 
 def _config(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's resolved config, or else the run's ``.hydra/config.yaml`` resolved."""
+    """The checkpoint's resolved config, or else the run's ``.hydra/config.yaml`` with its
+    references to its own keys resolved (a resolver call such as ``${oc.env:...}`` is refused)."""
     config = state.get("config")
     if isinstance(config, dict) and "model" in config:
         return config
     path = run_dir / ".hydra" / "config.yaml"
     if not path.exists():
         raise StdsError(f"{run_dir} has no config (neither in the checkpoint nor in {path})")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+    return load_saved_yaml(path)
 
 
 def _checkpoint(run_dir: Path, which: str) -> Path:
@@ -128,7 +128,7 @@ def export_run(
     source = _checkpoint(run_dir, which)
     state = ckpt.load(source)
     config = _config(run_dir, state)
-    model = sparsified_model(config)
+    model = sparsified_model(config, source)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:
@@ -136,7 +136,7 @@ def export_run(
         raise CheckpointError(f"checkpoint {source} does not fit its config's model: {first}") from None
     layers = list(pruned_layers(model))
     weights = dense_state_dict(model)
-    build_model(config).load_state_dict(weights)  # loads into the plain model, or raises here
+    build_model(config, source).load_state_dict(weights)  # loads into the plain model, or raises here
     info = storage(weights, layers)
     blob = {
         "format_version": EXPORT_FORMAT_VERSION,

@@ -128,7 +128,7 @@ def _weights_of(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(blob, dict) and "state_dict" in blob and "config" in blob:  # pruned.pt
         return blob["state_dict"]
     if isinstance(blob, dict) and blob.get("format_version") == ckpt.FORMAT_VERSION and "config" in blob:
-        source = sparsified_model(blob["config"])
+        source = sparsified_model(blob["config"], path)
         source.load_state_dict(blob["model"])
         return dense_state_dict(source)
     raise CheckpointError(f"init_from={path} is neither a stds checkpoint nor an exported pruned.pt; "
@@ -141,8 +141,9 @@ def init_from(run: Run, path: str) -> None:
     source = Path(path).expanduser()
     if not source.is_file():
         raise CheckpointError(f"init_from={path} does not exist; give a checkpoints/*.pt or a pruned.pt")
+    weights = _weights_of(source)  # its CheckpointError (unreadable, refused config) is no misfit
     try:
-        load_dense_weights(run.core, _weights_of(source))
+        load_dense_weights(run.core, weights)
     except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"init_from={path} does not fit model={_model_name(run)}: {first}") from None
