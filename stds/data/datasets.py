@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
@@ -103,20 +104,112 @@ def digits(
     )
 
 
-class _CIFAR10Files(datasets.CIFAR10):
-    """torchvision's CIFAR-10 reader with one change: it checks that the files exist, not their md5.
+CIFAR10_PICKLE_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+})
+"""The only globals a CIFAR-10 batch file may name: numpy arrays, dtypes and scalars (and the
+byte-string helper of protocol-2 pickles). Everything else is refused before it is looked up."""
 
-    torchvision hashes every batch file (178 MB) each time the dataset is built and refuses any
-    file whose md5 is not the published one. Here only that hash check is skipped: the files are
-    still read by torchvision's own code (unpickled, reshaped to 32x32x3), and a damaged or
-    foreign file fails there, which `cifar10` reports as one line. The archive fetched by
-    ``download=True`` is still verified against its md5. The same reader therefore also loads a
-    small CIFAR-10 written in the real on-disk format (the tests do this).
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles plain builtins and numpy arrays only: the CIFAR-10 batch format IS a pickle, and
+    `pickle.load` (as torchvision's reader uses) runs whatever a planted file names."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in CIFAR10_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a batch never holds; not loaded")
+        return super().find_class(module, name)
+
+
+class CIFAR10BatchError(DatasetNotFoundError):
+    """A CIFAR-10 file that is not a batch (why: ``reason``), found when the dataset is opened."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(
+            f"{path} is not a CIFAR-10 batch ({reason}); delete {path.parent} and set "
+            "dataset.download=true, or set dataset.root=<a good copy>"
+        )
+
+
+def _unpickle_batch(path: Path) -> Any:
+    """The object in ``path``, read by `_BatchUnpickler` (latin1 for the published files,
+    written by Python 2); `CIFAR10BatchError` if it cannot be read that way."""
+    if path.stat().st_size == 0:
+        raise CIFAR10BatchError(path, "an empty file")
+    try:
+        with open(path, "rb") as handle:
+            return _BatchUnpickler(handle, encoding="latin1").load()
+    except pickle.UnpicklingError as exc:
+        reason = str(exc) if str(exc).startswith("it names ") else "not a pickle: UnpicklingError"
+        raise CIFAR10BatchError(path, reason) from None
+    except Exception as exc:  # any other failure of the unpickler means the file is damaged
+        raise CIFAR10BatchError(path, f"not a pickle: {type(exc).__name__}") from None
+
+
+def read_cifar10_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """Images ``[n, 32, 32, 3]`` (uint8, HWC) and labels of one batch file, checked: a dict with
+    ``data`` (uint8 ``[n, 3072]``) and ``labels`` (n integers in 0..9); else `CIFAR10BatchError`."""
+    batch = _unpickle_batch(path)
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+        raise CIFAR10BatchError(path, "a pickle without the data and labels of a batch")
+    data = batch["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        raise CIFAR10BatchError(path, f"data of shape {shape} and dtype {getattr(data, 'dtype', type(data).__name__)}, "
+                                      "not [n, 3072] uint8 (3x32x32 images)")
+    labels = np.asarray(batch["labels"])
+    if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
+        raise CIFAR10BatchError(path, "labels that are not a list of integers")
+    if len(labels) != len(data):
+        raise CIFAR10BatchError(path, f"{len(labels)} labels for {len(data)} images")
+    bad = labels[(labels < 0) | (labels >= 10)]
+    if bad.size:
+        raise CIFAR10BatchError(path, f"label {int(bad[0])} outside 0..9")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), [int(v) for v in labels]
+
+
+def read_cifar10_classes(path: Path) -> list[str]:
+    """The ten class names of ``batches.meta`` (``label_names``), checked like a batch."""
+    meta = _unpickle_batch(path)
+    names = meta.get("label_names") if isinstance(meta, dict) else None
+    if not isinstance(names, list) or len(names) != 10 or not all(isinstance(n, str) for n in names):
+        raise CIFAR10BatchError(path, "a meta file without the ten label_names")
+    return names
+
+
+class _CIFAR10Files(datasets.CIFAR10):
+    """torchvision's CIFAR-10 dataset (its items, transforms and download) with its own reading.
+
+    The batch files are pickles: torchvision unpickles them with `pickle.load`, which would run
+    code a planted file names, and checks their md5 on every build (178 MB hashed; a small copy in
+    the real format, as the tests write, is refused). Here each file is read by a restricted
+    unpickler and checked as it is opened (`read_cifar10_batch`: shapes, label count and range),
+    so a bad file fails in one line naming it, not with a traceback in epoch 1. The archive fetched
+    by ``download=True`` is still verified against its md5.
     """
 
     train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
     test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
     meta = {**datasets.CIFAR10.meta, "md5": None}
+
+    def __init__(self, root: str, train: bool = True, transform: Any = None, download: bool = False) -> None:
+        datasets.VisionDataset.__init__(self, root, transform=transform)
+        self.train = train
+        if download:
+            self.download()
+        folder = Path(self.root) / self.base_folder
+        images, self.targets = [], []
+        for name, _ in self.train_list if train else self.test_list:
+            data, labels = read_cifar10_batch(folder / name)
+            images.append(data)
+            self.targets.extend(labels)
+        self.data = np.concatenate(images)
+        self.classes = read_cifar10_classes(folder / self.meta["filename"])
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
 
 def cifar10(
@@ -150,37 +243,10 @@ def cifar10(
         )
     normalise = [transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
     augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
-    try:
-        train = _CIFAR10Files(root, train=True, transform=transforms.Compose(augment + normalise),
-                              download=download)
-        test = _CIFAR10Files(root, train=False, transform=transforms.Compose(normalise))
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError,
-            AttributeError) as exc:
-        bad = _first_unreadable_cifar10_file(folder, expected)
-        what = f"{bad[0]} is not a CIFAR-10 batch ({bad[1]})" if bad else (
-            f"CIFAR-10 files in {folder} cannot be read ({type(exc).__name__}: {exc})")
-        raise DatasetNotFoundError(
-            f"{what}; delete {folder} and set dataset.download=true, or set dataset.root=<a good copy>"
-        ) from exc
+    train = _CIFAR10Files(root, train=True, transform=transforms.Compose(augment + normalise),
+                          download=download)
+    test = _CIFAR10Files(root, train=False, transform=transforms.Compose(normalise))
     return DatasetSplits(train, test)
-
-
-def _first_unreadable_cifar10_file(folder: Path, names: list[str]) -> tuple[Path, str] | None:
-    """The first batch file that is empty, not a pickle, or not a dict with ``data`` and
-    ``labels``, and why (read only after torchvision failed, to name the file)."""
-    for name in names:
-        path = folder / name
-        if path.stat().st_size == 0:
-            return path, "an empty file"
-        try:
-            with open(path, "rb") as handle:
-                batch = pickle.load(handle, encoding="latin1")
-        except Exception as exc:  # any unpickling failure means the file is damaged
-            return path, f"not a pickle: {type(exc).__name__}"
-        if not isinstance(batch, dict) or "data" not in batch or not (
-                "labels" in batch or "fine_labels" in batch):
-            return path, "a pickle without the data and labels of a batch"
-    return None
 
 
 def _image_folder(folder: Path, transform: Any) -> datasets.ImageFolder:
