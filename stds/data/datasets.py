@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
+from stds.data.images import BadImages, ImageFiles
 from stds.errors import ConfigError, DatasetNotFoundError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -39,6 +40,7 @@ class DatasetSplits:
 
     train: Dataset
     test: Dataset
+    bad_images: Any = None  # `stds.data.images.BadImages` of image folders: skipped files, limit
 
 
 class TensorImages(Dataset):
@@ -249,12 +251,12 @@ def cifar10(
     return DatasetSplits(train, test)
 
 
-def _image_folder(folder: Path, transform: Any) -> datasets.ImageFolder:
+def _image_folder(folder: Path, transform: Any, bad_images: BadImages) -> ImageFiles:
     fix = "set dataset.root=<folder holding train/<class>/*.JPEG and val/<class>/*.JPEG>"
     if not folder.is_dir():
         raise DatasetNotFoundError(f"ImageNet folder {folder} not found; {fix}")
     try:
-        return datasets.ImageFolder(str(folder), transform=transform)
+        return ImageFiles(str(folder), transform, bad_images)
     except FileNotFoundError as exc:  # no class folder, or class folders without images
         raise DatasetNotFoundError(f"ImageNet folder {folder} holds no images ({exc}); {fix}") from None
 
@@ -264,8 +266,14 @@ def imagenet(
     num_classes: int = 1000,
     in_channels: int = 3,
     image_size: int = 224,
+    bad_images: str = "error",
+    max_bad_images: int = 100,
 ) -> DatasetSplits:
     """ImageNet as two ``ImageFolder`` trees: ``root/train/<class>/*`` and ``root/val/<class>/*``.
+
+    An image that does not decode stops the run in one line naming it (``bad_images=error``), or
+    is replaced by the next good one, named once in the log and in ``metrics.jsonl``
+    (``bad_images=skip``), until more than ``max_bad_images`` were skipped (`stds.data.images`).
 
     Train: ``RandomResizedCrop(image_size)``, horizontal flip; val: resize the short side to
     ``image_size * 256 / 224`` (256 at 224), centre crop ``image_size``; both normalised with the
@@ -277,14 +285,15 @@ def imagenet(
     normalise = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     train_tf = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
     val_tf = [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size)]
-    train = _image_folder(Path(root) / "train", transforms.Compose(train_tf + normalise))
-    val = _image_folder(Path(root) / "val", transforms.Compose(val_tf + normalise))
+    bad = BadImages(bad_images, max_bad_images, root)
+    train = _image_folder(Path(root) / "train", transforms.Compose(train_tf + normalise), bad)
+    val = _image_folder(Path(root) / "val", transforms.Compose(val_tf + normalise), bad)
     _check_meta("imagenet", dict(num_classes=num_classes), dict(num_classes=len(train.classes)))
     if val.classes != train.classes:
         raise ConfigError(
             f"dataset.root={root}: val/ holds other class folders than train/; use the same classes"
         )
-    return DatasetSplits(train, val)
+    return DatasetSplits(train, val, bad)
 
 
 def fake(

@@ -118,6 +118,19 @@ class MetricsWriter:
         tmp.write_text("".join(kept))
         tmp.replace(self.jsonl)
 
+    def restore(self, record: dict[str, Any] | None) -> None:
+        """Write ``record`` (the checkpoint's last record) if ``metrics.jsonl`` lacks its epoch: a
+        run killed between its checkpoint and that line gets the line back when it resumes."""
+        if record is None:
+            return
+        for line in self.jsonl.read_text().splitlines() if self.jsonl.exists() else []:
+            try:
+                if json.loads(line).get("epoch") == record.get("epoch"):
+                    return
+            except (json.JSONDecodeError, AttributeError):  # a line cut by a kill
+                continue
+        self.epoch(record)
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Scalars under their own names (the log interval's ``step_loss``, ``lr``, ``d``, throughput)."""
         for name, value in values.items():

@@ -101,6 +101,7 @@ def resume(run: Run) -> Progress:
         best_acc1=state["best_acc1"], best_epoch=state["best_epoch"],
         sums=EpochSums(sums["loss"], sums["correct"], int(sums["samples"])),
         last_record=state.get("last_record", history[-1]),
+        pending_eval=state.get("pending_eval"),  # checkpointed before its evaluation
     )
     log.info("resumed from %s at epoch %d, step %d", path, progress.epoch, progress.step)
     return progress

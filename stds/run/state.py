@@ -51,6 +51,8 @@ class Progress:
     best_epoch: int = 0
     sums: EpochSums = field(default_factory=EpochSums)
     last_record: dict[str, Any] | None = None  # the last finished epoch's metrics.jsonl line
+    # an epoch trained and checkpointed but not yet evaluated: its train stats, train_s, trained
+    pending_eval: dict[str, float] | None = None
 
 
 def state_dict(run: Run, progress: Progress) -> dict[str, Any]:
@@ -69,6 +71,7 @@ def state_dict(run: Run, progress: Progress) -> dict[str, Any]:
         "best_epoch": progress.best_epoch,
         "epoch_sums": progress.sums.as_floats(),
         "last_record": progress.last_record,
+        "pending_eval": progress.pending_eval,
         "rng": ckpt.rng_state(),
         "config": to_plain(run.cfg),
     }
