@@ -136,6 +136,7 @@ def test_skip_in_a_run_lists_the_files_in_the_epoch_record(tiny_cfg, tmp_path):
     assert records[1]["bad_images"] == []
 
 
+@pytest.mark.slow
 def test_a_bad_val_image_fails_after_the_checkpoint_and_resume_only_evaluates(tiny_cfg, tmp_path):
     bad = write_folder(tmp_path / "data", bad_in="val")
     cfg = tiny_cfg(*IMAGENET, f"dataset.root={tmp_path / 'data'}")
