@@ -65,3 +65,15 @@ def test_chance_on_imagenet_is_a_tenth_of_a_percent():
 def test_plain_dict_config_works_too():
     cfg = OmegaConf.to_container(CFG)
     assert len(diagnose(_record(sparsity=1.0), cfg)) == 1
+
+
+def test_no_weight_pruned_at_a_threshold_above_zero_is_warned():
+    # lr=1e9 on the digits: after epoch 1 of 2, d = 0.25 and sparsity 0.0 (|theta| ~ 1e9)
+    cfg = OmegaConf.merge(CFG, {"sparse": {"method": "stmod"}, "lr": 1e9})
+    (warning,) = diagnose(_record(epoch=1, sparsity=0.0, d=0.25), cfg)
+    assert warning == ("no weight is pruned (sparsity 0.0) at epoch 1 although d=0.25: every |theta| grew "
+                       "past the threshold; lower lr (now 1000000000.0) or raise flat_width")
+    assert diagnose(_record(sparsity=0.0, d=0.0), cfg) == []  # d = 0 prunes nothing by design
+    assert diagnose(_record(sparsity=1e-6, d=0.25), cfg) == []
+    dense = OmegaConf.merge(CFG, {"sparse": {"method": "identity"}})
+    assert diagnose(_record(sparsity=0.0, d=0.25), dense) == []

@@ -2,10 +2,12 @@
 
 `diagnose` reads one epoch's record (the dict `stds.run.loop` writes to ``metrics.jsonl``) and the
 run's config, and returns one-line warnings; the loop logs them and keeps them in the record's
-and ``metrics.json``'s ``warnings``. Two conditions are checked:
+and ``metrics.json``'s ``warnings``. Three conditions are checked:
 
 - every pruned weight is zero (``sparsity`` 1.0): the threshold d grew faster than the weights
   could follow (e.g. the default ``flat_width=0.5`` with ``epochs=2``);
+- no weight is pruned (``sparsity`` exactly 0.0) although the method prunes and the threshold d is
+  above 0: the weights grew far past d (e.g. ``lr=1e9``);
 - test top-1 at chance for two epochs in a row, or at the end: at most ``1/C + min(0.5/C, 0.05)`` for ``C`` classes
   (0.15 for 10 classes, 0.0015 for 1000), the accuracy of a network that predicts one class.
 """
@@ -55,6 +57,18 @@ def fully_pruned(record: Mapping[str, Any], cfg: Any) -> str | None:
     return f"every weight is pruned (sparsity 1.0) at epoch {epoch}: {fix}"
 
 
+def never_pruned(record: Mapping[str, Any], cfg: Any) -> str | None:
+    """The warning for an epoch that ends with no pruned weight at zero although the run prunes
+    (``sparse.method`` st or stmod) with a threshold d > 0, else None."""
+    sparsity, d = record.get("sparsity"), record.get("d")
+    method = _get(cfg, "sparse.method", "identity")
+    method = getattr(method, "value", method)  # the schema's enum, or a plain string
+    if sparsity is None or sparsity > 0.0 or d is None or d <= 0 or method == "identity":
+        return None
+    return (f"no weight is pruned (sparsity 0.0) at epoch {record.get('epoch')} although d={d:.4g}: every "
+            f"|theta| grew past the threshold; lower lr (now {_get(cfg, 'lr')}) or raise flat_width")
+
+
 def _chance(record: Mapping[str, Any] | None, num_classes: int) -> bool:
     acc = None if record is None else record.get("test_acc1")
     return acc is not None and num_classes >= 2 and acc <= chance_limit(num_classes)
@@ -87,5 +101,5 @@ def diagnose(record: Mapping[str, Any], cfg: Any, previous: Mapping[str, Any] | 
     pruned = fully_pruned(record, cfg)
     if pruned is not None:
         return [pruned]
-    chance = at_chance(record, cfg, previous)
-    return [chance] if chance is not None else []
+    found = [never_pruned(record, cfg), at_chance(record, cfg, previous)]
+    return [warning for warning in found if warning is not None]
