@@ -97,7 +97,13 @@ def interval_line(values: dict[str, float]) -> str:
             f"{format_duration(values['eta_epoch_s'])} run {format_duration(values['eta_run_s'])}")
 
 
-_thread_hook = threading.excepthook
+_thread_hook = threading.excepthook  # the hook `_quiet_event_writer` hands everything else to
+
+
+def _install_quiet_hook() -> None:
+    global _thread_hook
+    if threading.excepthook is not _quiet_event_writer:
+        _thread_hook, threading.excepthook = threading.excepthook, _quiet_event_writer
 
 
 def _quiet_event_writer(args: threading.ExceptHookArgs) -> None:
@@ -119,7 +125,7 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
         self.run_dir = run_dir
         self.jsonl = run_dir / "metrics.jsonl"
-        threading.excepthook = _quiet_event_writer
+        _install_quiet_hook()
         with self._writes(run_dir / "tb"):
             self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
 
