@@ -60,8 +60,10 @@ def test_kill_while_best_is_written_leaves_a_best_checkpoint_after_resume(tiny_c
     monkeypatch.setattr(ckpt, "save_atomic", killed_at_second_best)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg(*cfg), tmp_path / "run")
-    # last.pt still holds epoch 1: the epoch whose best.pt was lost is not recorded as done
-    assert ckpt.load(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
+    # last.pt holds epoch 2 as trained but not evaluated: the epoch whose best.pt was lost is
+    # evaluated again on resume, which writes best.pt
+    state = ckpt.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["epoch"] == 2 and state["pending_eval"] is not None
     monkeypatch.undo()
     train(tiny_cfg(*cfg), tmp_path / "run")
     metrics = _metrics(tmp_path / "run")

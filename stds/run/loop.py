@@ -6,8 +6,8 @@ over T), loss, backward, optimizer step (the Grad R prior follows through the op
 hook), ``reset_net``, then the threshold d for the next step. Nothing is read from the device in a
 step: losses and accuracies are summed on the device and read at the log interval, where the log
 line, the progress bar and TensorBoard get images/s, ms per step, the share of time spent waiting
-for data and the ETAs. Per epoch: learning-rate step, evaluation (`stds.run.evaluate`), sparsity,
-metrics, checkpoints.
+for data and the ETAs. Per epoch: learning-rate step, checkpoint (so a failing evaluation loses
+no training), evaluation (`stds.run.evaluate`), sparsity, metrics, checkpoints.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 SAFE_ON_RESUME: tuple[str, ...] = (
     "logging", "loader", "checkpoint_every_steps", "device", "deterministic", "compile",
-    "channels_last", "dataset.root", "dataset.download", "resume", "init_from",
+    "channels_last", "dataset.root", "dataset.download", "dataset.bad_images", "dataset.max_bad_images",
+    "resume", "init_from",
 )
 """Config keys (and key prefixes) that may differ between a checkpoint and the run resuming it:
 where the data lies, how it is loaded, logged and checkpointed, and how the step is executed.
