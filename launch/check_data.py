@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{dataset._target_}: {len(splits.train)} training and {len(splits.test)} test samples; "
               "the files are read and checked")
         return 0
-    except Exception as exc:  # Hydra's composition errors and ours: one line
+    except Exception as exc:  # noqa: BLE001 - Hydra's composition errors and ours: one line
         print_error(exc)
         return 1
 

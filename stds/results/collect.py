@@ -17,8 +17,8 @@ spiking layers.
 
 from __future__ import annotations
 
-import json
 import glob
+import json
 import math
 import os
 import re

@@ -80,6 +80,8 @@ def _check_leaf(path: str, key: str, value: Any, source: Path) -> None:
 def check_saved_config(config: dict, source: Path) -> None:
     """Refuse (`CheckpointError`, one line naming the key path and ``source``) a saved plain config
     with a ``_target_`` outside `ALLOWED_TARGETS` or any string holding ``${``."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: its config is not a mapping; use a stds checkpoint or pruned.pt")
     stack: list[tuple[str, Any]] = [("", config)]
     while stack:
         prefix, node = stack.pop()
