@@ -47,6 +47,29 @@ class DatasetNotFoundError(StdsError, FileNotFoundError):
     """A dataset is not where the config says (names the path and how to fix it)."""
 
 
+def _original_line(message: str) -> str:
+    """``message``, or, when it is a DataLoader worker's re-raised text ("Caught DataError in
+    DataLoader worker process 0. Original Traceback ... stds.errors.DataError: <line>"), the
+    original one line at its end."""
+    if "Original Traceback" not in message:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1].strip()
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.rsplit(".", 1)[-1] == "DataError" else last
+
+
+class DataError(StdsError, ValueError):
+    """A data file that cannot be used (an image that does not decode; too many such), naming it.
+
+    An error raised in a DataLoader worker reaches the training process re-created from its text:
+    the traceback of the worker, flattened to one line by the CLI. This class keeps only its own
+    line, so the user sees the file's name and the fix, with or without loader workers.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_original_line(str(message)))
+
+
 class CheckpointError(StdsError, RuntimeError):
     """A checkpoint is corrupt or does not fit the run (names the file)."""
 

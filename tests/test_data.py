@@ -127,6 +127,64 @@ def test_damaged_cifar10_batch_is_one_line_naming_the_file(tmp_path, content, wh
     assert message.endswith("set dataset.download=true, or set dataset.root=<a good copy>")
 
 
+def _batch(n=4, labels=None, data=None):
+    rows = np.zeros((n, 3072), dtype=np.uint8) if data is None else data
+    return {"batch_label": "x", "data": rows, "labels": list(range(n)) if labels is None else labels}
+
+
+@pytest.mark.parametrize("batch, why", [
+    (_batch(labels=[0, 1, 2]), "3 labels for 4 images"),
+    (_batch(labels=[0, 1, 10, 2]), "label 10 outside 0..9"),
+    (_batch(labels=[0, -1, 2, 3]), "label -1 outside 0..9"),
+    (_batch(labels=["a", "b", "c", "d"]), "labels that are not a list of integers"),
+    (_batch(data=np.zeros((4, 1024), dtype=np.uint8)), "data of shape (4, 1024) and dtype uint8, not [n, 3072] uint8"),
+    (_batch(data=np.zeros((4, 3072), dtype=np.float32)), "data of shape (4, 3072) and dtype float32, not [n, 3072]"),
+])
+def test_cifar10_batch_content_is_checked_when_opened_naming_the_file(tmp_path, batch, why):
+    write_tiny_cifar10(tmp_path)
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    _pickle(bad, batch)
+    with pytest.raises(DatasetNotFoundError) as info:
+        data.cifar10(str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{bad} is not a CIFAR-10 batch (") and why in message
+
+
+class _Touch:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("name", ["data_batch_1", "test_batch", "batches.meta"])
+def test_a_malicious_cifar10_file_runs_no_code(tmp_path, name):
+    write_tiny_cifar10(tmp_path)
+    marker = tmp_path / "ran"
+    path = tmp_path / "cifar-10-batches-py" / name
+    _pickle(path, {"data": _Touch(marker), "labels": [0]})
+    with pytest.raises(DatasetNotFoundError, match=r"it names (posix|os)\.system, which a batch never holds"):
+        data.cifar10(str(tmp_path))
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_Touch(marker)))  # the payload is real
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar10_batches_of_either_pickle_protocol_load(tmp_path, protocol):
+    write_tiny_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    labels = np.array([3, 1, 4], dtype=np.int64)  # numpy labels (scalars on unpickling) load too
+    rows = np.stack([np.full(3072, k, dtype=np.uint8) for k in (10, 20, 30)])
+    with open(path, "wb") as f:
+        pickle.dump({"data": rows, "labels": labels}, f, protocol=protocol)
+    test = data.cifar10(str(tmp_path)).test
+    assert test.targets == [3, 1, 4] and test.data.shape == (3, 32, 32, 3) and int(test.data[2, 5, 5, 1]) == 30
+
+
 def test_cifar10_root_that_is_a_file_or_empty_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(DatasetNotFoundError, match=f"dataset.root={tmp_path / 'afile'} is a file, not a folder"):

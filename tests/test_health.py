@@ -118,3 +118,15 @@ def test_no_second_warning_when_the_last_epoch_is_already_warned():
     history = _history((0.9, 0.6), (0.1, 1.0))
     history[-1]["warnings"] = ["every weight is pruned"]
     assert diagnose_run(history, CFG) == []
+
+
+def test_no_weight_pruned_at_a_threshold_above_zero_is_warned():
+    # lr=1e9 on the digits: after epoch 1 of 2, d = 0.25 and sparsity 0.0 (|theta| ~ 1e9)
+    cfg = OmegaConf.merge(CFG, {"sparse": {"method": "stmod"}, "lr": 1e9})
+    (warning,) = diagnose(_record(epoch=1, sparsity=0.0, d=0.25), cfg)
+    assert warning == ("no weight is pruned (sparsity 0.0) at epoch 1 although d=0.25: every |theta| grew "
+                       "past the threshold; lower lr (now 1000000000.0) or raise flat_width")
+    assert diagnose(_record(sparsity=0.0, d=0.0), cfg) == []  # d = 0 prunes nothing by design
+    assert diagnose(_record(sparsity=1e-6, d=0.25), cfg) == []
+    dense = OmegaConf.merge(CFG, {"sparse": {"method": "identity"}})
+    assert diagnose(_record(sparsity=0.0, d=0.25), dense) == []

@@ -359,48 +359,51 @@ def _hydra_yaml(run_dir: Path, job_id: str, sweep_dir: str) -> None:
         f"  runtime:\n    cwd: {run_dir.parent}\n")
 
 
-def _job_result(sweep: Path, job_id: str, outcome: tuple) -> None:
-    import pickle
-
+def _job_logs(sweep: Path, job_id: str, out: str, err: str) -> Path:
+    """The plain-text logs submitit leaves in ``.submitit/<job>/`` (its INFO lines go to stdout)."""
     folder = sweep / ".submitit" / job_id
     folder.mkdir(parents=True)
-    (folder / f"{job_id}_0_log.err").write_text("")
-    if outcome:
-        (folder / f"{job_id}_0_result.pkl").write_bytes(pickle.dumps(outcome))
+    (folder / f"{job_id}_0_log.out").write_text(out)
+    (folder / f"{job_id}_0_log.err").write_text(err)
+    return folder
+
+
+_STARTED = "submitit INFO (2026-01-01 10:00:00,000) - Starting with JobEnvironment(job_id=1)\n"
+_DONE = "submitit INFO (2026-01-01 10:05:00,000) - Job completed successfully\n"
+_RAISED = "submitit ERROR (2026-01-01 10:05:00,000) - Submitted job triggered an exception\n"
 
 
 def test_a_run_whose_submitit_job_ended_without_metrics_is_failed(tmp_path):
-    """No metrics.json and no error.txt: the job's result pickle says whether and why it failed."""
-    from hydra.core.utils import JobReturn, JobStatus
-
-    from stds.errors import ConfigError
-
+    """No metrics.json and no error.txt: the job's plain-text logs say whether it ended and why."""
     sweep = tmp_path / "sweep"
-    message = "flat_width=-1.0 must be >= 0;\n set flat_width=<value> with value >= 0"
-    caught = JobReturn(overrides=["flat_width=-1"], status=JobStatus.FAILED,
-                       _return_value=ConfigError(message))
-    cases = {  # run dir -> (job id, the job's result)
-        "0": ("101", ("success", caught)),  # Hydra caught the task's exception
-        "1": ("102", ("error", "Traceback (most recent call last):\n  File \"x\", line 1\n"
-                               "torch.OutOfMemoryError: CUDA out of memory\n\n")),
-        "2": ("103", ()),  # still running: no result yet
-        "3": ("104", ("success", JobReturn(status=JobStatus.COMPLETED, _return_value=0.5))),
+    traceback = ("Traceback (most recent call last):\n  File \"x\", line 1\n"
+                 "torch.OutOfMemoryError: CUDA out of memory\n\n")
+    cases = {  # run dir -> (job id, stdout, stderr)
+        # Hydra caught the task's exception; the launcher wrote its line to stderr
+        "0": ("101", _STARTED + _DONE, "ConfigError: flat_width=-1.0 must be >= 0; set flat_width=<value> "
+                                       "with value >= 0\n"),
+        "1": ("102", _STARTED, _RAISED + traceback),  # the job raised
+        "2": ("103", _STARTED, ""),  # still running
+        "3": ("104", _STARTED + _DONE, ""),  # ended, nothing said why
+        "4": ("105", _STARTED, "slurmstepd: error: *** JOB 105 ON n1 CANCELLED AT 2026-01-01T12:00:00 "
+                               "DUE TO TIME LIMIT ***\n"),
     }
-    for name, (job_id, outcome) in cases.items():
+    for name, (job_id, out, err) in cases.items():
         make_run(sweep / name)
-        # a sweep dir with ${now:...} does not resolve here: the job folder is found beside the run
+        # a sweep dir with ${now:...} is never resolved: the job folder is found beside the run
         _hydra_yaml(sweep / name, job_id, "outputs/multirun/${now:%Y-%m-%d}" if name == "0" else str(sweep))
-        _job_result(sweep, job_id, outcome)
+        _job_logs(sweep, job_id, out, err)
     records = {r.path.name: r for r in collect_runs([sweep])}
     assert (records["0"].status, records["0"].error) == (
         "failed", "ConfigError: flat_width=-1.0 must be >= 0; set flat_width=<value> with value >= 0")
     assert (records["1"].status, records["1"].error) == ("failed", "OutOfMemoryError: CUDA out of memory")
     assert (records["2"].status, records["2"].error) == ("running", "")
     assert records["3"].status == "failed"
-    assert records["3"].error.startswith("the job ended without writing metrics.json; see ")
+    assert records["3"].error.startswith("no result: the job ended without metrics.json or error.txt; see ")
     assert records["3"].error.endswith("104_0_log.err")
+    assert records["4"].status == "failed" and "DUE TO TIME LIMIT" in records["4"].error
     # error.txt, when the run wrote one, is the reason shown
     (sweep / "1" / "error.txt").write_text("RuntimeError: from the run\n")
     assert read_run(sweep / "1").error == "RuntimeError: from the run"
     md = write_report(collect_runs([sweep]), sweep)["md"].read_text()
-    assert "4 runs: 0 finished, 1 running, 3 failed." in md
+    assert "5 runs: 0 finished, 1 running, 4 failed." in md

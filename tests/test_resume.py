@@ -63,8 +63,10 @@ def test_kill_while_best_is_written_leaves_a_best_checkpoint_after_resume(tiny_c
     monkeypatch.setattr(ckpt, "save_atomic", killed_at_second_best)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg(*cfg), tmp_path / "run")
-    # last.pt still holds epoch 1: the epoch whose best.pt was lost is not recorded as done
-    assert ckpt.load(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
+    # last.pt holds epoch 2 as trained but not evaluated: the epoch whose best.pt was lost is
+    # evaluated again on resume, which writes best.pt
+    state = ckpt.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["epoch"] == 2 and state["pending_eval"] is not None
     monkeypatch.undo()
     train(tiny_cfg(*cfg), tmp_path / "run")
     metrics = _metrics(tmp_path / "run")
@@ -388,5 +390,5 @@ def test_resume_refuses_a_checkpoint_whose_config_was_planted(tiny_cfg, tmp_path
     state = {"format_version": ckpt.FORMAT_VERSION, "model": {},
              "config": {"dataset": {"root": "${oc.env:HOME}"}}}
     ckpt.save_atomic(state, tmp_path / "checkpoints" / "last.pt")
-    with pytest.raises(CheckpointError, match=r"config.dataset.root in .*last.pt holds an interpolation"):
+    with pytest.raises(CheckpointError, match=r"last.pt: config key dataset.root holds an interpolation"):
         train(tiny_cfg(f"resume={tmp_path}"), tmp_path / "other")

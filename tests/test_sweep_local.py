@@ -145,6 +145,16 @@ def test_sweep_with_a_failed_point_end_to_end(tmp_path):
     assert not (sweep / "0" / ".lock").exists() and (sweep / "0" / "metrics.json").exists()
     assert rows["1"]["error"] == ("ConfigError: flat_width=-1.0 must be >= 0; "
                                   "set flat_width=<value> with value >= 0")
+    # the failed point's log ends with why it failed, not with submitit's "Job completed successfully"
+    last = (sweep / "1" / "train.log").read_text().splitlines()[-1]
+    assert "this sweep point failed: ConfigError: flat_width=-1.0 must be >= 0" in last
+    assert "Job completed successfully" not in (sweep / "1" / "train.log").read_text()
+    (sweep / "1" / "error.txt").unlink()  # without error.txt the report reads the job's stderr
+    report = subprocess.run([sys.executable, str(REPO / "launch" / "report.py"), str(sweep)],
+                            capture_output=True, text=True, timeout=HANG_S)
+    with (sweep / "report.csv").open() as handle:
+        rows = {r["run"]: r for r in csv.DictReader(handle)}
+    assert rows["1"]["status"] == "failed" and rows["1"]["error"].startswith("ConfigError: flat_width=-1.0")
 
 
 def test_sweep_progress_lines_show_each_running_points_step_eta_and_last_epoch(tmp_path, caplog):

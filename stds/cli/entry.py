@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from stds.errors import one_line, user_error
+from stds.errors import find_in_chain, one_line, user_error
 
 log = logging.getLogger("stds")
 T = TypeVar("T")
@@ -192,6 +192,16 @@ def _raised_in_job(exc: BaseException) -> bool:
     return False
 
 
+def _log_file_error_line(exc: OSError, multirun: bool) -> str:
+    """One line for Hydra failing to open the job's log file (``train.log``) in an existing run
+    directory that cannot be written (logging reports it as "Unable to configure handler")."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    path = Path(str(exc.filename)) if exc.filename else None
+    where = f"{path.parent} (its log file {path.name})" if path is not None else "the run directory"
+    return (f"cannot write in {where}: {exc.strerror or exc}; make it writable (chmod u+w, free disk "
+            f"space) or set {key}=<a writable directory>")
+
+
 def _main_error_line(exc: BaseException, multirun: bool) -> str | None:
     error = user_error(exc)
     if error is not None:
@@ -199,6 +209,11 @@ def _main_error_line(exc: BaseException, multirun: bool) -> str | None:
     hydra_line = _hydra_error_line(exc)
     if hydra_line is not None:
         return hydra_line
-    if isinstance(exc, OSError) and not _raised_in_job(exc):
+    if _raised_in_job(exc):
+        return None
+    if isinstance(exc, OSError):
         return _output_dir_error_line(exc, multirun)
+    cause = find_in_chain(exc, OSError, context=True)
+    if isinstance(exc, ValueError) and str(exc).startswith("Unable to configure handler") and cause:
+        return _log_file_error_line(cause, multirun)
     return None

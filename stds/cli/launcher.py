@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,11 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 from omegaconf import OmegaConf
 
 from stds.cli.callbacks import remove_empty_pattern_folders
-from stds.errors import ConfigError
+from stds.errors import ConfigError, error_line
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CpuShare", "LocalSweepLauncher", "available_cpus", "share_cpus"]
+__all__ = ["CpuShare", "JobRunner", "LocalSweepLauncher", "available_cpus", "share_cpus"]
 
 
 @dataclass(frozen=True)
@@ -162,13 +163,13 @@ class LocalSweepLauncher(LocalLauncher):
         return [job.results()[0] for job in jobs]
 
     def _job_runner(self) -> LocalLauncher:
-        """What each job unpickles and calls: the plugin's own launcher, set up like this one.
+        """What each job unpickles and calls: `JobRunner`, set up like this launcher.
 
         Not ``self``: the class Hydra instantiates is registered under ``hydra_plugins`` from
         ``launch/`` (see ``launch/hydra_plugins/stds_local_launcher.py``), which a job started
         elsewhere could not import.
         """
-        runner = LocalLauncher(**self.params)
+        runner = JobRunner(**self.params)
         runner.setup(hydra_context=self.hydra_context, task_function=self.task_function,  # type: ignore[arg-type]
                      config=self.config)  # type: ignore[arg-type]
         return runner
@@ -219,6 +220,30 @@ class LocalSweepLauncher(LocalLauncher):
             if progress is not None:
                 parts.append(f"#{number} {progress}")
         return "".join(f"; {part}" for part in parts)
+
+
+class JobRunner(LocalLauncher):
+    """The plugin's job body (run one sweep point), then the end of a failed point in its logs.
+
+    Hydra catches a point's exception and returns it in a FAILED `JobReturn`; submitit then logs
+    "Job completed successfully" through the root logger, whose file handler is still the point's
+    ``train.log``. Here a failed point's one line goes to ``train.log`` and to the job's stderr
+    (``.submitit/<job>/*_log.err``, where the report reads why a point without ``error.txt``
+    failed), and the point's log files are closed, so submitit's lines do not end them.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        returned = super().__call__(*args, **kwargs)
+        error = getattr(returned, "_return_value", None)
+        if returned.status == JobStatus.FAILED and isinstance(error, BaseException):
+            line = error_line(error).strip()
+            logging.getLogger("stds").error("this sweep point failed: %s", line)
+            print(line, file=sys.stderr, flush=True)
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+            handler.close()
+        return returned
 
 
 def _failed(job: Any) -> bool:

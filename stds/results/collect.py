@@ -4,26 +4,29 @@ A run directory holds ``.hydra/config.yaml``; Hydra multirun layouts ``<sweep>/<
 depth. The files of a run directory are described in ``docs/architecture.md``; fields are named as
 in ``docs/metrics.md`` (older run directories with ``flat_width`` for the threshold are read too).
 
+Files are data: configs are read without resolving any interpolation (``${oc.env:X}`` is shown
+as that text), and nothing is unpickled or imported.
+
 Status: ``metrics.json`` present -> finished (its figures); otherwise ``error.txt`` -> failed
-(its first line is shown); otherwise, if the submitit job that ran the point has ended (its
-``<job>_<task>_result.pkl`` in the sweep's ``.submitit/<job>/``), failed with the job's error;
-otherwise running (figures of the last line of ``metrics.jsonl``). Connectivity = 1 - sparsity.
+(its first line is shown); otherwise, if the submitit job that ran the point has ended (read from
+its plain-text logs in the sweep's ``.submitit/<job>/``, see `submitit_failure`), failed with the
+last line of the job's stderr; otherwise running (figures of the last line of ``metrics.jsonl``). Connectivity = 1 - sparsity.
 SynOps are per evaluated sample (`stds.run.synops`). The mean firing rate is the unweighted mean over
 spiking layers.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from stds.errors import StdsError
 
@@ -140,14 +143,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _select(cfg: DictConfig | None, key: str) -> Any:
-    """``key`` of the run config, interpolations resolved; None if absent or unresolvable."""
-    if cfg is None:
-        return None
-    try:
-        return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
-    except Exception:  # a resolver this process does not know
-        return None
+def _select(cfg: dict[str, Any] | None, key: str) -> Any:
+    """``key`` (dotted) of the run's plain config, never resolved: an interpolation stays the
+    literal text it is in the file; None if absent."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _short_target(target: Any) -> str | None:
@@ -164,25 +168,22 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _read_config(run_dir: Path) -> tuple[DictConfig | None, list[str]]:
-    config, overrides = None, []
+def _load_plain(path: Path) -> Any:
+    """A YAML file as plain Python values, interpolations left as their literal text (a planted
+    ``${oc.env:SECRET}`` is never resolved); None if unreadable."""
     try:
-        loaded = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-        config = loaded if isinstance(loaded, DictConfig) else None
-    except Exception:
-        pass
-    try:
-        listed = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"))
-        overrides = [str(o) for o in listed if not str(o).startswith("hydra.")]  # type: ignore[union-attr]
-    except Exception:
-        pass
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception:  # not YAML, not a mapping or list, unreadable
+        return None
+
+
+def _read_config(run_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    loaded = _load_plain(run_dir / ".hydra" / "config.yaml")
+    config = loaded if isinstance(loaded, dict) else None
+    listed = _load_plain(run_dir / ".hydra" / "overrides.yaml")
+    listed = listed if isinstance(listed, list) else []
+    overrides = [str(o) for o in listed if not str(o).startswith("hydra.")]
     return config, overrides
-
-
-def _one_line(exc: BaseException) -> str:
-    """``TypeName: message`` on one line, as ``error.txt`` holds it."""
-    message = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _last_traceback_line(text: str) -> str:
@@ -193,58 +194,83 @@ def _last_traceback_line(text: str) -> str:
     return re.sub(r"^(?:[A-Za-z_][\w]*\.)+(?=[A-Za-z_]\w*(?::|$))", "", lines[-1])
 
 
-def submitit_job_dir(run_dir: Path) -> Path | None:
-    """The ``.submitit/<job>/`` folder of the job that ran ``run_dir``, if there is one.
+_JOB_ID = re.compile(r"^\w[\w.-]*$")  # SLURM ids 123, 123_4; submitit local ids (pids)
+_LOG_TAIL_BYTES = 64 * 1024
+_SUBMITIT_END = ("Job completed successfully", "Submitted job triggered an exception")
+_SLURM_END = re.compile(r"\*\*\* (?:JOB|STEP) \S+ .*CANCELLED")
 
-    The job id is ``hydra.job.id`` of the run's ``.hydra/hydra.yaml`` (set by the submitit
-    launcher). The folder is ``hydra.launcher.submitit_folder`` with ``%j`` = the id when that
-    resolves, else ``.submitit/<id>`` in the run directory's parents (the sweep directory).
+
+def submitit_job_dir(run_dir: Path) -> tuple[Path, str] | None:
+    """The ``.submitit/<job>/`` folder of the job that ran ``run_dir`` and the job id, if any.
+
+    The id is ``hydra.job.id`` of the run's ``.hydra/hydra.yaml`` (set by the submitit launcher),
+    read as plain text. The folder is ``.submitit/<id>`` in one of the run directory's parents
+    (the sweep directory: the launchers' default ``submitit_folder``), or
+    ``hydra.launcher.submitit_folder`` when the file gives it as a literal path.
     """
-    try:
-        hydra_cfg = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml")
-    except Exception:
-        return None
-    job_id = _select(hydra_cfg, "hydra.job.id")
-    if job_id is None or not str(job_id).strip() or not isinstance(hydra_cfg, DictConfig):
+    hydra_cfg = _load_plain(run_dir / ".hydra" / "hydra.yaml")
+    job_id = _select(hydra_cfg if isinstance(hydra_cfg, dict) else None, "hydra.job.id")
+    if not isinstance(job_id, (str, int)) or not _JOB_ID.match(str(job_id)):
         return None
     job_id = str(job_id)
-    candidates: list[Path] = []
-    folder = _select(hydra_cfg, "hydra.launcher.submitit_folder")
-    if isinstance(folder, str):
-        resolved = Path(folder.replace("%j", job_id))
-        cwd = _select(hydra_cfg, "hydra.runtime.cwd")
-        candidates.append(resolved if resolved.is_absolute() or not cwd else Path(cwd) / resolved)
-    candidates += [parent / ".submitit" / job_id for parent in list(run_dir.resolve().parents)[:4]]
-    return next((c for c in candidates if c.is_dir()), None)
+    candidates = [parent / ".submitit" / job_id for parent in list(run_dir.resolve().parents)[:4]]
+    folder = _select(hydra_cfg, "hydra.launcher.submitit_folder")  # type: ignore[arg-type]
+    if isinstance(folder, str) and "${" not in folder and Path(folder).is_absolute():
+        candidates.append(Path(folder.replace("%j", job_id)))
+    found = next((c for c in candidates if c.is_dir()), None)
+    return None if found is None else (found, job_id)
+
+
+def _log_tail(path: Path | None) -> str:
+    """The last 64 KiB of a plain-text log (decoding errors replaced); empty if there is none."""
+    if path is None:
+        return ""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(path.stat().st_size - _LOG_TAIL_BYTES, 0))
+            return handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _first_log(job_dir: Path, job_id: str, suffix: str) -> Path | None:
+    logs = sorted(job_dir.glob(f"{glob.escape(job_id)}_*_log.{suffix}"), key=_natural_key)
+    return logs[0] if logs else None
+
+
+def _reason(err_text: str) -> str | None:
+    """The last line of a job's stderr that is not submitit's own bookkeeping, module path
+    dropped from an exception line (``OutOfMemoryError: CUDA out of memory``); None if none."""
+    lines = [line.strip() for line in err_text.splitlines()
+             if line.strip() and not line.startswith("submitit ")]
+    return _last_traceback_line(lines[-1]) if lines else None
 
 
 def submitit_failure(run_dir: Path) -> str | None:
     """Why the submitit job of ``run_dir`` ended without ``metrics.json``; None if it has not
-    ended (no ``*_result.pkl`` yet) or the run was not started by submitit.
+    ended or the run was not started by submitit.
 
-    The result pickle holds ``("error", traceback)`` when the job raised, or ``("success",
-    JobReturn)`` where Hydra caught the task's exception (status FAILED, e.g. a config error
-    raised before the run directory had ``error.txt``). It is the user's own sweep output, read
-    with `pickle` as submitit itself reads it.
+    Only plain text is read: the job has ended when submitit's end line is in its logs (``Job
+    completed successfully`` / ``Submitted job triggered an exception``), SLURM's ``CANCELLED``
+    line ends its stderr, or its ``*_result.pkl`` exists (that pickle is never opened). The
+    reason is the last line of the job's stderr log (``*_log.err``), else "no result".
     """
-    job_dir = submitit_job_dir(run_dir)
-    if job_dir is None:
+    found = submitit_job_dir(run_dir)
+    if found is None:
         return None
-    results = sorted(job_dir.glob("*_result.pkl"), key=_natural_key)
-    if not results:
+    job_dir, job_id = found
+    err_log = _first_log(job_dir, job_id, "err")
+    err, out = _log_tail(err_log), _log_tail(_first_log(job_dir, job_id, "out"))
+    err_lines = [line for line in err.splitlines() if line.strip()]
+    ended = (any(marker in err or marker in out for marker in _SUBMITIT_END)
+             or (bool(err_lines) and bool(_SLURM_END.search(err_lines[-1])))
+             or any(job_dir.glob(f"{glob.escape(job_id)}_*_result.pkl")))
+    if not ended:
         return None
-    try:
-        with results[0].open("rb") as handle:
-            outcome, value = pickle.load(handle)
-    except Exception as exc:  # unreadable, or a class this process cannot import
-        return f"the job ended without metrics.json; its result {results[0]} is unreadable ({_one_line(exc)})"
-    if outcome == "error":
-        return _last_traceback_line(str(value))
-    returned = getattr(value, "_return_value", None)
-    if isinstance(returned, BaseException):
-        return _one_line(returned)
-    logs = ", ".join(str(p) for p in sorted(job_dir.glob("*_log.err"), key=_natural_key))
-    return f"the job ended without writing metrics.json; see {logs or job_dir}"
+    reason = _reason(err)
+    if reason is None:
+        return f"no result: the job ended without metrics.json or error.txt; see {err_log or job_dir}"
+    return reason
 
 
 def _status(run_dir: Path, final: dict[str, Any] | None) -> tuple[str, str]:
@@ -272,7 +298,7 @@ def _warnings(final: dict[str, Any] | None) -> list[str]:
     return [" ".join(str(w).split()) for w in listed if str(w).strip()]
 
 
-def _config_fields(cfg: DictConfig | None) -> dict[str, Any]:
+def _config_fields(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """The config values a report shows: dataset, model, method, flat_width, alpha_gr, ..."""
     alpha = _number(_select(cfg, "alpha_gr"))
     schedule = _select(cfg, "scheduler.kind")

@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from stds.errors import CheckpointError, StdsError
 from stds.method.sparse import dense_state_dict, pruned_layers, sparsity
 from stds.run import checkpoint as ckpt
 from stds.run.files import write_atomic
-from stds.run.rebuild import build_model, sparsified_model
+from stds.run.rebuild import build_model, load_saved_yaml, sparsified_model
 
 __all__ = [
     "EXPORT_NAME", "TrainedNetwork", "export_finished", "export_run", "format_storage",
@@ -102,14 +101,15 @@ def format_storage(info: dict[str, Any]) -> str:
 
 
 def _config(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's resolved config, or else the run's ``.hydra/config.yaml`` resolved."""
+    """The checkpoint's resolved config, or else the run's ``.hydra/config.yaml`` with its
+    references to its own keys resolved (a resolver call such as ``${oc.env:...}`` is refused)."""
     config = state.get("config")
     if isinstance(config, dict) and "model" in config:
         return config
     path = run_dir / ".hydra" / "config.yaml"
     if not path.exists():
         raise StdsError(f"{run_dir} has no config (neither in the checkpoint nor in {path})")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+    return load_saved_yaml(path)
 
 
 def _checkpoint(run_dir: Path, which: str) -> Path:
@@ -147,14 +147,14 @@ def trained_network(run_dir: Path | str, which: str = "last") -> TrainedNetwork:
     path = _checkpoint(run_dir, which)
     state = ckpt.load(path)
     config = _config(run_dir, state)
-    model = sparsified_model(config)
+    model = sparsified_model(config, path)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {path} does not fit its config's model: {first}") from None
     weights = dense_state_dict(model)
-    plain = build_model(config)
+    plain = build_model(config, path)
     plain.load_state_dict(weights)  # loads into the plain model, or raises here
     source = {"checkpoint": path.name, "epoch": state.get("epoch"), "step": state.get("step")}
     return TrainedNetwork(plain.eval(), weights, list(pruned_layers(model)), sparsity(model),

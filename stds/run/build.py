@@ -54,6 +54,7 @@ class Run:
     steps_per_epoch: int
     amp_dtype: torch.dtype | None
     channels_last: bool = False  # the model's weights, and so its input batches, are NHWC
+    bad_images: Any = None  # the datasets' `stds.data.images.BadImages` (image folders), or None
 
     @property
     def ckpt_dir(self) -> Path:
@@ -176,4 +177,4 @@ def build_run(cfg: DictConfig, env: distributed.DistEnv, run_dir: Path) -> Run:
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16 and env.device.type == "cuda")
     return Run(cfg, env, run_dir, core, model, optimizer, lr_scheduler, scaler, threshold,
-               train_loader, test_loader, steps_per_epoch, dtype, channels_last)
+               train_loader, test_loader, steps_per_epoch, dtype, channels_last, splits.bad_images)

@@ -30,7 +30,8 @@ FORMAT_VERSION = 2
   ``last_record``, ``config.amp`` a string; buffers still ``...flat_width``.
 - 2: ``schedule`` (the state of d's schedule), buffers ``...parametrizations.weight.0.d`` and
   ``best_sparsity`` (the sparsity of the epoch in ``best.pt``; 0 from older files, so the next
-  epoch at the final sparsity becomes the best).
+  epoch at the final sparsity becomes the best), ``pending_eval`` (an epoch checkpointed before
+  its evaluation, which a resumed run evaluates first; None from older files).
 """
 LAST = "last.pt"
 BEST = "best.pt"
@@ -128,6 +129,7 @@ def _upgrade_from_1(state: dict[str, Any]) -> dict[str, Any]:
     if isinstance(config, dict) and isinstance(config.get("amp"), bool):
         state["config"] = {**config, "amp": "fp16" if config["amp"] else "false"}
     state.setdefault("best_sparsity", 0.0)
+    state.setdefault("pending_eval", None)
     state["format_version"] = 2
     return state
 

@@ -219,6 +219,12 @@ def _check_dataset(cfg: DictConfig) -> None:
     for key in ("_target_", "num_classes", "in_channels", "image_size"):
         if key not in cfg.dataset:
             raise ConfigError(f"dataset.{key} is missing; pick a dataset with dataset=<name>")
+    policy = cfg.dataset.get("bad_images", "error")
+    if policy not in ("error", "skip"):
+        raise ConfigError(f"dataset.bad_images={policy!r} is not valid; use error or skip")
+    limit = cfg.dataset.get("max_bad_images", 0)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise ConfigError(f"dataset.max_bad_images={limit!r} must be an integer >= 0")
     root = cfg.dataset.get("root")
     if root is None or cfg.dataset.get("download", False):
         return

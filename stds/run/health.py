@@ -8,6 +8,8 @@ and ``metrics.json``'s ``warnings``. Per epoch:
   `OVER_PRUNED_SPARSITY` (0.99) with test top-1 at chance: the threshold d grew faster than the
   weights could follow (e.g. the default ``flat_width=0.5`` with ``epochs=2``). The fix named is
   the pruning's (lower ``flat_width``, more epochs, or ``scheduler=target``), not the lr's;
+- no weight is pruned (``sparsity`` exactly 0.0) although the method prunes and the threshold d is
+  above 0: the weights grew far past d (e.g. ``lr=1e9``);
 - test top-1 at chance for two epochs in a row, or at the end: at most ``1/C + min(0.5/C, 0.05)`` for ``C`` classes
   (0.15 for 10 classes, 0.0015 for 1000), the accuracy of a network that predicts one class.
 
@@ -89,6 +91,18 @@ def over_pruned(record: Mapping[str, Any], cfg: Any) -> str | None:
             f"at epoch {record.get('epoch')}: {pruning_fix(cfg)}")
 
 
+def never_pruned(record: Mapping[str, Any], cfg: Any) -> str | None:
+    """The warning for an epoch that ends with no pruned weight at zero although the run prunes
+    (``sparse.method`` st or stmod) with a threshold d > 0, else None."""
+    sparsity, d = record.get("sparsity"), record.get("d")
+    method = _get(cfg, "sparse.method", "identity")
+    method = getattr(method, "value", method)  # the schema's enum, or a plain string
+    if sparsity is None or sparsity > 0.0 or d is None or d <= 0 or method == "identity":
+        return None
+    return (f"no weight is pruned (sparsity 0.0) at epoch {record.get('epoch')} although d={d:.4g}: every "
+            f"|theta| grew past the threshold; lower lr (now {_get(cfg, 'lr')}) or raise flat_width")
+
+
 def _chance(record: Mapping[str, Any] | None, num_classes: int) -> bool:
     acc = None if record is None else record.get("test_acc1")
     return acc is not None and num_classes >= 2 and acc <= chance_limit(num_classes)
@@ -121,8 +135,8 @@ def diagnose(record: Mapping[str, Any], cfg: Any, previous: Mapping[str, Any] | 
     pruned = fully_pruned(record, cfg) or over_pruned(record, cfg)
     if pruned is not None:
         return [pruned]
-    chance = at_chance(record, cfg, previous)
-    return [chance] if chance is not None else []
+    found = [never_pruned(record, cfg), at_chance(record, cfg, previous)]
+    return [warning for warning in found if warning is not None]
 
 
 def accuracy_fell_while_pruning(history: Sequence[Mapping[str, Any]], cfg: Any) -> str | None:

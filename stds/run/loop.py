@@ -6,8 +6,8 @@ over T), loss, backward, optimizer step (the Grad R prior follows through the op
 hook), ``reset_net``, then the threshold d for the next step. Nothing is read from the device in a
 step: losses and accuracies are summed on the device and read at the log interval, where the log
 line, the progress bar and TensorBoard get images/s, ms per step, the share of time spent waiting
-for data and the ETAs. Per epoch: learning-rate step, evaluation (`stds.run.evaluate`), sparsity,
-metrics, checkpoints.
+for data and the ETAs. Per epoch: learning-rate step, checkpoint (so a failing evaluation loses
+no training), evaluation (`stds.run.evaluate`), sparsity, metrics, checkpoints.
 """
 
 from __future__ import annotations
@@ -220,26 +220,38 @@ def _log_interval(run: Run, progress: Progress, loop: Loop, loss: torch.Tensor) 
 
 
 def finish_epoch(run: Run, progress: Progress, loop: Loop, train_stats: dict[str, float], started: float) -> dict[str, Any]:
-    """Learning-rate step, evaluation, metrics and checkpoints at the end of an epoch."""
+    """Learning-rate step and the epoch's checkpoint, written before the evaluation (a failing
+    evaluation loses no training: the resumed run only evaluates), then `evaluate_epoch`."""
     train_s = time.perf_counter() - started
     run.lr_scheduler.step()
-    eval_started = time.perf_counter()
-    test_stats = evaluate(run)
-    loop.eval_s = time.perf_counter() - eval_started
     progress.epoch += 1
     progress.batch_in_epoch = 0
     # only what this process trained since `started`: after a mid-epoch resume the epoch's earlier
     # samples were trained (and timed) by the process before the restart
     trained = (progress.sums.samples - loop.resumed_samples) * run.env.world_size
     progress.sums = state.EpochSums()
+    progress.pending_eval = {**train_stats, "train_s": train_s, "trained": float(trained)}
+    state.save(run, progress)
+    return evaluate_epoch(run, progress, loop)
+
+
+def evaluate_epoch(run: Run, progress: Progress, loop: Loop) -> dict[str, Any]:
+    """Evaluate the epoch ``progress.pending_eval`` holds; its record, metrics and checkpoints."""
+    pending = progress.pending_eval or {}
+    eval_started = time.perf_counter()
+    test_stats = evaluate(run)
+    loop.eval_s = time.perf_counter() - eval_started
+    train_s, trained = pending.get("train_s", 0.0), pending.get("trained", 0.0)
+    train_stats = {k: v for k, v in pending.items() if k not in ("train_s", "trained")}
     sp = sparsity(run.core)
     record = {"epoch": progress.epoch, "step": progress.step, "lr": run.optimizer.param_groups[0]["lr"],
               **run.threshold.metrics(), **train_stats, **test_stats,
               "sparsity": sp["total"], "sparsity_layers": sp["layers"],
               "epoch_time_s": train_s + loop.eval_s, "eval_time_s": loop.eval_s,
-              "train_images_per_s": trained / max(train_s, 1e-9)}
+              "train_images_per_s": trained / max(train_s, 1e-9),
+              "bad_images": run.bad_images.drain() if run.bad_images is not None else []}
     record["warnings"] = diagnose(record, run.cfg, previous=progress.last_record)
-    progress.last_record = record
+    progress.last_record, progress.pending_eval = record, None
     best = replaces_best(record["test_acc1"], record["sparsity"], progress.best_acc1, progress.best_sparsity)
     if best:
         progress.best_acc1, progress.best_epoch = record["test_acc1"], progress.epoch
@@ -280,6 +292,9 @@ def fit(run: Run, progress: Progress, signals: StopSignals) -> float:
         loop.writer = MetricsWriter(run.run_dir, purge_step=progress.step or None)
         loop.writer.truncate_after(progress.step)
         _log_start(run)
+        loop.writer.restore(progress.last_record)  # a kill may have come between checkpoint and line
+    if progress.pending_eval is not None:  # the checkpoint was written, the evaluation was not done
+        evaluate_epoch(run, progress, loop)
     while progress.epoch < run.cfg.epochs:
         started = time.perf_counter()
         train_stats = train_epoch(run, progress, loop)

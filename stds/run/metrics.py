@@ -5,17 +5,20 @@ Only rank 0 creates a `MetricsWriter`; the other ranks compute and reduce, but w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
+from stds.errors import RunDirError
 from stds.method.sparse import pruned_parameters
 from stds.run.files import write_atomic
 
@@ -137,13 +140,47 @@ def interval_line(values: dict[str, float]) -> str:
             f"{format_duration(values['eta_epoch_s'])} run {format_duration(values['eta_run_s'])}")
 
 
+_thread_hook = threading.excepthook  # the hook `_quiet_event_writer` hands everything else to
+
+
+def _install_quiet_hook() -> None:
+    global _thread_hook
+    if threading.excepthook is not _quiet_event_writer:
+        _thread_hook, threading.excepthook = threading.excepthook, _quiet_event_writer
+
+
+def _quiet_event_writer(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook`` that leaves out the OSError of TensorBoard's writer thread: the
+    thread re-raises its failed write (Python prints ~100 lines of traceback), and the training
+    thread meets the same error at its next write, where `MetricsWriter` makes it one line."""
+    if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+        return
+    _thread_hook(args)
+
+
 class MetricsWriter:
-    """Writes one run's TensorBoard events and JSON metric files (names from ``docs/metrics.md``)."""
+    """Writes one run's TensorBoard events and JSON metric files (names from ``docs/metrics.md``).
+
+    A write that fails (the run directory became read-only, the disk is full) is a `RunDirError`:
+    one line naming the directory and the fix; the checkpoint on disk is kept, so the run resumes.
+    """
 
     def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
         self.run_dir = run_dir
         self.jsonl = run_dir / "metrics.jsonl"
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
+        _install_quiet_hook()
+        with self._writes(run_dir / "tb"):
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
+
+    @contextlib.contextmanager
+    def _writes(self, where: Path) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise RunDirError(
+                f"cannot write {where} ({exc.strerror or exc}); make {self.run_dir} writable (chmod u+w, "
+                f"free disk space), then resume: python launch/train.py resume={self.run_dir}"
+            ) from None
 
     def truncate_after(self, step: int) -> None:
         """Drop the ``metrics.jsonl`` lines of epochs after ``step`` (a resumed run writes them again)."""
@@ -157,7 +194,8 @@ class MetricsWriter:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line + "\n")
-        write_atomic(self.jsonl, "".join(kept))
+        with self._writes(self.jsonl):
+            write_atomic(self.jsonl, "".join(kept))
 
     def history(self) -> list[dict[str, Any]]:
         """The ``metrics.jsonl`` records written so far, in order (a line cut by a kill is skipped)."""
@@ -171,36 +209,54 @@ class MetricsWriter:
                 continue
         return records
 
+    def restore(self, record: dict[str, Any] | None) -> None:
+        """Write ``record`` (the checkpoint's last record) if ``metrics.jsonl`` lacks its epoch: a
+        run killed between its checkpoint and that line gets the line back when it resumes."""
+        if record is None:
+            return
+        for line in self.jsonl.read_text().splitlines() if self.jsonl.exists() else []:
+            try:
+                if json.loads(line).get("epoch") == record.get("epoch"):
+                    return
+            except (json.JSONDecodeError, AttributeError):  # a line cut by a kill
+                continue
+        self.epoch(record)
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Scalars under their own names (the log interval's ``step_loss``, ``lr``, ``d``, throughput)."""
-        for name, value in values.items():
-            self.tb.add_scalar(name, value, step)
+        with self._writes(self.run_dir / "tb"):
+            for name, value in values.items():
+                self.tb.add_scalar(name, value, step)
 
     def epoch(self, record: dict[str, Any]) -> None:
         """One finished epoch: TensorBoard scalars at its last step and a ``metrics.jsonl`` line."""
         step = record["step"]
-        for name, value in record.items():
-            if isinstance(value, dict):
-                for layer, layer_value in value.items():
-                    self.tb.add_scalar(f"{name}/{layer}", layer_value, step)
-            elif isinstance(value, (int, float)) and value is not None and name != "step":
-                self.tb.add_scalar(name, value, step)
-        with self.jsonl.open("a") as handle:
+        with self._writes(self.run_dir / "tb"):
+            for name, value in record.items():
+                if isinstance(value, dict):
+                    for layer, layer_value in value.items():
+                        self.tb.add_scalar(f"{name}/{layer}", layer_value, step)
+                elif isinstance(value, (int, float)) and value is not None and name != "step":
+                    self.tb.add_scalar(name, value, step)
+        with self._writes(self.jsonl), self.jsonl.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        self.tb.flush()
+        with self._writes(self.run_dir / "tb"):
+            self.tb.flush()
 
     def histograms(self, model: nn.Module, step: int) -> None:
         """Histograms of θ (``theta/<layer>``) and w (``w/<layer>``) of every pruned layer."""
         for name, theta in pruned_parameters(model).items():
             module = model.get_submodule(name)
-            self.tb.add_histogram(f"theta/{name}", theta.detach().float().cpu(), step)
-            with torch.no_grad():
+            with self._writes(self.run_dir / "tb"), torch.no_grad():
+                self.tb.add_histogram(f"theta/{name}", theta.detach().float().cpu(), step)
                 self.tb.add_histogram(f"w/{name}", module.weight.detach().float().cpu(), step)
 
     def final(self, summary: dict[str, Any]) -> None:
         """``metrics.json``: the final and best figures."""
         clean = {k: (_finite(v) if isinstance(v, float) else v) for k, v in summary.items()}
-        write_atomic(self.run_dir / "metrics.json", json.dumps(clean, indent=2) + "\n")
+        with self._writes(self.run_dir / "metrics.json"):
+            write_atomic(self.run_dir / "metrics.json", json.dumps(clean, indent=2) + "\n")
 
     def close(self) -> None:
-        self.tb.close()
+        with self._writes(self.run_dir / "tb"):
+            self.tb.close()

@@ -1,8 +1,18 @@
 """Models rebuilt from a saved config (a checkpoint's or ``pruned.pt``'s ``config``): for
-``init_from``, export and reports, which read runs other than the one being trained."""
+``init_from``, export and reports, which read runs other than the one being trained.
+
+A saved config is data from a file that anyone with write access to a shared directory may have
+written, so nothing it names is built before `check_saved_config` has walked it: every
+``_target_`` must be in `ALLOWED_TARGETS` (our models, neurons and datasets, the torch optimizers
+and learning-rate schedules of ``conf/``), and no string may hold an interpolation (a saved config
+is resolved when it is written; ``${oc.env:...}`` in one was put there by hand). Hydra 1.3 has no
+target allowlist of its own (its blocklist lets ``numpy.load`` through), so it is kept here.
+Users who add their own model call `allow_target` (``docs/architecture.md``, "Extending").
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,35 +20,119 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+import stds.data
+import stds.models
 from stds.errors import CheckpointError
 from stds.method.sparse import sparsify
 
 
-def build_model(config: dict[str, Any]) -> nn.Module:
-    """The plain model of ``config["model"]`` (no reparameterization)."""
+def _public_names(package: Any, names: list[str]) -> set[str]:
+    """``package.name`` and the defining ``module.qualname`` of each object: the two spellings a
+    config may use for it (``stds.models.DigitsNet``, ``stds.models.digits_net.DigitsNet``)."""
+    spelled = set()
+    for name in names:
+        obj = getattr(package, name)
+        spelled.add(f"{package.__name__}.{name}")
+        spelled.add(f"{obj.__module__}.{obj.__qualname__}")
+    return spelled
+
+
+_MODELS = ["CIFAR10Net", "DigitsNet", "SEWResNet", "make_neuron", "sew_resnet18", "sew_resnet34",
+           "sew_resnet50", "sew_resnet101", "sew_resnet152"]
+_DATASETS = ["digits", "cifar10", "imagenet", "fake"]
+_TORCH = {"torch.optim.Adam", "torch.optim.adam.Adam", "torch.optim.SGD", "torch.optim.sgd.SGD",
+          "torch.optim.lr_scheduler.ConstantLR",
+          "torch.optim.lr_scheduler.CosineAnnealingLR"}  # conf/optimizer/, conf/lr_scheduler/
+
+ALLOWED_TARGETS: set[str] = _public_names(stds.models, _MODELS) | _public_names(stds.data, _DATASETS) | _TORCH
+"""Every ``_target_`` a config read from a file may name; `allow_target` adds to it."""
+
+_TARGET_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+
+
+def allow_target(name: str) -> None:
+    """Let saved configs name ``name`` (``"mypackage.models.MyNet"``) as a ``_target_``: call it
+    in your own code before exporting or starting from a run of your model."""
+    if not isinstance(name, str) or not _TARGET_NAME.match(name):
+        raise ValueError(f"allow_target({name!r}): give a dotted name such as 'mypackage.models.MyNet'")
+    ALLOWED_TARGETS.add(name)
+
+
+def _shown(value: Any) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_leaf(path: str, key: str, value: Any, source: Path) -> None:
+    if key == "_target_" and (not isinstance(value, str) or value not in ALLOWED_TARGETS):
+        raise CheckpointError(
+            f"{source}: config key {path} = {_shown(value)!r} is not an allowed _target_ (stds models, "
+            "neurons and datasets, the shipped optimizers and lr schedules); nothing was built. If it is "
+            "your own class, call stds.run.rebuild.allow_target(<its name>) first (docs/architecture.md)"
+        )
+    if isinstance(value, str) and "${" in value:
+        raise CheckpointError(
+            f"{source}: config key {path} holds an interpolation ({_shown(value)!r}); a saved config is "
+            "resolved when written, so this file was altered; nothing was built: use a file you trust"
+        )
+
+
+def check_saved_config(config: dict, source: Path) -> None:
+    """Refuse (`CheckpointError`, one line naming the key path and ``source``) a saved plain config
+    with a ``_target_`` outside `ALLOWED_TARGETS` or any string holding ``${``."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: its config is not a mapping; use a stds checkpoint or pruned.pt")
+    stack: list[tuple[str, Any]] = [("", config)]
+    while stack:
+        prefix, node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(key, str) and "${" in key:
+                _check_leaf(path, "", key, source)
+            if isinstance(value, (dict, list, tuple)):
+                if key == "_target_":
+                    _check_leaf(path, "_target_", value, source)
+                stack.append((path, value))
+            else:
+                _check_leaf(path, str(key), value, source)
+
+
+def load_saved_yaml(path: Path) -> dict:
+    """A run's ``.hydra/config.yaml`` (written unresolved) as a plain resolved dict, allowing only
+    references to its own keys (``${T}``, ``${dataset.num_classes}``): a resolver call such as
+    ``${oc.env:HOME}`` is refused naming the key and the file, never run."""
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    _refuse_resolvers(raw, "", path)
+    return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)  # type: ignore[return-value]
+
+
+_RESOLVER = re.compile(r"\$\{[^}]*:")
+
+
+def _refuse_resolvers(node: Any, prefix: str, source: Path) -> None:
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, str) and _RESOLVER.search(value):
+            raise CheckpointError(f"{source}: config key {path} calls a resolver ({_shown(value)!r}); "
+                                  "only references to other keys are read from a file: use a file you trust")
+        _refuse_resolvers(value, path, source)
+
+
+def build_model(config: dict[str, Any], source: Path | str = "the saved config") -> nn.Module:
+    """The plain model of ``config["model"]`` (no reparameterization), after `check_saved_config`
+    (``source``: the file the config came from, for the error line)."""
+    check_saved_config(config, Path(source))
     return instantiate(OmegaConf.create(config["model"]))
 
 
-def sparsified_model(config: dict[str, Any]) -> nn.Module:
+def sparsified_model(config: dict[str, Any], source: Path | str = "the saved config") -> nn.Module:
     """The model with the reparameterizations the run trained with (thresholds from its state)."""
-    model = build_model(config)
+    model = build_model(config, source)
     sparse = config.get("sparse") or {}
     exclude = sparse.get("exclude")
     if exclude is None:
         exclude = getattr(model, "prune_exclude", ())
     sparsify(model, str(sparse.get("method", "identity")), exclude=tuple(exclude))
     return model
-
-
-def check_saved_config(config: Any, source: Path, path: str = "config") -> None:
-    """Refuse a saved config that carries an interpolation: configs are written resolved, so a
-    ``${...}`` in one was planted (resolving it could read the environment or call a resolver)."""
-    if isinstance(config, dict):
-        for key, value in config.items():
-            check_saved_config(value, source, f"{path}.{key}")
-    elif isinstance(config, list):
-        for index, value in enumerate(config):
-            check_saved_config(value, source, f"{path}[{index}]")
-    elif isinstance(config, str) and "${" in config:
-        raise CheckpointError(f"{path} in {source} holds an interpolation ({config!r}); saved configs are "
-                              "resolved when written, so this file was altered: use a run directory you trust")

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 SAFE_ON_RESUME: tuple[str, ...] = (
     "logging", "loader", "checkpoint_every_steps", "device", "deterministic", "compile",
-    "channels_last", "dataset.root", "dataset.download", "resume", "init_from",
+    "channels_last", "dataset.root", "dataset.download", "dataset.bad_images", "dataset.max_bad_images",
+    "resume", "init_from",
 )
 """Config keys (and key prefixes) that may differ between a checkpoint and the run resuming it:
 where the data lies, how it is loaded, logged and checkpointed, and how the step is executed.
@@ -96,6 +97,7 @@ def resume(run: Run) -> Progress:
         best_sparsity=float(state["best_sparsity"]),
         sums=EpochSums(sums["loss"], sums["correct"], int(sums["samples"])),
         last_record=state["last_record"],
+        pending_eval=state["pending_eval"],  # checkpointed before its evaluation
     )
     log.info("resumed from %s in %s", path, progress.where(run.cfg.epochs))
     return progress
@@ -127,7 +129,7 @@ def _weights_of(path: Path) -> dict[str, torch.Tensor]:
         return blob["state_dict"]
     if isinstance(blob, dict) and "format_version" in blob and "model" in blob and "config" in blob:
         state = ckpt.upgrade(blob, path)
-        source = sparsified_model(state["config"])
+        source = sparsified_model(state["config"], path)
         source.load_state_dict(state["model"])
         return dense_state_dict(source)
     raise CheckpointError(f"init_from={path} is neither a stds checkpoint nor an exported pruned.pt; "
@@ -140,8 +142,9 @@ def init_from(run: Run, path: str) -> None:
     source = Path(path).expanduser()
     if not source.is_file():
         raise CheckpointError(f"init_from={path} does not exist; give a checkpoints/*.pt or a pruned.pt")
+    weights = _weights_of(source)  # its CheckpointError (unreadable, refused config) is no misfit
     try:
-        load_dense_weights(run.core, _weights_of(source))
+        load_dense_weights(run.core, weights)
     except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"init_from={path} does not fit model={_model_name(run)}: {first}") from None

@@ -52,6 +52,8 @@ class Progress:
     best_sparsity: float = 0.0  # of the best epoch (best.pt), for `stds.run.metrics.replaces_best`
     sums: EpochSums = field(default_factory=EpochSums)
     last_record: dict[str, Any] | None = None  # the last finished epoch's metrics.jsonl line
+    # an epoch trained and checkpointed but not yet evaluated: its train stats, train_s, trained
+    pending_eval: dict[str, float] | None = None
 
     def where(self, epochs: int) -> str:
         """``epoch E/N, step S`` with E the epoch in progress (the one numbering of the logs)."""
@@ -75,6 +77,7 @@ def state_dict(run: Run, progress: Progress) -> dict[str, Any]:
         "best_sparsity": progress.best_sparsity,
         "epoch_sums": progress.sums.as_floats(),
         "last_record": progress.last_record,
+        "pending_eval": progress.pending_eval,
         "rng": ckpt.rng_state(),
         "config": to_plain(run.cfg),
     }
