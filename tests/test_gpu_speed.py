@@ -22,7 +22,7 @@ from tests.conftest import compose_train
 from stds.run import accel
 from stds.run.distributed import DistEnv
 from stds.errors import ConfigError
-from stds.models import CIFAR10Net, DigitsNet, make_neuron, sew_resnet18
+from stds.models import CIFAR10Net, DigitsNet, SEWResNet, make_neuron
 from stds.models.neurons import SURROGATES, fused_kernel_condition
 from stds.method.sparse import sparsify
 from stds.run.build import build_run, prepare_config
@@ -82,7 +82,7 @@ SMALL = {
                                   voting=2, num_classes=3, neuron=neuron),
         (2, 3, 8, 8),
     ),
-    "sew_resnet18": (lambda neuron: sew_resnet18(T=2, num_classes=10, width=8, neuron=neuron),
+    "sew_resnet18": (lambda neuron: SEWResNet(depth=18, T=2, num_classes=10, width=8, neuron=neuron),
                      (2, 3, 32, 32)),
 }
 

@@ -37,8 +37,7 @@ def _public_names(package: Any, names: list[str]) -> set[str]:
     return spelled
 
 
-_MODELS = ["CIFAR10Net", "DigitsNet", "SEWResNet", "make_neuron", "sew_resnet18", "sew_resnet34",
-           "sew_resnet50", "sew_resnet101", "sew_resnet152"]
+_MODELS = ["CIFAR10Net", "DigitsNet", "SEWResNet", "make_neuron"]
 _DATASETS = ["digits", "cifar10", "imagenet", "fake"]
 _TORCH = {"torch.optim.Adam", "torch.optim.adam.Adam", "torch.optim.SGD", "torch.optim.sgd.SGD",
           "torch.optim.lr_scheduler.ConstantLR",
