@@ -63,3 +63,12 @@ def kill_after_steps(monkeypatch, steps: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop_module, "train_step", step_or_die)
+
+
+def model_d(model) -> float:
+    """The one threshold d that every reparameterization of ``model`` holds (read from its buffers)."""
+    from stds.method.sparse import reparams
+
+    values = {float(reparam.d) for reparam in reparams(model)}
+    assert len(values) == 1, f"the pruned layers hold different thresholds: {sorted(values)}"
+    return values.pop()

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import stds.run.loop as loop_module
-from conftest import REPO
+from tests.conftest import REPO
 from stds.data import datasets as data
 from stds.data.images import BadImages, check_files, image_files
 from stds.data.loaders import LoaderOptions, eval_loader, train_loader

@@ -19,8 +19,6 @@ from stds.models import (
     DigitsNet,
     SEWResNet,
     make_neuron,
-    sew_resnet101,
-    sew_resnet152,
 )
 from stds.models.neurons import Float32StateIFNode, Float32StateLIFNode
 from stds.models.sew_resnet import BasicBlock, Bottleneck
@@ -68,9 +66,9 @@ def test_output_shape_and_same_output_after_reset(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", [sew_resnet101, sew_resnet152])
-def test_deep_sew_resnets_output_shape(build):
-    model = build(T=2, num_classes=10).eval()
+@pytest.mark.parametrize("depth", [101, 152])
+def test_deep_sew_resnets_output_shape(depth):
+    model = SEWResNet(depth=depth, T=2, num_classes=10).eval()
     with torch.no_grad():
         assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 

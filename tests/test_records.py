@@ -15,7 +15,7 @@ import torch
 from tensorboard.summary.writer import record_writer
 
 import stds.run.loop as loop_module
-from conftest import REPO
+from tests.conftest import REPO
 from stds.errors import RunDirError
 from stds.run import checkpoint as ckpt
 from stds.run.loop import train
@@ -40,7 +40,7 @@ KEEP = ("epoch", "step", "test_acc1", "test_loss", "sparsity", "d", "train_loss"
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory):
     """An uninterrupted 2-epoch digits run to compare resumed runs with."""
-    from conftest import TINY, compose_train
+    from tests.conftest import TINY, compose_train
 
     run_dir = tmp_path_factory.mktemp("whole")
     train(compose_train(*TINY), run_dir)

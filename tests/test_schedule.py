@@ -6,7 +6,8 @@ import pytest
 from torch import nn
 
 from stds.method.schedule import SCHEDULES, ThresholdSchedule, threshold_at, register_schedule
-from stds.method.sparse import get_flat_width, sparsify
+from tests.conftest import model_d
+from stds.method.sparse import sparsify
 
 FINAL = 0.8
 TOTAL = 4
@@ -82,8 +83,8 @@ def test_threshold_schedule_sets_the_model() -> None:
     sparsify(model, "stmod", 0.0)
     schedule = ThresholdSchedule(final=0.5, total_steps=4, kind="linear").attach(model)
     assert schedule.step(1) == 0.125
-    assert get_flat_width(model) == 0.125
+    assert model_d(model) == 0.125
     assert schedule.step(10) == 0.5
-    assert get_flat_width(model) == 0.5
+    assert model_d(model) == 0.5
     with pytest.raises(ValueError, match="unknown schedule"):
         ThresholdSchedule(final=0.5, total_steps=4, kind="nope")

@@ -22,7 +22,8 @@ from stds.method.schedule import (
     kth_smallest_abs,
     wanted_count,
 )
-from stds.method.sparse import get_flat_width, pruned_parameters, sparsify, sparsity
+from tests.conftest import model_d
+from stds.method.sparse import pruned_parameters, sparsify, sparsity
 
 # three pruned layers of 4, 3 and 6 weights; two θ are exactly 0 and 0.1 appears four times
 HAND_THETA = ([0.0, -0.3, 0.1, 0.1], [0.2, -0.1, 0.5], [0.0, 0.4, -0.7, 0.25, -0.1, 0.9])
@@ -65,7 +66,7 @@ def test_schedule_prunes_the_wanted_count_or_the_ties(k: int) -> None:
     schedule = TargetSparsitySchedule(k / 13, total_steps=10, ramp="constant").attach(model)
     d, zeros = HAND_CASES[k]
     assert schedule.step(0) == f32(d)
-    assert get_flat_width(model) == f32(d)
+    assert model_d(model) == f32(d)
     assert sparsity(model)["zeros"] == zeros
     assert schedule.metrics() == {"d": f32(d), "target_sparsity": k / 13}
 
@@ -280,7 +281,7 @@ def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
     # the first epoch ends at step 22 of 44: the last recompute was at step 20, x = 20/44
     assert history[0]["target_sparsity"] == pytest.approx(0.9 * (1 + math.sin(math.pi * (20 / 44 - 0.5))) / 2)
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
-    assert state["threshold"] == {"d": history[-1]["d"], "target_sparsity": 0.9}
+    assert state["schedule"] == {"d": history[-1]["d"], "target_sparsity": 0.9}
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ def test_run_writes_metrics_tensorboard_and_checkpoints(tiny_cfg, tmp_path):
     assert any(tag.startswith("theta/") for tag in tags["histograms"])
     # the static stem conv (1 -> 32, 3x3, padding 1) on 8x8 digits: 64 positions x its non-zero weights
     theta = state["model"]["stem.0.parametrizations.weight.original"]
-    d = float(state["model"]["stem.0.parametrizations.weight.0.flat_width"])
+    d = float(state["model"]["stem.0.parametrizations.weight.0.d"])
     assert metrics["first_layer_macs"] == 64 * int((theta.abs() > d).sum())
     assert metrics["synops"] > 0 and set(metrics["firing_rates"]) >= {"features.0", "features.3"}
     assert all(0.0 <= rate <= 1.0 for rate in metrics["firing_rates"].values())

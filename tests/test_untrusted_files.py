@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from tests.conftest import REPO
 from stds.errors import CheckpointError
 from stds.results.collect import collect_runs
 from stds.results.export import export_run
