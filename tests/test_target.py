@@ -179,10 +179,10 @@ def test_resume_mid_interval_ends_bitwise_as_the_uninterrupted_run() -> None:
     _train(whole_schedule, whole, 1, 40)
     first, first_schedule = _net()
     _train(first_schedule, first, 1, 20)  # stopped at step 20: d was last recomputed at 18
-    saved = {"model": first.state_dict(), "threshold": first_schedule.state_dict()}
+    saved = {"model": first.state_dict(), "schedule": first_schedule.state_dict()}
     resumed, resumed_schedule = _net()
     resumed.load_state_dict(saved["model"])
-    resumed_schedule.load_state_dict(saved["threshold"])
+    resumed_schedule.load_state_dict(saved["schedule"])
     resumed_schedule.step(20)  # what the loop does after loading
     _train(resumed_schedule, resumed, 21, 40)
     assert resumed_schedule.d == whole_schedule.d > 0
@@ -306,7 +306,7 @@ def test_digits_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(tiny_cfg, tm
     train_module.train(tiny_cfg(*overrides), tmp_path / "split")
     whole, split = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)
                     for run in ("whole", "split"))
-    assert split["threshold"] == whole["threshold"]
+    assert split["schedule"] == whole["schedule"]
     for key, value in whole["model"].items():
         assert torch.equal(split["model"][key], value), key
     assert _metrics(tmp_path / "split")["d"] == _metrics(tmp_path / "whole")["d"]
