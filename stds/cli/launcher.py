@@ -8,7 +8,8 @@ where the six runs one after the other took 30 s). `LocalSweepLauncher` runs at 
 ``OMP_NUM_THREADS`` in the job's environment, which `stds.run.distributed.setup` applies with
 ``torch.set_num_threads``. It starts the next point as soon as one ends and logs the sweep's
 progress while it waits: the counts of finished, failed, running and waiting points, and each
-running point's step, ETA and last epoch, read from the end of its ``train.log`` (`point_progress`). Everything else (job folders, pickled results, failed points) is
+running point's step, ETA and last epoch, read from the end of its ``train.log``
+(`point_progress`). Everything else (job folders, pickled results, failed points) is
 hydra-submitit-launcher's local launcher. See ``docs/slurm.md``.
 
 Hydra takes launchers only from the ``hydra_plugins`` namespace: the preset names
@@ -201,7 +202,6 @@ class LocalSweepLauncher(LocalLauncher):
             if not running and not pending:
                 return
             time.sleep(self.poll_s)
-
 
     def _point_log(self, number: int) -> Path | None:
         """A point's ``<job name>.log``, when its directory is the default ``<sweep dir>/<job num>``."""
