@@ -23,7 +23,7 @@ def _old_buffer_names(model: dict) -> dict:
 
 def layout_1_first(state: dict) -> dict:
     """Format 1 as first written: no schedule state, positional sums, the whole history, amp a bool."""
-    old = {k: v for k, v in state.items() if k not in ("schedule", "last_record", "epoch_sums", "best_sparsity")}
+    old = {k: v for k, v in state.items() if k not in ("schedule", "last_record", "epoch_sums", "best_sparsity", "pending_eval")}
     sums = state["epoch_sums"]
     old.update(format_version=1, model=_old_buffer_names(state["model"]),
                epoch_sums=[sums["loss"], sums["correct"], float(sums["samples"])],
@@ -34,7 +34,7 @@ def layout_1_first(state: dict) -> dict:
 
 def layout_1_second(state: dict) -> dict:
     """Format 1 later (same number): the schedule's state under ``threshold``, buffers ``flat_width``."""
-    old = {k: v for k, v in state.items() if k not in ("schedule", "best_sparsity")}
+    old = {k: v for k, v in state.items() if k not in ("schedule", "best_sparsity", "pending_eval")}
     old.update(format_version=1, model=_old_buffer_names(state["model"]), threshold=state["schedule"])
     return old
 
@@ -50,7 +50,7 @@ def _state() -> dict:
                   "fc.parametrizations.weight.0.d": torch.tensor(0.25), "fc.bias": torch.zeros(1)},
         "schedule": {"d": 0.25}, "epoch": 1, "step": 7,
         "epoch_sums": {"loss": 3.5, "correct": 2.0, "samples": 4},
-        "last_record": {"epoch": 1, "step": 5, "test_acc1": 0.5}, "best_sparsity": 0.0,
+        "last_record": {"epoch": 1, "step": 5, "test_acc1": 0.5}, "best_sparsity": 0.0, "pending_eval": None,
         "config": {"amp": "false", "lr": 0.1},
     }
 
@@ -63,7 +63,7 @@ def test_upgrade_gives_todays_layout(layout):
     assert set(upgraded["model"]) == set(today["model"])
     for key, value in today["model"].items():
         assert torch.equal(upgraded["model"][key], value)
-    for key in ("schedule", "epoch_sums", "last_record", "config", "format_version", "best_sparsity"):
+    for key in ("schedule", "epoch_sums", "last_record", "config", "format_version", "best_sparsity", "pending_eval"):
         assert upgraded[key] == today[key], key
 
 

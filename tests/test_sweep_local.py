@@ -116,7 +116,8 @@ def test_launcher_runs_at_most_parallel_points_with_their_threads(tmp_path, monk
     assert "local_max_parallel" not in given and given["timeout_min"] == 1440
     assert board["most"] == 2
     # the jobs run the plugin's own launcher (importable in any job), in sweep order
-    assert board["submitted"] == [(LocalLauncher, i) for i in range(5)]
+    assert board["submitted"] == [(launcher.JobRunner, i) for i in range(5)]
+    assert issubclass(launcher.JobRunner, LocalLauncher)
     assert [r.overrides for r in returns] == points
     log = caplog.text
     assert "5 points, 2 at a time with 1 CPU thread(s) each (2 CPUs)" in log

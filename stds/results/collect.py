@@ -29,6 +29,7 @@ from typing import Any, Iterable
 from omegaconf import OmegaConf
 
 from stds.errors import StdsError
+from stds.run.metrics import best_of
 
 _METHOD_ORDER = ("dense", "STDS-sine", "STDS-linear", "STDS-constant", "STDS-target", "Grad R")
 _RUN_MARKER = Path(".hydra") / "config.yaml"
@@ -345,15 +346,17 @@ def read_run(run_dir: Path | str) -> RunRecord:
 
 
 def _best(final: dict[str, Any] | None, history: list[dict[str, Any]]) -> tuple[float | None, int | None]:
-    """(best_test_acc1, best_epoch): from ``metrics.json``, else the best line of the history."""
+    """(best_test_acc1, best_epoch): from ``metrics.json``, else the epoch of the history that
+    ``best.pt`` holds by the loop's own rule (`stds.run.metrics.best_of`: at the final sparsity)."""
     if final is not None and _number(final.get("best_test_acc1")) is not None:
         epoch = _number(final.get("best_epoch"))
         return _number(final["best_test_acc1"]), None if epoch is None else int(epoch)
-    scored = [(r["test_acc1"], r.get("epoch")) for r in history if _number(r.get("test_acc1")) is not None]
-    if not scored:
+    scored = [r for r in history if _number(r.get("test_acc1")) is not None and _number(r.get("sparsity")) is not None]
+    best = best_of(scored)
+    if best is None:
         return None, None
-    acc, epoch = max(scored, key=lambda pair: pair[0])  # the first of equal bests
-    return float(acc), None if _number(epoch) is None else int(epoch)
+    epoch = _number(best.get("epoch"))
+    return float(best["test_acc1"]), None if epoch is None else int(epoch)
 
 
 def collect_runs(paths: Iterable[Path | str]) -> list[RunRecord]:
