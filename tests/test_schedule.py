@@ -39,7 +39,7 @@ def test_sine_is_monotone_and_symmetric() -> None:
 
 
 def test_unknown_kind_lists_valid_kinds() -> None:
-    with pytest.raises(ValueError, match="constant, linear, sine"):
+    with pytest.raises(ValueError, match="constant, cubic, linear, sine"):
         threshold_at(0, 10, 0.1, "cosine")
 
 
