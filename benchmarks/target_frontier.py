@@ -91,8 +91,8 @@ def variant_of(cfg: dict) -> str:
 # ------------------------------------------------------------------------------------ run
 
 
-def finished_runs(out: Path) -> list[tuple[dict, dict, list[dict]]]:
-    """(saved config, metrics.json, metrics.jsonl records) of every finished run under ``out``."""
+def finished_runs(out: Path) -> list[tuple[dict, dict, list[dict], Path]]:
+    """(saved config, metrics.json, metrics.jsonl records, run dir) of every finished run under ``out``."""
     runs = []
     for metrics_path in sorted(out.rglob("metrics.json")):
         run_dir = metrics_path.parent
@@ -104,7 +104,7 @@ def finished_runs(out: Path) -> list[tuple[dict, dict, list[dict]]]:
             continue
         cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-        runs.append((cfg, metrics, records))
+        runs.append((cfg, metrics, records, run_dir))
     return runs
 
 
@@ -122,7 +122,8 @@ def uptime() -> str:
 
 def launch(out: Path, variant: Variant, seed: int, values: list[float], extra: list[str]) -> int:
     """One multirun of ``variant`` at ``seed`` over ``values`` through the local launcher."""
-    sweep_dir = out / variant.name.replace("@", "_at_") / f"seed{seed}" / time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S") + "-" + "_".join(f"{v:g}" for v in values)
+    sweep_dir = out / variant.name.replace("@", "_at_") / f"seed{seed}" / stamp
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "-m", "hydra/launcher=local",
            *variant.overrides(values), f"seed={seed}", "logging.progress_bar=false",
            f"hydra.sweep.dir={sweep_dir}", *extra]
@@ -136,17 +137,31 @@ def launch(out: Path, variant: Variant, seed: int, values: list[float], extra: l
 
 
 def run(args: argparse.Namespace) -> None:
-    """Train every (variant, seed, value) point not finished yet under ``--out``."""
+    """Train every (variant, seed, value) point not finished yet under ``--out``.
+
+    With ``--sweeps N`` > 1, N launcher calls of one point each run at once, on one thread each
+    (``hydra.launcher.max_parallel=1 cpus_per_task=1``): the CPUs stay busy to the last point,
+    which one multirun per variant and seed cannot when its points do not divide among them.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    done = {point_key(cfg) for cfg, _, _ in finished_runs(out)}
+    done = {point_key(cfg) for cfg, _, _, _ in finished_runs(out)}
+    extra = list(args.extra)
+    if args.sweeps > 1:
+        extra = ["hydra.launcher.max_parallel=1", "hydra.launcher.cpus_per_task=1", *extra]
+    tasks = []
     for seed in args.seeds:
         for variant in args.variants:
             grid = args.widths if variant.name == "frontier" else args.sparsities
             todo = [v for v in grid if (variant.name, seed, v) not in done]
             if todo:
-                print(f"[target_frontier] {variant.name} seed {seed}: {todo}", flush=True)
-                launch(out, variant, seed, todo, args.extra)
+                tasks += [(variant, seed, [v]) for v in todo] if args.sweeps > 1 else [(variant, seed, todo)]
+    with ThreadPoolExecutor(max_workers=args.sweeps) as pool:
+        for variant, seed, todo in tasks:
+            print(f"[target_frontier] {variant.name} seed {seed}: {todo}", flush=True)
+            pool.submit(launch, out, variant, seed, todo, extra)
 
 
 # ------------------------------------------------------------------------------------ table
@@ -167,13 +182,39 @@ def point(metrics: dict, records: list[dict]) -> dict:
 
 
 def collect(out: Path) -> dict[str, dict[float, dict[int, dict]]]:
-    """variant -> swept value -> seed -> `point` (the newest run of a point wins)."""
+    """variant -> swept value -> seed -> `point` (the newest run of a point wins); target runs
+    with a hold also carry `hold_stats`."""
     table: dict[str, dict[float, dict[int, dict]]] = {}
-    for cfg, metrics, records in finished_runs(out):
+    for cfg, metrics, records, run_dir in finished_runs(out):
         name, seed, value = point_key(cfg)
-        if name:
-            table.setdefault(name, {}).setdefault(value, {})[seed] = point(metrics, records)
+        if not name:
+            continue
+        row = point(metrics, records)
+        if name != "frontier" and float(cfg["scheduler"].get("ramp_until", 1.0)) < 1.0:
+            row["hold"] = hold_stats(cfg, records, run_dir)
+        table.setdefault(name, {}).setdefault(value, {})[seed] = row
     return table
+
+
+def hold_stats(cfg: dict, records: list[dict], run_dir: Path) -> dict:
+    """How d moved in the hold of a target run, from its epoch records and final θ.
+
+    ``falls``: epoch ends in the hold whose d lies below the previous epoch end's; ``max_fall``:
+    the largest such fall relative to the previous d; ``never_decrease_sparsity``: the share of
+    the final θ with |θ| <= the highest d of the hold, the sparsity a d that never decreases would
+    give at the end with these θ (first order: the training path would differ).
+    """
+    import torch
+
+    steps_per_epoch = records[0]["step"] // records[0]["epoch"]
+    hold_from = float(cfg["scheduler"]["ramp_until"]) * steps_per_epoch * int(cfg["epochs"])
+    ds = [r["d"] for r in records if r["step"] >= hold_from]
+    falls = [(a - b) / a for a, b in zip(ds, ds[1:], strict=False) if b < a]
+    model = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
+    thetas = torch.cat([v.abs().reshape(-1) for k, v in model.items() if k.endswith(".weight.original")])
+    return {"epochs": len(ds), "falls": len(falls), "max_fall": max(falls, default=0.0),
+            "d_max": max(ds), "d_end": ds[-1],
+            "never_decrease_sparsity": float((thetas <= max(ds)).double().mean())}
 
 
 def frontier_at(frontier: dict[float, dict[int, dict]], target: float, field: str) -> list[float]:
@@ -210,6 +251,14 @@ def summarise(table: dict) -> dict:
             summary["target"].setdefault(name, {})[f"{target:g}"] = {
                 key: spread([p[key] for p in by_seed.values()]) for key in ("acc", "sparsity", "last", "d")}
             summary["target"][name][f"{target:g}"]["seeds"] = sorted(by_seed)
+            holds = [(p["hold"], p["sparsity"]) for p in by_seed.values() if "hold" in p]
+            if holds:
+                summary.setdefault("hold", {}).setdefault(name, {})[f"{target:g}"] = {
+                    "runs": len(holds), "epochs": sum(h["epochs"] for h, _ in holds),
+                    "falls": sum(h["falls"] for h, _ in holds),
+                    "max_fall": max(h["max_fall"] for h, _ in holds),
+                    "d_end_over_d_max_min": min(h["d_end"] / h["d_max"] for h, _ in holds),
+                    "never_decrease_excess": max(h["never_decrease_sparsity"] - s for h, s in holds)}
     return summary
 
 
@@ -245,6 +294,14 @@ def markdown(summary: dict) -> str:
     for width, row in sorted(summary["frontier_points"].items(), key=lambda kv: float(kv[0])):
         lines.append(f"| {width} | {row['sparsity']['mean']:.4f} ({row['sparsity']['min']:.4f}–"
                      f"{row['sparsity']['max']:.4f}) | {cell(row['acc'])} | {cell(row['last'])} |")
+    if summary.get("hold"):
+        lines += ["", "| hold of | S | runs | epoch ends in the hold | of them with d below the previous | "
+                  "largest fall of d | sparsity a never-decreasing d would end above S (max, points) |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, rows in sorted(summary["hold"].items()):
+            for target, h in sorted(rows.items(), key=lambda kv: float(kv[0])):
+                lines.append(f"| {name} | {target} | {h['runs']} | {h['epochs']} | {h['falls']} | "
+                             f"{100 * h['max_fall']:.2f}% | {100 * h['never_decrease_excess']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -308,6 +365,8 @@ def main() -> None:
                        default=[parse_variant(v) for v in "frontier,today,sine@0.5,sine@0.75,cubic@0.5,cubic@0.75".split(",")])
     run_p.add_argument("--sparsities", type=floats, default=list(SPARSITIES))
     run_p.add_argument("--widths", type=floats, default=list(WIDTHS), help="D values of the frontier")
+    run_p.add_argument("--sweeps", type=int, default=1,
+                       help="launcher calls at once (>1: each runs its points one at a time on one thread)")
     run_p.add_argument("extra", nargs="*", help="overrides passed to every run (after --)")
     table_p = sub.add_parser("table", help="the table and plot from the finished runs under --out")
     table_p.add_argument("--out", required=True)
