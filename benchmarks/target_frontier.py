@@ -31,6 +31,7 @@ wall time is logged to ``<out>/runs.log`` with the ``uptime`` load before and af
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -47,6 +48,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 SPARSITIES = (0.8, 0.9, 0.95, 0.98)
 WIDTHS = (0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0)
+VARIANTS = ("frontier", "today", "sine@0.5", "sine@0.75", "cubic@0.5", "cubic@0.75")
 LAST = 5  # epochs averaged in the "last 5" column
 
 
@@ -209,7 +211,7 @@ def hold_stats(cfg: dict, records: list[dict], run_dir: Path) -> dict:
     steps_per_epoch = records[0]["step"] // records[0]["epoch"]
     hold_from = float(cfg["scheduler"]["ramp_until"]) * steps_per_epoch * int(cfg["epochs"])
     ds = [r["d"] for r in records if r["step"] >= hold_from]
-    falls = [(a - b) / a for a, b in zip(ds, ds[1:], strict=False) if b < a]
+    falls = [(a - b) / a for a, b in itertools.pairwise(ds) if b < a]
     model = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
     thetas = torch.cat([v.abs().reshape(-1) for k, v in model.items() if k.endswith(".weight.original")])
     return {"epochs": len(ds), "falls": len(falls), "max_fall": max(falls, default=0.0),
@@ -276,8 +278,8 @@ def cell(stats: dict | None) -> str:
 
 def markdown(summary: dict) -> str:
     """The table (target variants against the interpolated frontier) and the D runs it came from."""
-    lines = ["| S | schedule | reached sparsity (mean, max) | test top-1 % | gap to D frontier (points) "
-             "| last 5 epochs % |", "|---|---|---|---|---|---|"]
+    lines = [("| S | schedule | reached sparsity (mean, max) | test top-1 % | gap to D frontier (points) "
+              "| last 5 epochs % |"), "|---|---|---|---|---|---|"]
     for target in sorted(summary["frontier"], key=float):
         front = summary["frontier"][target]
         lines.append(f"| {target} | D frontier (interpolated) | {target} | {cell(front['acc'])} | | "
@@ -295,8 +297,8 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {width} | {row['sparsity']['mean']:.4f} ({row['sparsity']['min']:.4f}–"
                      f"{row['sparsity']['max']:.4f}) | {cell(row['acc'])} | {cell(row['last'])} |")
     if summary.get("hold"):
-        lines += ["", "| hold of | S | runs | epoch ends in the hold | of them with d below the previous | "
-                  "largest fall of d | sparsity a never-decreasing d would end above S (max, points) |",
+        lines += ["", ("| hold of | S | runs | epoch ends in the hold | of them with d below the previous | "
+                       "largest fall of d | sparsity a never-decreasing d would end above S (max, points) |"),
                   "|---|---|---|---|---|---|---|"]
         for name, rows in sorted(summary["hold"].items()):
             for target, h in sorted(rows.items(), key=lambda kv: float(kv[0])):
@@ -362,7 +364,7 @@ def main() -> None:
     run_p.add_argument("--out", required=True, help="directory the runs go to (one sweep dir per call)")
     run_p.add_argument("--seeds", type=lambda t: [int(v) for v in t.split(",")], default=[0, 1, 2])
     run_p.add_argument("--variants", type=lambda t: [parse_variant(v) for v in t.split(",")],
-                       default=[parse_variant(v) for v in "frontier,today,sine@0.5,sine@0.75,cubic@0.5,cubic@0.75".split(",")])
+                       default=[parse_variant(v) for v in VARIANTS])
     run_p.add_argument("--sparsities", type=floats, default=list(SPARSITIES))
     run_p.add_argument("--widths", type=floats, default=list(WIDTHS), help="D values of the frontier")
     run_p.add_argument("--sweeps", type=int, default=1,

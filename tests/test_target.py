@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -310,7 +309,9 @@ def test_config_builds_the_target_schedule_and_ignores_flat_width(tiny_cfg) -> N
     assert isinstance(schedule, TargetSparsitySchedule)
     assert (schedule.target, schedule.ramp, schedule.every, schedule.kind) == (0.95, "linear", 7, "target")
     default = tiny_cfg("scheduler=target", "target_sparsity=0.9")
-    assert OmegaConf.to_container(default.scheduler) == {"kind": "target", "ramp": "sine"}
+    assert OmegaConf.to_container(default.scheduler) == {"kind": "target", "ramp": "cubic", "ramp_until": 0.75}
+    assert (build_threshold_schedule(default, 100).ramp, build_threshold_schedule(default, 100).ramp_until) == (
+        "cubic", 0.75)
     assert type(build_threshold_schedule(tiny_cfg(), 100)) is ThresholdSchedule
     # target_every_steps=null: total_steps // 1000, at least 1
     assert [build_threshold_schedule(default, total).every for total in (44, 1999, 2000, 500_000)] == [1, 1, 2, 500]
@@ -359,8 +360,9 @@ def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
     assert abs(metrics["sparsity"] - 0.9) <= 0.005
     assert history[-1]["target_sparsity"] == 0.9 and history[-1]["d"] > 0
     assert metrics["d"] == history[-1]["d"]
-    # the first epoch ends at step 22 of 44: the last recompute was at step 20, x = 20/44
-    assert history[0]["target_sparsity"] == pytest.approx(0.9 * (1 + math.sin(math.pi * (20 / 44 - 0.5))) / 2)
+    # the defaults (cubic, ramp_until 0.75): the first epoch ends at step 22 of 44, the last
+    # recompute was at step 20, x = 20 / (0.75 * 44) = 20/33
+    assert history[0]["target_sparsity"] == pytest.approx(0.9 * (1 - (1 - 20 / 33) ** 3))
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["threshold"] == {"d": history[-1]["d"], "target_sparsity": 0.9}
 

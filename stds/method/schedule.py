@@ -40,10 +40,10 @@ __all__ = [
     "build_threshold_schedule",
     "check_ramp_until",
     "default_every",
-    "ramp_progress",
-    "threshold_at",
     "kth_smallest_abs",
+    "ramp_progress",
     "register_schedule",
+    "threshold_at",
     "wanted_count",
 ]
 
