@@ -35,6 +35,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -198,25 +199,40 @@ def collect(out: Path) -> dict[str, dict[float, dict[int, dict]]]:
     return table
 
 
-def hold_stats(cfg: dict, records: list[dict], run_dir: Path) -> dict:
-    """How d moved in the hold of a target run, from its epoch records and final θ.
+def d_trace(records: list[dict], run_dir: Path) -> list[tuple[int, float]]:
+    """(step, d) from the epoch records (full precision) and the train.log step lines (every
+    ``logging.log_every_steps`` steps, d with 4 significant digits), in step order."""
+    pattern = re.compile(r" step (\d+)/\d+ .* d ([-+.e\d]+) \|")
+    trace = {r["step"]: r["d"] for r in records}
+    log_path = run_dir / "train.log"
+    for line in log_path.read_text().splitlines() if log_path.exists() else []:
+        match = pattern.search(line)
+        if match and int(match[1]) not in trace:
+            trace[int(match[1])] = float(match[2])
+    return sorted(trace.items())
 
-    ``falls``: epoch ends in the hold whose d lies below the previous epoch end's; ``max_fall``:
-    the largest such fall relative to the previous d; ``never_decrease_sparsity``: the share of
+
+def hold_stats(cfg: dict, records: list[dict], run_dir: Path) -> dict:
+    """How d moved in the hold of a target run, from its logged d and final θ.
+
+    ``falls``: logged values of d in the hold below the value logged before; ``max_fall``: the
+    largest such fall relative to the value before; ``never_decrease_sparsity``: the share of
     the final θ with |θ| <= the highest d of the hold, the sparsity a d that never decreases would
-    give at the end with these θ (first order: the training path would differ).
+    give at the end with these θ, and ``frozen_sparsity`` the same for d frozen at the ramp's end
+    (first order: the training path would differ).
     """
     import torch
 
     steps_per_epoch = records[0]["step"] // records[0]["epoch"]
     hold_from = float(cfg["scheduler"]["ramp_until"]) * steps_per_epoch * int(cfg["epochs"])
-    ds = [r["d"] for r in records if r["step"] >= hold_from]
+    ds = [d for step, d in d_trace(records, run_dir) if step >= hold_from]
     falls = [(a - b) / a for a, b in itertools.pairwise(ds) if b < a]
     model = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
     thetas = torch.cat([v.abs().reshape(-1) for k, v in model.items() if k.endswith(".weight.original")])
-    return {"epochs": len(ds), "falls": len(falls), "max_fall": max(falls, default=0.0),
-            "d_max": max(ds), "d_end": ds[-1],
-            "never_decrease_sparsity": float((thetas <= max(ds)).double().mean())}
+    return {"logged": len(ds), "falls": len(falls), "max_fall": max(falls, default=0.0),
+            "d_max": max(ds), "d_end": ds[-1], "rise": ds[-1] / ds[0] - 1,
+            "never_decrease_sparsity": float((thetas <= max(ds)).double().mean()),
+            "frozen_sparsity": float((thetas <= ds[0]).double().mean())}
 
 
 def frontier_at(frontier: dict[float, dict[int, dict]], target: float, field: str) -> list[float]:
@@ -256,9 +272,11 @@ def summarise(table: dict) -> dict:
             holds = [(p["hold"], p["sparsity"]) for p in by_seed.values() if "hold" in p]
             if holds:
                 summary.setdefault("hold", {}).setdefault(name, {})[f"{target:g}"] = {
-                    "runs": len(holds), "epochs": sum(h["epochs"] for h, _ in holds),
+                    "runs": len(holds), "logged": sum(h["logged"] for h, _ in holds),
                     "falls": sum(h["falls"] for h, _ in holds),
                     "max_fall": max(h["max_fall"] for h, _ in holds),
+                    "rise_min": min(h["rise"] for h, _ in holds), "rise_max": max(h["rise"] for h, _ in holds),
+                    "frozen_min": min(h["frozen_sparsity"] for h, _ in holds),
                     "d_end_over_d_max_min": min(h["d_end"] / h["d_max"] for h, _ in holds),
                     "never_decrease_excess": max(h["never_decrease_sparsity"] - s for h, s in holds)}
     return summary
@@ -297,13 +315,16 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {width} | {row['sparsity']['mean']:.4f} ({row['sparsity']['min']:.4f}–"
                      f"{row['sparsity']['max']:.4f}) | {cell(row['acc'])} | {cell(row['last'])} |")
     if summary.get("hold"):
-        lines += ["", ("| hold of | S | runs | epoch ends in the hold | of them with d below the previous | "
-                       "largest fall of d | sparsity a never-decreasing d would end above S (max, points) |"),
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", ("| hold of | S | runs | values of d logged in the hold | of them below the one before | "
+                       "largest fall of d | rise of d over the hold | final θ's sparsity at the d of the ramp's end (min) | "
+                       "sparsity a never-decreasing d would end above S (max, points) |"),
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, rows in sorted(summary["hold"].items()):
             for target, h in sorted(rows.items(), key=lambda kv: float(kv[0])):
-                lines.append(f"| {name} | {target} | {h['runs']} | {h['epochs']} | {h['falls']} | "
-                             f"{100 * h['max_fall']:.2f}% | {100 * h['never_decrease_excess']:.3f} |")
+                lines.append(f"| {name} | {target} | {h['runs']} | {h['logged']} | {h['falls']} | "
+                             f"{100 * h['max_fall']:.2f}% | {100 * h['rise_min']:+.1f}% to {100 * h['rise_max']:+.1f}% | "
+                             f"{h['frozen_min']:.4f} | "
+                             f"{100 * h['never_decrease_excess']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
