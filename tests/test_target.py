@@ -309,9 +309,9 @@ def test_config_builds_the_target_schedule_and_ignores_flat_width(tiny_cfg) -> N
     assert isinstance(schedule, TargetSparsitySchedule)
     assert (schedule.target, schedule.ramp, schedule.every, schedule.kind) == (0.95, "linear", 7, "target")
     default = tiny_cfg("scheduler=target", "target_sparsity=0.9")
-    assert OmegaConf.to_container(default.scheduler) == {"kind": "target", "ramp": "cubic", "ramp_until": 0.75}
+    assert OmegaConf.to_container(default.scheduler) == {"kind": "target", "ramp": "cubic", "ramp_until": 0.5}
     assert (build_threshold_schedule(default, 100).ramp, build_threshold_schedule(default, 100).ramp_until) == (
-        "cubic", 0.75)
+        "cubic", 0.5)
     assert type(build_threshold_schedule(tiny_cfg(), 100)) is ThresholdSchedule
     # target_every_steps=null: total_steps // 1000, at least 1
     assert [build_threshold_schedule(default, total).every for total in (44, 1999, 2000, 500_000)] == [1, 1, 2, 500]
@@ -346,7 +346,7 @@ def test_changing_ramp_until_on_resume_is_refused() -> None:
     from stds.run.resume import changed_keys
 
     saved = {"scheduler": {"kind": "target", "ramp": "cubic", "ramp_until": 0.5}}
-    now = {"scheduler": {"kind": "target", "ramp": "cubic", "ramp_until": 0.75}}
+    now = {"scheduler": {"kind": "target", "ramp": "cubic", "ramp_until": 0.5}}
     assert changed_keys(saved, now) == [("scheduler.ramp_until", 0.5, 0.75)]
     # a checkpoint from before ramp_until (no key) resumes with the default 1: not a change
     assert changed_keys({"scheduler": {"kind": "sine"}}, {"scheduler": {"kind": "sine", "ramp_until": 1.0}}) == []
@@ -360,9 +360,9 @@ def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
     assert abs(metrics["sparsity"] - 0.9) <= 0.005
     assert history[-1]["target_sparsity"] == 0.9 and history[-1]["d"] > 0
     assert metrics["d"] == history[-1]["d"]
-    # the defaults (cubic, ramp_until 0.75): the first epoch ends at step 22 of 44, the last
-    # recompute was at step 20, x = 20 / (0.75 * 44) = 20/33
-    assert history[0]["target_sparsity"] == pytest.approx(0.9 * (1 - (1 - 20 / 33) ** 3))
+    # the defaults (cubic, ramp_until 0.5): the first epoch ends at step 22 of 44, the last
+    # recompute was at step 20, x = 20 / (0.5 * 44) = 10/11
+    assert history[0]["target_sparsity"] == pytest.approx(0.9 * (1 - (1 - 10 / 11) ** 3))
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["threshold"] == {"d": history[-1]["d"], "target_sparsity": 0.9}
 
