@@ -345,7 +345,14 @@ def plot(summary: dict, path: Path) -> None:
         items = sorted(rows.values(), key=lambda r: r["sparsity"]["mean"])
         ax.errorbar([100 * r["sparsity"]["mean"] + 0.06 * (i - 2) for r in items],
                     [100 * r["acc"]["mean"] for r in items], yerr=[100 * r["acc"]["std"] for r in items],
-                    marker="s", linestyle="--", capsize=3, label=f"target {name}")
+                    marker="s", linestyle="--", capsize=3,
+                    label=f"target {name}" + (" (before the hold)" if name == "sine@1" else ""))
+    targets = [100 * float(t) for t in summary["frontier"]]
+    if targets:  # the S range: D runs far past it (a collapsed net) would squash the axis
+        ax.set_xlim(min(targets) - 2.5, max(targets) + 1.5)
+        shown = [100 * r["acc"]["mean"] for r in pts if ax.get_xlim()[0] <= 100 * r["sparsity"]["mean"] <= ax.get_xlim()[1]]
+        shown += [100 * r["acc"]["mean"] for rows in summary["target"].values() for r in rows.values()]
+        ax.set_ylim(min(shown) - 2, 100.5)
     ax.set_xlabel("reached sparsity (%)")
     ax.set_ylabel("final test top-1 (%)")
     ax.set_title("digits net, 30 epochs: scheduler=target against the D frontier (mean ± std over seeds)")
