@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import compose_train  # noqa: E402  (the real config, composed as the tests do)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.conftest import compose_train  # noqa: E402  (the real config, composed as the tests do)
 
 from stds.run import distributed  # noqa: E402
 from stds.run.build import build_run, prepare_config  # noqa: E402

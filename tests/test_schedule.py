@@ -40,7 +40,7 @@ def test_sine_is_monotone_and_symmetric() -> None:
 
 
 def test_unknown_kind_lists_valid_kinds() -> None:
-    with pytest.raises(ValueError, match="constant, linear, sine"):
+    with pytest.raises(ValueError, match="constant, cubic, linear, sine"):
         threshold_at(0, 10, 0.1, "cosine")
 
 
@@ -88,3 +88,83 @@ def test_threshold_schedule_sets_the_model() -> None:
     assert model_d(model) == 0.5
     with pytest.raises(ValueError, match="unknown schedule"):
         ThresholdSchedule(final=0.5, total_steps=4, kind="nope")
+
+
+# cubic: 0.8 * (1 - (1 - x)^3) at x = 1/4, 1/2, 3/4 of 8 steps: 0.8 * (0.578125, 0.875, 0.984375)
+def test_cubic_by_hand() -> None:
+    got = [threshold_at(step, 8, FINAL, "cubic") for step in (0, 2, 4, 6, 8, 12)]
+    assert got == pytest.approx([0.0, 0.4625, 0.7, 0.7875, 0.8, 0.8], abs=1e-12)
+
+
+# ramp_until: x = step / (ramp_until * total_steps), capped at 1
+@pytest.mark.parametrize(("kind", "ramp_until", "steps", "expected"), [
+    ("linear", 0.5, [0, 1, 2, 3, 4, 5, 8], [0.0, 0.2, 0.4, 0.6, 0.8, 0.8, 0.8]),   # ramp over 4 of 8
+    ("sine", 0.75, [0, 3, 6, 7, 8], [0.0, 0.4, 0.8, 0.8, 0.8]),                    # x = 1/2 at step 3 of 6
+    ("cubic", 0.5, [0, 1, 2, 4, 6], [0.0, 0.8 * 0.578125, 0.8 * 0.875, 0.8, 0.8]),   # x = 1/4, 1/2 of 4
+    ("linear", 0.3, [0, 3, 6, 9, 10], [0.0, 0.08, 0.16, 0.24, 0.24]),              # 9 = 0.3 * 30 steps
+])
+def test_ramp_until_by_hand(kind: str, ramp_until: float, steps: list[int], expected: list[float]) -> None:
+    final = 0.24 if ramp_until == 0.3 else FINAL
+    total = 30 if ramp_until == 0.3 else 8
+    got = [threshold_at(step, total, final, kind, ramp_until) for step in steps]
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def _old_threshold_at(step: int, total_steps: int, final: float, kind: str) -> float:
+    """The rule before ramp_until, written out: final · clip(f(min(step / total_steps, 1)))."""
+    return final * min(max(SCHEDULES[kind](min(step / total_steps, 1.0)), 0.0), 1.0)
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "sine", "cubic"])
+@pytest.mark.parametrize(("total", "final"), [(1320, 0.5), (7, 0.3), (97, 1.7)])
+def test_ramp_until_one_is_bit_identical_to_the_old_rule(kind: str, total: int, final: float) -> None:
+    schedule = ThresholdSchedule(final, total, kind)
+    assert schedule.ramp_until == 1.0
+    for step in range(total + 5):
+        old = _old_threshold_at(step, total, final, kind)
+        assert threshold_at(step, total, final, kind, 1.0) == old  # ==: bit for bit, no tolerance
+        assert schedule.at(step) == old
+
+
+@pytest.mark.parametrize("kind", ["linear", "sine", "cubic"])
+def test_d_is_constant_after_ramp_until(kind: str) -> None:
+    model = nn.Sequential(nn.Linear(3, 3))
+    sparsify(model, "stmod", 0.0)
+    schedule = ThresholdSchedule(final=0.5, total_steps=100, kind=kind, ramp_until=0.6).attach(model)
+    ds = [schedule.step(step) for step in range(101)]
+    assert ds[:61] == sorted(ds[:61]) and ds[59] < 0.5
+    assert ds[60:] == [0.5] * 41  # reached at step 60 = 0.6 * 100 and held to the end
+    assert model_d(model) == 0.5
+    assert not schedule.holding(60) and schedule.holding(61)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5, float("nan"), -0.2])
+def test_bad_ramp_until_is_a_value_error(bad: float) -> None:
+    with pytest.raises(ValueError, match="ramp_until must lie in"):
+        threshold_at(0, 10, 0.1, "linear", bad)
+    with pytest.raises(ValueError, match="ramp_until must lie in"):
+        ThresholdSchedule(final=0.1, total_steps=10, kind="sine", ramp_until=bad)
+
+
+@pytest.mark.parametrize("scheduler", ["scheduler=sine", "scheduler=cubic", "scheduler=target"])
+@pytest.mark.parametrize("bad", ["0", "1.5", "nan"])
+def test_bad_ramp_until_in_the_config_is_one_line_naming_the_key(tiny_cfg, scheduler: str, bad: str) -> None:
+    from stds.errors import ConfigError
+    from stds.run.config import validate
+
+    extra = ("target_sparsity=0.9",) if scheduler == "scheduler=target" else ()
+    with pytest.raises(ConfigError, match=r"^scheduler\.ramp_until=") as raised:
+        validate(tiny_cfg(scheduler, *extra, f"scheduler.ramp_until={bad}"))
+    assert "\n" not in str(raised.value) and "(0, 1]" in str(raised.value)
+
+
+def test_the_config_builds_ramp_until_and_cubic(tiny_cfg) -> None:
+    from stds.method.schedule import build_threshold_schedule
+    from stds.run.config import validate
+
+    cfg = tiny_cfg("scheduler=cubic", "scheduler.ramp_until=0.5", "flat_width=0.4")
+    validate(cfg)
+    schedule = build_threshold_schedule(cfg, total_steps=8)
+    assert (schedule.kind, schedule.ramp_until) == ("cubic", 0.5)
+    assert [schedule.at(s) for s in (2, 4, 7)] == pytest.approx([0.4 * 0.875, 0.4, 0.4], abs=1e-12)
+    assert build_threshold_schedule(tiny_cfg(), 8).ramp_until == 1.0  # sine, as before

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -166,25 +165,31 @@ def _train(schedule: ThresholdSchedule, model: nn.Module, first: int, last: int)
         schedule.step(step)
 
 
-def _net() -> tuple[nn.Module, TargetSparsitySchedule]:
+def _net(ramp: str = "sine", ramp_until: float = 1.0) -> tuple[nn.Module, TargetSparsitySchedule]:
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
-    schedule = TargetSparsitySchedule(0.8, total_steps=40, ramp="sine", every=3)
+    schedule = TargetSparsitySchedule(0.8, total_steps=40, ramp=ramp, every=3, ramp_until=ramp_until)
     sparsify(model, "stmod", schedule.at(0))
     return model, schedule.attach(model)
 
 
-def test_resume_mid_interval_ends_bitwise_as_the_uninterrupted_run() -> None:
-    whole, whole_schedule = _net()
+# stopped between recomputes (every 3): in today's full ramp, mid-ramp before a hold at step 20
+# of 40, and in that hold
+@pytest.mark.parametrize(("ramp", "ramp_until", "stop"), [("sine", 1.0, 20), ("cubic", 0.5, 14),
+                                                          ("cubic", 0.5, 31), ("sine", 0.75, 35)])
+def test_resume_mid_interval_ends_bitwise_as_the_uninterrupted_run(ramp: str, ramp_until: float, stop: int) -> None:
+    whole, whole_schedule = _net(ramp, ramp_until)
     _train(whole_schedule, whole, 1, 40)
-    first, first_schedule = _net()
-    _train(first_schedule, first, 1, 20)  # stopped at step 20: d was last recomputed at 18
+    first, first_schedule = _net(ramp, ramp_until)
+    _train(first_schedule, first, 1, stop)
+    assert first_schedule.holding(stop) == (stop > ramp_until * 40)
     saved = {"model": first.state_dict(), "schedule": first_schedule.state_dict()}
-    resumed, resumed_schedule = _net()
+    assert all(type(value) is float for value in saved["schedule"].values())  # plain numbers
+    resumed, resumed_schedule = _net(ramp, ramp_until)
     resumed.load_state_dict(saved["model"])
     resumed_schedule.load_state_dict(saved["schedule"])
-    resumed_schedule.step(20)  # what the loop does after loading
-    _train(resumed_schedule, resumed, 21, 40)
+    resumed_schedule.step(stop)  # what the loop does after loading
+    _train(resumed_schedule, resumed, stop + 1, 40)
     assert resumed_schedule.d == whole_schedule.d > 0
     assert resumed_schedule.metrics() == whole_schedule.metrics()
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
@@ -192,13 +197,63 @@ def test_resume_mid_interval_ends_bitwise_as_the_uninterrupted_run() -> None:
     assert sparsity(whole)["total"] == pytest.approx(0.8, abs=1 / 256)
 
 
-def _ddp_worker(rank: int, store: str, out: str) -> None:
+# S = 0.8 over 8 steps, reached at step 4 (ramp_until = 0.5) and held: cubic at x = 1/4, 1/2 of 4
+def test_wanted_sparsity_reaches_s_at_ramp_until_and_holds_it() -> None:
+    schedule = TargetSparsitySchedule(0.8, total_steps=8, ramp="cubic", ramp_until=0.5)
+    assert [schedule.wanted(s) for s in range(9)] == pytest.approx(
+        [0.0, 0.8 * 0.578125, 0.8 * 0.875, 0.8 * 0.984375, 0.8, 0.8, 0.8, 0.8, 0.8], abs=1e-12)
+    assert [schedule.holding(s) for s in (3, 4, 5, 8)] == [False, False, True, True]
+
+
+def test_in_the_hold_d_follows_the_quantile_down_and_keeps_s() -> None:
+    model = hand_model()
+    # constant ramp, hold from step 2 on (ramp_until = 0.5 of 4 steps); S = 9/13 asks for 9 zeros
+    schedule = TargetSparsitySchedule(9 / 13, total_steps=4, ramp="constant", ramp_until=0.5).attach(model)
+    assert schedule.step(2) == f32(0.3)
+    with torch.no_grad():
+        for theta in pruned_parameters(model).values():
+            theta.mul_(0.5)  # the 9th smallest |θ| is now 0.15: below d, as in the ramp test above
+    assert schedule.step(3) == f32(0.3) * f32(0.5)  # the ramp would hold 0.3 and 11 zeros
+    assert sparsity(model)["zeros"] == 9
+    with torch.no_grad():
+        for theta in pruned_parameters(model).values():
+            theta.mul_(4.0)  # the 9th smallest is now 0.6: d rises with it
+    assert schedule.step(4) == f32(0.3) * f32(0.5) * 4
+    assert sparsity(model)["zeros"] == 9
+    with torch.no_grad():
+        for theta in pruned_parameters(model).values():
+            theta.fill_(float("nan"))
+    assert schedule.step(4) == f32(0.3) * f32(0.5) * 4  # a NaN quantile: d held, not lowered
+
+
+def test_trained_net_holds_s_at_every_step_of_the_hold() -> None:
+    model, schedule = _net("cubic", 0.5)
+    schedule.every = 1
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    inputs = torch.linspace(-1, 1, 64 * 6).reshape(64, 6)
+    targets = torch.sin(3 * inputs[:, :2])
+    n = sum(theta.numel() for theta in pruned_parameters(model).values())
+    ds, regrown = [], 0
+    for step in range(1, 41):
+        loss = ((model(inputs) - targets) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step > 20:
+            regrown += sparsity(model)["zeros"] < wanted_count(0.8, n)  # before d is recomputed
+        ds.append(schedule.step(step))
+        if step >= 20:
+            assert sparsity(model)["zeros"] == wanted_count(0.8, n), step  # random θ: no ties
+    assert regrown > 0 and len(set(ds[19:])) > 1  # weights regrew in the hold and d moved to hold S
+
+
+def _ddp_worker(rank: int, store: str, out: str, ramp_until: float) -> None:
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
         sparsify(model, "stmod", 0.0)
-        schedule = TargetSparsitySchedule(0.75, total_steps=6, ramp="linear").attach(model)
+        schedule = TargetSparsitySchedule(0.75, total_steps=6, ramp="linear", ramp_until=ramp_until).attach(model)
         ddp = nn.parallel.DistributedDataParallel(model)
         inputs = torch.randn(16, 8, generator=torch.Generator().manual_seed(100 + rank))  # per-rank data
         ds = []
@@ -215,11 +270,13 @@ def _ddp_worker(rank: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_ranks_compute_the_same_d_without_communication(tmp_path) -> None:
+@pytest.mark.parametrize("ramp_until", [1.0, 0.5])  # 0.5: steps 4 to 6 are the hold, d may fall there
+def test_ddp_ranks_compute_the_same_d_without_communication(tmp_path, ramp_until: float) -> None:
     # spawn, not fork: a fork after OpenMP threads have started can hang the children
-    mp.spawn(_ddp_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path), ramp_until), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert rank0["d"] == rank1["d"] and rank0["d"] == sorted(rank0["d"]) and rank0["d"][-1] > 0
+    assert rank0["d"] == rank1["d"] and rank0["d"][-1] > 0
+    assert rank0["d"][:3] == sorted(rank0["d"][:3]) and (ramp_until == 0.5 or rank0["d"] == sorted(rank0["d"]))
     n = sum(t.numel() for t in rank0["thetas"])
     assert rank0["d"][-1] == kth_smallest_abs(rank1["thetas"], wanted_count(0.75, n))
 
@@ -253,7 +310,9 @@ def test_config_builds_the_target_schedule_and_ignores_flat_width(tiny_cfg) -> N
     assert isinstance(schedule, TargetSparsitySchedule)
     assert (schedule.target, schedule.ramp, schedule.every, schedule.kind) == (0.95, "linear", 7, "target")
     default = tiny_cfg("scheduler=target", "target_sparsity=0.9")
-    assert OmegaConf.to_container(default.scheduler) == {"kind": "target", "ramp": "sine"}
+    assert OmegaConf.to_container(default.scheduler) == {"kind": "target", "ramp": "cubic", "ramp_until": 0.5}
+    assert (build_threshold_schedule(default, 100).ramp, build_threshold_schedule(default, 100).ramp_until) == (
+        "cubic", 0.5)
     assert type(build_threshold_schedule(tiny_cfg(), 100)) is ThresholdSchedule
     # target_every_steps=null: total_steps // 1000, at least 1
     assert [build_threshold_schedule(default, total).every for total in (44, 1999, 2000, 500_000)] == [1, 1, 2, 500]
@@ -270,6 +329,31 @@ def _history(run_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_digits_run_with_a_hold_keeps_s_at_every_epoch_end(tiny_cfg, tmp_path) -> None:
+    from stds.run.loop import train
+
+    # 2 epochs of 22 steps, S reached at step 11 (ramp_until = 0.25), recomputed every step
+    train(tiny_cfg("scheduler=target", "target_sparsity=0.9", "scheduler.ramp=cubic",
+                   "scheduler.ramp_until=0.25"), tmp_path)
+    history = _history(tmp_path)
+    n = 58_144  # pruned weights of the digits net
+    for record in history:
+        assert record["target_sparsity"] == 0.9
+        assert abs(record["sparsity"] - 0.9) <= 1 / (2 * n) + 1e-12  # no ties at this d
+    assert history[-1]["d"] != history[0]["d"]  # d moved in the hold to keep S
+
+
+def test_changing_ramp_until_on_resume_is_refused() -> None:
+    from stds.run.resume import changed_keys
+
+    saved = {"scheduler": {"kind": "target", "ramp": "cubic", "ramp_until": 0.5}}
+    now = {"scheduler": {"kind": "target", "ramp": "cubic", "ramp_until": 0.75}}
+    assert changed_keys(saved, now) == [("scheduler.ramp_until", 0.5, 0.75)]
+    # a checkpoint from before ramp_until (no key) resumes with the default 1: not a change
+    assert changed_keys({"scheduler": {"kind": "sine"}}, {"scheduler": {"kind": "sine", "ramp_until": 1.0}}) == []
+
+
 def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
     from stds.run.loop import train
 
@@ -278,28 +362,36 @@ def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
     assert abs(metrics["sparsity"] - 0.9) <= 0.005
     assert history[-1]["target_sparsity"] == 0.9 and history[-1]["d"] > 0
     assert metrics["d"] == history[-1]["d"]
-    # the first epoch ends at step 22 of 44: the last recompute was at step 20, x = 20/44
-    assert history[0]["target_sparsity"] == pytest.approx(0.9 * (1 + math.sin(math.pi * (20 / 44 - 0.5))) / 2)
+    # the defaults (cubic, ramp_until 0.5): the first epoch ends at step 22 of 44, the last
+    # recompute was at step 20, x = 20 / (0.5 * 44) = 10/11
+    assert history[0]["target_sparsity"] == pytest.approx(0.9 * (1 - (1 - 10 / 11) ** 3))
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["schedule"] == {"d": history[-1]["d"], "target_sparsity": 0.9}
 
 
 @pytest.mark.slow
-def test_digits_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(tiny_cfg, tmp_path, monkeypatch) -> None:
+# 3 epochs of 22 steps: killed after step 30 (last checkpoint at 28, mid-ramp of the full ramp,
+# between recomputes at 25 and 30) or after step 40 (last checkpoint at 35, in the hold that
+# starts after step 33 = 0.5 * 66)
+@pytest.mark.parametrize(("ramp_until", "kill_after"), [
+    (1.0, 30), (0.5, 40)])
+def test_digits_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(
+        tiny_cfg, tmp_path, monkeypatch, ramp_until: float, kill_after: int) -> None:
     import stds.run.loop as train_module
 
     overrides = ("scheduler=target", "target_sparsity=0.8", "target_every_steps=5", "epochs=3",
-                 "checkpoint_every_steps=7")
+                 "checkpoint_every_steps=7", f"scheduler.ramp={'sine' if ramp_until == 1 else 'cubic'}",
+                 f"scheduler.ramp_until={ramp_until}")
     train_module.train(tiny_cfg(*overrides), tmp_path / "whole")
     real, calls = train_module.train_step, {"n": 0}
 
-    def killed_after_30(*args, **kwargs):
+    def killed_after(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] > 30:  # the last checkpoint is at step 28, between recomputes at 25 and 30
+        if calls["n"] > kill_after:
             raise KeyboardInterrupt("simulated kill")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", killed_after_30)
+    monkeypatch.setattr(train_module, "train_step", killed_after)
     with pytest.raises(KeyboardInterrupt):
         train_module.train(tiny_cfg(*overrides), tmp_path / "split")
     monkeypatch.undo()

@@ -1,18 +1,23 @@
 """Threshold schedules: the flat width d after a number of optimizer steps.
 
-d(step) = D · f(x) with x = min(step / total_steps, 1) and f a schedule from `SCHEDULES`:
+d(step) = D · f(x) with x = min(step / (ramp_until · total_steps), 1) and f a schedule from `SCHEDULES`:
 
 - ``constant``: f(x) = 1;
 - ``linear``: f(x) = x;
-- ``sine``: f(x) = (1 + sin(π(x − 1/2))) / 2.
+- ``sine``: f(x) = (1 + sin(π(x − 1/2))) / 2;
+- ``cubic``: f(x) = 1 − (1 − x)³ (fast start, flat end: the gradual pruning curve of Zhu and Gupta).
 
-x is capped at 1, so d never exceeds D, however long training runs past ``total_steps``.
+``ramp_until`` (``scheduler.ramp_until``, a fraction in (0, 1], default 1) is the share of training
+after which d holds its final value: 1 ramps over the whole run, 0.75 reaches D at three quarters
+of it and holds D for the last quarter. x is capped at 1, so d never exceeds D, however long
+training runs past ``total_steps``.
 A run's `ThresholdSchedule` owns d: the training loop calls its `step` after every optimizer step. New kinds are
 added with `register_schedule`; no dispatch code changes.
 
 ``scheduler.kind=target`` (`TargetSparsitySchedule`) inverts the rule: the wanted sparsity follows
 S · f(x) with f one of the schedules above (``scheduler.ramp``), and d is the quantile of |θ| over
-all pruned layers that gives it (see ``docs/target_sparsity.md``).
+all pruned layers that gives it; after ``ramp_until`` the wanted sparsity is S and d keeps following
+the quantile, so the run ends at S (see ``docs/target_sparsity.md``).
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ __all__ = [
     "TargetSparsitySchedule",
     "ThresholdSchedule",
     "build_threshold_schedule",
+    "check_ramp_until",
     "default_every",
-    "threshold_at",
     "kth_smallest_abs",
+    "ramp_progress",
     "register_schedule",
+    "threshold_at",
     "wanted_count",
 ]
 
@@ -81,11 +88,35 @@ def sine(x: float) -> float:
     return (1.0 + math.sin(math.pi * (x - 0.5))) / 2.0
 
 
-def threshold_at(step: int, total_steps: int, final: float, kind: str) -> float:
-    """The threshold d after ``step`` optimizer steps out of ``total_steps``, reaching ``final``.
+@register_schedule("cubic")
+def cubic(x: float) -> float:
+    """f(x) = 1 − (1 − x)³: steepest at x = 0 (slope 3), flat at x = 1 (slope 0)."""
+    return 1.0 - (1.0 - x) ** 3
+
+
+def check_ramp_until(ramp_until: float) -> float:
+    """``ramp_until`` if it is a fraction in (0, 1]; otherwise a ValueError (NaN included)."""
+    if not 0.0 < ramp_until <= 1.0:  # False for NaN
+        raise ValueError(f"ramp_until must lie in (0, 1], got {ramp_until}")
+    return ramp_until
+
+
+def ramp_progress(step: int, total_steps: int, ramp_until: float = 1.0) -> float:
+    """x = min(step / (ramp_until · total_steps), 1): how far the ramp is after ``step`` steps.
+
+    For ramp_until = 1 the divisor is float(total_steps), exact for any step count below 2⁵³, so x
+    is bit for bit step / total_steps, the rule before ``ramp_until`` existed.
+    """
+    return min(step / (ramp_until * total_steps), 1.0)
+
+
+def threshold_at(step: int, total_steps: int, final: float, kind: str, ramp_until: float = 1.0) -> float:
+    """The threshold d after ``step`` optimizer steps out of ``total_steps``, reaching ``final``
+    at ``ramp_until · total_steps`` and holding it from there on.
 
     The schedule's fraction is clipped to [0, 1], so d stays within [0, final]. Unknown ``kind``,
-    ``total_steps <= 0``, a negative ``step`` or a negative ``final`` are ValueErrors.
+    ``total_steps <= 0``, a negative ``step``, a negative ``final`` or ``ramp_until`` outside
+    (0, 1] are ValueErrors.
     """
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule kind {kind!r}; valid: {', '.join(sorted(SCHEDULES))}")
@@ -95,7 +126,7 @@ def threshold_at(step: int, total_steps: int, final: float, kind: str) -> float:
         raise ValueError(f"step must be >= 0, got {step}")
     if not math.isfinite(final) or final < 0:
         raise ValueError(f"final threshold (flat_width) must be a finite number >= 0, got {final}")
-    x = min(step / total_steps, 1.0)
+    x = ramp_progress(step, total_steps, check_ramp_until(ramp_until))
     fraction = min(max(SCHEDULES[kind](x), 0.0), 1.0)
     return final * fraction
 
@@ -111,17 +142,22 @@ class ThresholdSchedule:
     `state_dict`.
     """
 
-    def __init__(self, final: float, total_steps: int, kind: str) -> None:
-        threshold_at(0, total_steps, final, kind)  # validates the arguments
+    def __init__(self, final: float, total_steps: int, kind: str, ramp_until: float = 1.0) -> None:
+        threshold_at(0, total_steps, final, kind, ramp_until)  # validates the arguments
         self.final = final
         self.total_steps = total_steps
         self.kind = kind
+        self.ramp_until = ramp_until
         self.d = self.at(0)
         self._reparams: list = []
 
     def at(self, step: int) -> float:
         """d after ``step`` optimizer steps, by the schedule alone."""
-        return threshold_at(step, self.total_steps, self.final, self.kind)
+        return threshold_at(step, self.total_steps, self.final, self.kind, self.ramp_until)
+
+    def holding(self, step: int) -> bool:
+        """Whether ``step`` lies past the ramp's end, ramp_until · total_steps (never for 1 within the run)."""
+        return step > self.ramp_until * self.total_steps
 
     def attach(self, model: nn.Module) -> ThresholdSchedule:
         """Remember the reparameterizations of ``model`` and set them to the current d."""
@@ -196,18 +232,22 @@ def kth_smallest_abs(thetas: Sequence[Tensor], k: int, scratch: Tensor | None = 
 class TargetSparsitySchedule(ThresholdSchedule):
     """d chosen from θ so that the pruned layers reach a wanted sparsity (``scheduler=target``).
 
-    The wanted sparsity after ``step`` steps is S · f(x) (`wanted`, f = ``SCHEDULES[ramp]``, x
-    capped at 1). Every ``every`` steps, and at ``total_steps``, d is recomputed as the k-th
-    smallest |θ| over all pruned layers, k = `wanted_count` (w = 0 exactly when |θ| <= d, so
-    #{w = 0} = k unless ties at that value, zeros included, force more), and d never decreases:
-    d = max(d, that value). Between recomputes d is held. On one process or under DDP the result
-    depends only on θ, which every rank holds identically: no communication. With θ on a CPU
-    the schedule keeps one |θ| buffer for the recomputes (4 bytes per pruned float32 weight): a
-    fresh one of tens of MB would cost as much in page faults as the selection itself.
+    The wanted sparsity after ``step`` steps is S · f(x) (`wanted`, f = ``SCHEDULES[ramp]``,
+    x = min(step / (ramp_until · total_steps), 1)). Every ``every`` steps, and at ``total_steps``,
+    the k-th smallest |θ| over all pruned layers is computed, k = `wanted_count` (w = 0 exactly
+    when |θ| <= d, so #{w = 0} = k unless ties at that value, zeros included, force more). While
+    the ramp rises d never decreases: d = max(d, that value). Past the ramp's end (the hold, after
+    ramp_until · total_steps) d is that value, up or down, so the sparsity stays at S when weights
+    regrow under ``stmod`` and when they drift inwards (docs/target_sparsity.md). Between
+    recomputes d is held. On one process or under DDP the result depends only on θ, which every
+    rank holds identically: no communication. With θ on a CPU the schedule keeps one |θ| buffer
+    for the recomputes (4 bytes per pruned float32 weight): a fresh one of tens of MB would cost as
+    much in page faults as the selection itself.
     """
 
-    def __init__(self, target: float, total_steps: int, ramp: str = "sine", every: int = 1) -> None:
-        threshold_at(0, total_steps, 1.0, ramp)  # validates total_steps and the ramp's name
+    def __init__(self, target: float, total_steps: int, ramp: str = "sine", every: int = 1,
+                 ramp_until: float = 1.0) -> None:
+        threshold_at(0, total_steps, 1.0, ramp, ramp_until)  # validates total_steps, ramp, ramp_until
         if not 0.0 < target < 1.0:
             raise ValueError(f"target sparsity must lie in (0, 1), got {target}")
         if every < 1:
@@ -217,12 +257,12 @@ class TargetSparsitySchedule(ThresholdSchedule):
         self._thetas: list[Tensor] = []
         self._numel = 0
         self._scratch: Tensor | None = None
-        super().__init__(final=0.0, total_steps=total_steps, kind=ramp)
+        super().__init__(final=0.0, total_steps=total_steps, kind=ramp, ramp_until=ramp_until)
         self.kind = TARGET_KIND
 
     def wanted(self, step: int) -> float:
-        """The sparsity asked for after ``step`` steps: S · f(min(step / total_steps, 1))."""
-        return threshold_at(step, self.total_steps, self.target, self.ramp)
+        """The sparsity asked for after ``step`` steps: S · f(min(step / (ramp_until · total_steps), 1))."""
+        return threshold_at(step, self.total_steps, self.target, self.ramp, self.ramp_until)
 
     def at(self, step: int) -> float:
         """d before any θ is seen: 0 at step 0 (θ = w0 at registration); later the d set last."""
@@ -241,14 +281,16 @@ class TargetSparsitySchedule(ThresholdSchedule):
         return self
 
     def step(self, step: int) -> float:
-        """At a recompute step, d = max(d, the |θ| quantile for `wanted`); otherwise d is held."""
+        """At a recompute step, d = the |θ| quantile for `wanted`: never below d while the ramp
+        rises, up or down in the hold; otherwise d is held."""
         if step % self.every and step != self.total_steps:
             return self.d
         if not self._thetas:
             raise RuntimeError("attach the model before calling step (TargetSparsitySchedule)")
         self.asked = self.wanted(step)
         candidate = kth_smallest_abs(self._thetas, wanted_count(self.asked, self._numel), self._scratch)
-        if candidate > self.d:  # False for NaN θ: d is held and the loop reports the bad loss
+        # both tests are False for a NaN candidate: d is held and the loop reports the bad loss
+        if candidate > self.d or (self.holding(step) and candidate < self.d):
             self._apply(candidate)
         return self.d
 
@@ -286,12 +328,15 @@ def build_threshold_schedule(cfg: Any, total_steps: int) -> ThresholdSchedule:
 
     ``scheduler.kind`` a key of `SCHEDULES`: d follows ``flat_width`` · f(x). ``target``: a
     `TargetSparsitySchedule` from ``target_sparsity``, ``scheduler.ramp`` and
-    ``target_every_steps`` (null: `default_every`); ``flat_width`` is then ignored.
+    ``target_every_steps`` (null: `default_every`); ``flat_width`` is then ignored. Both reach
+    their final value at ``scheduler.ramp_until`` (absent: 1) of ``total_steps``.
     """
     kind = str(cfg.scheduler.kind)
+    ramp_until = float(cfg.scheduler.get("ramp_until", 1.0))
     if kind != TARGET_KIND:
-        return ThresholdSchedule(float(cfg.flat_width), total_steps, kind)
+        return ThresholdSchedule(float(cfg.flat_width), total_steps, kind, ramp_until)
     log.info("scheduler=target: d follows target_sparsity=%s; flat_width is ignored", cfg.target_sparsity)
     every = cfg.target_every_steps
     every = default_every(total_steps) if every is None else int(every)
-    return TargetSparsitySchedule(float(cfg.target_sparsity), total_steps, str(cfg.scheduler.ramp), every)
+    return TargetSparsitySchedule(float(cfg.target_sparsity), total_steps, str(cfg.scheduler.ramp), every,
+                                  ramp_until)

@@ -63,11 +63,13 @@ class SparseConfig:
 
 @dataclass
 class ScheduleConfig:
-    # a key of stds.method.schedule.SCHEDULES: constant, linear, sine, or one registered by the user;
+    # a key of stds.method.schedule.SCHEDULES: constant, linear, sine, cubic, or one registered by the user;
     # or target: d follows target_sparsity (see docs/target_sparsity.md)
     kind: str = "sine"
     # kind=target only: the SCHEDULES key the wanted sparsity follows from 0 to target_sparsity
     ramp: Optional[str] = None
+    # the share of training, in (0, 1], after which d (or target's wanted sparsity) holds its final value
+    ramp_until: float = 1.0
 
 
 @dataclass
@@ -162,6 +164,10 @@ def _check_method(cfg: DictConfig) -> None:
     if cfg.scheduler.kind not in SCHEDULES and cfg.scheduler.kind != TARGET_KIND:
         valid = ", ".join(sorted([*SCHEDULES, TARGET_KIND]))
         raise ConfigError(f"scheduler.kind={cfg.scheduler.kind!r} is not valid; use one of {valid}")
+    ramp_until = cfg.scheduler.ramp_until
+    if not 0 < ramp_until <= 1:  # False for nan
+        raise ConfigError(f"scheduler.ramp_until={ramp_until} must lie in (0, 1] (the share of training "
+                          "after which the schedule holds); set scheduler.ramp_until=<fraction>, e.g. 0.75")
     if cfg.gradr_optimize == GradROptimize.pruned:
         _check_gradr_pruned_only(cfg)
     if cfg.alpha_gr > 0 and cfg.sparse.method == SparseMethod.identity:
