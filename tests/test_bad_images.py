@@ -127,6 +127,7 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_skip_in_a_run_lists_the_files_in_the_epoch_record(tiny_cfg, tmp_path):
     bad = write_folder(tmp_path / "data")
     run_dir = tmp_path / "run"

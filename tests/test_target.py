@@ -270,6 +270,7 @@ def _ddp_worker(rank: int, store: str, out: str, ramp_until: float) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ramp_until", [1.0, 0.5])  # 0.5: steps 4 to 6 are the hold, d may fall there
 def test_ddp_ranks_compute_the_same_d_without_communication(tmp_path, ramp_until: float) -> None:
     # spawn, not fork: a fork after OpenMP threads have started can hang the children
@@ -354,6 +355,7 @@ def test_changing_ramp_until_on_resume_is_refused() -> None:
     assert changed_keys({"scheduler": {"kind": "sine"}}, {"scheduler": {"kind": "sine", "ramp_until": 1.0}}) == []
 
 
+@pytest.mark.slow
 def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
     from stds.run.loop import train
 
