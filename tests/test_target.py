@@ -346,7 +346,7 @@ def test_changing_ramp_until_on_resume_is_refused() -> None:
     from stds.run.resume import changed_keys
 
     saved = {"scheduler": {"kind": "target", "ramp": "cubic", "ramp_until": 0.5}}
-    now = {"scheduler": {"kind": "target", "ramp": "cubic", "ramp_until": 0.5}}
+    now = {"scheduler": {"kind": "target", "ramp": "cubic", "ramp_until": 0.75}}
     assert changed_keys(saved, now) == [("scheduler.ramp_until", 0.5, 0.75)]
     # a checkpoint from before ramp_until (no key) resumes with the default 1: not a change
     assert changed_keys({"scheduler": {"kind": "sine"}}, {"scheduler": {"kind": "sine", "ramp_until": 1.0}}) == []
