@@ -19,7 +19,7 @@ and spread are over the seeds whose D runs bracket S.
     python benchmarks/target_frontier.py run --out outputs/target_frontier --seeds 0 \\
         --variants frontier,today,sine@0.5,sine@0.75,cubic@0.5,cubic@0.75
     python benchmarks/target_frontier.py table --out outputs/target_frontier \\
-        --md docs/target_frontier.md --png docs/target_frontier.png
+        --json docs/target_frontier.json --md docs/target_frontier.md --png docs/target_frontier.png
     # another model: extra overrides after --, passed to every run
     python benchmarks/target_frontier.py run --out outputs/tf_cifar --seeds 0 -- experiment=cifar10_stds
 
@@ -235,17 +235,17 @@ def hold_stats(cfg: dict, records: list[dict], run_dir: Path) -> dict:
             "frozen_sparsity": float((thetas <= ds[0]).double().mean())}
 
 
-def frontier_at(frontier: dict[float, dict[int, dict]], target: float, field: str) -> list[float]:
-    """Per seed, ``field`` of the D runs interpolated linearly in reached sparsity at ``target``;
+def frontier_at(frontier: dict[float, dict[int, dict]], target: float, field: str) -> dict[int, float]:
+    """Seed -> ``field`` of its D runs interpolated linearly in reached sparsity at ``target``;
     only seeds whose runs reach below and above ``target`` count."""
     seeds = sorted({seed for by_seed in frontier.values() for seed in by_seed})
-    values = []
+    values = {}
     for seed in seeds:
         pts = sorted((p["sparsity"], p[field]) for by_seed in frontier.values()
                      for s, p in by_seed.items() if s == seed)
         xs, ys = [x for x, _ in pts], [y for _, y in pts]
         if len(xs) >= 2 and xs[0] <= target <= xs[-1]:
-            values.append(float(np.interp(target, xs, ys)))
+            values[seed] = float(np.interp(target, xs, ys))
     return values
 
 
@@ -259,9 +259,10 @@ def summarise(table: dict) -> dict:
         summary["frontier_points"][f"{width:g}"]["seeds"] = sorted(by_seed)
     targets = sorted({v for name, rows in table.items() if name != "frontier" for v in rows})
     for target in targets:
+        per_seed = {key: frontier_at(frontier, target, key) for key in ("acc", "last")}
         summary["frontier"][f"{target:g}"] = {
-            key: spread(vals) if (vals := frontier_at(frontier, target, key)) else None
-            for key in ("acc", "last")}
+            key: spread(list(vals.values())) if vals else None for key, vals in per_seed.items()}
+        summary["frontier"][f"{target:g}"]["per_seed"] = per_seed
     for name, rows in sorted(table.items()):
         if name == "frontier":
             continue
@@ -269,6 +270,8 @@ def summarise(table: dict) -> dict:
             summary["target"].setdefault(name, {})[f"{target:g}"] = {
                 key: spread([p[key] for p in by_seed.values()]) for key in ("acc", "sparsity", "last", "d")}
             summary["target"][name][f"{target:g}"]["seeds"] = sorted(by_seed)
+            summary["target"][name][f"{target:g}"]["per_seed"] = {
+                key: {seed: p[key] for seed, p in sorted(by_seed.items())} for key in ("acc", "last", "sparsity")}
             holds = [(p["hold"], p["sparsity"]) for p in by_seed.values() if "hold" in p]
             if holds:
                 summary.setdefault("hold", {}).setdefault(name, {})[f"{target:g}"] = {
