@@ -392,3 +392,12 @@ def test_resume_refuses_a_checkpoint_whose_config_was_planted(tiny_cfg, tmp_path
     ckpt.save_atomic(state, tmp_path / "checkpoints" / "last.pt")
     with pytest.raises(CheckpointError, match=r"last.pt: config key dataset.root holds an interpolation"):
         train(tiny_cfg(f"resume={tmp_path}"), tmp_path / "other")
+
+
+@pytest.mark.slow
+def test_a_resume_error_is_printed_once(tmp_path):
+    proc = run_train("resume=nowhere", cwd=tmp_path)
+    assert proc.returncode == 1
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "resume=nowhere" in line]
+    assert len(lines) == 1 and lines[0].startswith("Error: resume=nowhere: "), lines
+    assert not (tmp_path / "outputs").exists()  # no run directory for a run that never started

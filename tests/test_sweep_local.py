@@ -181,3 +181,17 @@ def test_sweep_progress_lines_show_each_running_points_step_eta_and_last_epoch(t
     assert lines and all(line.endswith(" s); #0 step 33/44 ETA 0:00:01, epoch 1/2 test_acc1 0.9000 "
                                        "sparsity 0.4000") for line in lines), lines
     assert launcher.point_progress(tmp_path / "1" / "train.log") is None
+
+
+def test_a_sweep_that_started_is_tidied_however_it_ended(tmp_path):
+    """Hydra skips on_multirun_end after a failed point; the sweep remembered at its start is
+    tidied by run_hydra_main all the same: the empty pattern folder goes, job folders stay."""
+    from stds.cli.callbacks import TidySweepDir, tidy_started_sweeps
+
+    (tmp_path / ".submitit" / "%j").mkdir(parents=True)
+    (tmp_path / ".submitit" / "123").mkdir()
+    (tmp_path / ".submitit" / "123" / "123_0_log.err").write_text("x")
+    TidySweepDir().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert tidy_started_sweeps() == [tmp_path / ".submitit" / "%j"]
+    assert sorted(p.name for p in (tmp_path / ".submitit").iterdir()) == ["123"]
+    assert tidy_started_sweeps() == []  # once

@@ -2,8 +2,10 @@
 
 `TidySweepDir` removes, once a sweep has ended, the empty folders submitit leaves under the sweep
 directory: ``.submitit/%j`` is made for the unresolved job-id pattern of ``submitit_folder`` and
-never holds anything (every job writes under its own id). Hydra calls it only after a sweep
-whose points all succeeded; `stds.cli.launcher.LocalSweepLauncher` tidies after every sweep.
+never holds anything (every job writes under its own id). Hydra calls ``on_multirun_end`` only
+after a sweep whose points all succeeded, so the sweep directory is also remembered when the sweep
+starts and `tidy_started_sweeps` (called by `stds.cli.entry.run_hydra_main` however the sweep
+ended) tidies it after a failed point too.
 """
 
 from __future__ import annotations
@@ -33,9 +35,23 @@ def remove_empty_pattern_folders(folder: Path) -> list[Path]:
     return removed
 
 
+_STARTED: list[Path] = []
+"""Sweep directories of this process whose sweep started (for `tidy_started_sweeps`)."""
+
+
+def tidy_started_sweeps() -> list[Path]:
+    """`remove_empty_pattern_folders` on ``<sweep dir>/.submitit`` of every sweep started here."""
+    removed = []
+    while _STARTED:
+        removed += remove_empty_pattern_folders(_STARTED.pop() / ".submitit")
+    return removed
+
+
 class TidySweepDir(Callback):
     """After a sweep: `remove_empty_pattern_folders` on ``<sweep dir>/.submitit``."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _STARTED.append(Path(str(config.hydra.sweep.dir)))
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        remove_empty_pattern_folders(sweep_dir / ".submitit")
+        remove_empty_pattern_folders(Path(str(config.hydra.sweep.dir)) / ".submitit")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from stds.cli.callbacks import tidy_started_sweeps
 from stds.errors import find_in_chain, one_line, user_error
 
 log = logging.getLogger("stds")
@@ -156,7 +157,10 @@ def run_hydra_main(main: Callable[[], Any], argv: list[str] | None = None) -> No
     argv = sys.argv[1:] if argv is None else argv
     _user_wants_traceback = os.environ.get(_FULL_ERROR) == "1"
     if _user_wants_traceback:
-        main()
+        try:
+            main()
+        finally:
+            tidy_started_sweeps()
         return
     os.environ[_FULL_ERROR] = "1"
     try:
@@ -172,6 +176,7 @@ def run_hydra_main(main: Callable[[], Any], argv: list[str] | None = None) -> No
         sys.exit(1)
     finally:
         os.environ.pop(_FULL_ERROR, None)
+        tidy_started_sweeps()  # Hydra skips its end-of-sweep callbacks after a failed point
 
 
 def _silence_stdout() -> None:
