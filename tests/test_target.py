@@ -21,7 +21,7 @@ from stds.method.schedule import (
     kth_smallest_abs,
     wanted_count,
 )
-from tests.conftest import model_d
+from tests.conftest import kill_after_steps, model_d
 from stds.method.sparse import pruned_parameters, sparsify, sparsity
 
 # three pruned layers of 4, 3 and 6 weights; two θ are exactly 0 and 0.1 appears four times
@@ -385,15 +385,7 @@ def test_digits_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(
                  "checkpoint_every_steps=7", f"scheduler.ramp={'sine' if ramp_until == 1 else 'cubic'}",
                  f"scheduler.ramp_until={ramp_until}")
     train_module.train(tiny_cfg(*overrides), tmp_path / "whole")
-    real, calls = train_module.train_step, {"n": 0}
-
-    def killed_after(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > kill_after:
-            raise KeyboardInterrupt("simulated kill")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_step", killed_after)
+    kill_after_steps(monkeypatch, kill_after)
     with pytest.raises(KeyboardInterrupt):
         train_module.train(tiny_cfg(*overrides), tmp_path / "split")
     monkeypatch.undo()

@@ -3,6 +3,8 @@
 import json
 
 import pytest
+
+from tests.conftest import kill_after_steps
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -83,16 +85,7 @@ def test_sparsity_reported_matches_the_weights(tiny_cfg, tmp_path):
 
 
 def _stop_after(monkeypatch, calls: int):
-    real = train_module.train_step
-    count = {"n": 0}
-
-    def step(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] > calls:
-            raise KeyboardInterrupt("simulated kill")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_step", step)
+    kill_after_steps(monkeypatch, calls)
 
 
 SAME = ("test_acc1", "test_acc5", "best_test_acc1", "sparsity", "step", "epoch", "d")
