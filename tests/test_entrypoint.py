@@ -42,10 +42,10 @@ def test_documented_single_run(tmp_path):
 @pytest.mark.slow
 def test_documented_basic_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_train("-m", "flat_width=1,2,3,4,5", *FAST, "epochs=1", f"hydra.sweep.dir={sweep}")
+    proc = run_train("-m", "flat_width=1,2,3", *FAST, "epochs=1", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr
-    widths = [_metrics(sweep / str(i))["d"] for i in range(5)]
-    assert widths == pytest.approx([1, 2, 3, 4, 5])
+    widths = [_metrics(sweep / str(i))["d"] for i in range(3)]
+    assert widths == pytest.approx([1, 2, 3])
 
 
 @pytest.mark.slow
