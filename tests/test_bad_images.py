@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import stds.run.loop as loop_module
-from tests.conftest import REPO
+from tests.conftest import HANG_S, REPO
 from stds.data import datasets as data
 from stds.data.images import BadImages, check_files, image_files
 from stds.data.loaders import LoaderOptions, eval_loader, train_loader
@@ -165,7 +165,7 @@ def test_check_data_lists_the_bad_files(tmp_path):
     bad = write_folder(tmp_path / "data")
     done = subprocess.run([sys.executable, str(REPO / "launch" / "check_data.py"), "dataset=imagenet",
                            f"dataset.root={tmp_path / 'data'}", "--workers=2"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 1, done.stderr
     listed = [line for line in done.stdout.splitlines() if line.startswith(str(tmp_path))]
     assert sorted(line.split(": ", 1)[0] for line in listed) == sorted(str(p) for p in bad.values())
@@ -173,7 +173,7 @@ def test_check_data_lists_the_bad_files(tmp_path):
     for path in bad.values():
         path.write_bytes(_jpeg())
     done = subprocess.run([sys.executable, str(REPO / "launch" / "check_data.py"), "dataset=imagenet",
-                           f"dataset.root={tmp_path / 'data'}"], capture_output=True, text=True, timeout=300)
+                           f"dataset.root={tmp_path / 'data'}"], capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0 and "all 16 image files decode" in done.stdout
 
 

@@ -148,7 +148,7 @@ def test_sigkill_mid_epoch_then_same_command_gives_the_same_result(tmp_path):
     cmd = [sys.executable, str(TRAIN), *args, f"hydra.run.dir={split}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     jsonl = split / "metrics.jsonl"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + HANG_S
     while not (jsonl.exists() and jsonl.read_text().count("\n") >= 1) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)  # into the second epoch

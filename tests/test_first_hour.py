@@ -22,7 +22,7 @@ from stds.run import checkpoint as ckpt
 from stds.run.loop import bar_description, train
 from stds.run.metrics import BEST_RULE, at_final_sparsity, best_of, replaces_best
 
-from tests.conftest import REPO, run_train
+from tests.conftest import HANG_S, REPO, run_train
 
 STEPS = (1797 - 360) // 64  # training batches of the tiny digits run per epoch (22)
 
@@ -251,7 +251,7 @@ def test_help_into_a_closed_pipe_says_nothing_about_a_run_directory(tmp_path):
     os.close(read_end)  # `--help | head` once head has left
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     proc = subprocess.run([sys.executable, str(TRAIN), "--help"], stdout=write_end, stderr=subprocess.PIPE,
-                          cwd=tmp_path, env=env, text=True, timeout=300)
+                          cwd=tmp_path, env=env, text=True, timeout=HANG_S)
     os.close(write_end)
     assert proc.returncode == 1 and proc.stderr == "", proc.stderr
     assert not (tmp_path / "outputs").exists()

@@ -15,7 +15,7 @@ import torch
 from tensorboard.summary.writer import record_writer
 
 import stds.run.loop as loop_module
-from tests.conftest import REPO
+from tests.conftest import HANG_S, REPO
 from stds.errors import RunDirError
 from stds.run import checkpoint as ckpt
 from stds.run.loop import train
@@ -161,7 +161,7 @@ def test_an_existing_read_only_run_directory_is_one_line(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     done = subprocess.run([sys.executable, str(script), str(run_dir), str(REPO / "launch" / "train.py")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=HANG_S, cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip() == (f"Error: cannot write in {run_dir} (its log file train.log): Permission "
                                    "denied; make it writable (chmod u+w, free disk space) or set "

@@ -213,12 +213,12 @@ def test_sigterm_saves_then_resume_last_finishes_bit_identical(tmp_path):
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.Popen([sys.executable, str(TRAIN), *args, scratch], cwd=work, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + HANG_S
     while not list(tmp_path.glob("scratch/runs/*/metrics.jsonl")) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)  # into the second epoch
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
+    _, stderr = proc.communicate(timeout=HANG_S)
     (run_dir,) = [p.parent for p in tmp_path.glob("scratch/runs/*/checkpoints")]
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert not (run_dir / "metrics.json").exists(), "the run finished before the signal"

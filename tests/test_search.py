@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from stds.cli.search import Search, SearchSettings, constraints_from, objectives_from, search_space
 from stds.errors import ConfigError, StdsError
 from stds.results.pareto import Bound, constraint_values, dominates, feasible, pareto_mask
-from tests.conftest import REPO, compose_train, run_train
+from tests.conftest import HANG_S, REPO, compose_train, run_train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -389,7 +389,7 @@ def _ok(proc) -> None:
 @pytest.mark.slow
 def test_frontier_search_runs_six_trials_then_continues_to_eight(tmp_path):
     sweep_dir = tmp_path / "search"
-    _ok(run_train(*SEARCH, "hydra.sweeper.n_trials=6", f"hydra.sweep.dir={sweep_dir}", timeout=900))
+    _ok(run_train(*SEARCH, "hydra.sweeper.n_trials=6", f"hydra.sweep.dir={sweep_dir}", timeout=HANG_S))
     study = optuna.load_study(study_name="frontier", storage=f"sqlite:///{sweep_dir / 'study.db'}")
     first = study.trials
     assert [t.state for t in first] == [TrialState.COMPLETE] * 6
@@ -401,7 +401,7 @@ def test_frontier_search_runs_six_trials_then_continues_to_eight(tmp_path):
 
     # the same command with a larger budget adds exactly two trials and re-runs none
     mtimes = {n: (sweep_dir / str(n) / "metrics.json").stat().st_mtime_ns for n in range(6)}
-    _ok(run_train(*SEARCH, "hydra.sweeper.n_trials=8", f"hydra.sweep.dir={sweep_dir}", timeout=600))
+    _ok(run_train(*SEARCH, "hydra.sweeper.n_trials=8", f"hydra.sweep.dir={sweep_dir}", timeout=HANG_S))
     trials = optuna.load_study(study_name="frontier", storage=f"sqlite:///{sweep_dir / 'study.db'}").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 8
     assert [(t.params, t.values) for t in trials[:6]] == [(t.params, t.values) for t in first]
@@ -410,7 +410,7 @@ def test_frontier_search_runs_six_trials_then_continues_to_eight(tmp_path):
 
     # the report lists the trials with their parameters and marks the front from the same values
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "report.py"), str(sweep_dir)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr
     with (sweep_dir / "report.csv").open() as handle:
         rows = {int(r["trial"]): r for r in csv.DictReader(handle)}
@@ -426,7 +426,7 @@ def test_a_failed_trial_is_recorded_with_its_reason(tmp_path):
     # a point the run refuses (D < 0): the trial fails with the run's one line
     proc = run_train("-m", "hydra/sweeper=stds_optuna", "hydra/launcher=local", "dataset=digits", "epochs=1",
                      "flat_width=choice(-1.0)", "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={sweep_dir}",
-                     timeout=300)
+                     timeout=HANG_S)
     assert proc.returncode == 1
     assert ("Error: all 1 trials of this search failed; the first: ConfigError: flat_width=-1.0 must be >= 0"
             in proc.stderr)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import HANG_S, REPO
 from stds.errors import CheckpointError
 from stds.results.collect import collect_runs
 from stds.results.export import export_run
@@ -151,7 +151,7 @@ def test_init_from_an_unreadable_file_says_so(tiny_cfg, tmp_path):
 
 def _report(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "launch" / "report.py"), *args],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+                          capture_output=True, text=True, timeout=HANG_S, env={**os.environ, **(env or {})})
 
 
 def test_report_export_refuses_a_hostile_checkpoint(tmp_path):
