@@ -52,7 +52,10 @@ def test_documented_basic_sweep(tmp_path):
 def test_documented_submitit_local_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_train("-m", "hydra/launcher=submitit_local", "flat_width=0.05,0.3", *FAST,
-                     f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10")
+                     f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10",
+                     # the plugin starts both points at once with all the machine's threads each;
+                     # one thread each keeps two points from fighting over a 2-core CI machine
+                     env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     first, second = _metrics(sweep / "0"), _metrics(sweep / "1")
     assert (first["d"], second["d"]) == pytest.approx((0.05, 0.3))
