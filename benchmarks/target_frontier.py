@@ -300,19 +300,20 @@ def cell(stats: dict | None) -> str:
 def markdown(summary: dict) -> str:
     """The table (target variants against the interpolated frontier) and the D runs it came from."""
     lines = [("| S | schedule | reached sparsity (mean, max) | test top-1 % | gap to D frontier (points) "
-              "| last 5 epochs % |"), "|---|---|---|---|---|---|"]
+              "| last 5 epochs % | gap, last 5 (points) |"), "|---|---|---|---|---|---|---|"]
     for target in sorted(summary["frontier"], key=float):
         front = summary["frontier"][target]
         lines.append(f"| {target} | D frontier (interpolated) | {target} | {cell(front['acc'])} | | "
-                     f"{cell(front['last'])} |")
+                     f"{cell(front['last'])} | |")
         for name, rows in sorted(summary["target"].items()):
             if target not in rows:
                 continue
             row = rows[target]
-            gap = "–" if front["acc"] is None else f"{100 * (row['acc']['mean'] - front['acc']['mean']):+.2f}"
+            gap, gap_last = (("–" if front[key] is None else f"{100 * (row[key]['mean'] - front[key]['mean']):+.2f}")
+                             for key in ("acc", "last"))
             reached = f"{row['sparsity']['mean']:.5f}, {row['sparsity']['max']:.5f}"
             lines.append(f"| {target} | target {name} | {reached} | {cell(row['acc'])} | {gap} | "
-                         f"{cell(row['last'])} |")
+                         f"{cell(row['last'])} | {gap_last} |")
     lines += ["", "| D (sine) | reached sparsity | test top-1 % | last 5 epochs % |", "|---|---|---|---|"]
     for width, row in sorted(summary["frontier_points"].items(), key=lambda kv: float(kv[0])):
         lines.append(f"| {width} | {row['sparsity']['mean']:.4f} ({row['sparsity']['min']:.4f}–"
