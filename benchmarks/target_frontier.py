@@ -49,7 +49,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 SPARSITIES = (0.8, 0.9, 0.95, 0.98)
 WIDTHS = (0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0)
-VARIANTS = ("frontier", "today", "sine@0.5", "sine@0.75", "cubic@0.5", "cubic@0.75")
+VARIANTS = ("frontier", "today", "sine@0.5", "sine@0.75", "cubic@0.35", "cubic@0.5", "cubic@0.75")
 LAST = 5  # epochs averaged in the "last 5" column
 
 
