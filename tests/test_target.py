@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from stds.run.config import validate
@@ -363,10 +364,14 @@ def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
     assert abs(metrics["sparsity"] - 0.9) <= 0.005
     assert history[-1]["target_sparsity"] == 0.9 and history[-1]["d"] > 0
     assert metrics["d"] == history[-1]["d"]
-    # the defaults (cubic, ramp_until 0.35): the ramp ends at step 0.35 * 44 = 15.4, so the last
-    # recompute of the first epoch (step 20 of 22) is in the hold and asks for S; the cubic's values
-    # are pinned by test_wanted_sparsity_reaches_s_at_ramp_until_and_holds_it
-    assert history[0]["target_sparsity"] == 0.9
+    # the defaults (cubic, ramp_until 0.35): the ramp ends at step 0.35 * 44 = 15.4; the recompute at
+    # step 15 asks for the cubic at x = 15 / 15.4 (TensorBoard's scalar, logged every 5 steps), the one
+    # at step 20, the last of the first epoch (22 steps), is in the hold and asks for S
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    wanted = {e.step: e.value for e in events.Scalars("target_sparsity")}
+    assert wanted[15] == pytest.approx(0.9 * (1 - (1 - 15 / 15.4) ** 3), rel=1e-6)
+    assert wanted[20] == pytest.approx(0.9) and history[0]["target_sparsity"] == 0.9
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["schedule"] == {"d": history[-1]["d"], "target_sparsity": 0.9}
 
