@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stds.errors import ConfigError, user_error
 from stds.run.accel import check_channels_last
-from stds.method.schedule import SCHEDULES, TARGET_KIND
+from stds.method.schedule import SCHEDULES, TARGET_KIND, check_ramp_until
 
 
 class SparseMethod(str, Enum):
@@ -165,9 +165,11 @@ def _check_method(cfg: DictConfig) -> None:
         valid = ", ".join(sorted([*SCHEDULES, TARGET_KIND]))
         raise ConfigError(f"scheduler.kind={cfg.scheduler.kind!r} is not valid; use one of {valid}")
     ramp_until = cfg.scheduler.ramp_until
-    if not 0 < ramp_until <= 1:  # False for nan
+    try:
+        check_ramp_until(ramp_until)  # the method's own rule, nan refused
+    except ValueError:
         raise ConfigError(f"scheduler.ramp_until={ramp_until} must lie in (0, 1] (the share of training "
-                          "after which the schedule holds); set scheduler.ramp_until=<fraction>, e.g. 0.75")
+                          "after which the schedule holds); set scheduler.ramp_until=<fraction>, e.g. 0.75") from None
     if cfg.gradr_optimize == GradROptimize.pruned:
         _check_gradr_pruned_only(cfg)
     if cfg.alpha_gr > 0 and cfg.sparse.method == SparseMethod.identity:
