@@ -65,7 +65,7 @@ class BadImages:
 
     def __init__(self, policy: str = "error", limit: int = 100, root: str | Path = "") -> None:
         if policy not in BAD_IMAGE_POLICIES:
-            raise ConfigError(f"dataset.bad_images={policy!r} is not valid; use error or skip")
+            raise ConfigError(f"dataset.bad_images={policy!r} is not valid; use {' or '.join(BAD_IMAGE_POLICIES)}")
         if limit < 0:
             raise ConfigError(f"dataset.max_bad_images={limit} must be >= 0")
         self.policy, self.limit, self.root = policy, limit, root

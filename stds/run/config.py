@@ -18,6 +18,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from stds.data.images import BAD_IMAGE_POLICIES
 from stds.errors import ConfigError, user_error
 from stds.run.accel import check_channels_last
 from stds.method.schedule import SCHEDULES, TARGET_KIND, check_ramp_until
@@ -228,8 +229,8 @@ def _check_dataset(cfg: DictConfig) -> None:
         if key not in cfg.dataset:
             raise ConfigError(f"dataset.{key} is missing; pick a dataset with dataset=<name>")
     policy = cfg.dataset.get("bad_images", "error")
-    if policy not in ("error", "skip"):
-        raise ConfigError(f"dataset.bad_images={policy!r} is not valid; use error or skip")
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ConfigError(f"dataset.bad_images={policy!r} is not valid; use {' or '.join(BAD_IMAGE_POLICIES)}")
     limit = cfg.dataset.get("max_bad_images", 0)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
         raise ConfigError(f"dataset.max_bad_images={limit!r} must be an integer >= 0")
