@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -81,20 +81,22 @@ def check_saved_config(config: dict, source: Path) -> None:
     with a ``_target_`` outside `ALLOWED_TARGETS` or any string holding ``${``."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{source}: its config is not a mapping; use a stds checkpoint or pruned.pt")
-    stack: list[tuple[str, Any]] = [("", config)]
-    while stack:
-        prefix, node = stack.pop()
-        items = node.items() if isinstance(node, dict) else enumerate(node)
-        for key, value in items:
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if isinstance(key, str) and "${" in key:
-                _check_leaf(path, "", key, source)
-            if isinstance(value, (dict, list, tuple)):
-                if key == "_target_":
-                    _check_leaf(path, "_target_", value, source)
-                stack.append((path, value))
-            else:
-                _check_leaf(path, str(key), value, source)
+    for path, key, value in _walk(config):
+        if isinstance(key, str) and "${" in key:
+            _check_leaf(path, "", key, source)
+        if not isinstance(value, (dict, list, tuple)):
+            _check_leaf(path, str(key), value, source)
+        elif key == "_target_":
+            _check_leaf(path, "_target_", value, source)
+
+
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted path, key, value) of every item of a nested dict/list/tuple, parents first."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else ()
+    for key, value in items:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        yield path, key, value
+        yield from _walk(value, path)
 
 
 def load_saved_yaml(path: Path) -> dict:
@@ -102,21 +104,14 @@ def load_saved_yaml(path: Path) -> dict:
     references to its own keys (``${T}``, ``${dataset.num_classes}``): a resolver call such as
     ``${oc.env:HOME}`` is refused naming the key and the file, never run."""
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    _refuse_resolvers(raw, "", path)
+    for key_path, _, value in _walk(raw):
+        if isinstance(value, str) and _RESOLVER.search(value):
+            raise CheckpointError(f"{path}: config key {key_path} calls a resolver ({_shown(value)!r}); "
+                                  "only references to other keys are read from a file: use a file you trust")
     return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)  # type: ignore[return-value]
 
 
 _RESOLVER = re.compile(r"\$\{[^}]*:")
-
-
-def _refuse_resolvers(node: Any, prefix: str, source: Path) -> None:
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, value in items:
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, str) and _RESOLVER.search(value):
-            raise CheckpointError(f"{source}: config key {path} calls a resolver ({_shown(value)!r}); "
-                                  "only references to other keys are read from a file: use a file you trust")
-        _refuse_resolvers(value, path, source)
 
 
 def build_model(config: dict[str, Any], source: Path | str = "the saved config") -> nn.Module:
