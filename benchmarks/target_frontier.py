@@ -10,7 +10,11 @@ Variants (``--variants``, comma-separated):
 - ``frontier``: the sine D schedule at each ``--widths`` D (the hand-picked-D frontier);
 - ``today``: ``scheduler=target`` with the sine ramp over the whole run (ramp_until = 1);
 - ``<ramp>@<ramp_until>`` (e.g. ``sine@0.5``, ``cubic@0.75``): ``scheduler=target`` whose wanted
-  sparsity reaches S at ramp_until of training and is then held;
+  sparsity reaches S at ramp_until of training and is then held (``scheduler.hold_keeps_weights``
+  true, the default: a move of d in the hold leaves the unpruned weights' values as they were);
+- ``<ramp>@<ramp_until>-shrink``: the same with ``scheduler.hold_keeps_weights=false``, the hold's
+  rule before that key existed (every move of d moves every unpruned weight with it; d rises in
+  the hold, so they shrink); a saved config without the key is this variant;
 
 the target variants run at each ``--sparsities`` S. The frontier at S is interpolated linearly in
 (reached sparsity, test top-1) between the two D runs of the same seed that bracket S; its mean
@@ -55,31 +59,43 @@ LAST = 5  # epochs averaged in the "last 5" column
 
 @dataclass(frozen=True)
 class Variant:
-    """One line of the table: the D frontier, or a target schedule (ramp, ramp_until)."""
+    """One line of the table: the D frontier, or a target schedule (ramp, ramp_until, hold rule)."""
 
     name: str
     ramp: str | None = None
     ramp_until: float = 1.0
+    keep_weights: bool = True
 
     def overrides(self, values: list[float]) -> list[str]:
         """The Hydra overrides sweeping ``values`` (D for the frontier, S otherwise)."""
         listed = ",".join(str(v) for v in values)
         if self.name == "frontier":
             return ["scheduler=sine", f"flat_width={listed}"]
-        return ["scheduler=target", f"scheduler.ramp={self.ramp}",
-                f"scheduler.ramp_until={self.ramp_until}", f"target_sparsity={listed}"]
+        return ["scheduler=target", f"scheduler.ramp={self.ramp}", f"scheduler.ramp_until={self.ramp_until}",
+                f"scheduler.hold_keeps_weights={str(self.keep_weights).lower()}", f"target_sparsity={listed}"]
+
+
+def target_name(ramp: str, ramp_until: float, keep_weights: bool) -> str:
+    """``<ramp>@<ramp_until>``, with ``-shrink`` for the hold without kept weights (none without a hold)."""
+    return f"{ramp}@{ramp_until:g}" + ("" if keep_weights or ramp_until >= 1.0 else "-shrink")
 
 
 def parse_variant(text: str) -> Variant:
-    """``frontier``, ``today`` or ``<ramp>@<ramp_until>``."""
+    """``frontier``, ``today``, ``<ramp>@<ramp_until>`` or ``<ramp>@<ramp_until>-shrink``."""
     if text == "frontier":
         return Variant("frontier")
     if text == "today":
         text = "sine@1"
-    ramp, sep, until = text.partition("@")
-    if not sep:
-        raise SystemExit(f"--variants: {text!r} is not frontier, today or <ramp>@<ramp_until>")
-    return Variant(f"{ramp}@{float(until):g}", ramp, float(until))
+    keep = not text.endswith("-shrink")
+    ramp, sep, until = text.removesuffix("-shrink").partition("@")
+    try:
+        until_value = float(until)
+    except ValueError:
+        until_value = math.nan
+    if not sep or not 0 < until_value <= 1:
+        raise SystemExit(f"--variants: {text!r} is not frontier, today, <ramp>@<ramp_until> or "
+                         "<ramp>@<ramp_until>-shrink (ramp_until in (0, 1])")
+    return Variant(target_name(ramp, until_value, keep), ramp, until_value, keep)
 
 
 def variant_of(cfg: dict) -> str:
@@ -88,7 +104,8 @@ def variant_of(cfg: dict) -> str:
     if scheduler["kind"] != "target":
         return "frontier" if scheduler["kind"] == "sine" and scheduler.get("ramp_until", 1.0) == 1.0 else ""
     until = float(scheduler.get("ramp_until", 1.0))
-    return f"{scheduler['ramp']}@{until:g}"
+    # absent: the run is older than the key, and its hold moved every weight with d
+    return target_name(scheduler["ramp"], until, bool(scheduler.get("hold_keeps_weights", False)))
 
 
 # ------------------------------------------------------------------------------------ run

@@ -23,7 +23,7 @@ from stds.method.schedule import (
     wanted_count,
 )
 from tests.conftest import kill_after_steps, model_d
-from stds.method.sparse import pruned_parameters, sparsify, sparsity
+from stds.method.sparse import pruned_layers, pruned_parameters, sparsify, sparsity
 
 # three pruned layers of 4, 3 and 6 weights; two θ are exactly 0 and 0.1 appears four times
 HAND_THETA = ([0.0, -0.3, 0.1, 0.1], [0.2, -0.1, 0.5], [0.0, 0.4, -0.7, 0.25, -0.1, 0.9])
@@ -208,8 +208,10 @@ def test_wanted_sparsity_reaches_s_at_ramp_until_and_holds_it() -> None:
 
 def test_in_the_hold_d_follows_the_quantile_down_and_keeps_s() -> None:
     model = hand_model()
-    # constant ramp, hold from step 2 on (ramp_until = 0.5 of 4 steps); S = 9/13 asks for 9 zeros
-    schedule = TargetSparsitySchedule(9 / 13, total_steps=4, ramp="constant", ramp_until=0.5).attach(model)
+    # constant ramp, hold from step 2 on (ramp_until = 0.5 of 4 steps); S = 9/13 asks for 9 zeros;
+    # the bare rule: θ itself is not moved (keep_weights=False)
+    schedule = TargetSparsitySchedule(9 / 13, total_steps=4, ramp="constant", ramp_until=0.5,
+                                      keep_weights=False).attach(model)
     assert schedule.step(2) == f32(0.3)
     with torch.no_grad():
         for theta in pruned_parameters(model).values():
@@ -227,8 +229,54 @@ def test_in_the_hold_d_follows_the_quantile_down_and_keeps_s() -> None:
     assert schedule.step(4) == f32(0.3) * f32(0.5) * 4  # a NaN quantile: d held, not lowered
 
 
-def test_trained_net_holds_s_at_every_step_of_the_hold() -> None:
+def _weights(model: nn.Module) -> list[float]:
+    """w of every pruned layer, one list in layer order."""
+    return [x for layer in pruned_layers(model).values() for x in layer.weight.detach().flatten().tolist()]
+
+
+def _set(model: nn.Module, layer: int, index: int, value: float) -> None:
+    with torch.no_grad():
+        list(pruned_parameters(model).values())[layer].view(-1)[index] = value
+
+
+def test_hold_keeps_the_unpruned_weights_when_d_moves_up_and_down() -> None:
+    model = hand_model()
+    schedule = TargetSparsitySchedule(9 / 13, total_steps=4, ramp="constant", ramp_until=0.5).attach(model)
+    assert schedule.keep_weights  # the default
+    assert schedule.step(2) == f32(0.3)  # not yet in the hold: θ untouched
+    assert _weights(model) == pytest.approx([0, 0, 0, 0] + [0, 0, 0.2] + [0, 0.1, -0.4, 0, 0, 0.6], abs=1e-6)
+    # a pruned weight regrows: 0.1 -> 0.8, w = 0.5; the 9th smallest |θ| is now 0.4, so d rises by 0.1
+    _set(model, 0, 2, 0.8)
+    assert schedule.step(3) == f32(0.4)
+    # |θ| > 0.4 move out by 0.1 (0.5, -0.7, 0.8, 0.9 -> 0.6, -0.8, 0.9, 1.0); 0.4 is pruned, not moved
+    thetas = [x for t in pruned_parameters(model).values() for x in t.detach().flatten().tolist()]
+    assert thetas == pytest.approx([0, -0.3, 0.9, 0.1] + [0.2, -0.1, 0.6] + [0, 0.4, -0.8, 0.25, -0.1, 1.0], abs=1e-6)
+    # every weight unpruned before and after keeps its w; the one at the threshold is pruned
+    assert _weights(model) == pytest.approx([0, 0, 0.5, 0] + [0, 0, 0.2] + [0, 0, -0.4, 0, 0, 0.6], abs=1e-6)
+    assert sparsity(model)["zeros"] == 9
+    # an unpruned weight drifts in: -0.8 -> -0.05; the 9th smallest is 0.3, so d falls by 0.1 (last step)
+    _set(model, 2, 2, -0.05)
+    assert schedule.step(4) == f32(0.3)
+    # |θ| > 0.4 move in by 0.1 (0.9, 0.6, 1.0 -> 0.8, 0.5, 0.9); 0.4 is revived with w = 0.1
+    assert _weights(model) == pytest.approx([0, 0, 0.5, 0] + [0, 0, 0.2] + [0, 0.1, 0, 0, 0, 0.6], abs=1e-6)
+    assert sparsity(model)["zeros"] == 9
+
+
+def test_without_kept_weights_a_move_of_d_shifts_every_unpruned_weight() -> None:
+    model = hand_model()
+    schedule = TargetSparsitySchedule(9 / 13, total_steps=4, ramp="constant", ramp_until=0.5,
+                                      keep_weights=False).attach(model)
+    schedule.step(2)
+    _set(model, 0, 2, 0.8)
+    assert schedule.step(3) == f32(0.4)
+    # the same regrowth as above, but every unpruned w shrinks by the 0.1 that d rose
+    assert _weights(model) == pytest.approx([0, 0, 0.4, 0] + [0, 0, 0.1] + [0, 0, -0.3, 0, 0, 0.5], abs=1e-6)
+
+
+@pytest.mark.parametrize("keep_weights", [True, False])
+def test_trained_net_holds_s_at_every_step_of_the_hold(keep_weights: bool) -> None:
     model, schedule = _net("cubic", 0.5)
+    schedule.keep_weights = keep_weights
     schedule.every = 1
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     inputs = torch.linspace(-1, 1, 64 * 6).reshape(64, 6)
@@ -242,9 +290,18 @@ def test_trained_net_holds_s_at_every_step_of_the_hold() -> None:
         optimizer.step()
         if step > 20:
             regrown += sparsity(model)["zeros"] < wanted_count(0.8, n)  # before d is recomputed
+        before = torch.tensor(_weights(model))
         ds.append(schedule.step(step))
+        after = torch.tensor(_weights(model))
         if step >= 20:
             assert sparsity(model)["zeros"] == wanted_count(0.8, n), step  # random θ: no ties
+        if step > 20 and ds[-1] != ds[-2]:
+            both = (before != 0) & (after != 0)
+            moved = (after[both] - before[both]).abs().max().item()
+            if keep_weights:
+                assert moved < 1e-6, step  # the unpruned weights are as they were
+            else:  # each unpruned w moved towards 0 by the rise of d (or away by its fall)
+                assert moved == pytest.approx(abs(ds[-1] - ds[-2]), abs=1e-6), step
     assert regrown > 0 and len(set(ds[19:])) > 1  # weights regrew in the hold and d moved to hold S
 
 
@@ -297,6 +354,7 @@ def _validate(tiny_cfg, *overrides: str) -> None:
     (("scheduler=target", "target_sparsity=0.9", "target_every_steps=0"), "target_every_steps=0"),
     (("target_sparsity=0.9",), "only by scheduler=target"),
     (("scheduler.ramp=linear",), "scheduler.ramp=linear is used only"),
+    (("scheduler.hold_keeps_weights=false",), "scheduler.hold_keeps_weights=False is used only by scheduler=target"),
 ])
 def test_config_errors_name_the_key(tiny_cfg, overrides, message) -> None:
     with pytest.raises(ConfigError, match=message) as raised:
@@ -312,9 +370,13 @@ def test_config_builds_the_target_schedule_and_ignores_flat_width(tiny_cfg) -> N
     assert isinstance(schedule, TargetSparsitySchedule)
     assert (schedule.target, schedule.ramp, schedule.every, schedule.kind) == (0.95, "linear", 7, "target")
     default = tiny_cfg("scheduler=target", "target_sparsity=0.9")
-    assert OmegaConf.to_container(default.scheduler) == {"kind": "target", "ramp": "cubic", "ramp_until": 0.35}
-    assert (build_threshold_schedule(default, 100).ramp, build_threshold_schedule(default, 100).ramp_until) == (
-        "cubic", 0.35)
+    assert OmegaConf.to_container(default.scheduler) == {"kind": "target", "ramp": "cubic", "ramp_until": 0.35,
+                                                         "hold_keeps_weights": True}
+    built = build_threshold_schedule(default, 100)
+    assert (built.ramp, built.ramp_until, built.keep_weights) == ("cubic", 0.35, True)
+    off = tiny_cfg("scheduler=target", "target_sparsity=0.9", "scheduler.hold_keeps_weights=false")
+    validate(off)
+    assert build_threshold_schedule(off, 100).keep_weights is False
     assert type(build_threshold_schedule(tiny_cfg(), 100)) is ThresholdSchedule
     # target_every_steps=null: total_steps // 1000, at least 1
     assert [build_threshold_schedule(default, total).every for total in (44, 1999, 2000, 500_000)] == [1, 1, 2, 500]
@@ -353,6 +415,19 @@ def test_changing_ramp_until_on_resume_is_refused() -> None:
     assert changed_keys(saved, now) == [("scheduler.ramp_until", 0.5, 0.75)]
     # a checkpoint from before ramp_until (no key) resumes with the default 1: not a change
     assert changed_keys({"scheduler": {"kind": "sine"}}, {"scheduler": {"kind": "sine", "ramp_until": 1.0}}) == []
+
+
+def test_a_target_checkpoint_older_than_hold_keeps_weights_resumes_with_the_rule_it_ran() -> None:
+    from stds.run.resume import as_it_ran, changed_keys
+
+    old = {"scheduler": {"kind": "target", "ramp": "cubic", "ramp_until": 0.5}, "seed": 0}
+    # its hold moved every weight with d: false; resuming under today's default true is a change
+    assert as_it_ran(old)["scheduler"]["hold_keeps_weights"] is False
+    now = {"scheduler": {**old["scheduler"], "hold_keeps_weights": True}, "seed": 0}
+    assert changed_keys(as_it_ran(old), now) == [("scheduler.hold_keeps_weights", False, True)]
+    assert "hold_keeps_weights" not in old["scheduler"]  # the checkpoint's dict is not changed
+    for other in ({"scheduler": {"kind": "sine"}}, {"scheduler": {**now["scheduler"], "hold_keeps_weights": True}}):
+        assert as_it_ran(other) == other  # a D schedule, or a checkpoint that has the key
 
 
 @pytest.mark.slow
@@ -401,3 +476,19 @@ def test_digits_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(
     for key, value in whole["model"].items():
         assert torch.equal(split["model"][key], value), key
     assert _metrics(tmp_path / "split")["d"] == _metrics(tmp_path / "whole")["d"]
+
+
+def test_resume_dir_of_an_older_target_run_rebuilds_its_hold_rule(tiny_cfg, tmp_path, monkeypatch) -> None:
+    import stds.run.resume as resume_module
+    from stds.run import checkpoint as ckpt
+    from stds.run.config import to_plain
+
+    cfg = tiny_cfg("scheduler=target", "target_sparsity=0.9", "scheduler.ramp_until=0.5")
+    saved = to_plain(cfg)
+    del saved["scheduler"]["hold_keeps_weights"]  # written before the key existed
+    (tmp_path / "checkpoints").mkdir()
+    ckpt.save_atomic({"format_version": ckpt.FORMAT_VERSION, "config": saved}, tmp_path / "checkpoints" / ckpt.LAST)
+    monkeypatch.setattr(resume_module, "_given_keys", lambda cfg: [])  # `resume=DIR` and no other key
+    rebuilt = resume_module.resumed_config(cfg, tmp_path)
+    assert rebuilt.scheduler.hold_keeps_weights is False  # the rule it ran, not today's default
+    assert build_threshold_schedule(rebuilt, 100).keep_weights is False

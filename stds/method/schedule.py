@@ -17,7 +17,8 @@ added with `register_schedule`; no dispatch code changes.
 ``scheduler.kind=target`` (`TargetSparsitySchedule`) inverts the rule: the wanted sparsity follows
 S · f(x) with f one of the schedules above (``scheduler.ramp``), and d is the quantile of |θ| over
 all pruned layers that gives it; after ``ramp_until`` the wanted sparsity is S and d keeps following
-the quantile, so the run ends at S (see ``docs/target_sparsity.md``).
+the quantile, so the run ends at S. By default a move of d in that hold leaves every weight that
+stays unpruned as it was (``scheduler.hold_keeps_weights``; see ``docs/target_sparsity.md``).
 """
 
 from __future__ import annotations
@@ -238,21 +239,24 @@ class TargetSparsitySchedule(ThresholdSchedule):
     when |θ| <= d, so #{w = 0} = k unless ties at that value, zeros included, force more). While
     the ramp rises d never decreases: d = max(d, that value). Past the ramp's end (the hold, after
     ramp_until · total_steps) d is that value, up or down, so the sparsity stays at S when weights
-    regrow under ``stmod`` and when they drift inwards (docs/target_sparsity.md). Between
-    recomputes d is held. On one process or under DDP the result depends only on θ, which every
+    regrow under ``stmod`` and when they drift inwards (docs/target_sparsity.md). With
+    ``keep_weights`` (the default) a move of d in the hold from d₀ to d₁ also moves every θ with
+    |θ| > max(d₀, d₁) by sign(θ)·(d₁ − d₀), so w = sign(θ)·(|θ| − d) of every weight unpruned before
+    and after is unchanged: the hold only swaps the weights at the threshold, instead of shrinking
+    (or growing) every unpruned weight by d₁ − d₀ at each recompute. Between recomputes d is held. On one process or under DDP the result depends only on θ, which every
     rank holds identically: no communication. With θ on a CPU the schedule keeps one |θ| buffer
     for the recomputes (4 bytes per pruned float32 weight): a fresh one of tens of MB would cost as
     much in page faults as the selection itself.
     """
 
     def __init__(self, target: float, total_steps: int, ramp: str = "sine", every: int = 1,
-                 ramp_until: float = 1.0) -> None:
+                 ramp_until: float = 1.0, keep_weights: bool = True) -> None:
         threshold_at(0, total_steps, 1.0, ramp, ramp_until)  # validates total_steps, ramp, ramp_until
         if not 0.0 < target < 1.0:
             raise ValueError(f"target sparsity must lie in (0, 1), got {target}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        self.target, self.ramp, self.every = target, ramp, every
+        self.target, self.ramp, self.every, self.keep_weights = target, ramp, every, keep_weights
         self.asked = 0.0  # the sparsity the current d was computed for
         self._thetas: list[Tensor] = []
         self._numel = 0
@@ -290,9 +294,24 @@ class TargetSparsitySchedule(ThresholdSchedule):
         self.asked = self.wanted(step)
         candidate = kth_smallest_abs(self._thetas, wanted_count(self.asked, self._numel), self._scratch)
         # both tests are False for a NaN candidate: d is held and the loop reports the bad loss
-        if candidate > self.d or (self.holding(step) and candidate < self.d):
+        holding = self.holding(step)
+        if candidate > self.d or (holding and candidate < self.d):
+            if holding and self.keep_weights:
+                self._keep_unpruned(candidate)
             self._apply(candidate)
         return self.d
+
+    @torch.no_grad()
+    def _keep_unpruned(self, new: float) -> None:
+        """Move every θ unpruned under both the current d and ``new`` by sign(θ)·(new − d).
+
+        Its w = sign(θ)·(|θ| − d) is then the same after d becomes ``new``. θ at or below the larger
+        of the two thresholds is left alone: those are the weights the move prunes (d rises) or
+        revives (d falls), so the count of zeros is the quantile's, as without the move.
+        """
+        delta, above = new - self.d, max(new, self.d)
+        for theta in self._thetas:
+            theta.add_(torch.where(theta.abs() > above, theta.sign() * delta, 0.0))
 
     def metrics(self) -> dict[str, float]:
         """d and the sparsity it was computed for (``target_sparsity`` in ``docs/metrics.md``)."""
@@ -328,7 +347,8 @@ def build_threshold_schedule(cfg: Any, total_steps: int) -> ThresholdSchedule:
 
     ``scheduler.kind`` a key of `SCHEDULES`: d follows ``flat_width`` · f(x). ``target``: a
     `TargetSparsitySchedule` from ``target_sparsity``, ``scheduler.ramp`` and
-    ``target_every_steps`` (null: `default_every`); ``flat_width`` is then ignored. Both reach
+    ``target_every_steps`` (null: `default_every`) and ``scheduler.hold_keeps_weights`` (absent:
+    true); ``flat_width`` is then ignored. Both reach
     their final value at ``scheduler.ramp_until`` (absent: 1) of ``total_steps``.
     """
     kind = str(cfg.scheduler.kind)
@@ -338,5 +358,6 @@ def build_threshold_schedule(cfg: Any, total_steps: int) -> ThresholdSchedule:
     log.info("scheduler=target: d follows target_sparsity=%s; flat_width is ignored", cfg.target_sparsity)
     every = cfg.target_every_steps
     every = default_every(total_steps) if every is None else int(every)
+    keep = cfg.scheduler.get("hold_keeps_weights")
     return TargetSparsitySchedule(float(cfg.target_sparsity), total_steps, str(cfg.scheduler.ramp), every,
-                                  ramp_until)
+                                  ramp_until, keep_weights=True if keep is None else bool(keep))

@@ -71,6 +71,9 @@ class ScheduleConfig:
     ramp: Optional[str] = None
     # the share of training, in (0, 1], after which d (or target's wanted sparsity) holds its final value
     ramp_until: float = 1.0
+    # kind=target only: in the hold, a move of d leaves the unpruned weights' values as they were
+    # (true, conf/scheduler/target.yaml) or shrinks/grows them all by the move (false)
+    hold_keeps_weights: Optional[bool] = None
 
 
 @dataclass
@@ -203,9 +206,10 @@ def _check_target(cfg: DictConfig) -> None:
         if target is not None:
             raise ConfigError(f"target_sparsity={target} is used only by scheduler=target; "
                               "add scheduler=target or remove target_sparsity")
-        if cfg.scheduler.ramp is not None:
-            raise ConfigError(f"scheduler.ramp={cfg.scheduler.ramp} is used only by scheduler=target; "
-                              "add scheduler=target or remove scheduler.ramp")
+        for key in ("ramp", "hold_keeps_weights"):
+            if cfg.scheduler[key] is not None:
+                raise ConfigError(f"scheduler.{key}={cfg.scheduler[key]} is used only by scheduler=target; "
+                                  f"add scheduler=target or remove scheduler.{key}")
         return
     if target is None or not 0 < target < 1:
         raise ConfigError(f"scheduler=target needs target_sparsity in (0, 1), got {target}; "

@@ -61,9 +61,22 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[s
             if old[k] != new[k] and not _safe(k)]
 
 
+def as_it_ran(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config with the keys added since, where their default would change what ran.
+
+    ``scheduler.hold_keeps_weights``: a ``scheduler=target`` checkpoint written before the key
+    existed moved every unpruned weight with d in its hold, which is the value false; its default
+    now is true, so without this a resumed run would change its rule silently.
+    """
+    scheduler = saved.get("scheduler")
+    if isinstance(scheduler, dict) and scheduler.get("kind") == "target" and "hold_keeps_weights" not in scheduler:
+        return {**saved, "scheduler": {**scheduler, "hold_keeps_weights": False}}
+    return saved
+
+
 def check_compatible(run: Run, state: dict[str, Any], path: Path) -> None:
     """Refuse a checkpoint whose experiment differs from the config, naming every changed key."""
-    saved = dict(state.get("config", {}))
+    saved = as_it_ran(dict(state.get("config", {})))
     changed = changed_keys(saved, to_plain(run.cfg))
     if changed:
         listed = ", ".join(f"{key} ({old}, now {new})" for key, old, new in changed)
@@ -280,7 +293,7 @@ def resumed_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     path = run_dir / "checkpoints" / ckpt.LAST
     saved = ckpt.load(path)["config"]
     check_saved_config(saved, path)
-    merged = OmegaConf.create(saved)
+    merged = OmegaConf.create(as_it_ran(saved))
     given = _given_keys(cfg)
     if given is None:
         merged = OmegaConf.merge(merged, OmegaConf.create(to_plain(cfg)))
