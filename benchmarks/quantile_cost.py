@@ -8,12 +8,15 @@ times, on the θ of the real models (their shapes and initialisation):
   its kept buffer), median of ``--repeats`` calls, with the alternatives it was chosen over
   (``torch.kthvalue``, ``torch.sort``; ``torch.topk`` on CUDA), each on a fresh ``torch.cat``;
 - ``held step``: a `TargetSparsitySchedule.step` between recomputes;
+- ``keep``: `keep_unpruned`, the extra pass of a recompute in the hold that moves d
+  (``scheduler.hold_keeps_weights``), median of ``--repeats`` calls;
 - the amortised cost per training step at intervals 1, 10 and 100, and, with ``--step-ms``, its
   share of a training step of that setup (e.g. from ``benchmarks/RESULTS.md``).
 
     python benchmarks/quantile_cost.py
     python benchmarks/quantile_cost.py --setups sew_resnet18 --step-ms sew_resnet18=1418
     python benchmarks/quantile_cost.py --threads 1   # a busy 2-core CPU: no waits on a 2nd thread
+    python benchmarks/quantile_cost.py --threads 1 --skip-alternatives   # the schedule's own costs only
 
 Runs on CUDA when it is available (times include a synchronisation), else on the CPU.
 """
@@ -30,7 +33,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from stds.method.schedule import TargetSparsitySchedule, kth_smallest_abs, wanted_count
+from stds.method.schedule import TargetSparsitySchedule, keep_unpruned, kth_smallest_abs, wanted_count
 from stds.method.sparse import pruned_parameters, sparsify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,8 +103,9 @@ def held_step_s() -> float:
     return (time.perf_counter() - started) / 10_000
 
 
-def measure(setup: str, repeats: int, device: torch.device, step_ms: float | None) -> dict:
-    """Recompute time, alternatives and amortised per-step cost for one setup."""
+def measure(setup: str, repeats: int, device: torch.device, step_ms: float | None,
+            with_alternatives: bool = True) -> dict:
+    """Recompute time, the hold's keep pass, alternatives and amortised per-step cost for one setup."""
     thetas = thetas_of(setup, device)
     numel = sum(t.numel() for t in thetas)
     k = wanted_count(SPARSITY, numel)
@@ -109,7 +113,9 @@ def measure(setup: str, repeats: int, device: torch.device, step_ms: float | Non
     result = {"setup": setup, "numel": numel, "device": str(device),
               "recompute_ms": 1e3 * median_s(lambda: kth_smallest_abs(thetas, k, scratch), repeats, device)}
     expected = kth_smallest_abs(thetas, k, scratch)
-    for name, fn in alternatives(thetas, k).items():
+    # old == new: a move of 0, which makes the same passes over θ as any move and leaves θ as it is
+    result["keep_ms"] = 1e3 * median_s(lambda: keep_unpruned(thetas, expected, expected), repeats, device)
+    for name, fn in (alternatives(thetas, k) if with_alternatives else {}).items():
         assert fn() == expected, name  # every way finds the same value
         result[f"{name}_ms"] = 1e3 * median_s(fn, repeats, device)
     result["held_step_us"] = 1e6 * held_step_s()
@@ -124,12 +130,12 @@ def measure(setup: str, repeats: int, device: torch.device, step_ms: float | Non
 def table(results: list[dict]) -> str:
     """Markdown table of ``measure`` results."""
     ways = [w for w in ("kthvalue", "sort", "topk") if any(f"{w}_ms" in r for r in results)]
-    head = ["setup", "pruned θ", "recompute (ms)", *[f"{w} (ms)" for w in ways], "held step (µs)",
+    head = ["setup", "pruned θ", "recompute (ms)", "keep pass (ms)", *[f"{w} (ms)" for w in ways], "held step (µs)",
             *[f"per step, every {e} (ms)" for e in INTERVALS], "share of a step, every 10"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         share = r.get("every_10_share")
-        cells = [r["setup"], f"{r['numel']:,}", f"{r['recompute_ms']:.2f}",
+        cells = [r["setup"], f"{r['numel']:,}", f"{r['recompute_ms']:.2f}", f"{r['keep_ms']:.2f}",
                  *[f"{r[f'{w}_ms']:.1f}" if f"{w}_ms" in r else "" for w in ways],
                  f"{r['held_step_us']:.2f}", *[f"{r[f'every_{e}_ms_per_step']:.3f}" for e in INTERVALS],
                  f"{100 * share:.2f}%" if share is not None else "(no --step-ms)"]
@@ -145,12 +151,15 @@ def main() -> None:
                         help="a training step's time per setup, for the share column")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--skip-alternatives", action="store_true",
+                        help="time only the schedule's own recompute and keep pass (not kthvalue, sort, topk)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     step_ms = {key: float(value) for key, value in (item.split("=", 1) for item in args.step_ms)}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = [measure(setup, args.repeats, device, step_ms.get(setup)) for setup in args.setups]
+    results = [measure(setup, args.repeats, device, step_ms.get(setup), not args.skip_alternatives)
+               for setup in args.setups]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     print(table(results))
     if args.json:

@@ -41,6 +41,7 @@ __all__ = [
     "build_threshold_schedule",
     "check_ramp_until",
     "default_every",
+    "keep_unpruned",
     "kth_smallest_abs",
     "ramp_progress",
     "register_schedule",
@@ -230,6 +231,20 @@ def kth_smallest_abs(thetas: Sequence[Tensor], k: int, scratch: Tensor | None = 
     return float(values.kthvalue(k).values)
 
 
+@torch.no_grad()
+def keep_unpruned(thetas: Sequence[Tensor], old: float, new: float) -> None:
+    """Move every θ unpruned under both thresholds ``old`` and ``new`` by sign(θ)·(new − old), in place.
+
+    Its w = sign(θ)·(|θ| − d) is then the same under d = ``new`` as it was under ``old``. θ at or
+    below the larger threshold is left alone: those are the weights the move of d prunes (d rises)
+    or revives (d falls, with w = |θ| − new), so the count of zeros under ``new`` is as without the
+    move. Used by `TargetSparsitySchedule` in its hold.
+    """
+    delta, above = new - old, max(new, old)
+    for theta in thetas:
+        theta.add_(torch.where(theta.abs() > above, theta.sign() * delta, 0.0))
+
+
 class TargetSparsitySchedule(ThresholdSchedule):
     """d chosen from θ so that the pruned layers reach a wanted sparsity (``scheduler=target``).
 
@@ -297,21 +312,9 @@ class TargetSparsitySchedule(ThresholdSchedule):
         holding = self.holding(step)
         if candidate > self.d or (holding and candidate < self.d):
             if holding and self.keep_weights:
-                self._keep_unpruned(candidate)
+                keep_unpruned(self._thetas, self.d, candidate)
             self._apply(candidate)
         return self.d
-
-    @torch.no_grad()
-    def _keep_unpruned(self, new: float) -> None:
-        """Move every θ unpruned under both the current d and ``new`` by sign(θ)·(new − d).
-
-        Its w = sign(θ)·(|θ| − d) is then the same after d becomes ``new``. θ at or below the larger
-        of the two thresholds is left alone: those are the weights the move prunes (d rises) or
-        revives (d falls), so the count of zeros is the quantile's, as without the move.
-        """
-        delta, above = new - self.d, max(new, self.d)
-        for theta in self._thetas:
-            theta.add_(torch.where(theta.abs() > above, theta.sign() * delta, 0.0))
 
     def metrics(self) -> dict[str, float]:
         """d and the sparsity it was computed for (``target_sparsity`` in ``docs/metrics.md``)."""
