@@ -370,10 +370,10 @@ def test_config_builds_the_target_schedule_and_ignores_flat_width(tiny_cfg) -> N
     assert isinstance(schedule, TargetSparsitySchedule)
     assert (schedule.target, schedule.ramp, schedule.every, schedule.kind) == (0.95, "linear", 7, "target")
     default = tiny_cfg("scheduler=target", "target_sparsity=0.9")
-    assert OmegaConf.to_container(default.scheduler) == {"kind": "target", "ramp": "cubic", "ramp_until": 0.35,
+    assert OmegaConf.to_container(default.scheduler) == {"kind": "target", "ramp": "cubic", "ramp_until": 0.5,
                                                          "hold_keeps_weights": True}
     built = build_threshold_schedule(default, 100)
-    assert (built.ramp, built.ramp_until, built.keep_weights) == ("cubic", 0.35, True)
+    assert (built.ramp, built.ramp_until, built.keep_weights) == ("cubic", 0.5, True)
     off = tiny_cfg("scheduler=target", "target_sparsity=0.9", "scheduler.hold_keeps_weights=false")
     validate(off)
     assert build_threshold_schedule(off, 100).keep_weights is False
@@ -439,14 +439,16 @@ def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
     assert abs(metrics["sparsity"] - 0.9) <= 0.005
     assert history[-1]["target_sparsity"] == 0.9 and history[-1]["d"] > 0
     assert metrics["d"] == history[-1]["d"]
-    # the defaults (cubic, ramp_until 0.35): the ramp ends at step 0.35 * 44 = 15.4; the recompute at
-    # step 15 asks for the cubic at x = 15 / 15.4 (TensorBoard's scalar, logged every 5 steps), the one
-    # at step 20, the last of the first epoch (22 steps), is in the hold and asks for S
+    # the defaults (cubic, ramp_until 0.5): the ramp ends at step 0.5 * 44 = 22, the first epoch's
+    # last; the recomputes at steps 15 and 20 ask for the cubic at x = 15/22 and 20/22 (TensorBoard's
+    # scalar, logged every 5 steps, and the first epoch's record), the one at step 25 is in the hold
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     events.Reload()
     wanted = {e.step: e.value for e in events.Scalars("target_sparsity")}
-    assert wanted[15] == pytest.approx(0.9 * (1 - (1 - 15 / 15.4) ** 3), rel=1e-6)
-    assert wanted[20] == pytest.approx(0.9) and history[0]["target_sparsity"] == 0.9
+    assert wanted[15] == pytest.approx(0.9 * (1 - (1 - 15 / 22) ** 3), rel=1e-6)
+    assert wanted[20] == pytest.approx(0.9 * (1 - (2 / 22) ** 3), rel=1e-6)
+    assert history[0]["target_sparsity"] == pytest.approx(wanted[20], rel=1e-6)
+    assert wanted[25] == pytest.approx(0.9) and history[1]["target_sparsity"] == 0.9
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["schedule"] == {"d": history[-1]["d"], "target_sparsity": 0.9}
 
