@@ -256,10 +256,11 @@ class TargetSparsitySchedule(ThresholdSchedule):
     ramp_until · total_steps) d is that value, up or down, so the sparsity stays at S when weights
     regrow under ``stmod`` and when they drift inwards (docs/target_sparsity.md). With
     ``keep_weights`` (the default) a move of d in the hold from d₀ to d₁ also moves every θ with
-    |θ| > max(d₀, d₁) by sign(θ)·(d₁ − d₀), so w = sign(θ)·(|θ| − d) of every weight unpruned before
-    and after is unchanged: the hold only swaps the weights at the threshold, instead of shrinking
-    (or growing) every unpruned weight by d₁ − d₀ at each recompute. Between recomputes d is held. On one process or under DDP the result depends only on θ, which every
-    rank holds identically: no communication. With θ on a CPU the schedule keeps one |θ| buffer
+    |θ| > max(d₀, d₁) by sign(θ)·(d₁ − d₀) (`keep_unpruned`), so w = sign(θ)·(|θ| − d) of every
+    weight unpruned before and after is unchanged: the hold only swaps the weights at the
+    threshold, instead of shrinking (or growing) every unpruned weight by d₁ − d₀ at each
+    recompute. Between recomputes d is held. On one process or under DDP the result depends only
+    on θ (the moves included), which every rank holds identically: no communication. With θ on a CPU the schedule keeps one |θ| buffer
     for the recomputes (4 bytes per pruned float32 weight): a fresh one of tens of MB would cost as
     much in page faults as the selection itself.
     """
@@ -351,8 +352,8 @@ def build_threshold_schedule(cfg: Any, total_steps: int) -> ThresholdSchedule:
     ``scheduler.kind`` a key of `SCHEDULES`: d follows ``flat_width`` · f(x). ``target``: a
     `TargetSparsitySchedule` from ``target_sparsity``, ``scheduler.ramp`` and
     ``target_every_steps`` (null: `default_every`) and ``scheduler.hold_keeps_weights`` (absent:
-    true); ``flat_width`` is then ignored. Both reach
-    their final value at ``scheduler.ramp_until`` (absent: 1) of ``total_steps``.
+    true); ``flat_width`` is then ignored. Both reach their final value at
+    ``scheduler.ramp_until`` (absent: 1) of ``total_steps``.
     """
     kind = str(cfg.scheduler.kind)
     ramp_until = float(cfg.scheduler.get("ramp_until", 1.0))
