@@ -362,11 +362,13 @@ def plot(summary: dict, path: Path) -> None:
         ax.errorbar([100 * r["sparsity"]["mean"] for r in pts], [100 * r["acc"]["mean"] for r in pts],
                     yerr=[100 * r["acc"]["std"] for r in pts], color="black", marker="o", capsize=3,
                     label="sine D schedule (hand-picked D)")
+    colors = plt.get_cmap("tab20").colors  # up to 20 variants without a repeated colour
     for i, (name, rows) in enumerate(sorted(summary["target"].items())):
         items = sorted(rows.values(), key=lambda r: r["sparsity"]["mean"])
         ax.errorbar([100 * r["sparsity"]["mean"] + 0.06 * (i - 2) for r in items],
                     [100 * r["acc"]["mean"] for r in items], yerr=[100 * r["acc"]["std"] for r in items],
-                    marker="s", linestyle="--", capsize=3,
+                    marker="s", linestyle=":" if name.endswith("-shrink") else "--", capsize=3,
+                    color=colors[i % len(colors)],
                     label=f"target {name}" + (" (before the hold)" if name == "sine@1" else ""))
     targets = [100 * float(t) for t in summary["frontier"]]
     if targets:  # the S range: D runs far past it (a collapsed net) would squash the axis
