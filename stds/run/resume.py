@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from stds.errors import CheckpointError
+from stds.method.schedule import TARGET_KIND
 from stds.method.sparse import dense_state_dict, load_dense_weights
 from stds.run import checkpoint as ckpt
 from stds.run.build import Run
@@ -69,7 +70,7 @@ def as_it_ran(saved: dict[str, Any]) -> dict[str, Any]:
     now is true, so without this a resumed run would change its rule silently.
     """
     scheduler = saved.get("scheduler")
-    if isinstance(scheduler, dict) and scheduler.get("kind") == "target" and "hold_keeps_weights" not in scheduler:
+    if isinstance(scheduler, dict) and scheduler.get("kind") == TARGET_KIND and "hold_keeps_weights" not in scheduler:
         return {**saved, "scheduler": {**scheduler, "hold_keeps_weights": False}}
     return saved
 
