@@ -2,7 +2,7 @@
 ``amp=bf16`` (``amp=fp16`` runs as bf16 on a CPU), the figures of the loop's warning.
 
 Both settings are built once and then timed in alternating rounds (so a change of machine load
-hits both alike); each round times ``--steps`` optimizer steps of `stds.run.loop.train_step` on
+hits both alike); each round times ``--steps`` optimizer steps of `stds.run.life.loop.train_step` on
 one batch already in memory. Prints the median images/s of each and their ratio, with the load.
 
     python benchmarks/amp_cpu.py --steps 20 --rounds 3
@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.conftest import compose_train  # noqa: E402  (the real config, composed as the tests do)
 
-from stds.run import distributed  # noqa: E402
-from stds.run.build import build_run, prepare_config  # noqa: E402
-from stds.run.loop import train_step  # noqa: E402
+from stds.run.setup import distributed  # noqa: E402
+from stds.run.setup.build import build_run, prepare_config  # noqa: E402
+from stds.run.life.loop import train_step  # noqa: E402
 
 
 def _images_per_s(run, images, labels, steps: int) -> float:

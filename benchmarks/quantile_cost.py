@@ -53,7 +53,7 @@ def thetas_of(setup: str, device: torch.device) -> list[torch.Tensor]:
     """The θ of every pruned layer of the setup's model, freshly initialised (seed 0)."""
     from hydra import compose, initialize_config_dir
 
-    from stds.run.config import register_configs
+    from stds.run.setup.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -1,15 +1,15 @@
 """Training speed: dense vs STDS (stmod) vs Grad R, as a bare step and in the real loop.
 
-- bare step: what the training loop does per batch (``stds.run.loop.train_step``: forward over T,
+- bare step: what the training loop does per batch (``stds.run.life.loop.train_step``: forward over T,
   loss, backward, optimizer step with the Grad R prior, ``reset_net``) plus the threshold
   update, on one batch already on the device; median of ``--steps`` after ``--warmup``;
-- real loop: ``stds.run.loop.train_epoch`` over the run's DataLoader on ``dataset=fake`` images
+- real loop: ``stds.run.life.loop.train_epoch`` over the run's DataLoader on ``dataset=fake`` images
   (``--loop-steps`` batches per epoch), the second epoch timed (the first warms up workers,
   cuDNN and the allocator);
 - the neuron path that really ran: every spiking layer checked against the condition of
-  SpikingJelly's fused kernel after a forward (`stds.run.accel.NeuronPathProbe`), e.g.
+  SpikingJelly's fused kernel after a forward (`stds.run.setup.accel.NeuronPathProbe`), e.g.
   ``fused 8/8`` or ``fallback 8/8``, with SpikingJelly's CUDA implementation (cuda, triton);
-- one profiled step (`stds.run.accel.profile_step`): kernel launches per step and the GPU-busy
+- one profiled step (`stds.run.setup.accel.profile_step`): kernel launches per step and the GPU-busy
   share of its wall time (CUDA only; on a CPU both are 0).
 
 Each (setup, method) pair runs in its own process, so its peak memory is its own.
@@ -62,8 +62,8 @@ def setup_overrides(setup: str, cuda: bool) -> list[str]:
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from stds.run.config import register_configs
-    from stds.run.build import prepare_config
+    from stds.run.setup.config import register_configs
+    from stds.run.setup.build import prepare_config
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -73,8 +73,8 @@ def _compose(overrides: list[str]):
 def _build(cfg, device: torch.device, run_dir: Path):
     """The run of ``cfg`` as the training entrypoint builds it (layout and compilation from the
     config's ``channels_last`` and ``compile``, cuDNN autotuner from ``deterministic``)."""
-    from stds.run.distributed import DistEnv
-    from stds.run.build import build_run, set_determinism
+    from stds.run.setup.distributed import DistEnv
+    from stds.run.setup.build import build_run, set_determinism
 
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=device)
     set_determinism(cfg, env)
@@ -87,7 +87,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _bare_steps(run, images, labels, steps: int, warmup: int) -> list[float]:
-    from stds.run.loop import train_step
+    from stds.run.life.loop import train_step
 
     times = []
     for step in range(warmup + steps):
@@ -104,7 +104,7 @@ def _neuron_path(run, images) -> str:
     """``fused k/n`` or ``fallback k/n`` of the spiking layers in one eager forward."""
     from spikingjelly.activation_based import functional
 
-    from stds import accel
+    from stds.run.setup import accel
 
     with accel.NeuronPathProbe(run.core) as probe, run.autocast():
         run.core(images)
@@ -116,8 +116,8 @@ def _neuron_path(run, images) -> str:
 
 def _loop_seconds_per_step(run) -> float:
     """Wall time per step of `train_epoch`'s second epoch (the real loop with its DataLoader)."""
-    from stds.run.state import Progress
-    from stds.run.loop import train_epoch
+    from stds.run.life.state import Progress
+    from stds.run.life.loop import train_epoch
 
     progress = Progress()
     for epoch in range(2):
@@ -131,9 +131,9 @@ def _loop_seconds_per_step(run) -> float:
 
 def measure(setup: str, method: str, args: argparse.Namespace) -> dict:
     """Bare-step and loop timings, neuron path, kernel profile and peak memory of one pair."""
-    from stds import accel
+    from stds.run.setup import accel
     from stds.models.neurons import neuron_implementation
-    from stds.run.loop import train_step
+    from stds.run.life.loop import train_step
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from stds.cli.entry import print_error
 from stds.data.images import check_files, image_files
 from stds.errors import StdsError
-from stds.run.config import instantiate_node, register_configs
+from stds.run.setup.config import instantiate_node, register_configs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

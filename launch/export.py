@@ -3,7 +3,7 @@
 
 ``--format pt`` (default) writes ``pruned.pt`` (the weights w with their zeros as a plain state
 dict, and the config) and prints the per-layer sparsity and the size of the weights stored
-sparsely (`stds.results.export`). ``--format nir`` writes ``model.nir``, the network as a NIR
+sparsely (`stds.results.pruned`). ``--format nir`` writes ``model.nir``, the network as a NIR
 graph for neuromorphic toolchains (`stds.results.nir`); ``--check`` then runs that graph in Norse
 on the run's test set and prints the agreement with `stds` (`stds.results.nir_check`). See
 ``docs/reports.md`` and ``docs/nir.md``.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stds.cli.entry import print_error
 from stds.errors import StdsError
-from stds.results.export import export_run
+from stds.results.pruned import export_run
 from stds.results.nir import export_nir
 from stds.results.nir_check import check_run, format_check
 

@@ -2,7 +2,7 @@
 
 Writes ``report.csv``, ``report.md`` and ``report.png`` into the first directory (or ``--out``)
 and, with ``--export``, ``pruned.pt`` into every finished run that has a checkpoint. The work
-is in `stds.results.report` and `stds.results.export`; see ``docs/reports.md``.
+is in `stds.results.sweep` and `stds.results.pruned`; see ``docs/reports.md``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from stds.cli.entry import print_error
 from stds.errors import StdsError
-from stds.results.report import collect_runs, write_report
+from stds.results.sweep import collect_runs, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = collect_runs(args.dirs)
         paths = write_report(runs, args.out or args.dirs[0])
         if args.export:
-            from stds.results.export import export_finished  # imports torch: only when asked
+            from stds.results.pruned import export_finished  # imports torch: only when asked
 
             export_finished(runs)
     except (StdsError, OSError) as exc:

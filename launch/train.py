@@ -3,7 +3,7 @@
 Single process, ``torchrun --nproc_per_node=N launch/train.py ...``, or ``-m`` sweeps through any
 Hydra launcher (``hydra/launcher=local``, ``submitit_local``, ``slurm``, ``slurm_cpu``; ``local``
 is registered from ``launch/hydra_plugins/``, on ``sys.path`` beside this file). The work is in
-`stds.run.loop.train`; this file only wires Hydra to it (``resume=`` points Hydra's run
+`stds.run.life.trainer.train`; this file only wires Hydra to it (``resume=`` points Hydra's run
 directory at the run it continues: `stds.cli.resume_arg`).
 """
 
@@ -15,16 +15,16 @@ from omegaconf import DictConfig
 
 from stds.cli.entry import report_errors, run_hydra_main
 from stds.cli.resume_arg import resume_argv
-from stds.run.config import register_configs
-from stds.run.signals import RunStopped
-from stds.run.loop import train
+from stds.run.setup.config import register_configs
+from stds.run.life.signals import RunStopped
+from stds.run.life.trainer import train
 
 register_configs()
 
 
 def _argv(argv: list[str]) -> list[str]:
     """``hydra.run.dir`` set for ``resume=``; under torchrun, ranks other than 0 make no run directory of their own
-    (rank 0's directory is given to every rank by `stds.run.loop.train`)."""
+    (rank 0's directory is given to every rank by `stds.run.life.trainer.train`)."""
     argv = report_errors(lambda: resume_argv(argv))
     if int(os.environ.get("RANK", "0")) > 0:
         argv = argv + ["hydra.run.dir=.", "hydra/job_logging=stdout"]

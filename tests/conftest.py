@@ -25,7 +25,7 @@ TINY = ("dataset=digits", "epochs=2", "batch_size=64", "logging.log_every_steps=
 
 def compose_train(*overrides: str, hydra: bool = False) -> DictConfig:
     """``conf/train.yaml`` composed with ``overrides`` (and the ``hydra`` node if asked)."""
-    from stds.run.config import register_configs
+    from stds.run.setup.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -51,7 +51,7 @@ def tiny_cfg():
 def kill_after_steps(monkeypatch, steps: int) -> None:
     """Make the loop's training step raise KeyboardInterrupt (as a kill would) once ``steps``
     optimizer steps have run; ``monkeypatch.undo()`` restores it."""
-    import stds.run.loop as loop_module
+    import stds.run.life.loop as loop_module
 
     real = loop_module.train_step
     calls = {"n": 0}

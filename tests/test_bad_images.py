@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-import stds.run.loop as loop_module
+import stds.run.life.loop as loop_module
 from tests.conftest import HANG_S, REPO
 from stds.data import datasets as data
 from stds.data.images import BadImages, check_files, image_files
 from stds.data.loaders import LoaderOptions, eval_loader, train_loader
 from stds.errors import ConfigError, DataError
-from stds.run import checkpoint as ckpt
-from stds.run.loop import train
+from stds.run.files import checkpoint as ckpt
+from stds.run.life.trainer import train
 
 
 def _jpeg(size=(20, 16), colour=(200, 100, 50)) -> bytes:

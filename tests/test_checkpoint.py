@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from stds.run import checkpoint as ckpt
+from stds.run.files import checkpoint as ckpt
 from stds.errors import CheckpointError
 
 

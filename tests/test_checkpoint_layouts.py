@@ -1,5 +1,5 @@
 """Every checkpoint layout `stds` has written resumes: one version number, one upgrade function
-(`stds.run.checkpoint.upgrade`), a fixture of each old layout made from a checkpoint of today's."""
+(`stds.run.files.checkpoint.upgrade`), a fixture of each old layout made from a checkpoint of today's."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from stds.errors import CheckpointError
-from stds.run import checkpoint as ckpt
-from stds.run.loop import train
+from stds.run.files import checkpoint as ckpt
+from stds.run.life.trainer import train
 from tests.conftest import kill_after_steps
 
 STEPS = (1797 - 360) // 64  # optimizer steps per epoch of the tiny digits run

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 
 from tests.conftest import CONF, compose_train
 from stds.errors import ConfigError
-from stds.run.build import prepare_config
+from stds.run.setup.build import prepare_config
 
 
 def _options(group: str) -> list[str]:
@@ -140,7 +140,7 @@ def test_nan_and_inf_are_refused_naming_the_key(override):
 
 
 def test_unknown_key_and_wrong_type_against_the_schema_are_config_errors():
-    from stds.run.config import typed_config
+    from stds.run.setup.config import typed_config
 
     with pytest.raises(ConfigError, match=r"^flat_widht is not a config key; check its spelling"):
         typed_config({"flat_widht": 1})
@@ -158,7 +158,7 @@ def test_unknown_key_and_wrong_type_against_the_schema_are_config_errors():
      "remove or rename that key of model"),
 ])
 def test_instantiate_node_gives_the_one_line_error_not_hydras_wrapper(override, key, message):
-    from stds.run.config import instantiate_node
+    from stds.run.setup.config import instantiate_node
 
     cfg = compose_train(override)
     with pytest.raises(ConfigError) as info:

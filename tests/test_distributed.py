@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stds.run import distributed
+from stds.run.setup import distributed
 from stds.errors import ConfigError
 
 SLURM_TASK = {

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from stds.method.sparse import pruned_parameters, sparsity
-from stds.run.build import build_run, prepare_config
-from stds.run.distributed import DistEnv
-from stds.run.loop import train_step
+from stds.run.setup.build import build_run, prepare_config
+from stds.run.setup.distributed import DistEnv
+from stds.run.life.loop import train_step
 from tests.conftest import CONF, compose_train
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

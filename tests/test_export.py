@@ -1,4 +1,4 @@
-"""Export of the pruned network (`stds.results.export`, ``launch/export.py``)."""
+"""Export of the pruned network (`stds.results.pruned`, ``launch/export.py``)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from spikingjelly.activation_based import functional
 from torch import nn
 
 from tests.conftest import HANG_S, REPO, compose_train
-from stds.run.checkpoint import FORMAT_VERSION
-from stds.run.config import to_plain
+from stds.run.files.checkpoint import FORMAT_VERSION
+from stds.run.setup.config import to_plain
 from stds.errors import StdsError
-from stds.results.export import export_finished, export_run, storage, weight_storage
+from stds.results.pruned import export_finished, export_run, storage, weight_storage
 from stds.results.collect import read_run
 from stds.method.sparse import set_threshold, sparsify, sparsity
 

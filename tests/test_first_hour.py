@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import stds.run.build as build_module
+import stds.run.setup.build as build_module
 from stds.cli.callbacks import remove_empty_pattern_folders
-from stds.results.export import export_run
-from stds.run import checkpoint as ckpt
-from stds.run.loop import bar_description, train
-from stds.run.metrics import BEST_RULE, at_final_sparsity, best_of, replaces_best
+from stds.results.pruned import export_run
+from stds.run.files import checkpoint as ckpt
+from stds.run.life.loop import bar_description
+from stds.run.life.trainer import train
+from stds.run.measure.metrics import BEST_RULE, at_final_sparsity, best_of, replaces_best
 
 from tests.conftest import HANG_S, REPO, run_train
 
@@ -222,7 +223,7 @@ def test_sweep_progress_reads_the_loops_own_log_lines(tiny_run, tmp_path):
 
     _, lines = tiny_run
     log_file = tmp_path / "train.log"
-    log_file.write_text("".join(f"[2026-01-01 10:00:00,000][stds.run.loop][INFO] - {l}\n" for l in lines))
+    log_file.write_text("".join(f"[2026-01-01 10:00:00,000][stds.run.life.loop][INFO] - {l}\n" for l in lines))
     last_epoch = [l for l in lines if l.startswith("epoch 2/2: ")][-1]
     acc, sparsity = re.search(r"test_acc1 (\S+) .*sparsity (\S+)", last_epoch).groups()
     eta = re.search(r"run (\S+)$", [l for l in lines if l.startswith("epoch 2/2 step 44/44")][-1]).group(1)

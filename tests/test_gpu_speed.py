@@ -19,14 +19,14 @@ from spikingjelly.activation_based import functional, surrogate
 from torch import nn
 
 from tests.conftest import compose_train
-from stds.run import accel
-from stds.run.distributed import DistEnv
+from stds.run.setup import accel
+from stds.run.setup.distributed import DistEnv
 from stds.errors import ConfigError
 from stds.models import CIFAR10Net, DigitsNet, SEWResNet, make_neuron
 from stds.models.neurons import SURROGATES, fused_kernel_condition
 from stds.method.sparse import sparsify
-from stds.run.build import build_run, prepare_config
-from stds.run.loop import train_step
+from stds.run.setup.build import build_run, prepare_config
+from stds.run.life.loop import train_step
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (kernel counts, syncs, fp16)")
@@ -246,7 +246,7 @@ def test_amp_step_launches_a_bounded_number_of_kernels(tmp_path):
 @needs_cuda
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_step_never_waits_on_the_gpu(tmp_path, amp):
-    # fp16 relies on the fused optimizer stds.run.optim builds on CUDA (with a plain one GradScaler
+    # fp16 relies on the fused optimizer stds.run.setup.optim builds on CUDA (with a plain one GradScaler
     # reads found_inf on the host)
     run, images, labels = _cuda_run(tmp_path, f"amp={amp}")
     train_step(run, images, labels)  # cuDNN and allocator warm-up outside the check

@@ -13,7 +13,7 @@ from torch import nn
 from tests.conftest import compose_train
 from stds.errors import ConfigError
 from stds.method.gradr import attach_gradr_prior
-from stds.run.optim import build_optimization
+from stds.run.setup.optim import build_optimization
 from stds.method.sparse import pruned_parameters, sparsify
 
 THETA0 = [0.33, -0.20, 0.02, -0.04, 0.12]
@@ -330,8 +330,8 @@ def test_a_run_built_with_alpha_attaches_the_prior_to_its_optimizer(tiny_cfg, tm
     """With every gradient zero the optimizer moves nothing (Adam: m = v = 0; SGD: no momentum yet),
     so one step leaves exactly the prior: |θ| shrinks by lr·α (not past 0 for Adam's rule)."""
     from stds.method.sparse import pruned_parameters
-    from stds.run.build import build_run, prepare_config
-    from stds.run.distributed import DistEnv
+    from stds.run.setup.build import build_run, prepare_config
+    from stds.run.setup.distributed import DistEnv
 
     lr, alpha = 0.01, 10.0  # lr·α = 0.1 > some |θ| = |w0| + 0.05
     cfg = prepare_config(tiny_cfg("scheduler=constant", "flat_width=0.05", f"alpha_gr={alpha}", f"lr={lr}",

@@ -4,7 +4,7 @@ accuracy that falls while sparsity rises."""
 import pytest
 from omegaconf import OmegaConf
 
-from stds.run.health import at_chance, chance_limit, diagnose, diagnose_run
+from stds.run.measure.health import at_chance, chance_limit, diagnose, diagnose_run
 
 CFG = OmegaConf.create({"dataset": {"num_classes": 10}, "flat_width": 0.5, "epochs": 2, "lr": 0.002,
                         "scheduler": {"kind": "sine"}})

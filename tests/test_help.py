@@ -104,7 +104,7 @@ def test_the_quick_try_learns_and_prunes_without_a_warning(tmp_path):
     # the documented quick try, in process: 2 epochs of 44 steps
     import json
 
-    from stds.run.loop import train
+    from stds.run.life.trainer import train
 
     overrides = QUICK_TRY.split()[2:]
     train(compose_train(*overrides, "logging.synops=false"), tmp_path)

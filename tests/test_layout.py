@@ -18,7 +18,7 @@ LAYER = {"errors": 0, "method": 1, "models": 2, "data": 2, "run": 3, "results": 
 
 
 def _package(module: str) -> str | None:
-    """``stds.run.loop`` -> ``run``; ``stds`` itself -> None."""
+    """``stds.run.life.loop`` -> ``run``; ``stds`` itself -> None."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and parts[0] == "stds" else None
 

@@ -33,7 +33,7 @@ from stds.results.nir_check import (
     spikingjelly_from_nir,
     stds_forward,
 )
-from stds.run.loop import train
+from stds.run.life.trainer import train
 
 needs_norse = pytest.mark.skipif(importlib.util.find_spec("norse") is None,
                                  reason="Norse is not installed (pip install -e '.[nir]')")

@@ -14,12 +14,13 @@ import pytest
 import torch
 from tensorboard.summary.writer import record_writer
 
-import stds.run.loop as loop_module
+import stds.run.life.epoch as epoch_module
+import stds.run.life.loop as loop_module
 from tests.conftest import HANG_S, REPO
 from stds.errors import RunDirError
-from stds.run import checkpoint as ckpt
-from stds.run.loop import train
-from stds.run.metrics import MetricsWriter
+from stds.run.files import checkpoint as ckpt
+from stds.run.life.trainer import train
+from stds.run.measure.metrics import MetricsWriter
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -49,7 +50,7 @@ def whole(tmp_path_factory):
 
 @pytest.mark.slow
 def test_an_evaluation_that_fails_once_loses_no_training(tiny_cfg, tmp_path, monkeypatch, whole):
-    real, calls = loop_module.evaluate, []
+    real, calls = epoch_module.evaluate, []
 
     def fails_at_the_second(run):
         calls.append(1)
@@ -57,7 +58,7 @@ def test_an_evaluation_that_fails_once_loses_no_training(tiny_cfg, tmp_path, mon
             raise RuntimeError("evaluation died")
         return real(run)
 
-    monkeypatch.setattr(loop_module, "evaluate", fails_at_the_second)
+    monkeypatch.setattr(epoch_module, "evaluate", fails_at_the_second)
     with pytest.raises(RuntimeError, match="evaluation died"):
         train(tiny_cfg(), tmp_path)
     state = ckpt.load(tmp_path / "checkpoints" / "last.pt")

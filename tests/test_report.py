@@ -1,4 +1,4 @@
-"""Sweep reports from run directories written by hand (`stds.results.report`, ``launch/report.py``)."""
+"""Sweep reports from run directories written by hand (`stds.results.sweep`, ``launch/report.py``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.conftest import HANG_S
 
 from stds.errors import StdsError
 from stds.results.collect import collect_runs, method_label, read_run
-from stds.results.report import write_report
+from stds.results.sweep import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def make_run(
     model: str = "CIFAR10Net", history: list[dict] | None = None, final: dict | None = None,
     error: str | None = None, overrides: tuple[str, ...] = (),
 ) -> Path:
-    """A run directory as `stds.run.loop` leaves it (only the files the report reads)."""
+    """A run directory as `stds.run.life.loop` leaves it (only the files the report reads)."""
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "config.yaml").write_text(CONFIG.format(
         dataset=dataset, model=model, method=method, schedule=schedule, D=D, alpha=alpha, S=S,

@@ -15,18 +15,18 @@ import pytest
 import torch
 import yaml
 
-import stds.run.loop as train_module
-from stds.run import checkpoint as ckpt
-from stds.run import distributed
+import stds.run.life.loop as train_module
+from stds.run.files import checkpoint as ckpt
+from stds.run.setup import distributed
 from stds.errors import CheckpointError, NonFiniteLossError, RunDirError
-from stds.run.evaluate import evaluate
-from stds.results.export import export_run
+from stds.run.measure.evaluate import evaluate
+from stds.results.pruned import export_run
 from stds.cli.resume_arg import resume_argv
-from stds.run.resume import changed_keys, init_from, latest_run, runs_root
-from stds.run.build import build_run, prepare_config
-from stds.run.rundir import RunLock
-from stds.run.signals import RunStopped
-from stds.run.loop import train
+from stds.run.life.resume import changed_keys, init_from, latest_run, runs_root
+from stds.run.setup.build import build_run, prepare_config
+from stds.run.files.rundir import RunLock
+from stds.run.life.signals import RunStopped
+from stds.run.life.trainer import train
 from tests.conftest import HANG_S, REPO, TRAIN, kill_after_steps, run_train
 
 STEPS = (1797 - 360) // 64  # optimizer steps per epoch of the tiny digits run

@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from stds.run import checkpoint as ckpt
-from stds.run import rundir
+from stds.run.files import checkpoint as ckpt
+from stds.run.files import rundir
 from stds.errors import RunDirError, StdsError
 
 
@@ -64,7 +64,7 @@ def test_remove_stale_temporaries_removes_only_interrupted_writes(tmp_path):
 
 _HOLDER = textwrap.dedent("""
     import sys, time
-    from stds.run.rundir import RunLock
+    from stds.run.files.rundir import RunLock
     with RunLock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(120)

@@ -150,7 +150,7 @@ def test_bad_ramp_until_is_a_value_error(bad: float) -> None:
 @pytest.mark.parametrize("bad", ["0", "1.5", "nan"])
 def test_bad_ramp_until_in_the_config_is_one_line_naming_the_key(tiny_cfg, scheduler: str, bad: str) -> None:
     from stds.errors import ConfigError
-    from stds.run.config import validate
+    from stds.run.setup.config import validate
 
     extra = ("target_sparsity=0.9",) if scheduler == "scheduler=target" else ()
     with pytest.raises(ConfigError, match=r"^scheduler\.ramp_until=") as raised:
@@ -160,7 +160,7 @@ def test_bad_ramp_until_in_the_config_is_one_line_naming_the_key(tiny_cfg, sched
 
 def test_the_config_builds_ramp_until_and_cubic(tiny_cfg) -> None:
     from stds.method.schedule import build_threshold_schedule
-    from stds.run.config import validate
+    from stds.run.setup.config import validate
 
     cfg = tiny_cfg("scheduler=cubic", "scheduler.ramp_until=0.5", "flat_width=0.4")
     validate(cfg)

@@ -331,7 +331,7 @@ def _trial_dir(sweep_dir: Path, number: int, acc: float, sparsity: float, D: flo
 
 def test_report_marks_the_pareto_front_of_hand_made_trials(tmp_path):
     from stds.results.plot import PARETO_LABEL, figure
-    from stds.results.report import collect_runs, write_report
+    from stds.results.sweep import collect_runs, write_report
 
     sweep_dir = tmp_path / "search"
     points = [(0.97, 0.50, 0.02), (0.95, 0.80, 0.05), (0.90, 0.75, 0.04), (0.60, 0.95, 0.2), (0.95, 0.70, 0.03)]
@@ -357,7 +357,7 @@ def test_report_marks_the_pareto_front_of_hand_made_trials(tmp_path):
 
 
 def test_report_front_keeps_to_feasible_trials_of_one_study(tmp_path):
-    from stds.results.report import collect_runs, write_report
+    from stds.results.sweep import collect_runs, write_report
 
     constrained = "{sparsity: {min: 0.9, max: null}}"
     _trial_dir(tmp_path / "a", 0, 0.97, 0.50, 0.02, constraints=constrained, study="constrained")

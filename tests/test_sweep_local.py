@@ -1,5 +1,5 @@
 """``hydra/launcher=local``: CPUs shared out among parallel sweep points (`stds.cli.launcher`), the
-thread count applied in each process (`stds.run.distributed`), and a failed point reported as failed."""
+thread count applied in each process (`stds.run.setup.distributed`), and a failed point reported as failed."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 from omegaconf import OmegaConf
 
 from tests.conftest import HANG_S, REPO, compose_train, run_train
-from stds.run import distributed
+from stds.run.setup import distributed
 from stds.cli import launcher
 from stds.errors import ConfigError
 from stds.cli.launcher import CpuShare, LocalSweepLauncher, share_cpus
@@ -166,11 +166,11 @@ def test_sweep_progress_lines_show_each_running_points_step_eta_and_last_epoch(t
     sweep_launcher.setup(hydra_context=mock.Mock(), task_function=mock.Mock(), config=cfg)
     (tmp_path / "0").mkdir()
     (tmp_path / "0" / "train.log").write_text(  # the loop's lines, as in a point's train.log
-        "[2026-01-01 10:00:00,000][stds.run.loop][INFO] - epoch 1/2 step 11/44 loss 1.2 lr 0.002 d 0.01 | "
+        "[2026-01-01 10:00:00,000][stds.run.life.loop][INFO] - epoch 1/2 step 11/44 loss 1.2 lr 0.002 d 0.01 | "
         "880 img/s 72.7 ms/step data 1% | ETA epoch 0:00:01 run 0:00:05\n"
-        "[2026-01-01 10:00:01,000][stds.run.loop][INFO] - epoch 1/2: test_acc1 0.9000 test_acc5 1.0000 "
+        "[2026-01-01 10:00:01,000][stds.run.life.loop][INFO] - epoch 1/2: test_acc1 0.9000 test_acc5 1.0000 "
         "sparsity 0.4000 d 0.02 | 880 img/s, epoch 1.9 s (eval 0.2 s)\n"
-        "[2026-01-01 10:00:02,000][stds.run.loop][INFO] - epoch 2/2 step 33/44 loss 0.6 lr 0.002 d 0.04 | "
+        "[2026-01-01 10:00:02,000][stds.run.life.loop][INFO] - epoch 2/2 step 33/44 loss 0.6 lr 0.002 d 0.04 | "
         "900 img/s 71.1 ms/step data 1% | ETA epoch 0:00:01 run 0:00:01\n")
     board = {"running": 0, "most": 0, "submitted": []}
     with mock.patch.object(submitit, "AutoExecutor") as auto, caplog.at_level(logging.INFO):

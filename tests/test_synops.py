@@ -1,4 +1,4 @@
-"""SynOps, MACs and firing rates against hand-computed counts (`stds.run.synops`)."""
+"""SynOps, MACs and firing rates against hand-computed counts (`stds.run.measure.synops`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from spikingjelly.activation_based import functional, layer, neuron
 from torch import nn
 
 from stds.method.sparse import set_threshold, sparsify
-from stds.run.synops import FiringRates, count_synops, is_spike_tensor
+from stds.run.measure.synops import FiringRates, count_synops, is_spike_tensor
 
 
 class Wrap(nn.Module):

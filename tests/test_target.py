@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from stds.run.config import validate
+from stds.run.setup.config import validate
 from stds.errors import ConfigError
 from stds.method.schedule import (
     TargetSparsitySchedule,
@@ -382,7 +382,7 @@ def test_config_builds_the_target_schedule_and_ignores_flat_width(tiny_cfg) -> N
     assert [build_threshold_schedule(default, total).every for total in (44, 1999, 2000, 500_000)] == [1, 1, 2, 500]
 
 
-# end to end through stds.run.loop.train on the embedded digits (needs the loop's checkpoint wiring)
+# end to end through stds.run.life.trainer.train on the embedded digits (needs the loop's checkpoint wiring)
 
 def _metrics(run_dir):
     return json.loads((run_dir / "metrics.json").read_text())
@@ -394,7 +394,7 @@ def _history(run_dir):
 
 @pytest.mark.slow
 def test_digits_run_with_a_hold_keeps_s_at_every_epoch_end(tiny_cfg, tmp_path) -> None:
-    from stds.run.loop import train
+    from stds.run.life.trainer import train
 
     # 2 epochs of 22 steps, S reached at step 11 (ramp_until = 0.25), recomputed every step
     train(tiny_cfg("scheduler=target", "target_sparsity=0.9", "scheduler.ramp=cubic",
@@ -408,7 +408,7 @@ def test_digits_run_with_a_hold_keeps_s_at_every_epoch_end(tiny_cfg, tmp_path) -
 
 
 def test_changing_ramp_until_on_resume_is_refused() -> None:
-    from stds.run.resume import changed_keys
+    from stds.run.life.resume import changed_keys
 
     saved = {"scheduler": {"kind": "target", "ramp": "cubic", "ramp_until": 0.5}}
     now = {"scheduler": {"kind": "target", "ramp": "cubic", "ramp_until": 0.75}}
@@ -418,7 +418,7 @@ def test_changing_ramp_until_on_resume_is_refused() -> None:
 
 
 def test_a_target_checkpoint_older_than_hold_keeps_weights_resumes_with_the_rule_it_ran() -> None:
-    from stds.run.resume import as_it_ran, changed_keys
+    from stds.run.life.resume import as_it_ran, changed_keys
 
     old = {"scheduler": {"kind": "target", "ramp": "cubic", "ramp_until": 0.5}, "seed": 0}
     # its hold moved every weight with d: false; resuming under today's default true is a change
@@ -432,7 +432,7 @@ def test_a_target_checkpoint_older_than_hold_keeps_weights_resumes_with_the_rule
 
 @pytest.mark.slow
 def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
-    from stds.run.loop import train
+    from stds.run.life.trainer import train
 
     train(tiny_cfg("scheduler=target", "target_sparsity=0.9", "target_every_steps=5"), tmp_path)
     metrics, history = _metrics(tmp_path), _history(tmp_path)
@@ -461,7 +461,7 @@ def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
     (1.0, 30), (0.5, 40)])
 def test_digits_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(
         tiny_cfg, tmp_path, monkeypatch, ramp_until: float, kill_after: int) -> None:
-    import stds.run.loop as train_module
+    import stds.run.life.trainer as train_module
 
     overrides = ("scheduler=target", "target_sparsity=0.8", "target_every_steps=5", "epochs=3",
                  "checkpoint_every_steps=7", f"scheduler.ramp={'sine' if ramp_until == 1 else 'cubic'}",
@@ -481,9 +481,9 @@ def test_digits_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(
 
 
 def test_resume_dir_of_an_older_target_run_rebuilds_its_hold_rule(tiny_cfg, tmp_path, monkeypatch) -> None:
-    import stds.run.resume as resume_module
-    from stds.run import checkpoint as ckpt
-    from stds.run.config import to_plain
+    import stds.run.life.resume as resume_module
+    from stds.run.files import checkpoint as ckpt
+    from stds.run.setup.config import to_plain
 
     cfg = tiny_cfg("scheduler=target", "target_sparsity=0.9", "scheduler.ramp_until=0.5")
     saved = to_plain(cfg)

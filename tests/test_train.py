@@ -8,11 +8,11 @@ from tests.conftest import kill_after_steps
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import stds.run.loop as train_module
-from stds.run import checkpoint as ckpt
+import stds.run.life.loop as train_module
+from stds.run.files import checkpoint as ckpt
 from stds.errors import CheckpointError, ConfigError, NonFiniteLossError
 from stds.method.schedule import threshold_at
-from stds.run.loop import train
+from stds.run.life.trainer import train
 
 
 def _metrics(run_dir):
@@ -159,8 +159,8 @@ def test_amp_true_trains_in_bf16_on_cpu(tiny_cfg, tmp_path):
     """amp=true is fp16, which a CPU runs as bf16: the convolutions compute in bf16, and a training
     step from the same start gives a loss near fp32's but not equal to it (bf16 rounding); a whole
     run under amp ends with finite figures."""
-    from stds.run.build import build_run, prepare_config
-    from stds.run.distributed import DistEnv
+    from stds.run.setup.build import build_run, prepare_config
+    from stds.run.setup.distributed import DistEnv
 
     losses = {}
     for amp in ("true", "false"):
@@ -211,7 +211,7 @@ def test_a_fully_pruned_run_says_so_in_the_log_and_metrics(tiny_cfg, tmp_path, c
 
 @pytest.mark.slow
 def test_throughput_is_logged_and_written(tiny_cfg, tmp_path, caplog):
-    caplog.set_level("INFO", logger="stds.run.loop")
+    caplog.set_level("INFO", logger="stds.run.life.loop")
     train(tiny_cfg("logging.log_every_steps=10"), tmp_path)
     steps = (1797 - 360) // 64
     for record in _history(tmp_path):
@@ -228,7 +228,7 @@ def test_throughput_is_logged_and_written(tiny_cfg, tmp_path, caplog):
     ("true", "fp16", torch.bfloat16), ("fp16", "fp16", torch.bfloat16), ("bf16", "bf16", torch.bfloat16),
     ("false", "false", None)])
 def test_amp_values_and_their_autocast_dtype_on_cpu(tiny_cfg, value, normalized, dtype):
-    from stds.run.build import amp_dtype, prepare_config
+    from stds.run.setup.build import amp_dtype, prepare_config
 
     cfg = prepare_config(tiny_cfg(f"amp={value}"))
     assert cfg.amp == normalized

@@ -16,11 +16,11 @@ import torch
 from tests.conftest import HANG_S, REPO
 from stds.errors import CheckpointError
 from stds.results.collect import collect_runs
-from stds.results.export import export_run
-from stds.results.report import write_report
-from stds.run.checkpoint import FORMAT_VERSION
-from stds.run.rebuild import ALLOWED_TARGETS, allow_target, build_model, check_saved_config
-from stds.run.loop import train
+from stds.results.pruned import export_run
+from stds.results.sweep import write_report
+from stds.run.files.checkpoint import FORMAT_VERSION
+from stds.run.files.rebuild import ALLOWED_TARGETS, allow_target, build_model, check_saved_config
+from stds.run.life.trainer import train
 
 
 class Touch:

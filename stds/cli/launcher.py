@@ -5,7 +5,7 @@ once, and each process starts as many threads as the machine has cores: six poin
 machine then spend most of their time fighting over the cores (a 6-point digits sweep took 212 s
 where the six runs one after the other took 30 s). `LocalSweepLauncher` runs at most
 ``parallel`` points at a time and gives each ``threads`` CPU threads (`share_cpus`), through
-``OMP_NUM_THREADS`` in the job's environment, which `stds.run.distributed.setup` applies with
+``OMP_NUM_THREADS`` in the job's environment, which `stds.run.setup.distributed.setup` applies with
 ``torch.set_num_threads``. It starts the next point as soon as one ends and logs the sweep's
 progress while it waits: the counts of finished, failed, running and waiting points, and each
 running point's step, ETA and last epoch, read from the end of its ``train.log``
@@ -52,7 +52,7 @@ class CpuShare:
 
 _STEP_LINE = re.compile(r"epoch \d+/\d+ step (\d+)/(\d+) .*\| ETA epoch \S+ run (\S+)")
 _EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+): test_acc1 (\S+) .*sparsity (\S+)")
-"""The loop's interval and end-of-epoch log lines (`stds.run.loop`), as a point's log holds them."""
+"""The loop's interval and end-of-epoch log lines (`stds.run.life.loop`, `stds.run.life.epoch`), as a point's log holds them."""
 
 
 def point_progress(log_file: Path, tail_bytes: int = 16384) -> str | None:

@@ -1,6 +1,6 @@
 """``resume=<run dir>|last`` on the command line: Hydra is pointed at the run's own directory.
 
-The run itself is continued by the library (`stds.run.loop.train` reads ``cfg.resume``, takes the
+The run itself is continued by the library (`stds.run.life.trainer.train` reads ``cfg.resume``, takes the
 run's saved config from its checkpoint and puts the keys given now on top). Here only
 ``hydra.run.dir`` is set, before Hydra starts, so that Hydra's log goes into that directory
 instead of a new empty one; nothing of the run's saved files enters the command line.
@@ -9,7 +9,7 @@ instead of a new empty one; nothing of the run's saved files enters the command 
 from __future__ import annotations
 
 from stds.errors import CheckpointError
-from stds.run.resume import find_run, runs_root
+from stds.run.life.resume import find_run, runs_root
 
 
 def _key(item: str) -> str:

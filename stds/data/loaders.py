@@ -59,7 +59,7 @@ class ShardSampler(Sampler[int]):
 
 
 def ignore_interrupts(worker_id: int) -> None:
-    """Loader workers ignore Ctrl-C: the training process saves and stops on it (`stds.run.signals`),
+    """Loader workers ignore Ctrl-C: the training process saves and stops on it (`stds.run.life.signals`),
     which needs its workers alive until then (the terminal sends SIGINT to the whole group)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

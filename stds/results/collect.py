@@ -11,7 +11,7 @@ Status: ``metrics.json`` present -> finished (its figures); otherwise ``error.tx
 (its first line is shown); otherwise, if the submitit job that ran the point has ended (read from
 its plain-text logs in the sweep's ``.submitit/<job>/``, see `submitit_failure`), failed with the
 last line of the job's stderr; otherwise running (figures of the last line of ``metrics.jsonl``). Connectivity = 1 - sparsity.
-SynOps are per evaluated sample (`stds.run.synops`). The mean firing rate is the unweighted mean over
+SynOps are per evaluated sample (`stds.run.measure.synops`). The mean firing rate is the unweighted mean over
 spiking layers.
 """
 
@@ -29,7 +29,7 @@ from typing import Any, Iterable
 from omegaconf import OmegaConf
 
 from stds.errors import StdsError
-from stds.run.metrics import best_of
+from stds.run.measure.metrics import best_of
 
 _METHOD_ORDER = ("dense", "STDS-sine", "STDS-linear", "STDS-constant", "STDS-target", "Grad R")
 _RUN_MARKER = Path(".hydra") / "config.yaml"
@@ -64,7 +64,7 @@ class RunRecord:
     firing_rates: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
-    # trials of a search (stds.results.search.mark_trials): number, searched values, and
+    # trials of a search (stds.results.trials.mark_trials): number, searched values, and
     # "front" / "infeasible" / "" (dominated); None for runs no search started
     trial: int | None = None
     params: str | None = None
@@ -347,7 +347,7 @@ def read_run(run_dir: Path | str) -> RunRecord:
 
 def _best(final: dict[str, Any] | None, history: list[dict[str, Any]]) -> tuple[float | None, int | None]:
     """(best_test_acc1, best_epoch): from ``metrics.json``, else the epoch of the history that
-    ``best.pt`` holds by the loop's own rule (`stds.run.metrics.best_of`: at the final sparsity)."""
+    ``best.pt`` holds by the loop's own rule (`stds.run.measure.metrics.best_of`: at the final sparsity)."""
     if final is not None and _number(final.get("best_test_acc1")) is not None:
         epoch = _number(final.get("best_epoch"))
         return _number(final["best_test_acc1"]), None if epoch is None else int(epoch)

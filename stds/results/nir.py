@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from stds.errors import ExportError
 from stds.models import CIFAR10Net, DigitsNet, SEWResNet
 from stds.models.sew_resnet import SEWBlock
-from stds.results.export import trained_network
+from stds.results.pruned import trained_network
 
 __all__ = [
     "DT",

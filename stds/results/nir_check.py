@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from stds.errors import ExportError
-from stds.results.export import trained_network
+from stds.results.pruned import trained_network
 from stds.results.nir import DT, NIR_NAME
-from stds.run.config import instantiate_node
+from stds.run.setup.config import instantiate_node
 
 __all__ = [
     "NODE_ADDITIONS",

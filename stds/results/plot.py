@@ -10,7 +10,7 @@ from typing import Any
 
 from stds.results.collect import RunRecord, at_zero_connectivity, point_label
 from stds.results.paper import PAPER_CIFAR10_STDS, PAPER_LABEL, PAPER_SETTING
-from stds.results.search import FRONT
+from stds.results.trials import FRONT
 
 def _plottable(run: RunRecord) -> bool:
     return run.test_acc1 is not None and run.connectivity is not None

@@ -1,4 +1,3 @@
-"""The run: a training run built from its config (`config`, `build`, `optim`, `accel`), trained by
-the loop (`loop`, its state in `state`), saved and resumed (`checkpoint`, `resume`, `rundir`,
-`signals`), spread over processes (`distributed`), measured (`evaluate`, `synops`, `metrics`,
-`health`). `stds.run.loop.train(cfg)` is the one function the command line calls."""
+"""The run: set up from its config (`stds.run.setup`), lived (`stds.run.life`: start, the epoch loop,
+resume, stop), kept in files (`stds.run.files`) and measured (`stds.run.measure`).
+`stds.run.life.trainer.train(cfg)` is the one function the command line calls."""

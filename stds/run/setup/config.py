@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stds.data.images import BAD_IMAGE_POLICIES
 from stds.errors import ConfigError, user_error
-from stds.run.accel import check_channels_last
+from stds.run.setup.accel import check_channels_last
 from stds.method.schedule import SCHEDULES, TARGET_KIND, check_ramp_until
 
 
@@ -113,12 +113,12 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     loss: LossKind = LossKind.ce
-    # false | fp16 | bf16 (true = fp16); normalised by stds.run.build.prepare_config
+    # false | fp16 | bf16 (true = fp16); normalised by stds.run.setup.build.prepare_config
     amp: Any = False
     seed: int = 0
     deterministic: bool = True
     device: str = "auto"
-    # auto (on for a convolutional model on CUDA), true or false; see stds.run.accel
+    # auto (on for a convolutional model on CUDA), true or false; see stds.run.setup.accel
     channels_last: str = "auto"
     compile: bool = False  # torch.compile the training model
     checkpoint_every_steps: int = 0

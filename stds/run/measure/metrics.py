@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from stds.errors import RunDirError
 from stds.method.sparse import pruned_parameters
-from stds.run.files import write_atomic
+from stds.run.files.atomic import write_atomic
 
 
 def loss_fn(kind: str, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,10 @@ import torch
 from spikingjelly.activation_based import functional
 from torch import nn
 
-from stds.run import distributed
-from stds.run.metrics import correct_topk, loss_fn
-from stds.run.build import Run
-from stds.run.synops import FiringRates, count_synops
+from stds.run.setup import distributed
+from stds.run.measure.metrics import correct_topk, loss_fn
+from stds.run.setup.build import Run
+from stds.run.measure.synops import FiringRates, count_synops
 
 
 def sync_buffers(run: Run) -> None:

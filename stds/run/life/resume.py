@@ -1,7 +1,7 @@
 """A run's checkpoint state: what `last.pt` / `best.pt` hold, how a run resumes, how one starts
 from another run's weights.
 
-The loop's state and what a checkpoint holds of it are in `stds.run.state`.
+The loop's state and what a checkpoint holds of it are in `stds.run.life.state`.
 
 Resuming compares the checkpoint's config with the current one: keys that change the experiment
 are refused with one line naming them; the keys in `SAFE_ON_RESUME` may change (``docs/resume.md``).
@@ -20,12 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from stds.errors import CheckpointError
 from stds.method.schedule import TARGET_KIND
 from stds.method.sparse import dense_state_dict, load_dense_weights
-from stds.run import checkpoint as ckpt
-from stds.run.build import Run
-from stds.run.config import to_plain
-from stds.run.files import write_atomic
-from stds.run.rebuild import check_saved_config, sparsified_model
-from stds.run.state import EpochSums, Progress
+from stds.run.files import checkpoint as ckpt
+from stds.run.setup.build import Run
+from stds.run.setup.config import to_plain
+from stds.run.files.atomic import write_atomic
+from stds.run.files.rebuild import check_saved_config, sparsified_model
+from stds.run.life.state import EpochSums, Progress
 
 log = logging.getLogger(__name__)
 

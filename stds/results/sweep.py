@@ -2,7 +2,7 @@
 
 `collect_runs(paths)` (`stds.results.collect`) reads every run under ``paths`` into a `RunRecord`;
 `write_report(runs, out_dir)` marks the trials of searches and their Pareto front
-(`stds.results.search`), then writes ``report.csv`` and ``report.md`` (`stds.results.tables`) and
+(`stds.results.trials`), then writes ``report.csv`` and ``report.md`` (`stds.results.tables`) and
 ``report.png`` (`stds.results.plot`).
 """
 
@@ -14,7 +14,7 @@ from typing import Iterable
 from stds.results.collect import RunRecord, collect_runs, find_run_dirs, method_label, read_run, sort_runs
 from stds.results.paper import PAPER_CIFAR10_STDS
 from stds.results.plot import plot
-from stds.results.search import mark_trials
+from stds.results.trials import mark_trials
 from stds.results.tables import markdown, write_csv
 
 __all__ = [

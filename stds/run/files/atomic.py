@@ -4,7 +4,7 @@ written (checkpoints, ``metrics.json``, ``metrics.jsonl`` rewrites, ``.hydra/*.y
 The content goes to ``.<name>.<random>.tmp`` in the same directory, is flushed to disk (fsync),
 then renamed over ``path`` (atomic on POSIX file systems). Any failure removes the temporary and
 leaves the previous ``path`` as it was; a temporary left by a kill is removed by
-`stds.run.rundir.remove_stale_temporaries`.
+`stds.run.files.rundir.remove_stale_temporaries`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The loop's state (`Progress`, with the epoch's running sums `EpochSums`) and what a checkpoint
 holds of a run: `state_dict`, written by `save`.
 
-Writes go through `stds.run.checkpoint.save_atomic` on rank 0 only. Order matters for crash
+Writes go through `stds.run.files.checkpoint.save_atomic` on rank 0 only. Order matters for crash
 safety: ``best.pt`` is written before ``last.pt``, so ``last.pt`` never records an epoch as the
 best one unless ``best.pt`` already holds it (a kill in between makes the resumed run redo that
 epoch and write both again). A state holding NaN or inf is never written.
@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from stds.errors import NonFiniteLossError
-from stds.run import checkpoint as ckpt
-from stds.run.build import Run
-from stds.run.config import to_plain
-from stds.run.rundir import non_finite_entries
+from stds.run.files import checkpoint as ckpt
+from stds.run.setup.build import Run
+from stds.run.setup.config import to_plain
+from stds.run.files.rundir import non_finite_entries
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Progress:
     batch_in_epoch: int = 0  # batches of the current epoch already trained (mid-epoch checkpoint)
     best_acc1: float = -1.0
     best_epoch: int = 0
-    best_sparsity: float = 0.0  # of the best epoch (best.pt), for `stds.run.metrics.replaces_best`
+    best_sparsity: float = 0.0  # of the best epoch (best.pt), for `stds.run.measure.metrics.replaces_best`
     sums: EpochSums = field(default_factory=EpochSums)
     last_record: dict[str, Any] | None = None  # the last finished epoch's metrics.jsonl line
     # an epoch trained and checkpointed but not yet evaluated: its train stats, train_s, trained

@@ -28,9 +28,9 @@ from torch import Tensor, nn
 
 from stds.errors import CheckpointError, StdsError
 from stds.method.sparse import dense_state_dict, pruned_layers, sparsity
-from stds.run import checkpoint as ckpt
-from stds.run.files import write_atomic
-from stds.run.rebuild import build_model, load_saved_yaml, sparsified_model
+from stds.run.files import checkpoint as ckpt
+from stds.run.files.atomic import write_atomic
+from stds.run.files.rebuild import build_model, load_saved_yaml, sparsified_model
 
 __all__ = [
     "EXPORT_NAME", "TrainedNetwork", "export_finished", "export_run", "format_storage",

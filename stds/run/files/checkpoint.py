@@ -1,7 +1,7 @@
 """Atomic checkpoints that load with ``torch.load(path, weights_only=True)``.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (see
-``docs/architecture.md``), written by `stds.run.files.write_atomic`, so a process killed during a
+``docs/architecture.md``), written by `stds.run.files.atomic.write_atomic`, so a process killed during a
 save leaves the last good checkpoint in place. `upgrade` reads every older layout.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from stds.errors import CheckpointError, find_in_chain
-from stds.run.files import write_atomic
+from stds.run.files.atomic import write_atomic
 
 FORMAT_VERSION = 2
 """The layout `save_atomic` writes; `upgrade` brings every older layout to it.
@@ -36,7 +36,7 @@ FORMAT_VERSION = 2
 LAST = "last.pt"
 BEST = "best.pt"
 PRUNED_FORMAT_VERSION = 1
-"""The layout of an exported ``pruned.pt`` (`stds.results.export`), checked by ``init_from``."""
+"""The layout of an exported ``pruned.pt`` (`stds.results.pruned`), checked by ``init_from``."""
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

@@ -1,6 +1,6 @@
 """Diagnoses of a run that trains without error but learns nothing, each with its likely fix.
 
-`diagnose` reads one epoch's record (the dict `stds.run.loop` writes to ``metrics.jsonl``) and the
+`diagnose` reads one epoch's record (the dict `stds.run.life.loop` writes to ``metrics.jsonl``) and the
 run's config, and returns one-line warnings; the loop logs them and keeps them in the record's
 and ``metrics.json``'s ``warnings``. Per epoch:
 

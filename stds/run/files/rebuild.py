@@ -67,7 +67,7 @@ def _check_leaf(path: str, key: str, value: Any, source: Path) -> None:
         raise CheckpointError(
             f"{source}: config key {path} = {_shown(value)!r} is not an allowed _target_ (stds models, "
             "neurons and datasets, the shipped optimizers and lr schedules); nothing was built. If it is "
-            "your own class, call stds.run.rebuild.allow_target(<its name>) first (docs/architecture.md)"
+            "your own class, call stds.run.files.rebuild.allow_target(<its name>) first (docs/architecture.md)"
         )
     if isinstance(value, str) and "${" in value:
         raise CheckpointError(

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from stds.run.config import GradROptimize, instantiate_node
+from stds.run.setup.config import GradROptimize, instantiate_node
 from stds.errors import ConfigError
 from stds.method.gradr import attach_gradr_prior
 from stds.method.sparse import pruned_parameters
@@ -34,7 +34,7 @@ def trained_parameters(cfg: DictConfig, core: nn.Module) -> list[nn.Parameter]:
     """The parameters the optimizer gets: all of ``core``'s, or only its pruned θ.
 
     Only θ with ``gradr_optimize=pruned`` under Grad R (α > 0): the published baseline, where
-    BatchNorm, biases and unpruned layers are never updated. `stds.run.config.validate` refuses
+    BatchNorm, biases and unpruned layers are never updated. `stds.run.setup.config.validate` refuses
     ``pruned`` without α > 0 or with sparse=identity; a model whose layers are all excluded from
     pruning is refused here (it would leave the optimizer nothing to train).
     """

@@ -2,7 +2,7 @@
 
 `build_run` turns a checked config into a `Run`: datasets and loaders, the spiking model with its
 reparameterizations, the threshold schedule, the optimizer (with the Grad R prior), the
-learning-rate schedule and the mixed-precision set-up. The training loop (`stds.run.loop`) only uses
+learning-rate schedule and the mixed-precision set-up. The training loop (`stds.run.life.loop`) only uses
 what it finds in the `Run`.
 """
 
@@ -21,12 +21,12 @@ from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, open_dict
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from stds.run import distributed
+from stds.run.setup import distributed
 from stds.data import loaders
-from stds.run.accel import apply_layout, maybe_compile, resolve_channels_last, to_device_batch
-from stds.run.config import instantiate_node, typed_config, validate
+from stds.run.setup.accel import apply_layout, maybe_compile, resolve_channels_last, to_device_batch
+from stds.run.setup.config import instantiate_node, typed_config, validate
 from stds.errors import ConfigError, StdsError
-from stds.run.optim import build_optimization
+from stds.run.setup.optim import build_optimization
 from stds.method.schedule import ThresholdSchedule, build_threshold_schedule
 from stds.method.sparse import sparsify
 

@@ -8,7 +8,7 @@
   normally deletes the file, so a finished run keeps no ``.lock``.
 - `remove_unstarted`: what a run that failed before its first step wrote (its saved config,
   lock, log), and the directory itself once empty.
-- `remove_stale_temporaries`: the ``.<name>.*.tmp`` files a kill during `stds.run.checkpoint.save_atomic`
+- `remove_stale_temporaries`: the ``.<name>.*.tmp`` files a kill during `stds.run.files.checkpoint.save_atomic`
   leaves behind.
 - `non_finite_entries`: the dotted names of NaN/inf values in a nested state (a checkpoint must
   not keep them).
@@ -59,7 +59,7 @@ def check_writable(path: Path | str) -> None:
 def remove_stale_temporaries(ckpt_dir: Path | str) -> list[Path]:
     """Delete the ``.<name>.*.tmp`` files of interrupted checkpoint writes; returns what went.
 
-    `stds.run.checkpoint.save_atomic` writes ``.last.pt.<random>.tmp`` next to ``last.pt`` and renames
+    `stds.run.files.checkpoint.save_atomic` writes ``.last.pt.<random>.tmp`` next to ``last.pt`` and renames
     it; a process killed in between leaves the temporary. Call this only while holding `RunLock`
     (another writer's temporary is not stale).
     """
