@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from stds.method.schedule import SCHEDULES, ThresholdSchedule, threshold_at, register_schedule
+from stds.method.schedule import SCHEDULES, ThresholdSchedule, register_schedule, threshold_at, unregister_schedule
 from tests.conftest import model_d
 from stds.method.sparse import sparsify
 
@@ -66,7 +66,7 @@ def test_register_schedule_adds_a_kind() -> None:
         with pytest.raises(ValueError, match="already registered"):
             register_schedule("test_square")(square)
     finally:
-        del SCHEDULES["test_square"]
+        unregister_schedule("test_square")
 
 
 def test_fraction_is_clipped() -> None:
@@ -75,7 +75,7 @@ def test_fraction_is_clipped() -> None:
         assert threshold_at(0, 4, 0.8, "test_overshoot") == 0.0
         assert threshold_at(3, 4, 0.8, "test_overshoot") == 0.8
     finally:
-        del SCHEDULES["test_overshoot"]
+        unregister_schedule("test_overshoot")
 
 
 def test_threshold_schedule_sets_the_model() -> None:
@@ -159,7 +159,7 @@ def test_bad_ramp_until_in_the_config_is_one_line_naming_the_key(tiny_cfg, sched
 
 
 def test_the_config_builds_ramp_until_and_cubic(tiny_cfg) -> None:
-    from stds.method.schedule import build_threshold_schedule
+    from stds.run.setup.build import build_threshold_schedule
     from stds.run.setup.config import validate
 
     cfg = tiny_cfg("scheduler=cubic", "scheduler.ramp_until=0.5", "flat_width=0.4")

@@ -18,10 +18,10 @@ from stds.errors import ConfigError
 from stds.method.schedule import (
     TargetSparsitySchedule,
     ThresholdSchedule,
-    build_threshold_schedule,
     kth_smallest_abs,
     wanted_count,
 )
+from stds.run.setup.build import build_threshold_schedule
 from tests.conftest import kill_after_steps, model_d
 from stds.method.sparse import pruned_layers, pruned_parameters, sparsify, sparsity
 

@@ -23,53 +23,83 @@ stays unpruned as it was (``scheduler.hold_keeps_weights``; see ``docs/target_sp
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from stds.method.sparse import pruned_parameters, reparams
+from stds.registry import Registry
 
 __all__ = [
     "SCHEDULES",
+    "SCHEDULE_KINDS",
+    "ScheduleArgs",
     "TARGET_KIND",
     "TargetSparsitySchedule",
     "ThresholdSchedule",
-    "build_threshold_schedule",
+    "build_schedule",
     "check_ramp_until",
     "default_every",
     "keep_unpruned",
     "kth_smallest_abs",
     "ramp_progress",
     "register_schedule",
+    "unregister_schedule",
     "threshold_at",
     "wanted_count",
 ]
 
-log = logging.getLogger(__name__)
 
 TARGET_KIND = "target"
 """``scheduler.kind`` of `TargetSparsitySchedule` (not a ramp: it is not in `SCHEDULES`)."""
 
 ScheduleFn = Callable[[float], float]
 
-SCHEDULES: dict[str, ScheduleFn] = {}
-"""Schedule name -> f(x), the fraction of the final threshold at progress x in [0, 1]."""
+SCHEDULES: Registry[ScheduleFn] = Registry("schedule")
+"""Ramp name -> f(x), the fraction of the final value at progress x in [0, 1] (``scheduler.ramp``)."""
+
+
+@dataclass(frozen=True)
+class ScheduleArgs:
+    """What a schedule kind is built from: plain values, read from the config by `stds.run.setup`."""
+
+    final: float  # D (flat_width)
+    total_steps: int
+    ramp_until: float = 1.0
+    target: float | None = None  # S (target_sparsity), for kinds that ask for a sparsity
+    ramp: str | None = None  # the SCHEDULES key a target kind ramps its wanted sparsity along
+    every: int | None = None  # steps between recomputes (None: `default_every`)
+    keep_weights: bool = True  # target's hold: a move of d keeps the unpruned weights
+
+
+ScheduleKind = Callable[[ScheduleArgs], "ThresholdSchedule"]
+
+SCHEDULE_KINDS: Registry[ScheduleKind] = Registry("scheduler.kind")
+"""``scheduler.kind`` -> how to build its `ThresholdSchedule`: every ramp of `SCHEDULES` (d = D·f(x))
+and ``target`` (`TargetSparsitySchedule`). The config's choices derive from it."""
 
 
 def register_schedule(name: str) -> Callable[[ScheduleFn], ScheduleFn]:
-    """Decorator adding ``f(x) -> fraction`` to `SCHEDULES` under ``name`` (taken names raise)."""
+    """Decorator: ``f(x) -> fraction`` becomes the ramp ``name`` (``scheduler.ramp``) and the kind
+    ``scheduler.kind=name`` (d = D·f(x)). Taken names raise. One call: nothing else to change."""
 
     def add(fn: ScheduleFn) -> ScheduleFn:
-        if name in SCHEDULES or name == TARGET_KIND:
+        if name in SCHEDULE_KINDS:
             raise ValueError(f"schedule {name!r} is already registered")
-        SCHEDULES[name] = fn
+        SCHEDULES.add(name, fn)
+        SCHEDULE_KINDS.add(name, lambda a: ThresholdSchedule(a.final, a.total_steps, name, a.ramp_until))
         return fn
 
     return add
+
+
+def unregister_schedule(name: str) -> None:
+    """Take a ramp registered by `register_schedule` out again (tests of a toy schedule)."""
+    SCHEDULES.remove(name)
+    SCHEDULE_KINDS.remove(name)
 
 
 @register_schedule("constant")
@@ -338,30 +368,26 @@ RECOMPUTES_PER_RUN = 1000
 def default_every(total_steps: int) -> int:
     """Steps between recomputes when ``target_every_steps`` is null: total_steps // 1000, >= 1.
 
-    Measured on the digits net (1320 steps, one seed): recomputing every 10 steps, the d jumps
-    at the end of the run cost 29 points of final top-1 at S = 0.9 against every step. A fixed share of the run
-    keeps each jump the same share of d's growth on every run length, and caps the recompute's
-    cost at 1000 quantiles per run (docs/target_sparsity.md).
+    A fixed share of the run keeps each jump of d the same share of its growth on every run
+    length and caps the recompute's cost at 1000 quantiles per run (why: docs/target_sparsity.md).
     """
     return max(1, total_steps // RECOMPUTES_PER_RUN)
 
 
-def build_threshold_schedule(cfg: Any, total_steps: int) -> ThresholdSchedule:
-    """The run's threshold schedule from its config.
+def _target_kind(args: ScheduleArgs) -> TargetSparsitySchedule:
+    """``scheduler.kind=target``: d follows the quantile that gives ``target_sparsity``."""
+    if args.target is None or args.ramp is None:
+        raise ValueError("scheduler.kind=target needs target_sparsity and scheduler.ramp")
+    every = default_every(args.total_steps) if args.every is None else int(args.every)
+    return TargetSparsitySchedule(args.target, args.total_steps, args.ramp, every, args.ramp_until,
+                                  keep_weights=args.keep_weights)
 
-    ``scheduler.kind`` a key of `SCHEDULES`: d follows ``flat_width`` · f(x). ``target``: a
-    `TargetSparsitySchedule` from ``target_sparsity``, ``scheduler.ramp`` and
-    ``target_every_steps`` (null: `default_every`) and ``scheduler.hold_keeps_weights`` (absent:
-    true); ``flat_width`` is then ignored. Both reach their final value at
-    ``scheduler.ramp_until`` (absent: 1) of ``total_steps``.
-    """
-    kind = str(cfg.scheduler.kind)
-    ramp_until = float(cfg.scheduler.get("ramp_until", 1.0))
-    if kind != TARGET_KIND:
-        return ThresholdSchedule(float(cfg.flat_width), total_steps, kind, ramp_until)
-    log.info("scheduler=target: d follows target_sparsity=%s; flat_width is ignored", cfg.target_sparsity)
-    every = cfg.target_every_steps
-    every = default_every(total_steps) if every is None else int(every)
-    keep = cfg.scheduler.get("hold_keeps_weights")
-    return TargetSparsitySchedule(float(cfg.target_sparsity), total_steps, str(cfg.scheduler.ramp), every,
-                                  ramp_until, keep_weights=True if keep is None else bool(keep))
+
+SCHEDULE_KINDS.add(TARGET_KIND, _target_kind)
+
+
+def build_schedule(kind: str, args: ScheduleArgs) -> ThresholdSchedule:
+    """The `ThresholdSchedule` of ``scheduler.kind`` ``kind`` (a key of `SCHEDULE_KINDS`)."""
+    if kind not in SCHEDULE_KINDS:
+        raise ValueError(f"unknown scheduler.kind {kind!r}; registered: {SCHEDULE_KINDS.choices()}")
+    return SCHEDULE_KINDS[kind](args)

@@ -30,9 +30,12 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
+from stds.registry import Registry
+
 __all__ = [
     "PRUNABLE_TYPES",
     "REPARAMS",
+    "register_reparam",
     "Reparam",
     "dense_state_dict",
     "load_dense_weights",
@@ -158,17 +161,26 @@ class SoftThresholdMod(Reparam):
         return _SoftThresholdStraightThrough.apply(theta, self.current_d())
 
 
-REPARAMS: dict[str, type[Reparam]] = {
-    cls.method: cls for cls in (Identity, SoftThreshold, SoftThresholdMod)
-}
-"""Reparameterizations by name."""
+REPARAMS: Registry[type[Reparam]] = Registry("reparameterization")
+"""Reparameterizations by name (``sparse.method``): the one list; `register_reparam` adds to it."""
+
+
+def register_reparam(cls: type[Reparam]) -> type[Reparam]:
+    """Class decorator: add a `Reparam` subclass under its ``method`` name. This one call makes it
+    a choice of ``sparse=<name>`` / ``sparse.method=<name>`` (`stds.run.setup.config`), a method
+    of the report (under its own name) and a reparameterization that export and resume undo."""
+    REPARAMS.add(cls.method, cls)
+    return cls
+
+
+for _cls in (Identity, SoftThreshold, SoftThresholdMod):
+    register_reparam(_cls)
 
 
 def make_reparam(name: str, d: float = 0.0) -> nn.Module:
     """The reparameterization ``name`` (``identity``, ``st``, ``stmod``) with threshold d."""
     if name not in REPARAMS:
-        valid = ", ".join(sorted(REPARAMS))
-        raise ValueError(f"unknown reparameterization {name!r}; valid: {valid}")
+        raise ValueError(f"unknown reparameterization {name!r}; valid: {REPARAMS.choices()}")
     return REPARAMS[name](d)
 
 

@@ -218,3 +218,12 @@ class SEWResNet(SpikingClassifier):
                 nn.init.zeros_(module.last_bn.weight)
                 if self.connect_f == "AND":
                     nn.init.ones_(module.last_bn.bias)
+
+
+def sew_nir_parts(model: SEWResNet) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    """NIR parts: the stem (conv1, bn1) and the per-step layers. The fc, applied by the model to the
+    features averaged over T, is a per-step layer here: it is affine, so averaging before or
+    after it is the same."""
+    stem = [("conv1", model.conv1), ("bn1", model.bn1)]
+    names = ("sn1", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "flatten", "fc")
+    return stem, [(name, getattr(model, name)) for name in names]

@@ -69,6 +69,9 @@ class RunRecord:
     trial: int | None = None
     params: str | None = None
     pareto: str | None = None
+    # the run's metrics.json as read (else its last metrics.jsonl line): what registered report
+    # columns (stds.results.columns.register_column(metric=...)) read their values from
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def connectivity(self) -> float | None:
@@ -342,6 +345,7 @@ def read_run(run_dir: Path | str) -> RunRecord:
     rates = source.get("firing_rates") or last.get("firing_rates") or {}
     record.firing_rates = {str(k): float(v) for k, v in rates.items() if _number(v) is not None}
     record.best_test_acc1, record.best_epoch = _best(final, history)
+    record.metrics = dict(source)
     return record
 
 

@@ -42,8 +42,9 @@ from spikingjelly.activation_based.nir_exchange import export_to_nir
 from torch import Tensor, nn
 
 from stds.errors import ExportError
-from stds.models import CIFAR10Net, DigitsNet, SEWResNet
+from stds.models import MODELS
 from stds.models.sew_resnet import SEWBlock
+from stds.models.zoo import children
 from stds.results.pruned import trained_network
 
 __all__ = [
@@ -228,19 +229,15 @@ def _sew_block(b: GraphBuilder, name: str, block: SEWBlock, x: Signal) -> Signal
         out = _neuron(b, f"{name}.sn{i}", getattr(block, f"sn{i}"), out)
     identity = x
     if block.downsample is not None:
-        identity = sequence(b, _children(f"{name}.downsample", block.downsample), x)
+        identity = sequence(b, children(f"{name}.downsample", block.downsample), x)
     junction = nir.Scale(np.ones(out.shape, dtype=np.float32))
     return b.add(f"{name}.add", junction, identity, out, spikes=False)
-
-
-def _children(prefix: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(f"{prefix}.{name}", child) for name, child in module.named_children()]
 
 
 def _layer(b: GraphBuilder, name: str, module: nn.Module, x: Signal) -> Signal:
     """The nodes of one layer that is not a convolution (those are paired with their BN)."""
     if isinstance(module, nn.Sequential):
-        return sequence(b, _children(name, module), x)
+        return sequence(b, children(name, module), x)
     if isinstance(module, SEWBlock):
         return _sew_block(b, name, module, x)
     if isinstance(module, (neuron.BaseNode, neuron.SimpleBaseNode)):
@@ -287,14 +284,12 @@ def model_parts(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tup
     (same input, same output). SEW ResNet's fc, applied by the model to the features averaged
     over T, is a per-step layer here: it is affine, so averaging before or after it is the same.
     """
-    if isinstance(model, (DigitsNet, CIFAR10Net)):
-        return _children("stem", model.stem), _children("features", model.features)
-    if isinstance(model, SEWResNet):
-        stem = [("conv1", model.conv1), ("bn1", model.bn1)]
-        names = ("sn1", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "flatten", "fc")
-        return stem, [(name, getattr(model, name)) for name in names]
-    raise ExportError(f"model {type(model).__name__} has no NIR export; the exported models are "
-                      "DigitsNet, CIFAR10Net and SEWResNet (connect_f=ADD)")
+    entry = next((e for e in MODELS.values() if type(model) is e.target), None)
+    if entry is None or entry.nir_parts is None:
+        exported = ", ".join(e.target.__name__ for e in MODELS.values() if e.nir_parts is not None)
+        raise ExportError(f"model {type(model).__name__} has no NIR export; the exported models are {exported} "
+                          "(a model of your own: register_model(..., nir_parts=...), docs/architecture.md)")
+    return entry.nir_parts(model)
 
 
 def model_graph(model: nn.Module, image_shape: tuple[int, int, int],

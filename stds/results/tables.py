@@ -4,12 +4,12 @@ that vary, percentages, warnings and failed points); columns named as in ``docs/
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from stds.results.collect import RunRecord, at_zero_connectivity, point_label
+from stds.results.columns import COLUMNS, Column, percent
 from stds.results.paper import PAPER_CIFAR10_STDS, PAPER_LABEL, PAPER_SETTING
 
 def _relative(path: Path, base: Path) -> str:
@@ -20,107 +20,45 @@ def _relative(path: Path, base: Path) -> str:
     return "." if name == "." else name
 
 
-_CSV_COLUMNS = (
-    "run", "status", "error", "trial", "params", "pareto", "dataset", "model", "method",
-    "flat_width", "alpha_gr",
-    "target_sparsity", "T", "epoch", "epochs_planned", "test_acc1", "best_test_acc1",
-    "best_epoch", "test_acc5", "sparsity", "connectivity", "d", "synops", "first_layer_macs",
-    "firing_rate_mean", "firing_rates", "warnings", "overrides",
-)
-"""``report.csv``'s columns: the names of ``docs/metrics.md``, plus run, status, error,
-dataset, model, method, T, firing_rate_mean (the unweighted mean of ``firing_rates``) and
-overrides; for trials of a search: trial (its number), params (the searched values) and pareto
-(front, infeasible, or empty when dominated)."""
+def csv_columns() -> list[Column]:
+    """``report.csv``'s columns (`stds.results.columns.COLUMNS` with ``csv``): the names of
+    ``docs/metrics.md``, plus run, status, error, dataset, model, method, T, firing_rate_mean (the
+    unweighted mean of ``firing_rates``) and overrides; for trials of a search: trial (its
+    number), params (the searched values) and pareto (front, infeasible, or empty when dominated)."""
+    return [column for column in COLUMNS.values() if column.csv]
 
 
 def _csv_row(run: RunRecord, base: Path) -> dict[str, Any]:
     """Raw values (fractions, counts per sample); absent values are empty cells; the per-layer
     firing rates and the warnings as JSON."""
-    values = {name: getattr(run, name, None) for name in _CSV_COLUMNS}
-    values.update(
-        run=_relative(run.path, base),
-        firing_rates=json.dumps(run.firing_rates) if run.firing_rates else None,
-        warnings=json.dumps(run.warnings) if run.warnings else None,
-        overrides="; ".join(run.overrides),
-    )
+    values = {column.name: column.value(run) for column in csv_columns()}
+    values["run"] = _relative(run.path, base)
     return {key: "" if value is None else value for key, value in values.items()}
 
 
 def write_csv(runs: list[RunRecord], path: Path, base: Path) -> None:
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=_CSV_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=[column.name for column in csv_columns()])
         writer.writeheader()
         for run in runs:
             writer.writerow(_csv_row(run, base))
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
-
-
-def _plain(value: float | None) -> str:
-    return "-" if value is None else f"{value:g}"
-
-
-def si(value: float | None) -> str:
-    """``3287052.0`` -> ``3.29M``: three significant digits and k / M / G / T."""
-    if value is None:
-        return "-"
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.3g}"
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _status_cell(run: RunRecord) -> str:
-    return f"failed: {run.error}" if run.status == "failed" else run.status
+def _md_columns(runs: list[RunRecord]) -> list[Column]:
+    """The table's columns: those with ``md``, less those whose ``shown`` no run meets
+    (``target_sparsity`` only when a run has one; trial, params and pareto only for searches)."""
+    shown = [c for c in COLUMNS.values() if c.md and (c.shown is None or c.shown(runs))]
+    return sorted(shown, key=lambda c: c.last)  # stable: registration order within each part
 
 
-_MD_COLUMNS = (
-    "run", "trial", "params", "dataset", "model", "method", "flat_width", "alpha_gr",
-    "target_sparsity", "T",
-    "epoch", "epochs_planned", "test_acc1", "best_test_acc1", "test_acc5", "sparsity",
-    "connectivity", "d", "synops", "first_layer_macs", "firing_rate_mean", "pareto", "status",
-)
-_PERCENT_COLUMNS = {"test_acc1", "best_test_acc1", "test_acc5", "sparsity", "connectivity",
-                    "target_sparsity"}
-
-
-_SEARCH_COLUMNS = {"trial", "params", "pareto"}
-
-
-def _md_columns(runs: list[RunRecord]) -> tuple[str, ...]:
-    """The table's columns; ``target_sparsity`` only when a run has one, trial, params and
-    pareto only when a run is a trial of a search."""
-    with_target = any(run.target_sparsity is not None for run in runs)
-    with_search = any(run.pareto is not None or run.trial is not None for run in runs)
-    return tuple(c for c in _MD_COLUMNS if (c != "target_sparsity" or with_target)
-                 and (c not in _SEARCH_COLUMNS or with_search))
-
-
-def _md_cell(run: RunRecord, column: str, base: Path) -> str:
-    value = getattr(run, column, None)
-    if column == "run":
+def _md_cell(run: RunRecord, column: Column, base: Path) -> str:
+    if column.name == "run":
         return _relative(run.path, base)
-    if column == "status":
-        return _status_cell(run)
-    if column == "trial":
-        return "-" if value is None else str(value)
-    if column == "epochs_planned":
-        return "?" if value is None else str(value)
-    if column in _PERCENT_COLUMNS:
-        return _percent(value)
-    if column in ("synops", "first_layer_macs"):
-        return si(value)
-    if column == "firing_rate_mean":
-        return "-" if value is None else f"{value:.4f}"
-    if isinstance(value, str) or value is None:
-        return value or "-"
-    return _plain(value)
+    return column.cell(column.value(run))
 
 
 def markdown(runs: list[RunRecord], base: Path, image: str | None = "report.png") -> str:
@@ -136,7 +74,7 @@ def markdown(runs: list[RunRecord], base: Path, image: str | None = "report.png"
         "connectivity = 1 - sparsity; synops per test sample (spikes x non-zero weights, summed "
         "over T); firing_rate_mean: mean over spiking layers of spikes per neuron per step.",
         "",
-        "| " + " | ".join(columns) + " |",
+        "| " + " | ".join(c.title for c in columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",
     ]
     lines += ["| " + " | ".join(_cell(_md_cell(run, c, base)) for c in columns) + " |"
@@ -174,7 +112,7 @@ def _zero_connectivity_lines(runs: list[RunRecord], base: Path) -> list[str]:
         return []
     items = ", ".join(
         f"`{_relative(run.path, base)}` ({run.method}, {point_label(run) or '-'}: test_acc1 "
-        f"{_percent(run.test_acc1)}, {run.status})" for run in zero)
+        f"{percent(run.test_acc1)}, {run.status})" for run in zero)
     return ["", "Runs at 0% connectivity (every weight pruned) have no place on the log axis; "
             f"the plot draws them at its left edge as triangles (◀): {items}."]
 

@@ -3,11 +3,12 @@
 
 A saved config is data from a file that anyone with write access to a shared directory may have
 written, so nothing it names is built before `check_saved_config` has walked it: every
-``_target_`` must be in `ALLOWED_TARGETS` (our models, neurons and datasets, the torch optimizers
-and learning-rate schedules of ``conf/``), and no string may hold an interpolation (a saved config
+``_target_`` must be in `allowed_targets()` (the registered models and datasets, the neuron factory, the torch
+optimizers and learning-rate schedules of ``conf/``), and no string may hold an interpolation (a saved config
 is resolved when it is written; ``${oc.env:...}`` in one was put there by hand). Hydra 1.3 has no
 target allowlist of its own (its blocklist lets ``numpy.load`` through), so it is kept here.
-Users who add their own model call `allow_target` (``docs/architecture.md``, "Extending").
+A model or dataset registered with `stds.models.register_model` / `stds.data.register_dataset` is
+allowed by that registration; `allow_target` adds any other name (``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -26,25 +27,21 @@ from stds.errors import CheckpointError
 from stds.method.sparse import sparsify
 
 
-def _public_names(package: Any, names: list[str]) -> set[str]:
-    """``package.name`` and the defining ``module.qualname`` of each object: the two spellings a
-    config may use for it (``stds.models.DigitsNet``, ``stds.models.digits_net.DigitsNet``)."""
-    spelled = set()
-    for name in names:
-        obj = getattr(package, name)
-        spelled.add(f"{package.__name__}.{name}")
-        spelled.add(f"{obj.__module__}.{obj.__qualname__}")
-    return spelled
-
-
-_MODELS = ["CIFAR10Net", "DigitsNet", "SEWResNet", "make_neuron"]
-_DATASETS = ["digits", "cifar10", "imagenet", "fake"]
 _TORCH = {"torch.optim.Adam", "torch.optim.adam.Adam", "torch.optim.SGD", "torch.optim.sgd.SGD",
           "torch.optim.lr_scheduler.ConstantLR",
           "torch.optim.lr_scheduler.CosineAnnealingLR"}  # conf/optimizer/, conf/lr_scheduler/
+_NEURONS = {"stds.models.make_neuron", "stds.models.neurons.make_neuron"}  # every model's neuron factory
+_EXTRA: set[str] = set()  # `allow_target`'s names
 
-ALLOWED_TARGETS: set[str] = _public_names(stds.models, _MODELS) | _public_names(stds.data, _DATASETS) | _TORCH
-"""Every ``_target_`` a config read from a file may name; `allow_target` adds to it."""
+
+def allowed_targets() -> set[str]:
+    """Every ``_target_`` a config read from a file may name: the registered models
+    (`stds.models.MODELS`) and datasets (`stds.data.DATASETS`), the neuron factory, the torch
+    optimizers and schedules of ``conf/``, and names given to `allow_target`. Read at each check, so
+    a model registered after import is allowed too."""
+    registered = [*stds.models.MODELS.values(), *stds.data.DATASETS.values()]
+    return set().union(*(entry.target_names for entry in registered)) | _NEURONS | _TORCH | _EXTRA
+
 
 _TARGET_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 
@@ -54,7 +51,7 @@ def allow_target(name: str) -> None:
     in your own code before exporting or starting from a run of your model."""
     if not isinstance(name, str) or not _TARGET_NAME.match(name):
         raise ValueError(f"allow_target({name!r}): give a dotted name such as 'mypackage.models.MyNet'")
-    ALLOWED_TARGETS.add(name)
+    _EXTRA.add(name)
 
 
 def _shown(value: Any) -> str:
@@ -63,7 +60,7 @@ def _shown(value: Any) -> str:
 
 
 def _check_leaf(path: str, key: str, value: Any, source: Path) -> None:
-    if key == "_target_" and (not isinstance(value, str) or value not in ALLOWED_TARGETS):
+    if key == "_target_" and (not isinstance(value, str) or value not in allowed_targets()):
         raise CheckpointError(
             f"{source}: config key {path} = {_shown(value)!r} is not an allowed _target_ (stds models, "
             "neurons and datasets, the shipped optimizers and lr schedules); nothing was built. If it is "
@@ -78,7 +75,7 @@ def _check_leaf(path: str, key: str, value: Any, source: Path) -> None:
 
 def check_saved_config(config: dict, source: Path) -> None:
     """Refuse (`CheckpointError`, one line naming the key path and ``source``) a saved plain config
-    with a ``_target_`` outside `ALLOWED_TARGETS` or any string holding ``${``."""
+    with a ``_target_`` outside `allowed_targets()` or any string holding ``${``."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{source}: its config is not a mapping; use a stds checkpoint or pruned.pt")
     for path, key, value in _walk(config):

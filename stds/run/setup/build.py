@@ -27,7 +27,7 @@ from stds.run.setup.accel import apply_layout, maybe_compile, resolve_channels_l
 from stds.run.setup.config import instantiate_node, typed_config, validate
 from stds.errors import ConfigError, StdsError
 from stds.run.setup.optim import build_optimization
-from stds.method.schedule import ThresholdSchedule, build_threshold_schedule
+from stds.method.schedule import TARGET_KIND, ScheduleArgs, ThresholdSchedule, build_schedule
 from stds.method.sparse import sparsify
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,33 @@ def build_model(cfg: DictConfig, device: torch.device, d0: float) -> nn.Module:
     exclude = cfg.sparse.exclude
     if exclude is None:
         exclude = getattr(model, "prune_exclude", ())
-    names = sparsify(model, str(cfg.sparse.method.value), d=d0, exclude=tuple(exclude))
+    names = sparsify(model, str(cfg.sparse.method), d=d0, exclude=tuple(exclude))
     log.info("pruned layers (%d): %s", len(names), ", ".join(names))
     return model.to(device)
+
+
+def build_threshold_schedule(cfg: DictConfig, total_steps: int) -> ThresholdSchedule:
+    """The run's threshold schedule: the config read here, the method given plain values.
+
+    ``scheduler.kind`` names a `stds.method.schedule.SCHEDULE_KINDS` entry: a ramp (d follows
+    ``flat_width`` · f(x)) or ``target`` (d follows the quantile of ``target_sparsity``, ramped along
+    ``scheduler.ramp``, recomputed every ``target_every_steps``, null: once per thousandth of the run;
+    ``scheduler.hold_keeps_weights`` absent: true). Both reach their final value at
+    ``scheduler.ramp_until`` (absent: 1) of ``total_steps``.
+    """
+    kind = str(cfg.scheduler.kind)
+    target = cfg.get("target_sparsity")
+    if kind == TARGET_KIND:
+        log.info("scheduler=target: d follows target_sparsity=%s; flat_width is ignored", target)
+    keep = cfg.scheduler.get("hold_keeps_weights")
+    every = cfg.get("target_every_steps")
+    args = ScheduleArgs(
+        final=float(cfg.flat_width or 0.0), total_steps=total_steps,
+        ramp_until=float(cfg.scheduler.get("ramp_until", 1.0)),
+        target=None if target is None else float(target),
+        ramp=None if cfg.scheduler.get("ramp") is None else str(cfg.scheduler.ramp),
+        every=None if every is None else int(every), keep_weights=True if keep is None else bool(keep))
+    return build_schedule(kind, args)
 
 
 def build_run(cfg: DictConfig, env: distributed.DistEnv, run_dir: Path) -> Run:

@@ -21,15 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from stds.data.images import BAD_IMAGE_POLICIES
 from stds.errors import ConfigError, user_error
 from stds.run.setup.accel import check_channels_last
-from stds.method.schedule import SCHEDULES, TARGET_KIND, check_ramp_until
-
-
-class SparseMethod(str, Enum):
-    """Reparameterization of the pruned weights (see `stds.method.sparse`)."""
-
-    identity = "identity"
-    st = "st"
-    stmod = "stmod"
+from stds.method.schedule import SCHEDULE_KINDS, SCHEDULES, TARGET_KIND, check_ramp_until
+from stds.method.sparse import REPARAMS
+from stds.data import DATASETS
+from stds.models import MODELS
 
 
 class LossKind(str, Enum):
@@ -57,15 +52,16 @@ class GradROptimize(str, Enum):
 
 @dataclass
 class SparseConfig:
-    method: SparseMethod = SparseMethod.stmod
+    # a key of stds.method.sparse.REPARAMS: identity, st, stmod, or one registered with register_reparam
+    method: str = "stmod"
     # fnmatch patterns of layers left dense; null = the model's own `prune_exclude`
     exclude: Optional[list[str]] = None
 
 
 @dataclass
 class ScheduleConfig:
-    # a key of stds.method.schedule.SCHEDULES: constant, linear, sine, cubic, or one registered by the user;
-    # or target: d follows target_sparsity (see docs/target_sparsity.md)
+    # a key of stds.method.schedule.SCHEDULE_KINDS: constant, linear, sine, cubic, target (d follows
+    # target_sparsity, docs/target_sparsity.md), or a ramp registered with register_schedule
     kind: str = "sine"
     # kind=target only: the SCHEDULES key the wanted sparsity follows from 0 to target_sparsity
     ramp: Optional[str] = None
@@ -131,9 +127,24 @@ class TrainConfig:
     init_from: Optional[str] = None
 
 
-def register_configs() -> None:
-    """Store the schema in Hydra's ConfigStore (called by the entrypoint and the tests)."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+SHIPPED_CONF = Path(__file__).resolve().parents[3] / "conf"
+"""The ``conf/`` beside the package: the primary config directory of ``launch/train.py``."""
+
+
+def register_configs(conf_dir: Path = SHIPPED_CONF) -> None:
+    """Store the schema in Hydra's ConfigStore (called by the entrypoint and the tests), and a
+    config group option for every registered reparameterization (``sparse=<name>``), and every
+    registered model and dataset that came with its config node (``model=<name>``,
+    ``dataset=<name>``), unless ``conf_dir/<group>/<name>.yaml`` is there: the shipped files (with
+    their comments) are what the built-ins select."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    nodes = [("sparse", name, {"method": name, "exclude": None}) for name in REPARAMS]
+    nodes += [(group, name, dict(entry.config)) for group, registry in (("model", MODELS), ("dataset", DATASETS))
+              for name, entry in registry.items() if entry.config is not None]
+    for group, name, node in nodes:
+        if not (conf_dir / group / f"{name}.yaml").exists():
+            store.store(group=group, name=name, node=node)
 
 
 _POSITIVE = ("T", "epochs", "batch_size")
@@ -165,9 +176,12 @@ def _check_numbers(cfg: DictConfig) -> None:
 
 
 def _check_method(cfg: DictConfig) -> None:
-    if cfg.scheduler.kind not in SCHEDULES and cfg.scheduler.kind != TARGET_KIND:
-        valid = ", ".join(sorted([*SCHEDULES, TARGET_KIND]))
-        raise ConfigError(f"scheduler.kind={cfg.scheduler.kind!r} is not valid; use one of {valid}")
+    if cfg.sparse.method not in REPARAMS:
+        raise ConfigError(f"sparse.method={cfg.sparse.method!r} is not valid; use one of {REPARAMS.choices()} "
+                          "(sparse=<name>; a method of your own: register_reparam)")
+    if cfg.scheduler.kind not in SCHEDULE_KINDS:
+        raise ConfigError(f"scheduler.kind={cfg.scheduler.kind!r} is not valid; use one of "
+                          f"{SCHEDULE_KINDS.choices()} (a ramp of your own: register_schedule)")
     ramp_until = cfg.scheduler.ramp_until
     try:
         check_ramp_until(ramp_until)  # the method's own rule, nan refused
@@ -176,7 +190,7 @@ def _check_method(cfg: DictConfig) -> None:
                           "after which the schedule holds); set scheduler.ramp_until=<fraction>, e.g. 0.75") from None
     if cfg.gradr_optimize == GradROptimize.pruned:
         _check_gradr_pruned_only(cfg)
-    if cfg.alpha_gr > 0 and cfg.sparse.method == SparseMethod.identity:
+    if cfg.alpha_gr > 0 and cfg.sparse.method == "identity":
         raise ConfigError(
             f"alpha_gr={cfg.alpha_gr} needs a pruning method; set sparse=stmod (Grad R) or alpha_gr=0"
         )
@@ -184,7 +198,7 @@ def _check_method(cfg: DictConfig) -> None:
 
 def _check_gradr_pruned_only(cfg: DictConfig) -> None:
     """``gradr_optimize=pruned`` trains only pruned θ under the Grad R prior: both must exist."""
-    if cfg.sparse.method == SparseMethod.identity:
+    if cfg.sparse.method == "identity":
         raise ConfigError(
             "gradr_optimize=pruned trains only pruned weights and sparse=identity prunes none; "
             "set sparse=stmod or gradr_optimize=all"
@@ -214,15 +228,14 @@ def _check_target(cfg: DictConfig) -> None:
     if target is None or not 0 < target < 1:
         raise ConfigError(f"scheduler=target needs target_sparsity in (0, 1), got {target}; "
                           "set target_sparsity=<S>, e.g. 0.9")
-    if cfg.sparse.method == SparseMethod.identity:
+    if cfg.sparse.method == "identity":
         raise ConfigError("scheduler=target needs a pruning method (sparse=identity zeroes no weight); "
                           "set sparse=stmod or sparse=st")
     if cfg.alpha_gr > 0:
         raise ConfigError(f"alpha_gr={cfg.alpha_gr} is Grad R, whose threshold is the constant mu=flat_width; "
                           "scheduler=target sets d itself: set alpha_gr=0 or scheduler=constant")
     if cfg.scheduler.ramp not in SCHEDULES:
-        valid = ", ".join(sorted(SCHEDULES))
-        raise ConfigError(f"scheduler.ramp={cfg.scheduler.ramp!r} is not valid; use one of {valid}")
+        raise ConfigError(f"scheduler.ramp={cfg.scheduler.ramp!r} is not valid; use one of {SCHEDULES.choices()}")
     if cfg.target_every_steps is not None and cfg.target_every_steps < 1:
         raise ConfigError(f"target_every_steps={cfg.target_every_steps} must be >= 1; "
                           "set target_every_steps=<n> with n >= 1, or null for the default")
