@@ -106,3 +106,25 @@ def test_the_public_names_are_the_methods_own(name):
     import stds.method as method
 
     assert getattr(stds, name) is getattr(method, name)
+
+
+def _parameters(path: Path) -> list[tuple[str, int]]:
+    """Every function parameter of ``path`` with its line."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+            found += [(arg.arg, node.lineno) for arg in args]
+    return found
+
+
+@pytest.mark.parametrize("package", ["method", "models", "data"])
+def test_the_config_stops_at_the_run(package):
+    """The method, the models and the data get plain arguments: no Hydra or OmegaConf import, no
+    ``cfg`` parameter (the config is read in ``stds.run``)."""
+    wrong = []
+    for path in sorted((PACKAGE / package).rglob("*.py")):
+        wrong += [f"{path.name}:{line} imports {m}" for m, line in _imports(path)
+                  if m.split(".")[0] in ("hydra", "omegaconf")]
+        wrong += [f"{path.name}:{line} takes {name}" for name, line in _parameters(path) if name == "cfg"]
+    assert wrong == []

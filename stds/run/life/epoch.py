@@ -61,11 +61,11 @@ def evaluate_epoch(run: Run, progress: Progress, loop: Loop) -> dict[str, Any]:
     state.save(run, progress, best=best)
     if loop.writer is not None:
         loop.writer.epoch(record)
-        every = run.cfg.logging.histogram_every_epochs
-        if every and (progress.epoch % every == 0 or progress.epoch == run.cfg.epochs):
+        every = run.settings.histogram_every_epochs
+        if every and (progress.epoch % every == 0 or progress.epoch == run.settings.epochs):
             loop.writer.histograms(run.core, progress.step)
     log.info("epoch %d/%d: test_acc1 %.4f test_acc5 %.4f sparsity %.4f d %.4g | %.0f img/s, epoch %.1f s "
-             "(eval %.1f s)", progress.epoch, run.cfg.epochs, record["test_acc1"], record["test_acc5"],
+             "(eval %.1f s)", progress.epoch, run.settings.epochs, record["test_acc1"], record["test_acc5"],
              record["sparsity"], record["d"], record["train_images_per_s"], record["epoch_time_s"], loop.eval_s)
     for warning in record["warnings"]:
         log.warning("%s", warning)
@@ -81,7 +81,7 @@ def summary(run: Run, progress: Progress) -> dict[str, Any]:
         "firing_rates": last.get("firing_rates", {}),
         "best_test_acc1": progress.best_acc1, "best_epoch": progress.best_epoch,
         "best_sparsity": progress.best_sparsity, "best_rule": BEST_RULE,
-        "epoch": progress.epoch, "epochs_planned": run.cfg.epochs, "step": progress.step,
+        "epoch": progress.epoch, "epochs_planned": run.settings.epochs, "step": progress.step,
         "world_size": run.env.world_size, "ranks_in_sync": ranks_in_sync(run),
         "warnings": last.get("warnings", []),
     }
@@ -97,7 +97,7 @@ def fit(run: Run, progress: Progress, signals: StopSignals) -> float:
         loop.writer.restore(progress.last_record)  # a kill may have come between checkpoint and line
     if progress.pending_eval is not None:  # the checkpoint was written, the evaluation was not done
         evaluate_epoch(run, progress, loop)
-    while progress.epoch < run.cfg.epochs:
+    while progress.epoch < run.settings.epochs:
         started = time.perf_counter()
         train_stats = train_epoch(run, progress, loop)
         finish_epoch(run, progress, loop, train_stats, started)
@@ -120,7 +120,7 @@ def _log_start(run: Run) -> None:
     if run.amp_dtype is not None and run.env.device.type == "cpu":
         log.warning("amp=%s on a CPU: autocast runs as bf16 there and trains about 6.5 times slower than "
                     "amp=false (136 against 888 images/s for the digits net on 2 cores); set amp=false "
-                    "on a CPU", run.cfg.amp)
+                    "on a CPU", run.settings.amp)
 
 
 def _log_end(run: Run, result: dict[str, Any]) -> None:

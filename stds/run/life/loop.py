@@ -44,18 +44,18 @@ class Loop:
         self.eval_s = 0.0
         self.resumed_samples = 0  # samples of the current epoch trained before a restart (not timed here)
         self.eta_run_s: float | None = None
-        self.compiling = bool(run.cfg.compile)
+        self.compiling = bool(run.settings.compile)
 
 
 def log_interval(run: Run) -> int:
     """Steps between log lines: ``logging.log_every_steps``, but at most half an epoch, so every
     epoch reports its loss and ETA while it runs (and again at its end)."""
-    return max(min(run.cfg.logging.log_every_steps, run.steps_per_epoch // 2), 1)
+    return max(min(run.settings.log_every_steps, run.steps_per_epoch // 2), 1)
 
 
 def _batches(run: Run, progress: Progress, loop: Loop) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The epoch's remaining batches on the device; the time blocked on each goes to the meter."""
-    loaders.start_epoch(run.train_loader, progress.epoch, run.cfg.seed, progress.batch_in_epoch)
+    loaders.start_epoch(run.train_loader, progress.epoch, run.settings.seed, progress.batch_in_epoch)
     iterator = iter(run.train_loader)
     while True:
         started = time.perf_counter()
@@ -71,7 +71,7 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
     """One optimizer step; returns the (detached) loss and the number of correct samples."""
     with run.autocast():
         scores = run.model(images)
-    loss = loss_fn(run.cfg.loss, scores, labels)
+    loss = loss_fn(run.settings.loss, scores, labels)
     run.core.zero_grad(set_to_none=True)  # also parameters outside the optimizer (gradr_optimize=pruned)
     run.scaler.scale(loss).backward()
     run.scaler.step(run.optimizer)  # the Grad R prior runs in the optimizer's step hook
@@ -100,7 +100,7 @@ def train_epoch(run: Run, progress: Progress, loop: Loop | None = None) -> dict[
     run.model.train()
     first_bad = torch.full((), -1, dtype=torch.long, device=run.env.device)
     every = log_interval(run)
-    ckpt_every = run.cfg.checkpoint_every_steps
+    ckpt_every = run.settings.checkpoint_every_steps
     _open_bar(run, progress, loop)
     loop.resumed_samples = progress.sums.samples
     loop.meter.restart()
@@ -161,18 +161,18 @@ def _stop_requested(run: Run, progress: Progress, loop: Loop, every: int) -> boo
 def _raise_stopped(run: Run, progress: Progress, loop: Loop) -> None:
     signum = loop.signals.received
     raise RunStopped(
-        f"stopped by {signal_name(signum)} in {progress.where(run.cfg.epochs)}; "
+        f"stopped by {signal_name(signum)} in {progress.where(run.settings.epochs)}; "
         f"{run.ckpt_dir / 'last.pt'} is saved; resume with: python launch/train.py resume={run.run_dir}",
         signum, loop.signals.previous_handler(signum),
     )
 
 
 def _open_bar(run: Run, progress: Progress, loop: Loop) -> None:
-    if run.env.is_main and run.cfg.logging.progress_bar and sys.stderr.isatty():
+    if run.env.is_main and run.settings.progress_bar and sys.stderr.isatty():
         from tqdm import tqdm
 
         loop.bar = tqdm(total=run.steps_per_epoch, initial=progress.batch_in_epoch, leave=False,
-                        desc=bar_description(progress.epoch + 1, run.cfg.epochs, loop.eta_run_s),
+                        desc=bar_description(progress.epoch + 1, run.settings.epochs, loop.eta_run_s),
                         dynamic_ncols=True)
 
 
@@ -195,16 +195,16 @@ def _log_interval(run: Run, progress: Progress, loop: Loop, loss: torch.Tensor) 
     values.update(loop.meter.report(
         steps_left_epoch=run.steps_per_epoch - progress.batch_in_epoch,
         steps_left_run=run.total_steps - progress.step,
-        eval_s=loop.eval_s, epochs_left=run.cfg.epochs - progress.epoch,
+        eval_s=loop.eval_s, epochs_left=run.settings.epochs - progress.epoch,
     ))
     if loop.writer is not None:
         loop.writer.scalars(progress.step, values)
     loop.eta_run_s = values["eta_run_s"]
     if loop.bar is not None:
-        loop.bar.set_description_str(bar_description(progress.epoch + 1, run.cfg.epochs, loop.eta_run_s),
+        loop.bar.set_description_str(bar_description(progress.epoch + 1, run.settings.epochs, loop.eta_run_s),
                                      refresh=False)
         loop.bar.set_postfix_str(f"loss {values['step_loss']:.4f} | {interval_line(values)}", refresh=False)
     elif run.env.is_main:
         log.info("epoch %d/%d step %d/%d loss %.4f lr %.3g d %.4g | %s", progress.epoch + 1,
-                 run.cfg.epochs, progress.step, run.total_steps, values["step_loss"], values["lr"],
+                 run.settings.epochs, progress.step, run.total_steps, values["step_loss"], values["lr"],
                  values["d"], interval_line(values))

@@ -113,7 +113,7 @@ def resume(run: Run) -> Progress:
         last_record=state["last_record"],
         pending_eval=state["pending_eval"],  # checkpointed before its evaluation
     )
-    log.info("resumed from %s in %s", path, progress.where(run.cfg.epochs))
+    log.info("resumed from %s in %s", path, progress.where(run.settings.epochs))
     return progress
 
 

@@ -132,7 +132,7 @@ def _say_finished(run: Run, progress: Progress) -> None:
     """A resumed run that has nothing left to train says so, and how to train on."""
     log.warning("%s already finished its %d epochs (step %d); nothing to train. To train on from its "
                 "weights, start a new run: python launch/train.py init_from=%s epochs=<n> (epochs of a "
-                "finished run cannot change)", run.run_dir, run.cfg.epochs, progress.step,
+                "finished run cannot change)", run.run_dir, run.settings.epochs, progress.step,
                 run.ckpt_dir / "last.pt")
 
 

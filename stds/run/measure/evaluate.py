@@ -36,13 +36,13 @@ def evaluate(run: Run) -> dict[str, Any]:
             images, labels = run.to_device(images, labels)
             with run.autocast():
                 scores = run.core(images)
-            loss = loss_fn(run.cfg.loss, scores, labels)
+            loss = loss_fn(run.settings.loss, scores, labels)
             loss_sum = loss_sum + loss.double() * labels.numel()
             top1 = top1 + correct_topk(scores, labels, 1)
             top5 = top5 + correct_topk(scores, labels, 5)
             count += labels.numel()
             functional.reset_net(run.core)
-            if index == 0 and run.env.is_main and run.cfg.logging.synops:
+            if index == 0 and run.env.is_main and run.settings.synops:
                 extras.update(_synops(run, images))
         firing = rates.rates()
     sums = torch.stack([loss_sum, top1, top5, torch.tensor(float(count), dtype=torch.float64).to(loss_sum.device)])
@@ -53,7 +53,7 @@ def evaluate(run: Run) -> dict[str, Any]:
 
 def _synops(run: Run, images: torch.Tensor) -> dict[str, Any]:
     with run.autocast():
-        counts = count_synops(run.core, images[: max(run.cfg.logging.synops_samples, 1)])
+        counts = count_synops(run.core, images[: max(run.settings.synops_samples, 1)])
     functional.reset_net(run.core)
     return {"synops": counts["synops"], "first_layer_macs": counts["first_layer_macs"]}
 

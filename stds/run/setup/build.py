@@ -36,11 +36,41 @@ AMP_DTYPES = {"false": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 """``amp`` values after `prepare_config` and the autocast dtype each one asks for."""
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """The config values the loop, the epoch's end and the evaluation read, as plain values: the
+    config stops here (`settings_of`), and what runs the epochs sees no `DictConfig`."""
+
+    epochs: int
+    seed: int
+    loss: str  # ce | mse
+    amp: str  # false | fp16 | bf16 (after `prepare_config`)
+    compile: bool
+    log_every_steps: int
+    checkpoint_every_steps: int
+    progress_bar: bool
+    histogram_every_epochs: int
+    synops: bool
+    synops_samples: int
+
+
+def settings_of(cfg: DictConfig) -> RunSettings:
+    """`RunSettings` read from a checked config."""
+    return RunSettings(
+        epochs=int(cfg.epochs), seed=int(cfg.seed), loss=str(getattr(cfg.loss, "value", cfg.loss)),
+        amp=str(cfg.amp), compile=bool(cfg.compile), log_every_steps=int(cfg.logging.log_every_steps),
+        checkpoint_every_steps=int(cfg.checkpoint_every_steps), progress_bar=bool(cfg.logging.progress_bar),
+        histogram_every_epochs=int(cfg.logging.histogram_every_epochs), synops=bool(cfg.logging.synops),
+        synops_samples=int(cfg.logging.synops_samples))
+
+
 @dataclass
 class Run:
-    """Everything a run is built from its config."""
+    """Everything a run is built from its config (``cfg``: kept for the checkpoint and the health
+    checks; the loop reads ``settings``)."""
 
     cfg: DictConfig
+    settings: RunSettings
     env: distributed.DistEnv
     run_dir: Path
     core: nn.Module  # the model the checkpoint saves (no DDP wrapper)
@@ -200,5 +230,5 @@ def build_run(cfg: DictConfig, env: distributed.DistEnv, run_dir: Path) -> Run:
     dtype = amp_dtype(cfg, env.device)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16 and env.device.type == "cuda")
-    return Run(cfg, env, run_dir, core, model, optimizer, lr_scheduler, scaler, threshold,
+    return Run(cfg, settings_of(cfg), env, run_dir, core, model, optimizer, lr_scheduler, scaler, threshold,
                train_loader, test_loader, steps_per_epoch, dtype, channels_last, splits.bad_images)
