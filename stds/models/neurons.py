@@ -27,12 +27,10 @@ builds `Float32StateLIFNode` / `Float32StateIFNode`: SpikingJelly's nodes with a
 whenever the input is float16 or bfloat16. The low-precision input goes to the kernel as it is
 (the kernel reads it and computes in float32) and the spikes keep the input's dtype, as before.
 
-Why this way. On an H100 (CIFAR10Net, fp16 autocast) casting the neuron input to float32 reached
-the same kernel: 18.2 ms and 281 launches per step against 33.6 ms and 1,621 for the fallback.
-A float32 state reaches it without that cast (one kernel less per neuron, forward and backward).
-SpikingJelly's precision API (``neuron_storage="fp16"``) gave the least GPU time (14.9 ms) but
-22.7 ms wall, bound by the CPU; it also runs only through Triton on CUDA (it raises on CPU) and
-needs the model rewritten by ``prepare_model_for_precision``. In float32 (and float64) the two
+Why this way: casting the neuron input to float32 also reaches the kernel but adds a kernel per
+neuron, forward and backward; SpikingJelly's precision API (``neuron_storage``) runs only through
+Triton on CUDA and needs the model rewritten (the H100 figures behind this choice are in
+``benchmarks/RESULTS.md``). In float32 (and float64) the two
 classes compute exactly what SpikingJelly's nodes do.
 """
 

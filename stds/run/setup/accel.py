@@ -4,7 +4,7 @@ Settings (``channels_last`` and ``compile`` in ``conf/train.yaml``):
 
 - `resolve_channels_last`: ``channels_last=auto`` is on for a model with convolutions on CUDA.
   cuDNN's fast fp16/bf16 convolutions work in NHWC; with NCHW tensors it converts the layout
-  around every convolution (about 1 ms per CIFAR10Net step on an H100). With the model's
+  around every convolution (the cost is in ``benchmarks/RESULTS.md``). With the model's
   weights in channels_last (`apply_layout`) and the input batch converted too
   (`to_device_batch`), each time step stays channels_last through conv, BN, pooling and the
   neurons. On CPU ``auto`` is off (measured slower or no faster there; see
