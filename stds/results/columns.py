@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from stds.registry import Registry
-from stds.results.collect import RunRecord
+from stds.results.record import RunRecord
 
 
 def percent(value: float | None) -> str:

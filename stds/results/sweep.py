@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from stds.results.collect import RunRecord, collect_runs, find_run_dirs, method_label, read_run, sort_runs
+from stds.results.collect import collect_runs, find_run_dirs, read_run
+from stds.results.record import RunRecord, method_label, sort_runs
 from stds.results.paper import PAPER_CIFAR10_STDS
 from stds.results.plot import plot
 from stds.results.trials import mark_trials

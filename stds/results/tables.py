@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from stds.results.collect import RunRecord, at_zero_connectivity, point_label
+from stds.results.record import RunRecord, at_zero_connectivity, point_label
 from stds.results.columns import COLUMNS, Column, percent
 from stds.results.paper import PAPER_CIFAR10_STDS, PAPER_LABEL, PAPER_SETTING
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from stds.results.pareto import Bound, feasible, pareto_mask
 
 if TYPE_CHECKING:
-    from stds.results.collect import RunRecord
+    from stds.results.record import RunRecord
 
 __all__ = ["FRONT", "INFEASIBLE", "TrialInfo", "mark_trials", "trial_info"]
 
