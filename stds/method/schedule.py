@@ -73,6 +73,7 @@ class ScheduleArgs:
     ramp: str | None = None  # the SCHEDULES key a target kind ramps its wanted sparsity along
     every: int | None = None  # steps between recomputes (None: `default_every`)
     keep_weights: bool = True  # target's hold: a move of d keeps the unpruned weights
+    scope: str | None = None  # sparse.scope of a reparameterization that prunes by magnitude (gmp)
 
 
 ScheduleKind = Callable[[ScheduleArgs], "ThresholdSchedule"]

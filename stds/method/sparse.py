@@ -97,6 +97,8 @@ class Reparam(nn.Module):
     """
 
     method: ClassVar[str] = ""
+    # the scheduler.kind this reparameterization brings (None: the config's scheduler.kind)
+    schedule_kind: ClassVar[str | None] = None
     d: Tensor
 
     def __init__(self, d: float = 0.0) -> None:

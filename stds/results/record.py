@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-_METHOD_ORDER = ("dense", "STDS-sine", "STDS-linear", "STDS-constant", "STDS-target", "Grad R")
+_METHOD_ORDER = ("dense", "STDS-sine", "STDS-linear", "STDS-constant", "STDS-target", "Grad R", "GMP")
 
 
 @dataclass
@@ -62,12 +62,14 @@ class RunRecord:
 
 
 def method_label(method: str | None, schedule: str | None, alpha_gr: float | None) -> str | None:
-    """dense (identity) / Grad R (pruned, α > 0) / STDS-<schedule> (stmod; STDS-target for
-    ``scheduler=target``) / st-<schedule>."""
+    """dense (identity) / GMP (gmp: its schedule is its own) / Grad R (pruned, α > 0) /
+    STDS-<schedule> (stmod; STDS-target for ``scheduler=target``) / st-<schedule>."""
     if method is None:
         return None
     if method == "identity":
         return "dense"
+    if method == "gmp":
+        return "GMP"
     if alpha_gr is not None and alpha_gr > 0:
         return "Grad R"
     suffix = f"-{schedule}" if schedule else ""

@@ -28,7 +28,7 @@ from stds.run.setup.config import instantiate_node, typed_config, validate
 from stds.errors import ConfigError, StdsError
 from stds.run.setup.optim import build_optimization
 from stds.method.schedule import TARGET_KIND, ScheduleArgs, ThresholdSchedule, build_schedule
-from stds.method.sparse import sparsify
+from stds.method.sparse import REPARAMS, sparsify
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,11 @@ def build_threshold_schedule(cfg: DictConfig, total_steps: int) -> ThresholdSche
     ``flat_width`` · f(x)) or ``target`` (d follows the quantile of ``target_sparsity``, ramped along
     ``scheduler.ramp``, recomputed every ``target_every_steps``, null: once per thousandth of the run;
     ``scheduler.hold_keeps_weights`` absent: true). Both reach their final value at
-    ``scheduler.ramp_until`` (absent: 1) of ``total_steps``.
+    ``scheduler.ramp_until`` (absent: 1) of ``total_steps``. A reparameterization with a
+    ``schedule_kind`` of its own (``sparse=gmp``: ``magnitude``) takes that kind, with the target's
+    keys and ``sparse.scope``.
     """
-    kind = str(cfg.scheduler.kind)
+    kind = REPARAMS[str(cfg.sparse.method)].schedule_kind or str(cfg.scheduler.kind)  # gmp: its own
     target = cfg.get("target_sparsity")
     if kind == TARGET_KIND:
         log.info("scheduler=target: d follows target_sparsity=%s; flat_width is ignored", target)
@@ -194,7 +196,8 @@ def build_threshold_schedule(cfg: DictConfig, total_steps: int) -> ThresholdSche
         ramp_until=float(cfg.scheduler.get("ramp_until", 1.0)),
         target=None if target is None else float(target),
         ramp=None if cfg.scheduler.get("ramp") is None else str(cfg.scheduler.ramp),
-        every=None if every is None else int(every), keep_weights=True if keep is None else bool(keep))
+        every=None if every is None else int(every), keep_weights=True if keep is None else bool(keep),
+        scope=cfg.sparse.get("scope"))
     return build_schedule(kind, args)
 
 

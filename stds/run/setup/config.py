@@ -54,6 +54,8 @@ class GradROptimize(str, Enum):
 class SparseConfig:
     # a key of stds.method.sparse.REPARAMS: identity, st, stmod, or one registered with register_reparam
     method: str = "stmod"
+    # sparse=gmp only: layer (each pruned layer to the wanted sparsity, Zhu and Gupta) or global
+    scope: Optional[str] = None
     # fnmatch patterns of layers left dense; null = the model's own `prune_exclude`
     exclude: Optional[list[str]] = None
 
@@ -179,7 +181,7 @@ def _check_method(cfg: DictConfig) -> None:
     if cfg.sparse.method not in REPARAMS:
         raise ConfigError(f"sparse.method={cfg.sparse.method!r} is not valid; use one of {REPARAMS.choices()} "
                           "(sparse=<name>; a method of your own: register_reparam)")
-    if cfg.scheduler.kind not in SCHEDULE_KINDS:
+    if cfg.scheduler.kind not in SCHEDULE_KINDS or cfg.scheduler.kind in _reparam_kinds():
         raise ConfigError(f"scheduler.kind={cfg.scheduler.kind!r} is not valid; use one of "
                           f"{SCHEDULE_KINDS.choices()} (a ramp of your own: register_schedule)")
     ramp_until = cfg.scheduler.ramp_until
@@ -194,6 +196,27 @@ def _check_method(cfg: DictConfig) -> None:
         raise ConfigError(
             f"alpha_gr={cfg.alpha_gr} needs a pruning method; set sparse=stmod (Grad R) or alpha_gr=0"
         )
+
+
+def _reparam_kinds() -> set[str]:
+    """Schedule kinds that a reparameterization brings with it (``magnitude`` for gmp): not a
+    ``scheduler.kind`` of their own."""
+    return {cls.schedule_kind for cls in REPARAMS.values() if cls.schedule_kind}
+
+
+def _check_own_schedule(cfg: DictConfig) -> None:
+    """A reparameterization with a schedule of its own (``sparse=gmp``) prunes to ``target_sparsity``
+    on the target schedule's keys; ``sparse.scope`` belongs to it alone."""
+    method, scope = cfg.sparse.method, cfg.sparse.get("scope")
+    if REPARAMS[method].schedule_kind is None:
+        if scope is not None:
+            raise ConfigError(f"sparse.scope={scope} is used only by sparse=gmp; add sparse=gmp or remove sparse.scope")
+        return
+    if cfg.scheduler.kind != TARGET_KIND:
+        raise ConfigError(f"sparse={method} prunes to a sparsity on the target schedule (scheduler.kind="
+                          f"{cfg.scheduler.kind}); add scheduler=target target_sparsity=<S>")
+    if scope not in ("layer", "global"):
+        raise ConfigError(f"sparse.scope={scope!r} is not valid; use layer (each layer to S) or global")
 
 
 def _check_gradr_pruned_only(cfg: DictConfig) -> None:
@@ -273,6 +296,7 @@ def validate(cfg: DictConfig) -> None:
     _check_numbers(cfg)
     _check_method(cfg)
     _check_target(cfg)
+    _check_own_schedule(cfg)
     _check_dataset(cfg)
     _check_speed(cfg)
 
