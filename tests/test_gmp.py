@@ -137,3 +137,38 @@ def test_pruned_parameters_of_a_gmp_model_are_its_thetas():
     thetas = pruned_parameters(model)
     assert [t.reshape(-1).tolist() for t in thetas.values()] == [pytest.approx(v) for v in HAND]
     assert all(isinstance(layer.parametrizations.weight[0], MagnitudeMask) for layer in model)
+
+
+def _ddp_worker(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+        sparsify(model, "gmp")
+        schedule = MagnitudePruningSchedule(0.75, total_steps=6, ramp="linear", ramp_until=0.5,
+                                            scope="global").attach(model)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        inputs = torch.randn(16, 8, generator=torch.Generator().manual_seed(100 + rank))  # per-rank data
+        for step in range(1, 7):
+            ddp.zero_grad()
+            ddp(inputs).pow(2).mean().backward()  # DDP averages the gradients over the ranks
+            with torch.no_grad():  # plain SGD by hand (a torch.optim import costs seconds per process)
+                for parameter in ddp.parameters():
+                    parameter -= 0.5 * parameter.grad
+            schedule.step(step)
+        masks = [layer.parametrizations.weight[0].mask.clone() for layer in (model[0], model[2])]
+        torch.save({"masks": masks, "d": schedule.d}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_prune_the_same_weights_without_communication(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(rank0["masks"], rank1["masks"])) and rank0["d"] == rank1["d"]
+    assert sum(int((~m).sum()) for m in rank0["masks"]) == wanted_count(0.75, 8 * 32 + 32 * 4)
