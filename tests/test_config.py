@@ -119,7 +119,7 @@ def _compose_error(*overrides: str) -> str:
 def test_an_unregistered_method_is_refused_with_the_registered_ones():
     with pytest.raises(ConfigError) as info:
         prepare_config(compose_train("sparse.method=magic"))
-    assert str(info.value).startswith("sparse.method='magic' is not valid; use one of identity, st, stmod ")
+    assert str(info.value).startswith("sparse.method='magic' is not valid; use one of gmp, identity, st, stmod (")
 
 
 def test_wrong_types_fail_at_compose_time():

@@ -41,7 +41,7 @@ def test_each_toy_is_a_choice_of_the_config(toys):
 
 def test_without_the_registration_the_names_are_refused_with_the_registered_ones():
     assert "tests.toy_extension.ToyNet" not in allowed_targets()
-    with pytest.raises(ConfigError, match=r"sparse.method='toy_soft' is not valid; use one of identity, st, stmod"):
+    with pytest.raises(ConfigError, match=r"sparse.method=.toy_soft. is not valid; use one of gmp, identity, st, stmod \("):
         prepare_config(compose_train(*TINY, "sparse.method=toy_soft"))
     with pytest.raises(ConfigError, match=r"scheduler.kind='toy_square' is not valid; use one of constant, cubic"):
         prepare_config(compose_train(*TINY, "scheduler.kind=toy_square"))
