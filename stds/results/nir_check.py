@@ -187,9 +187,9 @@ def graph_forward(module: nn.Module, graph: nir.NIRGraph, images: Tensor, T: int
 def stds_forward(model: nn.Module, images: Tensor, names: list[str],
                  counts: dict[str, int] | None = None) -> Tensor:
     """The model's class scores (eval mode); spikes of its neuron layers ``names`` (summed over
-    steps) added to ``counts`` if given. A name the model lacks (a pooling neuron) is skipped."""
-    modules = {name: model.get_submodule(name) for name in names
-               if _has_submodule(model, name)}
+    steps) added to ``counts`` if given. A pooling neuron's name is the model's max pool, whose
+    output is the same 0/1 spikes."""
+    modules = {name: model.get_submodule(name) for name in names}
     hooks = _count_spikes(modules, counts) if counts is not None else []
     try:
         with torch.no_grad():
@@ -199,14 +199,6 @@ def stds_forward(model: nn.Module, images: Tensor, names: list[str],
             handle.remove()
         functional.reset_net(model)
     return scores
-
-
-def _has_submodule(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 @dataclass
@@ -278,6 +270,8 @@ def check_graph(model: nn.Module, path: Path, batches: Any, readers: list[str],
     """Run ``path`` in each of ``readers`` (names in `READERS`) and ``model`` on ``batches``
     of ``(images, labels)``; compare predicted classes, scores and spikes per neuron node."""
     graph = nir.read(path)
+    if "dt" not in (graph.metadata or {}):
+        raise ExportError(f"{path} has no metadata dt; check a model.nir that launch/export.py wrote")
     dt, T = float(graph.metadata["dt"]), int(model.T)
     names = neuron_nodes(graph)
     loaded = [_load(READERS[name], path, graph, dt) for name in readers]
