@@ -10,7 +10,7 @@ inference (``docs/nir.md`` has the derivations):
 - LIF and IF neurons are SpikingJelly's exchange nodes for a time step ``dt`` (default 1e-4 s,
   the step SpikingJelly's and snnTorch's importers assume): LIF ``tau`` = steps x dt, ``r = 1``
   (decay_input), ``v_leak = v_reset``; IF ``r = 1 / dt``; hard reset to ``v_reset``, a field
-  left out of the file where it is 0 (nir 1.0.4 cannot parse it; later nir reads it back as 0);
+  left out of the file where it is 0 (nir 1.0.4 cannot parse it; nir >= 1.0.6 reads it back as 0);
 - max pooling of 0/1 spikes is a window sum (``<layer>.sum``) followed by a LIF node
   (``<layer>``) that fires exactly when the sum is at least one spike (`POOL_NEURON`); the sum is
   a ``SumPool2d`` node, or, where the pooling is padded, a ``Conv2d`` of ones per channel with
@@ -55,7 +55,7 @@ __all__ = [
     "model_graph",
 ]
 
-NIR_FORMAT_VERSION = 1
+NIR_FORMAT_VERSION = 2
 DT = 1e-4
 """Default time step (s) the neuron parameters are written for: one SpikingJelly step is ``dt``;
 1e-4 is what SpikingJelly's importer assumes by default and what snnTorch's importer fixes."""
