@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import h5py
 import nir
 import numpy as np
 import pytest
@@ -14,35 +15,29 @@ from torch import nn
 from tests.conftest import REPO, compose_train
 from stds.errors import ExportError
 from stds.models import CIFAR10Net, DigitsNet, SEWResNet, make_neuron
-from stds.results.nir import (
-    NIR_NAME,
-    GraphBuilder,
-    Signal,
-    export_nir,
-    fold_batchnorm,
-    model_graph,
-    sequence,
-    zero_weights,
-)
+from stds.results.nir import DT, POOL_NEURON, GraphBuilder, Signal, fold_batchnorm, model_graph, sequence
 from stds.results.nir_check import (
+    READERS,
+    check_graph,
     check_run,
     format_check,
     graph_forward,
     neuron_nodes,
-    norse_from_nir,
-    spikingjelly_from_nir,
     stds_forward,
 )
+from stds.results.nir_file import NIR_NAME, export_nir, write_graph, zero_weights
 from stds.run.life.trainer import train
 
-needs_norse = pytest.mark.skipif(importlib.util.find_spec("norse") is None,
-                                 reason="Norse is not installed (pip install -e '.[nir]')")
+INSTALLED = [name for name, reader in READERS.items() if importlib.util.find_spec(reader.package)]
+"""The public readers installed here (Norse and snnTorch come with the ``.[nir]`` extra)."""
+needs_readers = pytest.mark.skipif(len(INSTALLED) < len(READERS),
+                                   reason="a NIR reader is missing (pip install -e '.[nir]')")
 
 
-def _round_trip(graph: nir.NIRGraph, tmp_path) -> nir.NIRGraph:
-    path = tmp_path / "graph.nir"
-    nir.write(path, graph)
-    return nir.read(path)
+def _written(graph: nir.NIRGraph, tmp_path, name: str = "graph.nir"):
+    path = tmp_path / name
+    write_graph(path, graph)
+    return path
 
 
 def test_fold_batchnorm_by_hand():
@@ -93,42 +88,61 @@ def _hand_made_image() -> torch.Tensor:
 # features.0: 3 + 1 spikes. features.3 (current 1.5 x spikes): pixel (0,0) fires 0, 1, 0 as above,
 # pixel (2,2) gets 0, 1.5, 0: h = 0, 0.75, 0.375 -> none. Max pool: the top-left window 0, 1, 0;
 # features.7 (current 4 x spikes) copies it; max pool to 1x1: 0, 1, 0; fc 0.5: mean 0.5 / 3.
-HAND_SPIKES = {"features.0": 4, "features.3": 1, "features.7": 1}
+# The pooling neurons (features.4, features.8) fire once each, with the window that holds a spike.
+HAND_SPIKES = {"features.0": 4, "features.3": 1, "features.4": 1, "features.7": 1, "features.8": 1}
 HAND_SCORE = 0.5 / 3
 
 
-def _hand_graph(tmp_path) -> tuple[DigitsNet, nir.NIRGraph]:
+def _hand_graph(tmp_path, dt: float = DT):
     model = _hand_made_digits_net()
-    graph = _round_trip(model_graph(model, (1, 4, 4)), tmp_path)
-    return model, graph
+    path = _written(model_graph(model, (1, 4, 4), dt=dt), tmp_path)
+    return model, path, nir.read(path)
 
 
 def test_hand_made_weights_spike_as_computed_by_hand(tmp_path):
-    model, graph = _hand_graph(tmp_path)
+    model, _, graph = _hand_graph(tmp_path)
     stem = graph.nodes["stem.0"]
     assert stem.weight[0, 0, 1, 1] == 4.0 and np.count_nonzero(stem.weight) == 1
     assert stem.bias.tolist() == [0.0]
     lif = graph.nodes["features.0"]
-    assert isinstance(lif, nir.LIF) and np.all(lif.tau == 2.0) and np.all(lif.r == 1.0)
+    assert isinstance(lif, nir.LIF) and np.all(lif.tau == 2 * DT) and np.all(lif.r == 1.0)
     assert np.all(lif.v_leak == 0.0) and np.all(lif.v_reset == 0.0) and np.all(lif.v_threshold == 1.0)
     assert isinstance(graph.nodes["features.4.sum"], nir.SumPool2d)
-    assert isinstance(graph.nodes["features.4"], nir.Threshold)
-    assert ("features.4.sum", "features.4") in graph.edges
-    image = _hand_made_image()
+    pool = graph.nodes["features.4"]
+    assert isinstance(pool, nir.LIF) and np.all(pool.tau == POOL_NEURON["tau_steps"] * DT)
+    assert np.all(pool.v_threshold == 0.25) and ("features.4.sum", "features.4") in graph.edges
     counts = dict.fromkeys(neuron_nodes(graph), 0)
-    assert stds_forward(model, image, list(counts), counts).item() == pytest.approx(HAND_SCORE)
+    assert stds_forward(model, _hand_made_image(), list(counts), counts).item() == pytest.approx(HAND_SCORE)
     assert counts == HAND_SPIKES
+
+
+@pytest.mark.parametrize("reader", INSTALLED)
+def test_hand_made_weights_in_each_public_reader(tmp_path, reader):
+    model, path, graph = _hand_graph(tmp_path)
     counts = dict.fromkeys(neuron_nodes(graph), 0)
-    scores = graph_forward(spikingjelly_from_nir(graph), graph, image, model.T, counts)
+    module = READERS[reader].load(path, DT)
+    scores = graph_forward(module, graph, _hand_made_image(), model.T, counts, READERS[reader].reset)
     assert scores.item() == pytest.approx(HAND_SCORE) and counts == HAND_SPIKES
 
 
-@needs_norse
-def test_hand_made_weights_in_norse(tmp_path):
-    model, graph = _hand_graph(tmp_path)
+def test_dt_is_written_into_the_parameters(tmp_path):
+    model, path, graph = _hand_graph(tmp_path, dt=1.0)
+    assert graph.metadata["dt"] == 1.0 and np.all(graph.nodes["features.0"].tau == 2.0)
     counts = dict.fromkeys(neuron_nodes(graph), 0)
-    scores = graph_forward(norse_from_nir(graph), graph, _hand_made_image(), model.T, counts)
+    scores = graph_forward(READERS["spikingjelly"].load(path, 1.0), graph, _hand_made_image(),
+                           model.T, counts)
     assert scores.item() == pytest.approx(HAND_SCORE) and counts == HAND_SPIKES
+    with pytest.raises(ExportError, match="dt=0 is not valid"):
+        model_graph(model, (1, 4, 4), dt=0)
+
+
+def test_file_leaves_out_zero_resets_and_older_nir_fields(tmp_path):
+    _, path, graph = _hand_graph(tmp_path)
+    with h5py.File(path) as f:
+        nodes = f["node/nodes"]
+        assert [name for name in nodes if "v_reset" in nodes[name]] == []
+        assert {"tau", "r", "v_leak", "v_threshold"} <= set(nodes["features.0"])
+    assert np.all(graph.nodes["features.0"].v_reset == 0.0)  # nir fills in the zeros on read
 
 
 def _strong(model: nn.Module, prune: float) -> nn.Module:
@@ -153,34 +167,90 @@ def _weight_zeros(model: nn.Module) -> dict[str, int]:
             if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
-@pytest.mark.parametrize("build, shape", [
-    (lambda: CIFAR10Net(T=3, channels=8, hidden=32, voting=4, image_size=8), (3, 8, 8)),
-    pytest.param(lambda: SEWResNet(depth=18, T=3, num_classes=10, width=8, connect_f="ADD"), (3, 32, 32),
-                 marks=pytest.mark.slow),
-], ids=["cifar10net", "sew_resnet18_add"])
-def test_round_trip_through_spikingjelly_import(tmp_path, build, shape):
+def _random_batches(shape, n: int = 2, size: int = 8):
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, *shape, generator=generator), torch.zeros(size, dtype=torch.long))
+            for _ in range(n)]
+
+
+NETS = {
+    "digits": (lambda: DigitsNet(T=3, channels=(8, 8, 8)), (1, 8, 8)),
+    "cifar10net": (lambda: CIFAR10Net(T=3, channels=8, hidden=32, voting=4, image_size=8), (3, 8, 8)),
+    "sew_resnet18_add": (lambda: SEWResNet(depth=18, T=3, num_classes=10, width=8), (3, 32, 32)),
+}
+
+
+def _checked(net: str, tmp_path, readers: list[str], corrupt=None):
     torch.manual_seed(0)
-    model = _strong(build(), prune=0.5).double()
-    graph = _round_trip(model_graph(model, shape), tmp_path)
+    build, shape = NETS[net]
+    model = _strong(build(), prune=0.5)
+    graph = model_graph(model, shape)
     zeros = _weight_zeros(model)
     assert zero_weights(graph, zeros) == sum(zeros.values()) > 0
-    images = torch.randn(4, *shape, dtype=torch.float64)
-    names = neuron_nodes(graph)
-    ours, theirs = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
-    expected = stds_forward(model, images, names, ours)
-    got = graph_forward(spikingjelly_from_nir(graph, torch.float64), graph, images, model.T, theirs)
-    assert expected.abs().sum() > 0 and sum(ours.values()) > 0  # the spikes reach the output
-    assert theirs == ours
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    if corrupt is not None:
+        corrupt(graph)
+    path = _written(graph, tmp_path)
+    return check_graph(model, path, _random_batches(shape), readers)
 
 
-def test_sew_add_is_a_node_with_two_incoming_edges():
+@needs_readers
+@pytest.mark.parametrize("net", ["digits", "cifar10net"])
+def test_every_public_reader_reproduces_the_net(tmp_path, net):
+    result = _checked(net, tmp_path, list(READERS))
+    assert result.passed and sum(result.spikes_stds.values()) > 0
+    for reader in result.readers:
+        assert reader.error is None and reader.out_of_order == []
+        assert reader.same_class == result.images == 16
+        assert reader.spikes == result.spikes_stds  # identical spikes in every layer
+        assert reader.max_score_difference == 0.0
+    assert "PASS" in format_check(result) and "FAIL" not in format_check(result)
+
+
+@needs_readers
+@pytest.mark.slow
+def test_sew_resnet_add_in_the_public_readers(tmp_path):
+    """SpikingJelly reproduces SEW ResNet; Norse's executor runs each downsample shortcut after
+    the junction it feeds and snnTorch refuses IF neurons: both fail the check, named."""
+    result = _checked("sew_resnet18_add", tmp_path, list(READERS))
+    spikingjelly, norse, snntorch = result.readers
+    assert result.reader_passed(spikingjelly) and spikingjelly.spikes == result.spikes_stds
+    assert spikingjelly.max_score_difference < 1e-4  # fc per step, then averaged: rounding only
+    assert not result.reader_passed(norse) and norse.out_of_order
+    assert "no module for node avgpool (AvgPool2d)" in norse.out_of_order
+    assert not result.reader_passed(snntorch) and "r != 1 not supported" in snntorch.error
+    assert not result.passed
+
+
+def _negate_fc(graph: nir.NIRGraph) -> None:
+    graph.nodes["features.10"].weight = -graph.nodes["features.10"].weight
+
+
+@pytest.mark.parametrize("reader", INSTALLED)
+def test_a_corrupted_weight_fails_the_check(tmp_path, reader):
+    result = _checked("digits", tmp_path, [reader], corrupt=_negate_fc)
+    (only,) = result.readers
+    assert only.error is None and only.spikes == result.spikes_stds  # the fc feeds no neuron
+    assert only.same_class < result.images and not result.passed
+    assert f"{reader} " in format_check(result) and "FAIL" in format_check(result)
+
+
+def test_sew_graph_has_no_node_a_reader_lacks():
     graph = model_graph(SEWResNet(depth=18, T=2, num_classes=10, width=8).eval(), (3, 32, 32))
-    assert isinstance(graph.nodes["layer1.0.add"], nir.Scale)
+    add = graph.nodes["layer1.0.add"]
+    assert isinstance(add, nir.Conv2d) and add.weight.shape == (8, 8, 1, 1)
+    assert np.array_equal(add.weight[:, :, 0, 0], np.eye(8)) and not np.any(add.bias)
     into = sorted(source for source, target in graph.edges if target == "layer1.0.add")
     assert into == ["layer1.0.sn2", "maxpool"]
     into = sorted(source for source, target in graph.edges if target == "layer2.0.add")
     assert into == ["layer2.0.downsample.2", "layer2.0.sn2"]
+    out_of_block_input = [target for source, target in graph.edges if source == "maxpool"]
+    assert out_of_block_input == ["layer1.0.conv1", "layer1.0.add"]  # the units first
+    pool = graph.nodes["maxpool.sum"]  # padded: a Conv2d of ones per channel keeps the padding
+    assert isinstance(pool, nir.Conv2d) and list(pool.padding) == [1, 1] and list(pool.stride) == [2, 2]
+    assert pool.weight[0, 0].tolist() == [[1.0] * 3] * 3 and not np.any(pool.weight[0, 1])
+    flatten = graph.nodes["flatten"]
+    assert (flatten.start_dim, flatten.end_dim) == (-3, -1)
+    assert not any(isinstance(n, (nir.Scale, nir.Threshold)) for n in graph.nodes.values())
 
 
 @pytest.mark.parametrize("connect_f", ["AND", "IAND"])
@@ -230,14 +300,15 @@ def test_trained_run_exports_with_its_zeros(trained_digits_run, capsys):
 
 
 @pytest.mark.slow
-@needs_norse
-def test_trained_run_agrees_in_norse(trained_digits_run):
+@needs_readers
+def test_trained_run_agrees_in_every_public_reader(trained_digits_run):
     export_nir(trained_digits_run, verbose=False)
     result = check_run(trained_digits_run)
-    assert result.images == 360 and result.same_class >= 0.99 * result.images
-    assert sum(result.spikes_stds.values()) > 0
-    assert result.spikes_other == result.spikes_stds  # same dynamics: identical spikes per layer
-    assert "predicted class: same as stds on" in format_check(result)
+    assert result.images == 360 and result.passed and sum(result.spikes_stds.values()) > 0
+    for reader in result.readers:
+        assert reader.same_class == 360 and reader.spikes == result.spikes_stds
+        assert reader.correct == result.correct_stds
+    assert format_check(result).count(": PASS, same class as stds on 360 of 360 images") == 3
 
 
 def _export_cli():
@@ -255,15 +326,47 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), "--check"])  # --check needs --format nir
     assert exit_info.value.code == 2 and "--check and --check-images need --format nir" in capsys.readouterr().err
+    for argv, message in ((["--readers", "foo"], "--readers=foo is not valid: foo; use some of "
+                           "spikingjelly,norse,snntorch"),
+                          (["--min-agreement", "2"], "--min-agreement=2.0 is not valid"),
+                          (["--dt", "-1"], "--dt=-1.0 is not valid")):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path), "--format", "nir", "--check", *argv])
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow
-@needs_norse
+@needs_readers
 def test_cli_writes_model_nir_and_checks(trained_digits_run, capsys):
     (trained_digits_run / NIR_NAME).unlink(missing_ok=True)
     main = _export_cli()
     assert main([str(trained_digits_run), "--format", "nir", "--check", "--check-images", "40"]) == 0
     out = capsys.readouterr().out
     assert (trained_digits_run / NIR_NAME).exists()
-    assert "same as the run's" in out and "ran the graph on 40 test images, T=2" in out
+    assert "same as the run's" in out and "check: 40 test images, T=2, dt=0.0001 s" in out
+    assert "neuron parameters for dt = 0.0001 s" in out
     assert "features.7" in out and not (trained_digits_run / "pruned.pt").exists()
+
+
+@pytest.mark.slow
+@needs_readers
+def test_cli_exits_non_zero_when_the_file_disagrees(trained_digits_run, capsys, monkeypatch):
+    """The file written is corrupted (the fc's weights negated) before the check reads it."""
+    module = importlib.util.module_from_spec(
+        importlib.util.spec_from_file_location("export_cli", REPO / "launch" / "export.py"))
+    module.__spec__.loader.exec_module(module)
+
+    def export_corrupted(*args, **kwargs):
+        written = export_nir(*args, **kwargs)
+        graph = nir.read(written.path)
+        _negate_fc(graph)
+        write_graph(written.path, graph)
+        return written
+
+    monkeypatch.setattr(module, "export_nir", export_corrupted)
+    argv = [str(trained_digits_run), "--format", "nir", "--check", "--check-images", "40"]
+    assert module.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "FAIL, same class as stds on" in captured.out
+    assert captured.err.startswith("Error: the NIR check failed for spikingjelly, norse, snntorch")
+    assert module.main(argv + ["--min-agreement", "0", "--readers", "spikingjelly"]) == 0

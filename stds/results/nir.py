@@ -7,30 +7,31 @@ inference (``docs/nir.md`` has the derivations):
 - a convolution followed by BatchNorm is one ``Conv2d`` node with the BatchNorm folded in
   (weight ``w * s`` and bias ``beta - mean * s``, ``s = gamma / sqrt(var + eps)`` per output
   channel), so every pruned zero stays exactly zero; nodes are named after the model's layers;
-- LIF and IF neurons are SpikingJelly's exchange nodes written with ``dt = 1`` (one NIR time unit
-  per step): LIF ``tau`` = SpikingJelly's tau, ``r = 1`` (decay_input), ``v_leak = v_reset``;
-  IF ``r = 1``; hard reset to ``v_reset``; ``v_threshold``;
-- max pooling of 0/1 spikes is a ``SumPool2d`` node (``<layer>.sum``) followed by
-  ``Threshold(0.5)`` (``<layer>``): "at least one spike in the window", exact for spikes;
-- a SEW ``ADD`` junction is a ``Scale`` node of ones (``<block>.add``) with two incoming edges
-  (NIR sums the edges that enter a node);
+- LIF and IF neurons are SpikingJelly's exchange nodes for a time step ``dt`` (default 1e-4 s,
+  the step SpikingJelly's and snnTorch's importers assume): LIF ``tau`` = steps x dt, ``r = 1``
+  (decay_input), ``v_leak = v_reset``; IF ``r = 1 / dt``; hard reset to ``v_reset``, a field
+  left out of the file where it is 0 (nir 1.0.4 cannot parse it; nir >= 1.0.6 reads it back as 0);
+- max pooling of 0/1 spikes is a window sum (``<layer>.sum``) followed by a LIF node
+  (``<layer>``) that fires exactly when the sum is at least one spike (`POOL_NEURON`); the sum is
+  a ``SumPool2d`` node, or, where the pooling is padded, a ``Conv2d`` of ones per channel with
+  the padding, which readers cannot drop (they read SumPool2d without its padding);
+- a SEW ``ADD`` junction is a 1x1 ``Conv2d`` of identity weights (``<block>.add``) with two
+  incoming edges (NIR sums the edges that enter a node): a node every reader maps;
 - CIFAR10Net's voting layer is a ``Linear`` node averaging each group of output neurons;
 - the class scores are the ``output`` node's values averaged over the T steps (graph metadata
   ``readout``); SEW ResNet's fc, which the model applies to time-averaged features, is applied
-  at every step, which gives the same average because it is affine.
+  at every step, which gives the same average because it is affine;
+- flatten dims are negative (``-3 .. -1``), which every reader applies to a batch unchanged.
 
-SpikingJelly's ``nir_exchange.export_to_nir`` writes every node it has a mapping for (Conv2d,
-Linear, Flatten, AvgPool2d, LIF, IF); it works on one traced module, so each such layer is
-exported alone and the graph (edges, BatchNorm folding, max pooling, junctions, voting) is
-assembled here, which the exchange module has no mappings for.
+SpikingJelly's ``nir_exchange.export_to_nir`` writes the Conv2d, Linear, LIF and IF nodes; it
+works on one traced module, so each such layer is exported alone and the graph (edges, BatchNorm
+folding, max pooling, junctions, voting) is assembled here, which the exchange has no mappings for.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import nir
@@ -45,24 +46,24 @@ from stds.errors import ExportError
 from stds.models import MODELS
 from stds.models.sew_resnet import SEWBlock
 from stds.models.zoo import children
-from stds.results.pruned import trained_network
 
 __all__ = [
     "DT",
-    "NIR_NAME",
-    "NirExport",
-    "export_nir",
+    "POOL_NEURON",
     "fold_batchnorm",
+    "identity_conv",
     "model_graph",
-    "zero_weights",
 ]
 
-NIR_NAME = "model.nir"
-NIR_FORMAT_VERSION = 1
-DT = 1.0
-"""Time step the neuron parameters are written for: one NIR time unit per SpikingJelly step."""
-POOL_THRESHOLD = 0.5
-"""Threshold after a sum pool of 0/1 spikes: a window sum > 0.5 means at least one spike."""
+NIR_FORMAT_VERSION = 2
+DT = 1e-4
+"""Default time step (s) the neuron parameters are written for: one SpikingJelly step is ``dt``;
+1e-4 is what SpikingJelly's importer assumes by default and what snnTorch's importer fixes."""
+POOL_NEURON = {"tau_steps": 2.0, "v_threshold": 0.25}
+"""The neuron after a window sum of 0/1 spikes: a LIF (v_leak 0, reset to 0) starts every step
+at 0 (it either fired and reset, or got 0 and stayed at 0), so v = sum / 2 and it fires exactly
+when the sum is at least 1 (0.5 > 0.25; a sum of 0 leaves v = 0). A LIF, not an IF: snnTorch 1.0
+reads NIR's IF as a leaky neuron with subtractive reset, which does not return to 0."""
 
 LIF_TYPES = (neuron.LIFNode, neuron.SimpleLIFNode)
 IF_TYPES = (neuron.IFNode, neuron.SimpleIFNode)
@@ -82,8 +83,10 @@ class Signal:
 
 @dataclass
 class GraphBuilder:
-    """Nodes and edges of the graph being assembled, in the order they are added."""
+    """Nodes and edges of the graph being assembled, in the order they are added, and the time
+    step ``dt`` the neuron parameters are written for."""
 
+    dt: float = DT
     nodes: dict[str, nir.NIRNode] = field(default_factory=dict)
     edges: list[tuple[str, str]] = field(default_factory=list)
 
@@ -103,10 +106,10 @@ def _refuse(name: str, module: nn.Module, why: str) -> ExportError:
     return ExportError(f"layer {name} ({type(module).__name__}) cannot be exported to NIR: {why}")
 
 
-def exchange_node(module: nn.Module, shape: tuple[int, ...]) -> nir.NIRNode:
+def exchange_node(module: nn.Module, shape: tuple[int, ...], dt: float = DT) -> nir.NIRNode:
     """The node SpikingJelly's ``export_to_nir`` writes for one single-step layer whose input
     is ``[1, *shape]`` (the layer traced alone inside an ``nn.Sequential``)."""
-    graph = export_to_nir(nn.Sequential(module), torch.zeros(1, *shape), dt=DT)
+    graph = export_to_nir(nn.Sequential(module), torch.zeros(1, *shape), dt=dt)
     (node,) = [n for n in graph.nodes.values() if not isinstance(n, (nir.Input, nir.Output))]
     return node
 
@@ -164,16 +167,37 @@ def plain_neuron(name: str, module: nn.Module) -> nn.Module:
 
 
 def _neuron(b: GraphBuilder, name: str, module: nn.Module, x: Signal) -> Signal:
-    return b.add(name, exchange_node(plain_neuron(name, module), x.shape), x, spikes=True)
+    return b.add(name, exchange_node(plain_neuron(name, module), x.shape, b.dt), x, spikes=True)
+
+
+def identity_conv(channels: int, kernel: tuple[int, int] = (1, 1), stride: tuple[int, int] = (1, 1),
+                  padding: tuple[int, int] = (0, 0), input_shape: tuple[int, int] | None = None
+                  ) -> nir.Conv2d:
+    """A Conv2d that sums each channel's window into the same channel (weights 1 from channel c
+    to c, 0 elsewhere; no bias): exact on spikes and on sums of spikes. A 1x1 one is the identity."""
+    weight = np.zeros((channels, channels, *kernel), dtype=np.float32)
+    weight[np.arange(channels), np.arange(channels)] = 1.0
+    return nir.Conv2d(input_shape, weight, np.array(stride), np.array(padding), np.array((1, 1)), 1,
+                      np.zeros(channels, dtype=np.float32))
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+def _pool_neuron(b: GraphBuilder, name: str, x: Signal) -> Signal:
+    """The LIF node that turns a window sum of spikes into "at least one spike" (`POOL_NEURON`)."""
+    ones = np.ones(x.shape)
+    node = nir.LIF(tau=ones * POOL_NEURON["tau_steps"] * b.dt, r=ones, v_leak=0 * ones,
+                   v_threshold=ones * POOL_NEURON["v_threshold"], v_reset=0 * ones)
+    return b.add(name, node, x, spikes=True)
+
+
 def _max_pool(b: GraphBuilder, name: str, pool: nn.MaxPool2d, x: Signal) -> Signal:
-    """Max pooling of 0/1 spikes as SumPool2d (zero padding) + Threshold(0.5): a window's maximum
-    is 1 exactly when its sum is at least one spike. NIR has no max pooling."""
+    """Max pooling of 0/1 spikes as a window sum + `_pool_neuron`: a window's maximum is 1
+    exactly when its sum is at least one spike. NIR has no max pooling. The sum is SumPool2d
+    without padding; with padding a Conv2d (`identity_conv`), since the readers map SumPool2d
+    to a pool without padding."""
     if not x.spikes:
         raise _refuse(name, pool, f"it pools the output of {x.node}, which is not 0/1 spikes; NIR "
                       "has no max pooling and SumPool2d + Threshold equals it only on spikes")
@@ -182,10 +206,12 @@ def _max_pool(b: GraphBuilder, name: str, pool: nn.MaxPool2d, x: Signal) -> Sign
     kernel, padding = _pair(pool.kernel_size), _pair(pool.padding)
     stride = _pair(pool.stride or pool.kernel_size)
     shape = F.max_pool2d(torch.zeros(1, *x.shape), kernel, stride, padding).shape[1:]
-    summed = b.add(f"{name}.sum", nir.SumPool2d(np.array(kernel), np.array(stride),
-                                                np.array(padding)), x, spikes=False, shape=shape)
-    threshold = nir.Threshold(np.full(tuple(shape), POOL_THRESHOLD, dtype=np.float32))
-    return b.add(name, threshold, summed, spikes=True)
+    if any(padding):
+        window = identity_conv(x.shape[0], kernel, stride, padding, input_shape=x.shape[1:])
+    else:
+        window = nir.SumPool2d(np.array(kernel), np.array(stride), np.array(padding))
+    summed = b.add(f"{name}.sum", window, x, spikes=False, shape=shape)
+    return _pool_neuron(b, name, summed)
 
 
 def _avg_pool(b: GraphBuilder, name: str, pool: nn.Module, x: Signal) -> Signal:
@@ -208,6 +234,17 @@ def _avg_pool(b: GraphBuilder, name: str, pool: nn.Module, x: Signal) -> Signal:
     return b.add(name, node, x, spikes=False, shape=shape)
 
 
+def _flatten(b: GraphBuilder, name: str, flatten: nn.Flatten, x: Signal) -> Signal:
+    """Flatten as a node with negative dims: the readers shift positive NIR dims past the batch
+    dim or not (SpikingJelly does, Norse and snnTorch do not); a negative dim means the same in
+    all of them. The model's dims count the batch (dim 0), which is not flattened."""
+    start, end = (d if d < 0 else d - 1 - len(x.shape) for d in (flatten.start_dim, flatten.end_dim))
+    if start < -len(x.shape):
+        raise _refuse(name, flatten, "it flattens the batch dimension")
+    node = nir.Flatten({"input": np.array(x.shape)}, start, end)
+    return b.add(name, node, x, spikes=x.spikes)
+
+
 def _voting(b: GraphBuilder, name: str, voting: layer.VotingLayer, x: Signal) -> Signal:
     """CIFAR10Net's voting layer (the mean of each group of ``voting_size`` outputs) as Linear."""
     group = int(voting.voting_size)
@@ -219,7 +256,9 @@ def _voting(b: GraphBuilder, name: str, voting: layer.VotingLayer, x: Signal) ->
 
 
 def _sew_block(b: GraphBuilder, name: str, block: SEWBlock, x: Signal) -> Signal:
-    """The block's units, its shortcut, and the ADD junction: a Scale node of ones fed by both."""
+    """The block's units, its shortcut, and the ADD junction: an identity 1x1 Conv2d fed by both.
+    The edge into the block's first unit comes before the shortcut's, so an executor that walks
+    the graph depth first (Norse's) runs the units before the junction."""
     if block.connect_f != "ADD":
         raise _refuse(name, block, f"connect_f={block.connect_f} multiplies spikes and a NIR node "
                       "only sums its inputs; export a model trained with model.connect_f=ADD")
@@ -230,8 +269,8 @@ def _sew_block(b: GraphBuilder, name: str, block: SEWBlock, x: Signal) -> Signal
     identity = x
     if block.downsample is not None:
         identity = sequence(b, children(f"{name}.downsample", block.downsample), x)
-    junction = nir.Scale(np.ones(out.shape, dtype=np.float32))
-    return b.add(f"{name}.add", junction, identity, out, spikes=False)
+    junction = identity_conv(out.shape[0], input_shape=out.shape[1:])
+    return b.add(f"{name}.add", junction, identity, out, spikes=False, shape=out.shape)
 
 
 def _layer(b: GraphBuilder, name: str, module: nn.Module, x: Signal) -> Signal:
@@ -247,8 +286,7 @@ def _layer(b: GraphBuilder, name: str, module: nn.Module, x: Signal) -> Signal:
     if isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
         return _avg_pool(b, name, module, x)
     if isinstance(module, nn.Flatten):
-        plain = layer.Flatten(module.start_dim, module.end_dim)
-        return b.add(name, exchange_node(plain, x.shape), x, spikes=x.spikes)
+        return _flatten(b, name, module, x)
     if isinstance(module, nn.Linear):
         return _linear(b, name, module, x)
     if isinstance(module, layer.VotingLayer):
@@ -293,18 +331,21 @@ def model_parts(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tup
 
 
 def model_graph(model: nn.Module, image_shape: tuple[int, int, int],
-                metadata: dict[str, Any] | None = None) -> nir.NIRGraph:
-    """The NIR graph of ``model`` (eval mode, plain weights) for images ``[C, H, W]``."""
+                metadata: dict[str, Any] | None = None, dt: float = DT) -> nir.NIRGraph:
+    """The NIR graph of ``model`` (eval mode, plain weights) for images ``[C, H, W]``, its
+    neuron parameters written for a time step of ``dt`` seconds."""
+    if not dt > 0:
+        raise ExportError(f"dt={dt} is not valid; give a time step > 0 (seconds per step)")
     stem, steps = model_parts(model)
-    b = GraphBuilder()
+    b = GraphBuilder(dt=float(dt))
     x = b.add("input", nir.Input({"input": np.array(image_shape)}), spikes=False, shape=image_shape)
     x = sequence(b, stem + steps, x)
     b.add("output", nir.Output({"output": np.array(x.shape)}), x, spikes=x.spikes, shape=x.shape)
-    info = {**describe(model), **(metadata or {})}
+    info = {**describe(model, b.dt), **(metadata or {})}
     return nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata=info)
 
 
-def describe(model: nn.Module) -> dict[str, Any]:
+def describe(model: nn.Module, dt: float) -> dict[str, Any]:
     """Graph metadata that tells a reader how to feed the graph and read its output."""
     votes = [name for name, m in model.named_modules() if isinstance(m, layer.VotingLayer)]
     voting = f" (node {votes[0]} is the voting layer: a Linear averaging each group)" if votes else ""
@@ -312,81 +353,16 @@ def describe(model: nn.Module) -> dict[str, Any]:
         "stds_nir_format": NIR_FORMAT_VERSION,
         "model": type(model).__name__,
         "T": int(model.T),
-        "dt": DT,
+        "dt": dt,
         "input": "one static image [C, H, W] as the run's dataset yields it (see dataset), fed "
                  "unchanged at each of the T steps; all neuron states start at v_reset",
         "readout": "class scores = the output node's values averaged over the T steps; the "
                    f"predicted class is their argmax{voting}",
-        "neurons": "parameters for a forward-Euler step of dt = 1 per time step: LIF v <- v + "
-                   "(v_leak - v + r * I) / tau, IF v <- v + r * I; spike when v reaches "
-                   "v_threshold (SpikingJelly fires at v >= v_threshold), then v <- v_reset",
-        "max_pool": "SumPool2d node <layer>.sum then Threshold node <layer> (0.5): max pooling of "
-                    "0/1 spikes",
-        "junctions": "Scale nodes <block>.add (all ones) sum their two incoming edges (SEW ADD)",
+        "neurons": f"parameters for a forward-Euler step of dt = {dt} s per time step (give "
+                   "this dt to the reader): LIF v <- v + dt / tau * (v_leak - v + r * I), IF v <- "
+                   "v + dt * r * I; spike when v reaches v_threshold, then v <- v_reset (0 where "
+                   "the field is absent)",
+        "max_pool": "window sum <layer>.sum (SumPool2d, or a Conv2d of ones per channel where "
+                    "padded) then LIF node <layer> that fires when the sum is >= 1 spike",
+        "junctions": "1x1 identity Conv2d nodes <block>.add sum their two incoming edges (SEW ADD)",
     }
-
-
-def zero_weights(graph: nir.NIRGraph, names: Iterable[str]) -> int:
-    """Exactly-zero entries of the ``weight`` of the nodes ``names``."""
-    return sum(int(np.count_nonzero(graph.nodes[name].weight == 0)) for name in names)
-
-
-@dataclass(frozen=True)
-class NirExport:
-    """A written ``model.nir``: its path, graph, pruned-layer node names and zero counts."""
-
-    path: Path
-    graph: nir.NIRGraph
-    pruned: list[str]
-    zeros_in_file: int
-    zeros_in_run: int
-
-
-def image_shape(config: dict[str, Any]) -> tuple[int, int, int]:
-    """``[C, H, W]`` of the run's images (``dataset.in_channels``, ``dataset.image_size``)."""
-    dataset = config.get("dataset") or {}
-    try:
-        size = int(dataset["image_size"])
-        return int(dataset["in_channels"]), size, size
-    except (KeyError, TypeError, ValueError):
-        raise ExportError("the run's config has no dataset.in_channels and dataset.image_size; "
-                          "the NIR graph needs the image shape") from None
-
-
-def export_nir(run_dir: Path | str, which: str = "last", out: Path | str | None = None,
-               verbose: bool = True) -> NirExport:
-    """Write the NIR graph of ``checkpoints/<which>.pt`` to ``out`` (default
-    ``<run_dir>/model.nir``); print what it holds if ``verbose``."""
-    net = trained_network(run_dir, which)
-    metadata = {
-        "source": json.dumps(net.source),
-        "dataset": json.dumps(net.config.get("dataset")),
-        "pruned_layers": ",".join(net.layers),
-        "zero_weights": int(net.sparsity["zeros"]),
-    }
-    graph = model_graph(net.model, image_shape(net.config), metadata)
-    zeros = zero_weights(graph, net.layers)
-    target = Path(out) if out is not None else Path(run_dir) / NIR_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    nir.write(tmp, graph)
-    tmp.replace(target)
-    result = NirExport(target, graph, net.layers, zeros, int(net.sparsity["zeros"]))
-    if verbose:
-        print(summary(result))
-    return result
-
-
-def summary(result: NirExport) -> str:
-    """Two lines: the file and its nodes; the zero weights in the file against the run's."""
-    kinds: dict[str, int] = {}
-    for node in result.graph.nodes.values():
-        kinds[type(node).__name__] = kinds.get(type(node).__name__, 0) + 1
-    listing = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
-    numel = sum(result.graph.nodes[name].weight.size for name in result.pruned)
-    same = "same as" if result.zeros_in_file == result.zeros_in_run else "DIFFERS from"
-    return (f"{result.path}: {len(result.graph.nodes)} nodes ({listing}), "
-            f"{len(result.graph.edges)} edges\n"
-            f"zero weights in the {len(result.pruned)} pruned layers: {result.zeros_in_file:,} of "
-            f"{numel:,} ({100 * result.zeros_in_file / max(numel, 1):.2f}%), {same} the run's "
-            f"{result.zeros_in_run:,}")

@@ -1,153 +1,157 @@
-"""Run an exported ``model.nir`` in another framework and compare it with `stds`.
+"""Load an exported ``model.nir`` in other frameworks' public NIR readers, as the file is, and
+compare each with `stds` on real images: predicted classes, class scores and spikes per layer.
 
-Readers. ``norse_from_nir`` builds the graph with Norse (the ``.[nir]`` extra), whose dynamics
-are those of the file: it reads ``dt`` and integrates LIF as ``v += dt / tau * (v_leak - v + I)``
-and IF as ``v += I``, resets to a value, and fires on ``v > v_threshold`` (SpikingJelly fires on
-``v >= v_threshold``; the two differ only when v lands exactly on the threshold). snnTorch's
-importer fixes dt = 1e-4, turns NIR's IF into a leaky neuron (beta 0.9) with subtractive reset
-and reads no pooling, so it cannot run these graphs as written. ``spikingjelly_from_nir`` builds
-it with SpikingJelly's own importer (the round trip of the tests).
+Readers (`READERS`), each called as its documentation shows, with the file's ``dt``:
 
-Neither importer has every node the graph uses, so both get the same small modules for them
-(`NODE_ADDITIONS`): ``SumPool2d`` with its padding (nirtorch's default drops the padding),
-``Threshold`` (``x > threshold``, as NIR defines it) and ``Scale``; Norse also gets a batched
-``Flatten`` (its own flattens the batch dimension too, as NIR's dims exclude it).
+- SpikingJelly: ``spikingjelly.activation_based.nir_exchange.import_from_nir(path, dt=dt)``;
+- Norse: ``norse.torch.from_nir(nir.read(path), dt=dt)``;
+- snnTorch: ``snntorch.import_nir.import_from_nir(nir.read(path))`` (its dt is fixed at 1e-4).
+
+Each returns a module called once per time step as ``out, state = module(images, state)``. A
+reader passes when it loads the graph and predicts the class `stds` predicts on at least
+``min_agreement`` of the images; the check fails (`CheckResult.passed`) otherwise. Where a
+reader's executor runs a node before one of its inputs (Norse's ``from_nir`` walks the graph
+depth first), the nodes are named (`out_of_order`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
-import keyword
+import io
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import nir
-import nirtorch
-import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from spikingjelly.activation_based import functional
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from stds.errors import ExportError
+from stds.results.nir_file import NIR_NAME
 from stds.results.pruned import trained_network
-from stds.results.nir import DT, NIR_NAME
 from stds.run.setup.config import instantiate_node
 
 __all__ = [
-    "NODE_ADDITIONS",
+    "READERS",
     "CheckResult",
+    "ReaderResult",
+    "check_graph",
     "check_run",
     "format_check",
     "graph_forward",
-    "norse_from_nir",
-    "spikingjelly_from_nir",
+    "module_name",
+    "neuron_nodes",
+    "out_of_order",
     "stds_forward",
+    "unmapped",
 ]
 
 
-class SumPool2d(nn.Module):
-    """NIR's SumPool2d: the sum of each window, zero padding included (exact on integers)."""
-
-    def __init__(self, node: nir.SumPool2d) -> None:
-        super().__init__()
-        self.kernel = tuple(int(k) for k in np.broadcast_to(node.kernel_size, (2,)))
-        self.stride = tuple(int(s) for s in np.broadcast_to(node.stride, (2,)))
-        self.padding = tuple(int(p) for p in np.broadcast_to(node.padding, (2,)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.avg_pool2d(x, self.kernel, self.stride, self.padding, divisor_override=1)
+def _spikingjelly(path: Path, dt: float) -> nn.Module:
+    from spikingjelly.activation_based.nir_exchange import import_from_nir
+    return import_from_nir(path, dt=dt)
 
 
-class Threshold(nn.Module):
-    """NIR's Threshold: 1 where the input is above the threshold, else 0."""
-
-    def __init__(self, node: nir.Threshold) -> None:
-        super().__init__()
-        self.register_buffer("threshold", torch.from_numpy(np.asarray(node.threshold)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x > self.threshold).to(x.dtype)
+def _norse(path: Path, dt: float) -> nn.Module:
+    with warnings.catch_warnings():  # Norse 1.1 scripts functions with the deprecated torch.jit
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # it calls nirtorch.load
+        import norse.torch
+        return norse.torch.from_nir(nir.read(path), dt=dt)
 
 
-class Scale(nn.Module):
-    """NIR's Scale: the input (the sum of the incoming edges) times ``scale``, elementwise."""
-
-    def __init__(self, node: nir.Scale) -> None:
-        super().__init__()
-        self.register_buffer("scale", torch.from_numpy(np.asarray(node.scale)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.scale
+def _snntorch(path: Path, dt: float) -> nn.Module:
+    from snntorch.import_nir import import_from_nir
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints every LIF's rescaled threshold
+        return import_from_nir(nir.read(path))
 
 
-class BatchedFlatten(nn.Flatten):
-    """NIR's Flatten on a batch: NIR's dims count from the first dim after the batch."""
-
-    def __init__(self, node: nir.Flatten) -> None:
-        start, end = int(node.start_dim), int(node.end_dim)
-        super().__init__(start + 1 if start >= 0 else start, end + 1 if end >= 0 else end)
+def _snntorch_reset(module: nn.Module) -> None:
+    """snnTorch's neurons keep their membrane inside the module (``init_hidden``): reset it."""
+    from snntorch.utils import reset
+    reset(module)
 
 
-NODE_ADDITIONS: dict[type, Callable[[Any], nn.Module]] = {
-    nir.SumPool2d: SumPool2d,
-    nir.Threshold: Threshold,
-    nir.Scale: Scale,
-}
-"""Torch modules for the nodes the importers lack (or, for SumPool2d, read without padding)."""
+@dataclass(frozen=True)
+class Reader:
+    """A public NIR reader: its package, how it is called, and how its own state is reset."""
+
+    name: str
+    package: str
+    call: str
+    load: Callable[[Path, float], nn.Module]
+    reset: Callable[[nn.Module], None] = lambda module: None
 
 
-def spikingjelly_from_nir(graph: nir.NIRGraph, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The graph as SpikingJelly's importer builds it (single-step; call with ``state``).
-
-    ``import_from_nir`` takes no extra node types, so its node mapper is used with
-    `NODE_ADDITIONS` through ``nirtorch.nir_to_torch``, as ``import_from_nir`` itself does.
-    """
-    from spikingjelly.activation_based.nir_exchange import from_nir
-
-    node_map = {**from_nir._NodeMapper(dt=DT).map_dict, **NODE_ADDITIONS}
-    return nirtorch.nir_to_torch(graph, node_map, dtype=dtype)
-
-
-def norse_from_nir(graph: nir.NIRGraph, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The graph as Norse's importer builds it, at ``dt = 1``.
-
-    Norse's ``from_nir`` maps every node through ``_import_norse_module`` and takes no extra
-    node types; that mapper is used here for the nodes it covers (Conv2d, Linear, Affine, LIF,
-    IF), `NODE_ADDITIONS` and `BatchedFlatten` for the rest. Norse resets to 0 whatever the
-    node's ``v_reset`` says, so a graph with another reset is refused.
-    """
-    try:
-        with warnings.catch_warnings():  # Norse 1.1 scripts functions with the deprecated torch.jit
-            warnings.simplefilter("ignore", FutureWarning)
-            from norse.torch.utils.import_nir import _import_norse_module
-    except ImportError:
-        raise ExportError("the NIR check needs Norse: pip install -e '.[nir]'") from None
-    for name, node in graph.nodes.items():
-        if isinstance(node, (nir.LIF, nir.IF)) and np.any(node.v_reset != 0):
-            raise ExportError(f"node {name} resets to v_reset != 0, which Norse's importer ignores; "
-                              "the check runs only graphs with v_reset=0")
-    norse_node = partial(_import_norse_module, dt=DT)
-    node_map = {kind: norse_node for kind in (nir.Affine, nir.Conv2d, nir.Linear, nir.LIF, nir.IF)}
-    node_map.update({**NODE_ADDITIONS, nir.Flatten: BatchedFlatten})
-    return nirtorch.nir_to_torch(graph, node_map, dtype=dtype)
+READERS: dict[str, Reader] = {reader.name: reader for reader in (
+    Reader("spikingjelly", "spikingjelly",
+           "spikingjelly.activation_based.nir_exchange.import_from_nir(path, dt=dt)", _spikingjelly),
+    Reader("norse", "norse", "norse.torch.from_nir(nir.read(path), dt=dt)", _norse),
+    Reader("snntorch", "snntorch", "snntorch.import_nir.import_from_nir(nir.read(path))",
+           _snntorch, _snntorch_reset),
+)}
+"""The public readers the check runs, by name (``--readers``)."""
 
 
 def module_name(node: str) -> str:
-    """The attribute name nirtorch gives the module of NIR node ``node``."""
-    name = node.replace(".", "_")
-    return "nir_node_" + name if keyword.iskeyword(name) else name
+    """The attribute name the readers give the module of NIR node ``node``."""
+    return node.replace(".", "_")
 
 
 def neuron_nodes(graph: nir.NIRGraph) -> list[str]:
-    """Names of the graph's LIF and IF nodes, in graph order."""
-    return [name for name, node in graph.nodes.items() if isinstance(node, (nir.LIF, nir.IF))]
+    """Names of the graph's LIF and IF nodes, inputs before the nodes they feed (``nir.read``
+    returns the nodes sorted by name)."""
+    parents = {name: [s for s, t in graph.edges if t == name] for name in graph.nodes}
+    order: list[str] = []
+    placed: set[str] = set()
+    while len(order) < len(graph.nodes):
+        ready = [n for n in graph.nodes if n not in placed and set(parents[n]) <= placed]
+        if not ready:  # a cycle: the rest in file order
+            ready = [n for n in graph.nodes if n not in placed]
+        order += ready
+        placed.update(ready)
+    return [name for name in order if isinstance(graph.nodes[name], (nir.LIF, nir.IF))]
+
+
+def out_of_order(module: nn.Module, graph: nir.NIRGraph) -> list[str]:
+    """For a reader whose executor has a public ``execution_order`` (nirtorch's GraphExecutor,
+    behind Norse's ``from_nir``): each node it runs before one of its inputs (the node then
+    reads that input's value from the previous step) and each mapped node it never runs."""
+    if not hasattr(module, "execution_order"):
+        return []
+    order = [getattr(node, "name", None) for node in module.execution_order]
+    position = {name: i for i, name in enumerate(order) if name is not None}
+    wrong = []
+    for source, target in graph.edges:
+        s, t = position.get(module_name(source)), position.get(module_name(target))
+        if s is not None and t is not None and s > t:
+            wrong.append(f"its executor runs {target} before its input {source}")
+    for name in graph.nodes:
+        mapped = isinstance(getattr(module, module_name(name), None), nn.Module)
+        if mapped and module_name(name) not in position:
+            wrong.append(f"its executor never runs {name}")
+    return wrong
+
+
+def unmapped(module: nn.Module, graph: nir.NIRGraph) -> list[str]:
+    """``"no module for node <name> (<type>)"`` for each node a reader left without a module
+    (Norse's ``from_nir`` maps no AvgPool2d, and its executor then skips the node)."""
+    missing = []
+    for name, node in graph.nodes.items():
+        if isinstance(node, (nir.Input, nir.Output)):
+            continue
+        try:
+            module.get_submodule(module_name(name))
+        except AttributeError:
+            missing.append(f"no module for node {name} ({type(node).__name__})")
+    return missing
 
 
 def _count_spikes(modules: dict[str, nn.Module], counts: dict[str, int]) -> list[Any]:
@@ -160,11 +164,13 @@ def _count_spikes(modules: dict[str, nn.Module], counts: dict[str, int]) -> list
 
 
 def graph_forward(module: nn.Module, graph: nir.NIRGraph, images: Tensor, T: int,
-                  counts: dict[str, int] | None = None) -> Tensor:
+                  counts: dict[str, int] | None = None,
+                  reset: Callable[[nn.Module], None] = lambda module: None) -> Tensor:
     """Class scores of an imported graph: ``images`` fed at each of ``T`` steps, the output
     averaged over the steps. Spikes of each LIF/IF node are added to ``counts`` if given."""
     modules = {name: module.get_submodule(module_name(name)) for name in neuron_nodes(graph)}
     hooks = _count_spikes(modules, counts) if counts is not None else []
+    reset(module)
     try:
         state, total = None, 0.0
         with torch.no_grad():
@@ -174,13 +180,15 @@ def graph_forward(module: nn.Module, graph: nir.NIRGraph, images: Tensor, T: int
     finally:
         for handle in hooks:
             handle.remove()
+        reset(module)
     return total / T
 
 
 def stds_forward(model: nn.Module, images: Tensor, names: list[str],
                  counts: dict[str, int] | None = None) -> Tensor:
     """The model's class scores (eval mode); spikes of its neuron layers ``names`` (summed over
-    steps) added to ``counts`` if given."""
+    steps) added to ``counts`` if given. A pooling neuron's name is the model's max pool, whose
+    output is the same 0/1 spikes."""
     modules = {name: model.get_submodule(name) for name in names}
     hooks = _count_spikes(modules, counts) if counts is not None else []
     try:
@@ -193,19 +201,107 @@ def stds_forward(model: nn.Module, images: Tensor, names: list[str],
     return scores
 
 
-@dataclass(frozen=True)
-class CheckResult:
-    """Agreement of the other framework with `stds` on the test images."""
+@dataclass
+class ReaderResult:
+    """One reader on the images: whether it loaded (else ``error``), the agreement with `stds`
+    and the spikes per neuron node."""
 
-    framework: str
+    reader: str
+    version: str
+    error: str | None = None
+    same_class: int = 0
+    correct: int = 0
+    max_score_difference: float = float("nan")
+    spikes: dict[str, int] = field(default_factory=dict)
+    out_of_order: list[str] = field(default_factory=list)
+    """Nodes the reader left out or runs before an input (`unmapped`, `out_of_order`)."""
+
+
+@dataclass
+class CheckResult:
+    """All readers against `stds` on ``images`` test images; ``passed`` against ``min_agreement``."""
+
     images: int
-    same_class: int
-    correct_stds: int
-    correct_other: int
-    spikes_stds: dict[str, int]
-    spikes_other: dict[str, int]
     T: int
-    dtype: str
+    dt: float
+    min_agreement: float
+    correct_stds: int
+    spikes_stds: dict[str, int]
+    readers: list[ReaderResult]
+
+    def agreement(self, result: ReaderResult) -> float:
+        return result.same_class / max(self.images, 1)
+
+    def reader_passed(self, result: ReaderResult) -> bool:
+        return result.error is None and self.agreement(result) >= self.min_agreement
+
+    @property
+    def passed(self) -> bool:
+        return all(self.reader_passed(result) for result in self.readers)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _load(reader: Reader, path: Path, graph: nir.NIRGraph, dt: float
+          ) -> tuple[nn.Module | None, ReaderResult]:
+    result = ReaderResult(reader.name, _version(reader.package), spikes=dict.fromkeys(
+        neuron_nodes(graph), 0))
+    try:
+        module = reader.load(path, dt)
+    except Exception as exc:  # a third-party reader fails in its own ways: report, go on
+        result.error = f"does not load: {_one_line(exc)}"
+        return None, result
+    result.out_of_order = unmapped(module, graph) + out_of_order(module, graph)
+    return module, result
+
+
+def check_graph(model: nn.Module, path: Path, batches: Any, readers: list[str],
+                min_agreement: float = 1.0) -> CheckResult:
+    """Run ``path`` in each of ``readers`` (names in `READERS`) and ``model`` on ``batches``
+    of ``(images, labels)``; compare predicted classes, scores and spikes per neuron node."""
+    graph = nir.read(path)
+    if "dt" not in (graph.metadata or {}):
+        raise ExportError(f"{path} has no metadata dt; check a model.nir that launch/export.py wrote")
+    dt, T = float(graph.metadata["dt"]), int(model.T)
+    names = neuron_nodes(graph)
+    loaded = [_load(READERS[name], path, graph, dt) for name in readers]
+    spikes_stds, images_seen, correct_stds = dict.fromkeys(names, 0), 0, 0
+    for images, labels in batches:
+        scores = stds_forward(model, images, names, spikes_stds)
+        ours = scores.argmax(dim=1)
+        images_seen += len(labels)
+        correct_stds += int((ours == labels).sum())
+        for (module, result), name in zip(loaded, readers):
+            if result.error is None:
+                _compare(READERS[name], module, graph, images, labels, scores, T, result)
+    return CheckResult(images_seen, T, dt, min_agreement, correct_stds, spikes_stds,
+                       [result for _, result in loaded])
+
+
+def _compare(reader: Reader, module: nn.Module, graph: nir.NIRGraph, images: Tensor,
+             labels: Tensor, scores: Tensor, T: int, result: ReaderResult) -> None:
+    """Add one batch's agreement, accuracy, score difference and spikes to ``result``."""
+    try:
+        theirs = graph_forward(module, graph, images, T, result.spikes, reader.reset)
+        difference = float((theirs.to(scores.dtype) - scores).abs().max())
+    except Exception as exc:  # a third-party module fails in its own ways: report, go on
+        result.error = f"does not run: {_one_line(exc)}"
+        return
+    predicted = theirs.argmax(dim=1)
+    result.same_class += int((predicted == scores.argmax(dim=1)).sum())
+    result.correct += int((predicted == labels).sum())
+    known = result.max_score_difference
+    result.max_score_difference = difference if known != known else max(known, difference)
 
 
 def run_test_set(config: dict[str, Any]) -> Any:
@@ -219,43 +315,42 @@ def run_test_set(config: dict[str, Any]) -> Any:
 
 
 def check_run(run_dir: Path | str, path: Path | str | None = None, which: str = "last",
-              limit: int | None = None, batch_size: int = 256,
-              dtype: torch.dtype = torch.float32) -> CheckResult:
-    """Run ``path`` (default ``<run_dir>/model.nir``) in Norse on the run's test set (the first
-    ``limit`` images if given) and compare classes and spike counts with the run's model."""
+              readers: list[str] | None = None, limit: int | None = None,
+              min_agreement: float = 1.0, batch_size: int = 256) -> CheckResult:
+    """Check ``path`` (default ``<run_dir>/model.nir``) in ``readers`` (default all of
+    `READERS`) against the run's model on its test set (the first ``limit`` images if given)."""
+    unknown = sorted(set(readers or ()) - set(READERS))
+    if unknown:
+        raise ExportError(f"--readers {','.join(unknown)} is not valid; use some of "
+                          f"{','.join(READERS)}")
     net = trained_network(run_dir, which)
-    graph = nir.read(Path(path) if path is not None else Path(run_dir) / NIR_NAME)
-    other = norse_from_nir(graph, dtype)
-    model = net.model.to(dtype)
-    names = neuron_nodes(graph)
-    spikes_stds, spikes_other = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
     dataset = run_test_set(net.config)
     if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-    same = correct_stds = correct_other = 0
-    for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        images = images.to(dtype)
-        ours = stds_forward(model, images, names, spikes_stds).argmax(dim=1)
-        theirs = graph_forward(other, graph, images, model.T, spikes_other).argmax(dim=1)
-        same += int((ours == theirs).sum())
-        correct_stds += int((ours == labels).sum())
-        correct_other += int((theirs == labels).sum())
-    version = importlib.metadata.version("norse")
-    return CheckResult(f"Norse {version}", len(dataset), same, correct_stds, correct_other,
-                       spikes_stds, spikes_other, model.T, str(dtype).removeprefix("torch."))
+    batches = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    target = Path(path) if path is not None else Path(run_dir) / NIR_NAME
+    return check_graph(net.model.float(), target, batches, list(readers or READERS), min_agreement)
 
 
 def format_check(result: CheckResult) -> str:
-    """The agreement line, the accuracies and a table of spikes per neuron layer."""
-    n, short = max(result.images, 1), result.framework.split()[0]
-    ran = (f"check: {result.framework} ran the graph on {result.images} test images, "
-           f"T={result.T}, {result.dtype}")
-    same = (f"predicted class: same as stds on {result.same_class} of {result.images} images "
-            f"({100 * result.same_class / n:.2f}%); test accuracy stds "
-            f"{100 * result.correct_stds / n:.2f}%, {short} {100 * result.correct_other / n:.2f}%")
-    header = f"{'layer':<24} {'stds spikes':>14} {short + ' spikes':>14} {'difference':>11}"
-    lines = [ran, same, header]
+    """Per reader: loads or why not, class agreement, accuracy, score difference, PASS/FAIL;
+    then spikes per neuron node (stds and each reader that ran)."""
+    n = max(result.images, 1)
+    lines = [f"check: {result.images} test images, T={result.T}, dt={result.dt} s, pass at "
+             f">= {100 * result.min_agreement:.2f}% same class; stds accuracy "
+             f"{100 * result.correct_stds / n:.2f}%"]
+    for r in result.readers:
+        verdict = "PASS" if result.reader_passed(r) else "FAIL"
+        if r.error is not None:
+            lines.append(f"{r.reader} {r.version}: {verdict}, {r.error}")
+        else:
+            lines.append(f"{r.reader} {r.version}: {verdict}, same class as stds on {r.same_class} "
+                         f"of {result.images} images ({100 * r.same_class / n:.2f}%), accuracy "
+                         f"{100 * r.correct / n:.2f}%, largest score difference "
+                         f"{r.max_score_difference:.3g}")
+        lines += [f"  {wrong}" for wrong in r.out_of_order]
+    ran = [r for r in result.readers if r.error is None]
+    lines.append(f"{'spikes':<24} {'stds':>12}" + "".join(f" {r.reader:>12}" for r in ran))
     for name, ours in result.spikes_stds.items():
-        theirs = result.spikes_other[name]
-        lines.append(f"{name:<24} {ours:>14,} {theirs:>14,} {theirs - ours:>+11,}")
+        lines.append(f"{name:<24} {ours:>12,}" + "".join(f" {r.spikes[name]:>12,}" for r in ran))
     return "\n".join(lines)
