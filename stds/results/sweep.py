@@ -16,6 +16,7 @@ from stds.results.record import RunRecord, method_label, sort_runs
 from stds.results.paper import PAPER_CIFAR10_STDS
 from stds.results.plot import plot
 from stds.results.trials import mark_trials
+from stds.results.energy_plot import plot_energy
 from stds.results.tables import markdown, write_csv
 
 __all__ = [
@@ -30,13 +31,20 @@ __all__ = [
 
 
 def write_report(runs: Iterable[RunRecord], out_dir: Path | str) -> dict[str, Path]:
-    """Write ``report.csv``, ``report.md`` and ``report.png`` into ``out_dir``; their paths."""
+    """Write ``report.csv``, ``report.md``, ``report.png`` and, when a run has ``energy_uj``,
+    ``report_energy.png`` into ``out_dir``; their paths (``energy_png`` only when written)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ordered = sort_runs(runs)
     mark_trials(ordered)
     paths = {kind: out_dir / f"report.{kind}" for kind in ("csv", "md", "png")}
     write_csv(ordered, paths["csv"], out_dir)
-    paths["md"].write_text(markdown(ordered, out_dir, image=paths["png"].name))
+    energy_png = out_dir / "report_energy.png"
+    with_energy = plot_energy(ordered, energy_png)
+    text = markdown(ordered, out_dir, image=paths["png"].name)
+    if with_energy:
+        text += f"\n![test_acc1 against energy_uj]({energy_png.name})\n"
+        paths["energy_png"] = energy_png
+    paths["md"].write_text(text)
     plot(ordered, paths["png"])
     return paths

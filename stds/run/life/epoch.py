@@ -75,7 +75,7 @@ def evaluate_epoch(run: Run, progress: Progress, loop: Loop) -> dict[str, Any]:
 def summary(run: Run, progress: Progress) -> dict[str, Any]:
     """The figures of ``metrics.json`` (names from ``docs/metrics.md``)."""
     last = progress.last_record or {}
-    keys = ("test_acc1", "test_acc5", "sparsity", "sparsity_layers", "d", "synops", "first_layer_macs")
+    keys = ("test_acc1", "test_acc5", "sparsity", "sparsity_layers", "d", "synops", "first_layer_macs", "energy_uj")
     return {
         **{key: last.get(key) for key in keys},
         "firing_rates": last.get("firing_rates", {}),

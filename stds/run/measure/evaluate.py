@@ -12,6 +12,7 @@ from torch import nn
 from stds.run.setup import distributed
 from stds.run.measure.metrics import correct_topk, loss_fn
 from stds.run.setup.build import Run
+from stds.run.measure.energy import energy_uj
 from stds.run.measure.synops import FiringRates, count_synops
 
 
@@ -25,12 +26,12 @@ def sync_buffers(run: Run) -> None:
 @torch.no_grad()
 def evaluate(run: Run) -> dict[str, Any]:
     """``test_loss``, ``test_acc1``, ``test_acc5`` over the whole test set (reduced over ranks),
-    ``firing_rates``, and ``synops`` / ``first_layer_macs`` on the first batch (rank 0)."""
+    ``firing_rates``, and ``synops`` / ``first_layer_macs`` / ``energy_uj`` on the first batch (rank 0)."""
     sync_buffers(run)
     run.core.eval()
     loss_sum = top1 = top5 = torch.zeros((), dtype=torch.float64, device=run.env.device)
     count = 0
-    extras: dict[str, Any] = {"synops": None, "first_layer_macs": None}
+    extras: dict[str, Any] = {"synops": None, "first_layer_macs": None, "energy_uj": None}
     with FiringRates(run.core) as rates:
         for index, (images, labels) in enumerate(run.test_loader):
             images, labels = run.to_device(images, labels)
@@ -55,7 +56,9 @@ def _synops(run: Run, images: torch.Tensor) -> dict[str, Any]:
     with run.autocast():
         counts = count_synops(run.core, images[: max(run.settings.synops_samples, 1)])
     functional.reset_net(run.core)
-    return {"synops": counts["synops"], "first_layer_macs": counts["first_layer_macs"]}
+    energy = energy_uj(counts["synops"], counts["first_layer_macs"], run.settings.energy_ac_pj,
+                       run.settings.energy_mac_pj)
+    return {"synops": counts["synops"], "first_layer_macs": counts["first_layer_macs"], "energy_uj": energy}
 
 
 def fingerprint(model: nn.Module) -> torch.Tensor:

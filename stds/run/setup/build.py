@@ -52,6 +52,8 @@ class RunSettings:
     histogram_every_epochs: int
     synops: bool
     synops_samples: int
+    energy_ac_pj: float
+    energy_mac_pj: float
 
 
 def settings_of(cfg: DictConfig) -> RunSettings:
@@ -61,7 +63,8 @@ def settings_of(cfg: DictConfig) -> RunSettings:
         amp=str(cfg.amp), compile=bool(cfg.compile), log_every_steps=int(cfg.logging.log_every_steps),
         checkpoint_every_steps=int(cfg.checkpoint_every_steps), progress_bar=bool(cfg.logging.progress_bar),
         histogram_every_epochs=int(cfg.logging.histogram_every_epochs), synops=bool(cfg.logging.synops),
-        synops_samples=int(cfg.logging.synops_samples))
+        synops_samples=int(cfg.logging.synops_samples), energy_ac_pj=float(cfg.logging.energy_ac_pj),
+        energy_mac_pj=float(cfg.logging.energy_mac_pj))
 
 
 @dataclass

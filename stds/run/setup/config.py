@@ -89,6 +89,9 @@ class LoggingConfig:
     synops: bool = True
     synops_samples: int = 16
     progress_bar: bool = True
+    # energy_uj = (energy_ac_pj * synops + energy_mac_pj * first_layer_macs) / 1e6 (docs/metrics.md)
+    energy_ac_pj: float = 0.9
+    energy_mac_pj: float = 4.6
 
 
 @dataclass
@@ -171,6 +174,10 @@ def _check_numbers(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={cfg[key]} must be >= 0; set {key}=<value> with value >= 0")
     if not cfg.lr > 0:
         raise ConfigError(f"lr={cfg.lr} must be > 0; set lr=<value> with value > 0")
+    for key in ("energy_ac_pj", "energy_mac_pj"):
+        value = cfg.logging[key]
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"logging.{key}={value} must be a finite number >= 0 (picojoules per operation)")
     if cfg.loader.num_workers < 0:
         raise ConfigError(f"loader.num_workers={cfg.loader.num_workers} must be >= 0")
     if cfg.device not in ("auto", "cpu", "cuda"):
