@@ -41,10 +41,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common import compose, uptime
 
-# torch is imported where a child measures: the parent only starts children and prints their table
+if TYPE_CHECKING:  # imported where a child measures: the parent only starts children and prints their table
+    import torch
 
 METHODS = {
     "dense": ["sparse=identity", "scheduler=constant", "flat_width=0"],
