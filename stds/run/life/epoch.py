@@ -119,7 +119,8 @@ def _log_start(run: Run) -> None:
     log.info("run directory: %s (train.log, metrics.json, checkpoints/, tb/)", run.run_dir.resolve())
     if run.amp_dtype is not None and run.env.device.type == "cpu":
         log.warning("amp=%s on a CPU: autocast runs as bf16 there, usually slower than amp=false "
-                    "(benchmarks/amp_cpu.py compares the two on this machine); set amp=false on a CPU", run.settings.amp)
+                    "(benchmarks/amp_cpu.py compares the two on this machine); set amp=false on a CPU",
+                    run.settings.amp)
 
 
 def _log_end(run: Run, result: dict[str, Any]) -> None:
