@@ -17,6 +17,7 @@ times, on the θ of the real models (their shapes and initialisation):
     python benchmarks/quantile_cost.py --setups sew_resnet18 --step-ms sew_resnet18=1418
     python benchmarks/quantile_cost.py --threads 1   # a busy 2-core CPU: no waits on a 2nd thread
     python benchmarks/quantile_cost.py --threads 1 --skip-alternatives   # the schedule's own costs only
+    python benchmarks/quantile_cost.py --smoke   # seconds: the digits net only, one call each
 
 Runs on CUDA when it is available (times include a synchronisation), else on the CPU.
 """
@@ -33,10 +34,10 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
+from common import compose, uptime
 from stds.method.schedule import TargetSparsitySchedule, keep_unpruned, kth_smallest_abs, wanted_count
 from stds.method.sparse import pruned_parameters, sparsify
 
-REPO = Path(__file__).resolve().parents[1]
 SPARSITY = 0.9
 INTERVALS = (1, 10, 100)
 
@@ -51,13 +52,7 @@ SETUPS = {
 
 def thetas_of(setup: str, device: torch.device) -> list[torch.Tensor]:
     """The θ of every pruned layer of the setup's model, freshly initialised (seed 0)."""
-    from hydra import compose, initialize_config_dir
-
-    from stds.run.setup.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=SETUPS[setup])
+    cfg = compose(SETUPS[setup])
     torch.manual_seed(0)
     model = instantiate(cfg.model)
     exclude = cfg.sparse.exclude if cfg.sparse.exclude is not None else model.prune_exclude
@@ -153,14 +148,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--skip-alternatives", action="store_true",
                         help="time only the schedule's own recompute and keep pass (not kthvalue, sort, topk)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a check that it runs: the digits net only (58,144 θ), one timed call each")
     args = parser.parse_args()
+    if args.smoke:
+        args.setups, args.repeats = ["digits"], 1
     if args.threads:
         torch.set_num_threads(args.threads)
     step_ms = {key: float(value) for key, value in (item.split("=", 1) for item in args.step_ms)}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = [measure(setup, args.repeats, device, step_ms.get(setup), not args.skip_alternatives)
                for setup in args.setups]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; load: {uptime()}")
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -15,6 +15,7 @@
 Each (setup, method) pair runs in its own process, so its peak memory is its own.
 
     python benchmarks/step_time.py                      # both setups, sizes for this device
+    python benchmarks/step_time.py --smoke              # seconds: tiny nets, 1 step, one child
     python benchmarks/step_time.py --amp fp16           # on a GPU: the paper's setups with AMP
     python benchmarks/step_time.py --setups cifar10 --steps 10 --loop-steps 10 --json out.json
     python benchmarks/step_time.py --setups imagenet --set channels_last=false compile=true
@@ -23,6 +24,10 @@ On a CPU the setups are shrunk (fewer channels, smaller images, no loader worker
 with the results); the ratios to dense are what the targets are about (stmod / dense <= 1.05,
 Grad R / dense <= 1.05). Config keys (``channels_last``, ``compile``, ``deterministic``, loader
 settings) come from the presets and ``--set``.
+
+``--smoke`` checks that the benchmark runs, not how fast: both setups shrunk to a few thousand
+weights (`SMOKE`), 1 timed step after 1 warm-up, a loop epoch of 1 batch, one round, and every
+pair in one child process (so the peak memory column is that child's peak so far).
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from common import compose, uptime
 
-REPO = Path(__file__).resolve().parents[1]
+if TYPE_CHECKING:  # imported where a child measures: the parent only starts children and prints their table
+    import torch
 
 METHODS = {
     "dense": ["sparse=identity", "scheduler=constant", "flat_width=0"],
@@ -49,6 +56,13 @@ METHODS = {
 
 CPU_LOADER = ["loader.num_workers=0", "loader.pin_memory=false", "loader.persistent_workers=false"]
 
+SMOKE = {
+    "cifar10": ["model.channels=8", "model.hidden=16", "dataset.image_size=8", "T=2", "batch_size=4", *CPU_LOADER],
+    "imagenet": ["model.width=8", "dataset.image_size=16", "dataset.num_classes=10", "T=2", "batch_size=2",
+                 *CPU_LOADER],
+}
+"""Setup -> overrides after its own for ``--smoke``: CIFAR10Net with C = 8, SEW ResNet-18 of width 8."""
+
 
 def setup_overrides(setup: str, cuda: bool) -> list[str]:
     """The paper's setup; on a CPU shrunk so that a step takes about a second."""
@@ -57,17 +71,6 @@ def setup_overrides(setup: str, cuda: bool) -> list[str]:
         return base + ([] if cuda else ["model.channels=64", "dataset.image_size=32", *CPU_LOADER])
     base = ["experiment=imagenet_stds", "dataset=fake", "T=4", "batch_size=32", "dataset.num_classes=1000"]
     return base + (["dataset.image_size=224"] if cuda else ["dataset.image_size=128", "batch_size=16", *CPU_LOADER])
-
-
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from stds.run.setup.config import register_configs
-    from stds.run.setup.build import prepare_config
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return prepare_config(compose("train", overrides=overrides))
 
 
 def _build(cfg, device: torch.device, run_dir: Path):
@@ -82,6 +85,8 @@ def _build(cfg, device: torch.device, run_dir: Path):
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -131,14 +136,17 @@ def _loop_seconds_per_step(run) -> float:
 
 def measure(setup: str, method: str, args: argparse.Namespace) -> dict:
     """Bare-step and loop timings, neuron path, kernel profile and peak memory of one pair."""
-    from stds.run.setup import accel
+    import torch
+
     from stds.models.neurons import neuron_implementation
     from stds.run.life.loop import train_step
+    from stds.run.setup import accel
+    from stds.run.setup.build import prepare_config
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    overrides = setup_overrides(setup, cuda) + args.set
-    cfg = _compose(overrides + METHODS[method] + [f"amp={args.amp}", "epochs=2"])
+    overrides = setup_overrides(setup, cuda) + (SMOKE[setup] if args.smoke else []) + args.set
+    cfg = prepare_config(compose(overrides + METHODS[method] + [f"amp={args.amp}", "epochs=2"]))
     # the fake training set holds exactly one loop epoch (at least one batch)
     cfg.dataset.train_size = max(args.loop_steps, 1) * cfg.batch_size
     cfg.dataset.test_size = cfg.batch_size
@@ -161,7 +169,7 @@ def measure(setup: str, method: str, args: argparse.Namespace) -> dict:
         "setup": setup, "method": method, "median_s": median,
         "images_per_s": cfg.batch_size / median, "loop_s": loop_s,
         "loop_images_per_s": cfg.batch_size / loop_s, "peak_bytes": int(peak),
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "amp": args.amp,
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "amp": args.amp,
         "channels_last": run.channels_last, "compile": bool(cfg.compile),
         "neuron_path": path, "neuron_kernel": neuron_implementation(cfg.model.neuron.kind, device),
         "kernels_per_step": profile.kernels, "gpu_busy_share": profile.gpu_busy_share,
@@ -169,12 +177,26 @@ def measure(setup: str, method: str, args: argparse.Namespace) -> dict:
     }
 
 
-def _run_child(setup: str, method: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", setup, method, "--steps", str(args.steps),
+def _run_child(pairs: list[str], args: argparse.Namespace) -> list[dict]:
+    """`measure` of each ``setup:method`` of ``pairs`` in one new process, one JSON line each."""
+    cmd = [sys.executable, __file__, "--child", *pairs, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--loop-steps", str(args.loop_steps), "--amp", args.amp,
-           "--set", *args.set]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+           *(["--smoke"] if args.smoke else []), "--set", *args.set]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"step_time: the child {' '.join(pairs)} failed (exit {out.returncode}):\n{out.stderr}")
+    return [json.loads(line) for line in out.stdout.strip().splitlines()[-len(pairs):]]
+
+
+def _measure_all(args: argparse.Namespace) -> list[dict]:
+    """One result per (setup, method): in ``args.rounds`` interleaved rounds of one child per
+    pair, each pair's fastest bare step (against drifting load); with ``--smoke`` one child for all."""
+    pairs = [f"{setup}:{method}" for setup in args.setups for method in args.methods]
+    if args.smoke:
+        return _run_child(pairs, args)
+    runs = [r for _ in range(args.rounds) for pair in pairs for r in _run_child([pair], args)]
+    return [min((r for r in runs if f"{r['setup']}:{r['method']}" == pair), key=lambda r: r["median_s"])
+            for pair in pairs]
 
 
 def _table(results: list[dict]) -> str:
@@ -194,7 +216,7 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setups", nargs="+", default=["cifar10", "imagenet"], choices=["cifar10", "imagenet"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -202,28 +224,35 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--loop-steps", type=int, default=20,
                         help="batches per timed loop epoch (0: no loop timing)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each pair keeps its fastest")
     parser.add_argument("--amp", choices=["false", "fp16", "bf16"], default="false",
                         help="autocast dtype (fp16 is bf16 on a CPU)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides applied after each setup's own (e.g. dataset.image_size=128)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--child", nargs=2, metavar=("SETUP", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true",
+                        help="a check that it runs, in seconds: tiny nets, 1 step, one round, one child")
+    parser.add_argument("--child", nargs="+", metavar="SETUP:METHOD", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.warmup, args.loop_steps, args.rounds = 1, 1, 1, 1
+    return args
+
+
+def main() -> None:
+    args = _arguments()
     if args.child:
-        print(json.dumps(measure(*args.child, args)))
+        for pair in args.child:
+            print(json.dumps(measure(*pair.split(":"), args)), flush=True)
         return
-    results = []
-    for setup in args.setups:
-        # interleave the methods twice and keep each one's faster run, against drifting load
-        runs = [_run_child(setup, m, args) for _ in range(2) for m in args.methods]
-        for method in args.methods:
-            results.append(min((r for r in runs if r["method"] == method), key=lambda r: r["median_s"]))
+    results = _measure_all(args)
     first = results[0]
-    print(f"device: {first['device']}; torch {torch.__version__}; amp {args.amp}; "
+    print(f"device: {first['device']}; torch {first['torch']}; amp {args.amp}; "
           f"channels_last {first['channels_last']}; compile {first['compile']}; steps {args.steps}; "
-          f"loop epoch {args.loop_steps} batches")
+          f"loop epoch {args.loop_steps} batches{'; smoke' if args.smoke else ''}")
+    print(f"load: {uptime()}")
     for setup in args.setups:
-        print(f"{setup}: {' '.join(results[[r['setup'] for r in results].index(setup)]['overrides'])}")
+        print(f"{setup}: {' '.join(next(r['overrides'] for r in results if r['setup'] == setup))}")
     print(_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -26,6 +26,8 @@ and spread are over the seeds whose D runs bracket S.
         --json docs/target_frontier.json --md docs/target_frontier.md --png docs/target_frontier.png
     # another model: extra overrides after --, passed to every run
     python benchmarks/target_frontier.py run --out outputs/tf_cifar --seeds 0 -- experiment=cifar10_stds
+    # a check that both steps run, in seconds (a temporary directory, Hydra's basic launcher)
+    python benchmarks/target_frontier.py --smoke
 
 A point whose run directory already holds a finished run (``metrics.json`` with every planned
 epoch) is not run again, so an interrupted sweep continues where it stopped. Each multirun's
@@ -35,26 +37,27 @@ wall time is logged to ``<out>/runs.log`` with the ``uptime`` load before and af
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
-import re
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from omegaconf import OmegaConf
+from common import REPO, uptime
+from frontier_table import finished_runs, point_key, target_name, write_table
 
-REPO = Path(__file__).resolve().parents[1]
 SPARSITIES = (0.8, 0.9, 0.95, 0.98)
 WIDTHS = (0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0)
 VARIANTS = ("frontier", "today", "sine@0.5", "sine@0.75", "cubic@0.35", "cubic@0.5", "cubic@0.75")
-LAST = 5  # epochs averaged in the "last 5" column
+
+SMOKE_OVERRIDES = ["epochs=2", "dataset=fake", "dataset.in_channels=1", "dataset.image_size=8", "dataset.train_size=64",
+                   "dataset.test_size=32", "logging.log_every_steps=1", "logging.synops=false"]
+"""The digits net on 64 random 8x8 training images: 2 epochs of 2 steps, every step logged."""
 
 
 @dataclass(frozen=True)
@@ -74,12 +77,6 @@ class Variant:
         return ["scheduler=target", f"scheduler.ramp={self.ramp}", f"scheduler.ramp_until={self.ramp_until}",
                 f"scheduler.hold_keeps_weights={str(self.keep_weights).lower()}", f"target_sparsity={listed}"]
 
-
-def target_name(ramp: str, ramp_until: float, keep_weights: bool) -> str:
-    """``<ramp>@<ramp_until>``, with ``-shrink`` for the hold without kept weights (none without a hold)."""
-    return f"{ramp}@{ramp_until:g}" + ("" if keep_weights or ramp_until >= 1.0 else "-shrink")
-
-
 def parse_variant(text: str) -> Variant:
     """``frontier``, ``today``, ``<ramp>@<ramp_until>`` or ``<ramp>@<ramp_until>-shrink``."""
     if text == "frontier":
@@ -98,53 +95,21 @@ def parse_variant(text: str) -> Variant:
     return Variant(target_name(ramp, until_value, keep), ramp, until_value, keep)
 
 
-def variant_of(cfg: dict) -> str:
-    """The variant name of a finished run from its saved config."""
-    scheduler = cfg["scheduler"]
-    if scheduler["kind"] != "target":
-        return "frontier" if scheduler["kind"] == "sine" and scheduler.get("ramp_until", 1.0) == 1.0 else ""
-    until = float(scheduler.get("ramp_until", 1.0))
-    # absent: the run is older than the key, and its hold moved every weight with d
-    return target_name(scheduler["ramp"], until, bool(scheduler.get("hold_keeps_weights", False)))
+SMOKE = {"seeds": [0], "variants": [parse_variant("frontier"), parse_variant("sine@0.5")], "sparsities": [0.9],
+         "widths": [0.0, 2.0], "sweeps": 1, "launcher": "basic"}
+"""The ``run`` arguments of ``--smoke``: D = 0 (no pruning) and D = 2 (nearly all) bracket S = 0.9,
+and sine@0.5 holds S for its second epoch."""
 
 
 # ------------------------------------------------------------------------------------ run
 
 
-def finished_runs(out: Path) -> list[tuple[dict, dict, list[dict], Path]]:
-    """(saved config, metrics.json, metrics.jsonl records, run dir) of every finished run under ``out``."""
-    runs = []
-    for metrics_path in sorted(out.rglob("metrics.json")):
-        run_dir = metrics_path.parent
-        config_path = run_dir / ".hydra" / "config.yaml"
-        if not config_path.exists():
-            continue
-        metrics = json.loads(metrics_path.read_text())
-        if metrics.get("epoch") != metrics.get("epochs_planned"):
-            continue
-        cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-        runs.append((cfg, metrics, records, run_dir))
-    return runs
-
-
-def point_key(cfg: dict) -> tuple[str, int, float]:
-    """(variant, seed, swept value) of a run: D for the frontier, S for a target run."""
-    name = variant_of(cfg)
-    value = cfg["flat_width"] if name == "frontier" else cfg["target_sparsity"]
-    return name, int(cfg["seed"]), float(value)
-
-
-def uptime() -> str:
-    """The load averages, as ``uptime`` prints them."""
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-
-
-def launch(out: Path, variant: Variant, seed: int, values: list[float], extra: list[str]) -> int:
-    """One multirun of ``variant`` at ``seed`` over ``values`` through the local launcher."""
+def launch(out: Path, variant: Variant, seed: int, values: list[float], extra: list[str],
+           launcher: str = "local") -> int:
+    """One multirun of ``variant`` at ``seed`` over ``values`` through ``hydra/launcher=<launcher>``."""
     stamp = time.strftime("%Y%m%d-%H%M%S") + "-" + "_".join(f"{v:g}" for v in values)
     sweep_dir = out / variant.name.replace("@", "_at_") / f"seed{seed}" / stamp
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "-m", "hydra/launcher=local",
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "-m", f"hydra/launcher={launcher}",
            *variant.overrides(values), f"seed={seed}", "logging.progress_bar=false",
            f"hydra.sweep.dir={sweep_dir}", *extra]
     before, start = uptime(), time.monotonic()
@@ -162,9 +127,8 @@ def run(args: argparse.Namespace) -> None:
     With ``--sweeps N`` > 1, N launcher calls of one point each run at once, on one thread each
     (``hydra.launcher.max_parallel=1 cpus_per_task=1``): the CPUs stay busy to the last point,
     which one multirun per variant and seed cannot when its points do not divide among them.
+    Exits with status 1 after the last call when any launcher call failed.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     done = {point_key(cfg) for cfg, _, _, _ in finished_runs(out)}
@@ -179,225 +143,30 @@ def run(args: argparse.Namespace) -> None:
             if todo:
                 tasks += [(variant, seed, [v]) for v in todo] if args.sweeps > 1 else [(variant, seed, todo)]
     with ThreadPoolExecutor(max_workers=args.sweeps) as pool:
+        calls = []
         for variant, seed, todo in tasks:
             print(f"[target_frontier] {variant.name} seed {seed}: {todo}", flush=True)
-            pool.submit(launch, out, variant, seed, todo, extra)
-
-
-# ------------------------------------------------------------------------------------ table
-
-
-def spread(values: list[float]) -> dict:
-    """n, mean, sample standard deviation (0 for one value), min and max of ``values``."""
-    return {"n": len(values), "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
-
-
-def point(metrics: dict, records: list[dict]) -> dict:
-    """What the table keeps of one run: final test top-1, reached sparsity, last-epochs mean, d."""
-    last = [r["test_acc1"] for r in records if "test_acc1" in r][-LAST:]
-    return {"acc": metrics["test_acc1"], "sparsity": metrics["sparsity"], "d": metrics["d"],
-            "last": statistics.fmean(last), "best": metrics["best_test_acc1"]}
-
-
-def collect(out: Path) -> dict[str, dict[float, dict[int, dict]]]:
-    """variant -> swept value -> seed -> `point` (the newest run of a point wins); target runs
-    with a hold also carry `hold_stats`."""
-    table: dict[str, dict[float, dict[int, dict]]] = {}
-    for cfg, metrics, records, run_dir in finished_runs(out):
-        name, seed, value = point_key(cfg)
-        if not name:
-            continue
-        row = point(metrics, records)
-        if name != "frontier" and float(cfg["scheduler"].get("ramp_until", 1.0)) < 1.0:
-            row["hold"] = hold_stats(cfg, records, run_dir)
-        table.setdefault(name, {}).setdefault(value, {})[seed] = row
-    return table
-
-
-def d_trace(records: list[dict], run_dir: Path) -> list[tuple[int, float]]:
-    """(step, d) from the epoch records (full precision) and the train.log step lines (every
-    ``logging.log_every_steps`` steps, d with 4 significant digits), in step order."""
-    pattern = re.compile(r" step (\d+)/\d+ .* d ([-+.e\d]+) \|")
-    trace = {r["step"]: r["d"] for r in records}
-    log_path = run_dir / "train.log"
-    for line in log_path.read_text().splitlines() if log_path.exists() else []:
-        match = pattern.search(line)
-        if match and int(match[1]) not in trace:
-            trace[int(match[1])] = float(match[2])
-    return sorted(trace.items())
-
-
-def hold_stats(cfg: dict, records: list[dict], run_dir: Path) -> dict:
-    """How d moved in the hold of a target run, from its logged d and final θ.
-
-    ``falls``: logged values of d in the hold below the value logged before; ``max_fall``: the
-    largest such fall relative to the value before; ``never_decrease_sparsity``: the share of
-    the final θ with |θ| <= the highest d of the hold, the sparsity a d that never decreases would
-    give at the end with these θ, and ``frozen_sparsity`` the same for d frozen at the ramp's end
-    (first order: the training path would differ).
-    """
-    import torch
-
-    steps_per_epoch = records[0]["step"] // records[0]["epoch"]
-    hold_from = float(cfg["scheduler"]["ramp_until"]) * steps_per_epoch * int(cfg["epochs"])
-    ds = [d for step, d in d_trace(records, run_dir) if step >= hold_from]
-    falls = [(a - b) / a for a, b in itertools.pairwise(ds) if b < a]
-    model = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
-    thetas = torch.cat([v.abs().reshape(-1) for k, v in model.items() if k.endswith(".weight.original")])
-    return {"logged": len(ds), "falls": len(falls), "max_fall": max(falls, default=0.0),
-            "d_max": max(ds), "d_end": ds[-1], "rise": ds[-1] / ds[0] - 1,
-            "never_decrease_sparsity": float((thetas <= max(ds)).double().mean()),
-            "frozen_sparsity": float((thetas <= ds[0]).double().mean())}
-
-
-def frontier_at(frontier: dict[float, dict[int, dict]], target: float, field: str) -> dict[int, float]:
-    """Seed -> ``field`` of its D runs interpolated linearly in reached sparsity at ``target``;
-    only seeds whose runs reach below and above ``target`` count."""
-    seeds = sorted({seed for by_seed in frontier.values() for seed in by_seed})
-    values = {}
-    for seed in seeds:
-        pts = sorted((p["sparsity"], p[field]) for by_seed in frontier.values()
-                     for s, p in by_seed.items() if s == seed)
-        xs, ys = [x for x, _ in pts], [y for _, y in pts]
-        if len(xs) >= 2 and xs[0] <= target <= xs[-1]:
-            values[seed] = float(np.interp(target, xs, ys))
-    return values
-
-
-def summarise(table: dict) -> dict:
-    """The JSON the Markdown and the plot are made from: per variant and S (or D), spreads."""
-    summary: dict = {"frontier_points": {}, "frontier": {}, "target": {}}
-    frontier = table.get("frontier", {})
-    for width, by_seed in sorted(frontier.items()):
-        summary["frontier_points"][f"{width:g}"] = {
-            key: spread([p[key] for p in by_seed.values()]) for key in ("acc", "sparsity", "last")}
-        summary["frontier_points"][f"{width:g}"]["seeds"] = sorted(by_seed)
-    targets = sorted({v for name, rows in table.items() if name != "frontier" for v in rows})
-    for target in targets:
-        per_seed = {key: frontier_at(frontier, target, key) for key in ("acc", "last")}
-        summary["frontier"][f"{target:g}"] = {
-            key: spread(list(vals.values())) if vals else None for key, vals in per_seed.items()}
-        summary["frontier"][f"{target:g}"]["per_seed"] = per_seed
-    for name, rows in sorted(table.items()):
-        if name == "frontier":
-            continue
-        for target, by_seed in sorted(rows.items()):
-            summary["target"].setdefault(name, {})[f"{target:g}"] = {
-                key: spread([p[key] for p in by_seed.values()]) for key in ("acc", "sparsity", "last", "d")}
-            summary["target"][name][f"{target:g}"]["seeds"] = sorted(by_seed)
-            summary["target"][name][f"{target:g}"]["per_seed"] = {
-                key: {seed: p[key] for seed, p in sorted(by_seed.items())} for key in ("acc", "last", "sparsity")}
-            holds = [(p["hold"], p["sparsity"]) for p in by_seed.values() if "hold" in p]
-            if holds:
-                summary.setdefault("hold", {}).setdefault(name, {})[f"{target:g}"] = {
-                    "runs": len(holds), "logged": sum(h["logged"] for h, _ in holds),
-                    "falls": sum(h["falls"] for h, _ in holds),
-                    "max_fall": max(h["max_fall"] for h, _ in holds),
-                    "rise_min": min(h["rise"] for h, _ in holds), "rise_max": max(h["rise"] for h, _ in holds),
-                    "frozen_min": min(h["frozen_sparsity"] for h, _ in holds),
-                    "d_end_over_d_max_min": min(h["d_end"] / h["d_max"] for h, _ in holds),
-                    "never_decrease_excess": max(h["never_decrease_sparsity"] - s for h, s in holds)}
-    return summary
-
-
-def pct(cell: dict | None, key: str = "mean") -> str:
-    """A spread's field in percent with two decimals, or a dash."""
-    return "–" if cell is None else f"{100 * cell[key]:.2f}"
-
-
-def cell(stats: dict | None) -> str:
-    """``mean ± std (min–max, n)`` in percent."""
-    if stats is None:
-        return "not bracketed"
-    return f"{pct(stats)} ± {pct(stats, 'std')} ({pct(stats, 'min')}–{pct(stats, 'max')}, n={stats['n']})"
-
-
-def markdown(summary: dict) -> str:
-    """The table (target variants against the interpolated frontier) and the D runs it came from."""
-    lines = [("| S | schedule | reached sparsity (mean, max) | test top-1 % | gap to D frontier (points) "
-              "| last 5 epochs % | gap, last 5 (points) |"), "|---|---|---|---|---|---|---|"]
-    for target in sorted(summary["frontier"], key=float):
-        front = summary["frontier"][target]
-        lines.append(f"| {target} | D frontier (interpolated) | {target} | {cell(front['acc'])} | | "
-                     f"{cell(front['last'])} | |")
-        for name, rows in sorted(summary["target"].items()):
-            if target not in rows:
-                continue
-            row = rows[target]
-            gap, gap_last = (("–" if front[key] is None else f"{100 * (row[key]['mean'] - front[key]['mean']):+.2f}")
-                             for key in ("acc", "last"))
-            reached = f"{row['sparsity']['mean']:.5f}, {row['sparsity']['max']:.5f}"
-            lines.append(f"| {target} | target {name} | {reached} | {cell(row['acc'])} | {gap} | "
-                         f"{cell(row['last'])} | {gap_last} |")
-    lines += ["", "| D (sine) | reached sparsity | test top-1 % | last 5 epochs % |", "|---|---|---|---|"]
-    for width, row in sorted(summary["frontier_points"].items(), key=lambda kv: float(kv[0])):
-        lines.append(f"| {width} | {row['sparsity']['mean']:.4f} ({row['sparsity']['min']:.4f}–"
-                     f"{row['sparsity']['max']:.4f}) | {cell(row['acc'])} | {cell(row['last'])} |")
-    if summary.get("hold"):
-        lines += ["", ("| hold of | S | runs | values of d logged in the hold | of them below the one before | "
-                       "largest fall of d | rise of d over the hold | final θ's sparsity at the d of the ramp's end (min) | "
-                       "sparsity a never-decreasing d would end above S (max, points) |"),
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for name, rows in sorted(summary["hold"].items()):
-            for target, h in sorted(rows.items(), key=lambda kv: float(kv[0])):
-                lines.append(f"| {name} | {target} | {h['runs']} | {h['logged']} | {h['falls']} | "
-                             f"{100 * h['max_fall']:.2f}% | {100 * h['rise_min']:+.1f}% to {100 * h['rise_max']:+.1f}% | "
-                             f"{h['frozen_min']:.4f} | "
-                             f"{100 * h['never_decrease_excess']:.3f} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(summary: dict, path: Path) -> None:
-    """Test top-1 against reached sparsity: the D runs and each target variant, mean ± std."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    pts = sorted(summary["frontier_points"].values(), key=lambda r: r["sparsity"]["mean"])
-    if pts:
-        ax.errorbar([100 * r["sparsity"]["mean"] for r in pts], [100 * r["acc"]["mean"] for r in pts],
-                    yerr=[100 * r["acc"]["std"] for r in pts], color="black", marker="o", capsize=3,
-                    label="sine D schedule (hand-picked D)")
-    colors = plt.get_cmap("tab20").colors  # up to 20 variants without a repeated colour
-    for i, (name, rows) in enumerate(sorted(summary["target"].items())):
-        items = sorted(rows.values(), key=lambda r: r["sparsity"]["mean"])
-        ax.errorbar([100 * r["sparsity"]["mean"] + 0.06 * (i - 2) for r in items],
-                    [100 * r["acc"]["mean"] for r in items], yerr=[100 * r["acc"]["std"] for r in items],
-                    marker="s", linestyle=":" if name.endswith("-shrink") else "--", capsize=3,
-                    color=colors[i % len(colors)],
-                    label=f"target {name}" + (" (before the hold)" if name == "sine@1" else ""))
-    targets = [100 * float(t) for t in summary["frontier"]]
-    if targets:  # the S range: D runs far past it (a collapsed net) would squash the axis
-        ax.set_xlim(min(targets) - 2.5, max(targets) + 1.5)
-        shown = [100 * r["acc"]["mean"] for r in pts if ax.get_xlim()[0] <= 100 * r["sparsity"]["mean"] <= ax.get_xlim()[1]]
-        shown += [100 * r["acc"]["mean"] for rows in summary["target"].values() for r in rows.values()]
-        ax.set_ylim(min(shown) - 2, 100.5)
-    ax.set_xlabel("reached sparsity (%)")
-    ax.set_ylabel("final test top-1 (%)")
-    ax.set_title("digits net, 30 epochs: scheduler=target against the D frontier (mean ± std over seeds)")
-    ax.title.set_fontsize(9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            calls.append(pool.submit(launch, out, variant, seed, todo, extra, args.launcher))
+    failed = sum(call.result() != 0 for call in calls)
+    if failed:
+        raise SystemExit(f"[target_frontier] {failed} of {len(calls)} launcher calls failed; "
+                         f"their commands are in {out / 'runs.log'}")
 
 
 def table(args: argparse.Namespace) -> None:
     """Collect ``--out`` and write ``--json`` (default <out>/table.json), ``--md`` and ``--png``."""
-    out = Path(args.out)
-    summary = summarise(collect(out))
-    Path(args.json or out / "table.json").write_text(json.dumps(summary, indent=1) + "\n")
-    text = markdown(summary)
-    if args.md:
-        Path(args.md).write_text(text)
-    print(text)
-    if args.png:
-        plot(summary, Path(args.png))
+    print(write_table(Path(args.out), args.json, args.md, args.png))
+
+
+def smoke() -> None:
+    """Both steps in seconds, in a temporary directory: the `SMOKE` points with `SMOKE_OVERRIDES`
+    through Hydra's basic launcher (two processes in all), then the table and the plot."""
+    with tempfile.TemporaryDirectory(prefix="target_frontier_smoke_") as tmp:
+        run(argparse.Namespace(out=tmp, extra=SMOKE_OVERRIDES, **SMOKE))
+        print(f"[target_frontier] load: {uptime()}")
+        png = Path(tmp) / "table.png"
+        table(argparse.Namespace(out=tmp, json=None, md=None, png=str(png)))
+        print(f"[target_frontier] plot: {png.stat().st_size} bytes")
 
 
 def floats(text: str) -> list[float]:
@@ -408,10 +177,12 @@ def floats(text: str) -> list[float]:
     return values
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run_p = sub.add_parser("run", help="train the sweep points through launch/train.py -m hydra/launcher=local")
+    parser.add_argument("--smoke", action="store_true",
+                        help="both steps in seconds on a tiny setup, in a temporary directory")
+    sub = parser.add_subparsers(dest="command")
+    run_p = sub.add_parser("run", help="train the sweep points through launch/train.py -m")
     run_p.add_argument("--out", required=True, help="directory the runs go to (one sweep dir per call)")
     run_p.add_argument("--seeds", type=lambda t: [int(v) for v in t.split(",")], default=[0, 1, 2])
     run_p.add_argument("--variants", type=lambda t: [parse_variant(v) for v in t.split(",")],
@@ -420,6 +191,8 @@ def main() -> None:
     run_p.add_argument("--widths", type=floats, default=list(WIDTHS), help="D values of the frontier")
     run_p.add_argument("--sweeps", type=int, default=1,
                        help="launcher calls at once (>1: each runs its points one at a time on one thread)")
+    run_p.add_argument("--launcher", choices=["local", "basic"], default="local",
+                       help="local: the points as parallel processes; basic: one after the other in one process")
     run_p.add_argument("extra", nargs="*", help="overrides passed to every run (after --)")
     table_p = sub.add_parser("table", help="the table and plot from the finished runs under --out")
     table_p.add_argument("--out", required=True)
@@ -427,7 +200,21 @@ def main() -> None:
     table_p.add_argument("--md", default=None)
     table_p.add_argument("--png", default=None)
     args = parser.parse_args()
-    run(args) if args.command == "run" else table(args)
+    if args.smoke == bool(args.command):
+        parser.error("give one of run, table or --smoke")
+    if args.command == "run" and args.sweeps > 1 and args.launcher != "local":
+        parser.error("--sweeps > 1 needs --launcher local (it sets hydra.launcher.max_parallel)")
+    return args
+
+
+def main() -> None:
+    args = _arguments()
+    if args.smoke:
+        smoke()
+    elif args.command == "run":
+        run(args)
+    else:
+        table(args)
 
 
 if __name__ == "__main__":

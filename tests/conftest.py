@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,6 +41,26 @@ def run_train(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: in
         [sys.executable, str(TRAIN), *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def run_metrics(run_dir: Path) -> dict:
+    """A finished run's final figures (``metrics.json``)."""
+    path = run_dir / "metrics.json"
+    assert path.is_file(), f"{run_dir} has no metrics.json: {sorted(p.name for p in run_dir.iterdir())}" \
+        if run_dir.is_dir() else f"{run_dir} does not exist"
+    return json.loads(path.read_text())
+
+
+def run_history(run_dir: Path) -> list[dict]:
+    """A run's records (``metrics.jsonl``), one per line."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def last_weights(run_dir: Path) -> dict:
+    """The model weights of a run's ``checkpoints/last.pt``."""
+    from stds.run.files import checkpoint
+
+    return checkpoint.load(run_dir / "checkpoints" / checkpoint.LAST)["model"]
 
 
 @pytest.fixture

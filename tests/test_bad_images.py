@@ -5,7 +5,6 @@ listed by ``launch/check_data.py``. The epoch's checkpoint is written before its
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from PIL import Image
 
 import stds.run.life.loop as loop_module
-from tests.conftest import HANG_S, REPO
+from tests.conftest import HANG_S, REPO, run_history
 from stds.data import datasets as data
 from stds.data.images import BadImages, check_files, image_files
 from stds.data.loaders import LoaderOptions, eval_loader, train_loader
@@ -123,16 +122,12 @@ IMAGENET = ("dataset=imagenet", "dataset.num_classes=2", "dataset.image_size=8",
             "batch_size=4", "epochs=2", "logging.synops=false", "logging.log_every_steps=1")
 
 
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_skip_in_a_run_lists_the_files_in_the_epoch_record(tiny_cfg, tmp_path):
     bad = write_folder(tmp_path / "data")
     run_dir = tmp_path / "run"
     train(tiny_cfg(*IMAGENET, f"dataset.root={tmp_path / 'data'}", "dataset.bad_images=skip"), run_dir)
-    records = _records(run_dir)
+    records = run_history(run_dir)
     assert sorted(records[0]["bad_images"]) == sorted(str(p) for p in bad.values())
     assert records[1]["bad_images"] == []
 
@@ -157,7 +152,7 @@ def test_a_bad_val_image_fails_after_the_checkpoint_and_resume_only_evaluates(ti
     finally:
         loop_module.train_step = real
     assert len(calls) == 2  # epoch 2 only: epoch 1 was evaluated, not trained again
-    assert [(r["epoch"], r["step"]) for r in _records(run_dir)] == [(1, 2), (2, 4)]
+    assert [(r["epoch"], r["step"]) for r in run_history(run_dir)] == [(1, 2), (2, 4)]
 
 
 @pytest.mark.slow

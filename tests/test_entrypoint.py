@@ -1,18 +1,16 @@
 """``launch/train.py`` as users run it: the documented commands, errors, kill and resume, DDP."""
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import HANG_S, REPO, TRAIN, run_train
+from tests.conftest import HANG_S, REPO, TRAIN, run_metrics, run_train
 
 FAST = ("epochs=1", "batch_size=64")
 
@@ -24,16 +22,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
 @pytest.mark.slow
 def test_documented_single_run(tmp_path):
     out = tmp_path / "run"
     proc = run_train("sparse=stmod", "scheduler=sine", "flat_width=2.0", *FAST, f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr
-    metrics = _metrics(out)
+    metrics = run_metrics(out)
     assert metrics["d"] == pytest.approx(2.0)  # the sine schedule ends at D = flat_width
     assert metrics["sparsity"] > 0.9  # D = 2 prunes nearly every weight of the small net
     assert (out / ".hydra" / "config.yaml").exists()
@@ -44,7 +38,7 @@ def test_documented_basic_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_train("-m", "flat_width=1,2,3", *FAST, "epochs=1", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr
-    widths = [_metrics(sweep / str(i))["d"] for i in range(3)]
+    widths = [run_metrics(sweep / str(i))["d"] for i in range(3)]
     assert widths == pytest.approx([1, 2, 3])
 
 
@@ -57,7 +51,7 @@ def test_documented_submitit_local_sweep(tmp_path):
                      # one thread each keeps two points from fighting over a 2-core CI machine
                      env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
-    first, second = _metrics(sweep / "0"), _metrics(sweep / "1")
+    first, second = run_metrics(sweep / "0"), run_metrics(sweep / "1")
     assert (first["d"], second["d"]) == pytest.approx((0.05, 0.3))
     assert first["sparsity"] < second["sparsity"]
     assert list((sweep / ".submitit").iterdir())
@@ -160,7 +154,7 @@ def test_sigkill_mid_epoch_then_same_command_gives_the_same_result(tmp_path):
     assert not (split / "metrics.json").exists(), "the run finished before it could be killed"
     assert run_train(*args, f"hydra.run.dir={split}").returncode == 0
     keep = ("test_acc1", "test_acc5", "best_test_acc1", "sparsity", "step", "epoch", "d")
-    assert {k: _metrics(split)[k] for k in keep} == {k: _metrics(whole)[k] for k in keep}
+    assert {k: run_metrics(split)[k] for k in keep} == {k: run_metrics(whole)[k] for k in keep}
 
 
 @pytest.mark.slow
@@ -173,7 +167,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = _metrics(out)
+    metrics = run_metrics(out)
     assert metrics["world_size"] == 2 and metrics["ranks_in_sync"] is True
     steps = (1437 // 2) // 32  # each rank sees half of the 1437 training digits
     assert metrics["step"] == 2 * steps
@@ -188,6 +182,6 @@ def test_default_run_reaches_the_promised_accuracy_and_sparsity(tmp_path):
     proc = run_train(f"hydra.run.dir={out}")
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = _metrics(out)
+    metrics = run_metrics(out)
     assert metrics["test_acc1"] >= 0.97 and metrics["sparsity"] >= 0.90, metrics
     print(f"default run: {elapsed:.0f} s, top-1 {metrics['test_acc1']:.4f}, sparsity {metrics['sparsity']:.4f}")

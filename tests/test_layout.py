@@ -1,9 +1,11 @@
 """The layout holds: the method needs torch only, and imports run one way between packages
-(``docs/architecture.md``): cli -> results -> run -> models, data -> method -> errors."""
+(``docs/architecture.md``): cli -> results -> run -> models, data -> method -> errors. The scripts
+under ``launch/`` and ``benchmarks/`` import only what exists and never the tests."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 from tests.conftest import HANG_S, REPO
 
 PACKAGE = REPO / "stds"
+SCRIPTS = sorted([*(REPO / "launch").rglob("*.py"), *(REPO / "benchmarks").rglob("*.py")])
 LAYER = {"errors": 0, "registry": 0, "method": 1, "models": 2, "data": 2, "run": 3, "results": 4, "cli": 5}
 """Each package may import those of a lower layer (and itself); models and data not each other."""
 
@@ -128,3 +131,78 @@ def test_the_config_stops_at_the_run(package):
                   if m.split(".")[0] in ("hydra", "omegaconf")]
         wrong += [f"{path.name}:{line} takes {name}" for name, line in _parameters(path) if name == "cfg"]
     assert wrong == []
+
+
+def _imported_names(path: Path) -> list[tuple[str, str | None, int]]:
+    """(module, imported name or None for ``import module``, line) of every absolute import."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found += [(node.module, alias.name, node.lineno) for alias in node.names]
+    return found
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """The names a module defines or imports at its top level."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
+def _missing(path: Path, module: str, name: str | None) -> str | None:
+    """Why ``from module import name`` (or ``import module``) in the script ``path`` would fail, or None:
+    ``stds`` modules are imported, a sibling module (the script's folder is first on its path) is read."""
+    sibling = path.parent / f"{module}.py"
+    if sibling.is_file():
+        return None if name is None or name in _top_level_names(sibling) else f"{sibling.name} defines no {name}"
+    if module.split(".")[0] != "stds":
+        return None
+    try:
+        imported = importlib.import_module(module)
+    except ImportError as error:
+        return str(error)
+    if name is None or hasattr(imported, name):
+        return None
+    try:
+        importlib.import_module(f"{module}.{name}")
+    except ImportError:
+        return f"{module} has no {name}"
+    return None
+
+
+def test_scripts_import_only_what_exists():
+    # every stds module and name, and every sibling module, that launch/ and benchmarks/ import
+    # (function bodies too), checked without running the scripts
+    wrong = []
+    for path in SCRIPTS:
+        for module, name, line in _imported_names(path):
+            why = _missing(path, module, name)
+            if why:
+                wrong.append(f"{path.relative_to(REPO)}:{line}: {why}")
+    assert wrong == []
+
+
+def test_scripts_do_not_import_the_tests():
+    wrong = [f"{path.relative_to(REPO)}:{line} imports {module}" for path in SCRIPTS
+             for module, _, line in _imported_names(path) if module.split(".")[0] == "tests"]
+    assert wrong == []
+
+
+def test_the_script_import_check_finds_a_moved_module_and_a_missing_name(tmp_path):
+    script = tmp_path / "bench.py"
+    script.write_text("def f():\n    from stds import accel\n    from stds.run.setup.accel import nothing_here\n"
+                      "from stds.run.setup import accel\nfrom helper import X, Y\n")
+    (tmp_path / "helper.py").write_text("X = 1\n")
+    why = [(line, name, _missing(script, module, name)) for module, name, line in _imported_names(script)]
+    assert sorted(why) == [(2, "accel", "stds has no accel"),
+                           (3, "nothing_here", "stds.run.setup.accel has no nothing_here"),
+                           (4, "accel", None), (5, "X", None), (5, "Y", "helper.py defines no Y")]

@@ -5,10 +5,8 @@ is one line naming it (TensorBoard's writer thread included), and resuming stays
 from __future__ import annotations
 
 import errno
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,19 +14,11 @@ from tensorboard.summary.writer import record_writer
 
 import stds.run.life.epoch as epoch_module
 import stds.run.life.loop as loop_module
-from tests.conftest import HANG_S, REPO
+from tests.conftest import HANG_S, REPO, last_weights, run_history, run_metrics
 from stds.errors import RunDirError
 from stds.run.files import checkpoint as ckpt
 from stds.run.life.trainer import train
 from stds.run.measure.metrics import MetricsWriter
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(run_dir: Path) -> dict:
-    return ckpt.load(run_dir / "checkpoints" / "last.pt")["model"]
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -63,13 +53,14 @@ def test_an_evaluation_that_fails_once_loses_no_training(tiny_cfg, tmp_path, mon
         train(tiny_cfg(), tmp_path)
     state = ckpt.load(tmp_path / "checkpoints" / "last.pt")
     assert state["epoch"] == 2 and state["pending_eval"]["train_loss"] > 0  # epoch 2 trained and saved
-    assert [r["epoch"] for r in _records(tmp_path)] == [1]
+    assert [r["epoch"] for r in run_history(tmp_path)] == [1]
     monkeypatch.setattr(loop_module, "train_step", lambda *a, **k: pytest.fail("trained again"))
     train(tiny_cfg(), tmp_path)  # resumes: evaluates epoch 2 only
     monkeypatch.undo()
-    assert _same(_weights(tmp_path), _weights(whole))
-    assert [{k: r[k] for k in KEEP} for r in _records(tmp_path)] == [{k: r[k] for k in KEEP} for r in _records(whole)]
-    assert json.loads((tmp_path / "metrics.json").read_text())["test_acc1"] == _records(whole)[-1]["test_acc1"]
+    assert _same(last_weights(tmp_path), last_weights(whole))
+    kept = [[{k: r[k] for k in KEEP} for r in run_history(d)] for d in (tmp_path, whole)]
+    assert kept[0] == kept[1]
+    assert run_metrics(tmp_path)["test_acc1"] == run_history(whole)[-1]["test_acc1"]
 
 
 @pytest.mark.slow
@@ -88,9 +79,9 @@ def test_a_record_in_the_checkpoint_but_not_in_the_file_is_written_back(tiny_cfg
     assert ckpt.load(tmp_path / "checkpoints" / "last.pt")["last_record"]["epoch"] == 1
     monkeypatch.undo()
     train(tiny_cfg(), tmp_path)
-    records = _records(tmp_path)
+    records = run_history(tmp_path)
     assert [r["epoch"] for r in records] == [1, 2]
-    assert [{k: r[k] for k in KEEP} for r in records] == [{k: r[k] for k in KEEP} for r in _records(whole)]
+    assert [{k: r[k] for k in KEEP} for r in records] == [{k: r[k] for k in KEEP} for r in run_history(whole)]
 
 
 def test_restore_writes_only_a_missing_record(tmp_path):
@@ -101,7 +92,7 @@ def test_restore_writes_only_a_missing_record(tmp_path):
     writer.restore(first)
     writer.restore({"epoch": 2, "step": 20, "test_acc1": 0.6})
     writer.close()
-    assert [r["epoch"] for r in _records(tmp_path)] == [1, 2]
+    assert [r["epoch"] for r in run_history(tmp_path)] == [1, 2]
 
 
 def _read_only_events(monkeypatch) -> None:
@@ -138,8 +129,8 @@ def test_a_run_directory_that_fails_mid_run_resumes_bit_identical(tiny_cfg, tmp_
     assert not (tmp_path / "error.txt").exists()
     monkeypatch.undo()  # the directory is writable again
     train(tiny_cfg(), tmp_path)
-    assert _same(_weights(tmp_path), _weights(whole))
-    assert [r["step"] for r in _records(tmp_path)] == [r["step"] for r in _records(whole)]
+    assert _same(last_weights(tmp_path), last_weights(whole))
+    assert [r["step"] for r in run_history(tmp_path)] == [r["step"] for r in run_history(whole)]
 
 
 _NO_LOG_FILE = """\

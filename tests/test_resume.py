@@ -3,7 +3,6 @@ resume, warm starts, NaN never saved, stop signals that save first."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 import signal
@@ -27,21 +26,10 @@ from stds.run.setup.build import build_run, prepare_config
 from stds.run.files.rundir import RunLock
 from stds.run.life.signals import RunStopped
 from stds.run.life.trainer import train
-from tests.conftest import HANG_S, REPO, TRAIN, kill_after_steps, run_train
+from tests.conftest import (HANG_S, REPO, TRAIN, kill_after_steps, last_weights, run_history, run_metrics,
+                            run_train)
 
 STEPS = (1797 - 360) // 64  # optimizer steps per epoch of the tiny digits run
-
-
-def _metrics(run_dir):
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
-def _history(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(run_dir):
-    return ckpt.load(run_dir / "checkpoints" / "last.pt")["model"]
 
 
 def _same_weights(a, b) -> bool:
@@ -69,7 +57,7 @@ def test_kill_while_best_is_written_leaves_a_best_checkpoint_after_resume(tiny_c
     assert state["epoch"] == 2 and state["pending_eval"] is not None
     monkeypatch.undo()
     train(tiny_cfg(*cfg), tmp_path / "run")
-    metrics = _metrics(tmp_path / "run")
+    metrics = run_metrics(tmp_path / "run")
     best = ckpt.load(tmp_path / "run" / "checkpoints" / "best.pt")
     assert best["epoch"] == metrics["best_epoch"]
     assert best["last_record"]["test_acc1"] == metrics["best_test_acc1"]
@@ -116,7 +104,7 @@ def test_safe_keys_may_change_on_resume(tiny_cfg, tmp_path):
     train(tiny_cfg("epochs=1"), tmp_path)
     train(tiny_cfg("epochs=1", "logging.log_every_steps=3", "checkpoint_every_steps=5",
                    "loader.eval_batch_size=100", "deterministic=false"), tmp_path)
-    assert _metrics(tmp_path)["epoch"] == 1
+    assert run_metrics(tmp_path)["epoch"] == 1
 
 
 def test_changed_keys_lists_only_unsafe_differences():
@@ -232,10 +220,10 @@ def test_sigterm_saves_then_resume_last_finishes_bit_identical(tmp_path):
     assert not (work / "outputs").exists()
     where = stopped[0].split(" in ", 1)[1].split(";")[0]  # "epoch 2/3, step N": one numbering
     assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} in {where}" in resumed.stdout + resumed.stderr
-    assert _same_weights(_weights(run_dir), _weights(whole))
+    assert _same_weights(last_weights(run_dir), last_weights(whole))
     keep = ("test_acc1", "best_test_acc1", "sparsity", "step", "epoch", "d")
-    assert {k: _metrics(run_dir)[k] for k in keep} == {k: _metrics(whole)[k] for k in keep}
-    assert [r["step"] for r in _history(run_dir)] == [STEPS, 2 * STEPS, 3 * STEPS]
+    assert {k: run_metrics(run_dir)[k] for k in keep} == {k: run_metrics(whole)[k] for k in keep}
+    assert [r["step"] for r in run_history(run_dir)] == [STEPS, 2 * STEPS, 3 * STEPS]
 
 
 @pytest.mark.slow
@@ -308,7 +296,7 @@ def test_init_from_run_through_train_and_a_bad_source(tiny_cfg, tmp_path):
     accuracy = train(tiny_cfg("epochs=2", "sparse=identity", "scheduler=constant", "flat_width=0"), dense)
     source = dense / "checkpoints" / "last.pt"
     train(tiny_cfg("epochs=1", "scheduler=constant", "flat_width=0.05", f"init_from={source}"), tmp_path / "warm")
-    assert _history(tmp_path / "warm")[0]["test_acc1"] > accuracy - 0.1
+    assert run_history(tmp_path / "warm")[0]["test_acc1"] > accuracy - 0.1
     with pytest.raises(CheckpointError, match="init_from=.*does not fit"):
         train(tiny_cfg("epochs=1", "model.channels=[8,16,16]", f"init_from={source}"), tmp_path / "bad")
     with pytest.raises(CheckpointError, match="init_from=.*does not exist"):
@@ -329,7 +317,7 @@ def test_torchrun_makes_one_run_directory(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [p for p in tmp_path.glob("outputs/runs/*/*") if p.is_dir()]
     assert len(runs) == 1, runs
-    assert _metrics(runs[0])["world_size"] == 2
+    assert run_metrics(runs[0])["world_size"] == 2
     assert (runs[0] / ".hydra" / "config.yaml").exists()
 
 
@@ -357,7 +345,7 @@ def test_throughput_after_a_mid_epoch_resume_counts_only_this_process(tiny_cfg, 
     monkeypatch.undo()
     assert ckpt.load(tmp_path / "checkpoints" / "last.pt")["batch_in_epoch"] == 5
     train(tiny_cfg("flat_width=0.05", "checkpoint_every_steps=1"), tmp_path)
-    record = _history(tmp_path)[-1]
+    record = run_history(tmp_path)[-1]
     train_s = record["epoch_time_s"] - record["eval_time_s"]
     assert record["epoch"] == 2
     assert record["train_images_per_s"] * train_s == pytest.approx((STEPS - 5) * 64, rel=1e-6)
@@ -377,8 +365,8 @@ def test_train_with_resume_in_the_config_continues_that_run(tiny_cfg, tmp_path, 
         train(tiny_cfg(*args, f"resume={tmp_path / 'run'}"), tmp_path / "elsewhere")
     assert not (tmp_path / "elsewhere").exists()
     assert f"in epoch 2/2, step {STEPS + 3}" in caplog.text
-    assert _same_weights(_weights(tmp_path / "run"), _weights(tmp_path / "whole"))
-    assert [r["step"] for r in _history(tmp_path / "run")] == [STEPS, 2 * STEPS]
+    assert _same_weights(last_weights(tmp_path / "run"), last_weights(tmp_path / "whole"))
+    assert [r["step"] for r in run_history(tmp_path / "run")] == [STEPS, 2 * STEPS]
     caplog.clear()
     with caplog.at_level("INFO"):  # finished: says so, and how to train on
         train(tiny_cfg(*args, f"resume={tmp_path / 'run'}"))

@@ -10,7 +10,6 @@ embedded digits data with tiny settings, and reads the run directories it leaves
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TRAIN, compose_train, run_train
+from tests.conftest import REPO, TRAIN, compose_train, run_history, run_metrics, run_train
 
 START_HINT = "bash tests/slurm/start_cluster.sh && source .slurm/env.sh"
 
@@ -52,15 +51,8 @@ SWEEP = ("-m", "hydra/launcher=slurm_cpu", "dataset=digits", "batch_size=64", "l
 TIMEOUT = 240  # seconds for one multirun; a hang (e.g. a job stuck PENDING) fails instead of blocking
 
 
-def _metrics(run_dir: Path) -> dict:
-    path = run_dir / "metrics.json"
-    assert path.is_file(), f"{run_dir} has no metrics.json: {sorted(p.name for p in run_dir.iterdir())}"
-    return json.loads(path.read_text())
-
-
 def _epochs_logged(run_dir: Path) -> list[int]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["epoch"] for line in lines if line.strip()]
+    return [record["epoch"] for record in run_history(run_dir)]
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -93,7 +85,7 @@ def test_sweep_runs_one_job_per_point(tmp_path):
         "0", "1", "multirun.yaml"]
     widths = []
     for num in (0, 1):
-        metrics = _metrics(sweep_dir / str(num))
+        metrics = run_metrics(sweep_dir / str(num))
         assert metrics["epoch"] == 1 and metrics["world_size"] == 1
         assert 0.0 <= metrics["test_acc1"] <= 1.0
         widths.append(metrics["d"])  # the sine schedule ends at D
@@ -109,7 +101,7 @@ def test_two_tasks_train_with_ddp(tmp_path):
                      f"hydra.sweep.dir={sweep_dir}", timeout=TIMEOUT)
     _ok(proc)
 
-    metrics = _metrics(sweep_dir / "0")
+    metrics = run_metrics(sweep_dir / "0")
     assert metrics["world_size"] == 2
     assert metrics["ranks_in_sync"] is True
     # each rank sees half the training set: (n // 2) // batch steps per epoch, not n // batch
@@ -192,7 +184,7 @@ def test_preempted_job_is_requeued_and_resumes_in_the_same_run_dir(tmp_path):
     assert not (run_dir / "error.txt").exists()
 
     # ... and ended where the uninterrupted run did
-    got, want = _metrics(run_dir), _metrics(tmp_path / "reference" / "0")
+    got, want = run_metrics(run_dir), run_metrics(tmp_path / "reference" / "0")
     for key in ("epoch", "step", "test_acc1", "sparsity"):
         assert got[key] == want[key], key
     assert want["epoch"] == 4 and want["test_acc1"] > 0.5  # a run that learned, not a degenerate one
@@ -212,7 +204,7 @@ def test_failed_point_does_not_lose_the_others(tmp_path):
     assert "dataset=cifar10" in output and "CIFAR-10 not found" in output
 
     good, bad = sweep_dir / "0", sweep_dir / "1"
-    assert _metrics(good)["epoch"] == 1
+    assert run_metrics(good)["epoch"] == 1
     assert not (good / "error.txt").exists()
     assert not (bad / "metrics.json").exists()
     error = (bad / "error.txt").read_text()
@@ -243,7 +235,7 @@ def test_search_runs_its_trials_as_slurm_jobs_with_the_study_in_a_server_databas
         optuna.delete_study(study_name=name, storage=storage)
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
     for t in trials:
-        metrics = _metrics(sweep_dir / str(t.number))  # each trial a normal run directory
+        metrics = run_metrics(sweep_dir / str(t.number))  # each trial a normal run directory
         assert t.values == [metrics["test_acc1"], metrics["sparsity"]]
         assert metrics["d"] == pytest.approx(t.params["flat_width"])
         assert "Job completed successfully" in _job_log(sweep_dir, t.number)  # ran as a SLURM job
@@ -277,6 +269,6 @@ def test_a_requeued_trial_resumes_in_its_run_dir_and_reports_once(tmp_path):
     assert _epochs_logged(run_dir) == [1, 2, 3]
     assert sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit()) == ["0"]
     (trial,) = optuna.load_study(study_name="frontier", storage=f"sqlite:///{sweep_dir / 'study.db'}").trials
-    metrics = _metrics(run_dir)
+    metrics = run_metrics(run_dir)
     assert trial.state == optuna.trial.TrialState.COMPLETE and metrics["epoch"] == 3
     assert trial.values == [metrics["test_acc1"], metrics["sparsity"]]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from stds.method.schedule import (
     wanted_count,
 )
 from stds.run.setup.build import build_threshold_schedule
-from tests.conftest import kill_after_steps, model_d
+from tests.conftest import kill_after_steps, model_d, run_history, run_metrics
 from stds.method.sparse import pruned_layers, pruned_parameters, sparsify, sparsity
 
 # three pruned layers of 4, 3 and 6 weights; two θ are exactly 0 and 0.1 appears four times
@@ -384,14 +383,6 @@ def test_config_builds_the_target_schedule_and_ignores_flat_width(tiny_cfg) -> N
 
 # end to end through stds.run.life.trainer.train on the embedded digits (needs the loop's checkpoint wiring)
 
-def _metrics(run_dir):
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
-def _history(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_digits_run_with_a_hold_keeps_s_at_every_epoch_end(tiny_cfg, tmp_path) -> None:
     from stds.run.life.trainer import train
@@ -399,7 +390,7 @@ def test_digits_run_with_a_hold_keeps_s_at_every_epoch_end(tiny_cfg, tmp_path) -
     # 2 epochs of 22 steps, S reached at step 11 (ramp_until = 0.25), recomputed every step
     train(tiny_cfg("scheduler=target", "target_sparsity=0.9", "scheduler.ramp=cubic",
                    "scheduler.ramp_until=0.25"), tmp_path)
-    history = _history(tmp_path)
+    history = run_history(tmp_path)
     n = 58_144  # pruned weights of the digits net
     for record in history:
         assert record["target_sparsity"] == 0.9
@@ -435,7 +426,7 @@ def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
     from stds.run.life.trainer import train
 
     train(tiny_cfg("scheduler=target", "target_sparsity=0.9", "target_every_steps=5"), tmp_path)
-    metrics, history = _metrics(tmp_path), _history(tmp_path)
+    metrics, history = run_metrics(tmp_path), run_history(tmp_path)
     assert abs(metrics["sparsity"] - 0.9) <= 0.005
     assert history[-1]["target_sparsity"] == 0.9 and history[-1]["d"] > 0
     assert metrics["d"] == history[-1]["d"]
@@ -477,7 +468,7 @@ def test_digits_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(
     assert split["schedule"] == whole["schedule"]
     for key, value in whole["model"].items():
         assert torch.equal(split["model"][key], value), key
-    assert _metrics(tmp_path / "split")["d"] == _metrics(tmp_path / "whole")["d"]
+    assert run_metrics(tmp_path / "split")["d"] == run_metrics(tmp_path / "whole")["d"]
 
 
 def test_resume_dir_of_an_older_target_run_rebuilds_its_hold_rule(tiny_cfg, tmp_path, monkeypatch) -> None:

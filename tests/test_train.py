@@ -1,10 +1,9 @@
 """The training loop, in process: metric files, the threshold schedule, resume, bad input."""
 
-import json
 
 import pytest
 
-from tests.conftest import kill_after_steps
+from tests.conftest import kill_after_steps, run_history, run_metrics
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -15,17 +14,9 @@ from stds.method.schedule import threshold_at
 from stds.run.life.trainer import train
 
 
-def _metrics(run_dir):
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
-def _history(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_run_writes_metrics_tensorboard_and_checkpoints(tiny_cfg, tmp_path):
     result = train(tiny_cfg("flat_width=0.1", "logging.synops=true", "logging.synops_samples=4"), tmp_path)
-    metrics = _metrics(tmp_path)
+    metrics = run_metrics(tmp_path)
     assert result == metrics["test_acc1"]
     assert metrics["epoch"] == metrics["epochs_planned"] == 2
     steps = (1797 - 360) // 64  # 1437 training digits, drop_last
@@ -33,8 +24,8 @@ def test_run_writes_metrics_tensorboard_and_checkpoints(tiny_cfg, tmp_path):
     for key in ("test_acc1", "test_acc5", "best_test_acc1", "sparsity"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["test_acc5"] >= metrics["test_acc1"]
-    assert metrics["best_test_acc1"] == max(r["test_acc1"] for r in _history(tmp_path))
-    assert [r["epoch"] for r in _history(tmp_path)] == [1, 2]
+    assert metrics["best_test_acc1"] == max(r["test_acc1"] for r in run_history(tmp_path))
+    assert [r["epoch"] for r in run_history(tmp_path)] == [1, 2]
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 2 * steps
     assert (tmp_path / "checkpoints" / "best.pt").exists()
@@ -45,7 +36,7 @@ def test_run_writes_metrics_tensorboard_and_checkpoints(tiny_cfg, tmp_path):
             "data_wait_share", "eta_epoch_s", "eta_run_s", "epoch_time_s", "eval_time_s",
             "train_images_per_s"} <= set(tags["scalars"])
     assert [e.value for e in events.Scalars("test_acc1")] == pytest.approx(
-        [r["test_acc1"] for r in _history(tmp_path)])
+        [r["test_acc1"] for r in run_history(tmp_path)])
     assert any(tag.startswith("theta/") for tag in tags["histograms"])
     # the static stem conv (1 -> 32, 3x3, padding 1) on 8x8 digits: 64 positions x its non-zero weights
     theta = state["model"]["stem.0.parametrizations.weight.original"]
@@ -59,7 +50,7 @@ def test_run_writes_metrics_tensorboard_and_checkpoints(tiny_cfg, tmp_path):
 def test_threshold_follows_the_schedule_after_every_step(tiny_cfg, tmp_path):
     cfg = tiny_cfg("flat_width=0.4", "scheduler=linear")
     train(cfg, tmp_path)
-    history = _history(tmp_path)
+    history = run_history(tmp_path)
     total = history[-1]["step"]
     for record in history:
         assert record["d"] == pytest.approx(0.4 * record["step"] / total)
@@ -81,7 +72,7 @@ def test_sparsity_reported_matches_the_weights(tiny_cfg, tmp_path):
             w = torch.sign(theta) * torch.clamp(theta.abs() - d, min=0)
             zeros += int((w == 0).sum())
             numel += w.numel()
-    assert _metrics(tmp_path)["sparsity"] == pytest.approx(zeros / numel)
+    assert run_metrics(tmp_path)["sparsity"] == pytest.approx(zeros / numel)
 
 
 def _stop_after(monkeypatch, calls: int):
@@ -102,10 +93,10 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_cfg, tmp_path, monkeypa
     assert not (tmp_path / "split" / "metrics.json").exists()
     monkeypatch.undo()
     train(tiny_cfg(*overrides), tmp_path / "split")
-    whole, split = _metrics(tmp_path / "whole"), _metrics(tmp_path / "split")
+    whole, split = run_metrics(tmp_path / "whole"), run_metrics(tmp_path / "split")
     assert {k: split[k] for k in SAME} == {k: whole[k] for k in SAME}
     strip = lambda rs: [{k: r[k] for k in ("epoch", "step", "test_acc1", "train_loss")} for r in rs]
-    assert strip(_history(tmp_path / "split")) == strip(_history(tmp_path / "whole"))
+    assert strip(run_history(tmp_path / "split")) == strip(run_history(tmp_path / "whole"))
 
 
 @pytest.mark.slow
@@ -150,7 +141,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tiny_cfg, 
 @pytest.mark.slow
 def test_grad_r_run_with_constant_threshold(tiny_cfg, tmp_path):
     train(tiny_cfg("scheduler=constant", "flat_width=0.05", "alpha_gr=0.5", "epochs=1"), tmp_path)
-    history = _history(tmp_path)
+    history = run_history(tmp_path)
     assert history[0]["d"] == pytest.approx(0.05)
 
 
@@ -175,7 +166,7 @@ def test_amp_true_trains_in_bf16_on_cpu(tiny_cfg, tmp_path):
     assert cfg.amp == "false" and losses["true"] != losses["false"]
     assert float(losses["true"]) == pytest.approx(float(losses["false"]), rel=0.05)
     train(tiny_cfg("amp=true", "flat_width=0.05", "epochs=1"), tmp_path / "run")
-    metrics = _metrics(tmp_path / "run")
+    metrics = run_metrics(tmp_path / "run")
     assert metrics["epoch"] == 1 and 0.0 <= metrics["test_acc1"] <= 1.0 and 0.0 < metrics["sparsity"] < 1.0
 
 
@@ -199,7 +190,7 @@ def test_missing_dataset_root_names_the_key(tiny_cfg, tmp_path):
 def test_a_fully_pruned_run_says_so_in_the_log_and_metrics(tiny_cfg, tmp_path, caplog):
     # the default D = 0.5 over 2 short epochs prunes every weight of the digits net
     train(tiny_cfg("flat_width=0.5"), tmp_path)
-    metrics = _metrics(tmp_path)
+    metrics = run_metrics(tmp_path)
     assert metrics["sparsity"] == 1.0
     expected = ("every weight is pruned (sparsity 1.0) at epoch 2: flat_width=0.5 is too large for 2 "
                 "epochs; lower flat_width (e.g. flat_width=0.05), train more epochs, or ask for a sparsity "
@@ -214,7 +205,7 @@ def test_throughput_is_logged_and_written(tiny_cfg, tmp_path, caplog):
     caplog.set_level("INFO", logger="stds.run.life.loop")
     train(tiny_cfg("logging.log_every_steps=10"), tmp_path)
     steps = (1797 - 360) // 64
-    for record in _history(tmp_path):
+    for record in run_history(tmp_path):
         assert "time_s" not in record
         assert 0 < record["eval_time_s"] < record["epoch_time_s"]
         train_s = record["epoch_time_s"] - record["eval_time_s"]

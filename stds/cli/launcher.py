@@ -1,9 +1,8 @@
 """``hydra/launcher=local``: sweep points as parallel local processes that share the CPUs.
 
 submitit's local executor (``hydra/launcher=submitit_local``) starts every point of a sweep at
-once, and each process starts as many threads as the machine has cores: six points on a small
-machine then spend most of their time fighting over the cores (a 6-point digits sweep took 212 s
-where the six runs one after the other took 30 s). `LocalSweepLauncher` runs at most
+once, and each process starts as many threads as the machine has cores: on a small machine the
+points then spend most of their time fighting over the cores. `LocalSweepLauncher` runs at most
 ``parallel`` points at a time and gives each ``threads`` CPU threads (`share_cpus`), through
 ``OMP_NUM_THREADS`` in the job's environment, which `stds.run.setup.distributed.setup` applies with
 ``torch.set_num_threads``. It starts the next point as soon as one ends and logs the sweep's

@@ -37,6 +37,19 @@ def neuron_factory(neuron: NeuronFactory | None, **default: object) -> NeuronFac
     return lambda: make_neuron(**default)
 
 
+def pooled_side(image_size: int, model: str) -> int:
+    """The side of the feature map after two 2x2 max pools, ``image_size / 4``; a ConfigError
+    naming ``dataset.image_size`` unless it is a multiple of 4."""
+    if image_size % 4 != 0:
+        raise ConfigError(f"dataset.image_size={image_size} is not valid; {model} needs a multiple of 4")
+    return image_size // 4
+
+
+def conv_bn_stem(in_channels: int, channels: int) -> nn.Sequential:
+    """conv3x3(in_channels -> channels, no bias) + BN: the layers that see the static image once."""
+    return nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))
+
+
 class SpikingClassifier(nn.Module, ABC):
     """Base class: subclasses define `forward_steps` and, if they have them, a static stem
     (`forward_static`) and a head on the time-averaged features (`forward_head`).
@@ -83,3 +96,18 @@ class SpikingClassifier(nn.Module, ABC):
             raise ValueError(f"expected a batch [N, C, H, W], got shape {tuple(images.shape)}")
         features_seq = self.forward_steps(self.repeat_over_time(self.forward_static(images)))
         return self.forward_head(features_seq.mean(dim=0))
+
+
+class StemAndFeatures(SpikingClassifier):
+    """A `SpikingClassifier` made of two modules its subclass builds: ``stem`` on the static
+    image once per batch, and ``features`` in multi-step mode over the T steps, whose output the
+    mean over T turns into the class scores (no head)."""
+
+    stem: nn.Module
+    features: nn.Module
+
+    def forward_static(self, images: Tensor) -> Tensor:
+        return self.stem(images)
+
+    def forward_steps(self, x_seq: Tensor) -> Tensor:
+        return self.features(x_seq)

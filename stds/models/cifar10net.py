@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Sequence
 
 from spikingjelly.activation_based import layer
-from torch import Tensor, nn
+from torch import nn
 
-from stds.errors import ConfigError
-from stds.models.base import NeuronFactory, SpikingClassifier, neuron_factory
+from stds.models.base import NeuronFactory, StemAndFeatures, conv_bn_stem, neuron_factory, pooled_side
 
 
-class CIFAR10Net(SpikingClassifier):
+class CIFAR10Net(StemAndFeatures):
     """Conv3x3(C)+BN+LIF x3, max pool, conv3x3(C)+BN+LIF x3, max pool, then the classifier.
 
     Classifier: flatten, dropout, fc(C * (image_size / 4)^2 -> ``hidden``) + LIF, dropout,
@@ -41,14 +40,9 @@ class CIFAR10Net(SpikingClassifier):
         prune_exclude: str | Sequence[str] = (),
     ) -> None:
         super().__init__(T, prune_exclude)
-        if image_size % 4 != 0:
-            raise ConfigError(
-                f"dataset.image_size={image_size} is not valid; CIFAR10Net needs a multiple of 4"
-            )
+        side = pooled_side(image_size, "CIFAR10Net")
         spiking = neuron_factory(neuron, kind="lif", tau=2.0)
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
-        )
+        self.stem = conv_bn_stem(in_channels, channels)
         convs: list[nn.Module] = [spiking()]
         for conv_index in range(1, 6):
             convs += [
@@ -62,16 +56,10 @@ class CIFAR10Net(SpikingClassifier):
             *convs,
             layer.Flatten(step_mode="m"),
             layer.Dropout(dropout, step_mode="m"),
-            layer.Linear(channels * (image_size // 4) ** 2, hidden, bias=False, step_mode="m"),
+            layer.Linear(channels * side**2, hidden, bias=False, step_mode="m"),
             spiking(),
             layer.Dropout(dropout, step_mode="m"),
             layer.Linear(hidden, num_classes * voting, bias=False, step_mode="m"),
             spiking(),
             layer.VotingLayer(voting, step_mode="m"),
         )
-
-    def forward_static(self, images: Tensor) -> Tensor:
-        return self.stem(images)
-
-    def forward_steps(self, x_seq: Tensor) -> Tensor:
-        return self.features(x_seq)

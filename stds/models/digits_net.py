@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Sequence
 
 from spikingjelly.activation_based import layer
-from torch import Tensor, nn
+from torch import nn
 
 from stds.errors import ConfigError
-from stds.models.base import NeuronFactory, SpikingClassifier, neuron_factory
+from stds.models.base import NeuronFactory, StemAndFeatures, conv_bn_stem, neuron_factory, pooled_side
 
 
-class DigitsNet(SpikingClassifier):
+class DigitsNet(StemAndFeatures):
     """Three conv + BN + LIF layers, two 2x2 max pools, one fc to the class scores.
 
     ``stem``: conv3x3(in_channels -> c1) + BN, run once on the static image. ``features``
@@ -33,19 +33,14 @@ class DigitsNet(SpikingClassifier):
         prune_exclude: str | Sequence[str] = (),
     ) -> None:
         super().__init__(T, prune_exclude)
-        if image_size % 4 != 0:
-            raise ConfigError(
-                f"dataset.image_size={image_size} is not valid; DigitsNet needs a multiple of 4"
-            )
+        side = pooled_side(image_size, "DigitsNet")
         if len(channels) != 3:
             raise ConfigError(
                 f"model.channels={list(channels)} is not valid; give three conv widths"
             )
         c1, c2, c3 = (int(c) for c in channels)
         spiking = neuron_factory(neuron, kind="lif", tau=2.0)
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1)
-        )
+        self.stem = conv_bn_stem(in_channels, c1)
         self.features = nn.Sequential(
             spiking(),
             layer.Conv2d(c1, c2, 3, padding=1, bias=False, step_mode="m"),
@@ -57,11 +52,5 @@ class DigitsNet(SpikingClassifier):
             spiking(),
             layer.MaxPool2d(2, step_mode="m"),
             layer.Flatten(step_mode="m"),
-            layer.Linear(c3 * (image_size // 4) ** 2, num_classes, bias=False, step_mode="m"),
+            layer.Linear(c3 * side**2, num_classes, bias=False, step_mode="m"),
         )
-
-    def forward_static(self, images: Tensor) -> Tensor:
-        return self.stem(images)
-
-    def forward_steps(self, x_seq: Tensor) -> Tensor:
-        return self.features(x_seq)

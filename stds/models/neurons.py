@@ -36,11 +36,13 @@ classes compute exactly what SpikingJelly's nodes do.
 
 from __future__ import annotations
 
-from typing import Callable
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Self
 
 import torch
 from spikingjelly.activation_based import functional, neuron, surrogate
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from stds.errors import ConfigError
 
@@ -208,3 +210,30 @@ def neuron_implementation(kind: str, device: torch.device) -> str:
     """
     _choice("kind", kind, NEURON_KINDS)
     return str(functional.neuron_implementation(kind, torch.device(device))["implementation"])
+
+
+class NeuronHooks(ABC):
+    """A ``with`` block in which every spiking layer (SpikingJelly's ``BaseNode``) of a model has
+    one forward hook, the one `hook` makes for its name; the hooks are removed when it ends.
+
+    ``neurons``: qualified module name -> spiking layer. Hooks do not run one by one inside a
+    `torch.compile` graph: use it on the eager model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.neurons = {name: m for name, m in model.named_modules() if isinstance(m, neuron.BaseNode)}
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> Self:
+        for name, node in self.neurons.items():
+            self._handles.append(node.register_forward_hook(self.hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @abstractmethod
+    def hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        """The forward hook ``(layer, args, output)`` of the spiking layer ``name``."""

@@ -118,9 +118,9 @@ def _log_start(run: Run) -> None:
     """Where the run writes, and a warning for settings that make a CPU run slow."""
     log.info("run directory: %s (train.log, metrics.json, checkpoints/, tb/)", run.run_dir.resolve())
     if run.amp_dtype is not None and run.env.device.type == "cpu":
-        log.warning("amp=%s on a CPU: autocast runs as bf16 there and trains about 6.5 times slower than "
-                    "amp=false (136 against 888 images/s for the digits net on 2 cores); set amp=false "
-                    "on a CPU", run.settings.amp)
+        log.warning("amp=%s on a CPU: autocast runs as bf16 there, usually slower than amp=false "
+                    "(benchmarks/amp_cpu.py compares the two on this machine); set amp=false on a CPU",
+                    run.settings.amp)
 
 
 def _log_end(run: Run, result: dict[str, Any]) -> None:

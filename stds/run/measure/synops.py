@@ -34,11 +34,12 @@ from math import prod
 from typing import Any, Callable, Iterator
 
 import torch
-from spikingjelly.activation_based import functional, neuron
+from spikingjelly.activation_based import functional
 from spikingjelly.activation_based.op_counter import BaseCounter, DispatchCounterMode, SynOpCounter
 from torch import Tensor, nn
 
 from stds.method.sparse import unwrap_model
+from stds.models.neurons import NeuronHooks
 
 __all__ = ["FiringRates", "count_synops", "is_spike_tensor", "mac_rules", "synop_rules"]
 
@@ -177,7 +178,7 @@ _ACTIVE_MONITORS: "weakref.WeakSet[FiringRates]" = weakref.WeakSet()
 """Monitors inside their ``with`` block; `count_synops` pauses those watching its model."""
 
 
-class FiringRates:
+class FiringRates(NeuronHooks):
     """Firing rate of every spiking layer (`neuron.BaseNode`) over the forward passes in a block.
 
     ``with FiringRates(model) as fr: <evaluation loop>`` then ``fr.rates()`` ->
@@ -189,27 +190,21 @@ class FiringRates:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = unwrap_model(model)
-        self.layers = {
-            name: m for name, m in self.model.named_modules() if isinstance(m, neuron.BaseNode)
-        }
+        super().__init__(self.model)
         self.paused = False
         self._spikes: dict[str, Tensor] = {}
         self._outputs: dict[str, int] = {}
-        self._handles: list[Any] = []
 
     def __enter__(self) -> FiringRates:
-        for name, module in self.layers.items():
-            self._handles.append(module.register_forward_hook(self._recorder(name)))
+        super().__enter__()
         _ACTIVE_MONITORS.add(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        super().__exit__(*exc)
         _ACTIVE_MONITORS.discard(self)
 
-    def _recorder(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+    def hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
         def record(module: nn.Module, args: Any, output: Any) -> None:
             if self.paused or not torch.is_tensor(output):
                 return
@@ -221,14 +216,14 @@ class FiringRates:
 
     def watches(self, model: nn.Module) -> bool:
         """True when one of the spiking layers watched here belongs to ``model``."""
-        watched = set(self.layers.values())
+        watched = set(self.neurons.values())
         return any(m in watched for m in unwrap_model(model).modules())
 
     def rates(self) -> dict[str, float]:
         """Layer name -> spikes / (neurons x time steps x samples) over what was recorded."""
         return {
             name: float(self._spikes[name]) / self._outputs[name]
-            for name in self.layers
+            for name in self.neurons
             if self._outputs.get(name)
         }
 

@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from spikingjelly.activation_based.neuron import BaseNode
 from torch import nn
 
 from stds.errors import ConfigError
-from stds.models.neurons import fused_kernel_condition
+from stds.models.neurons import NeuronHooks, fused_kernel_condition
 
 CHANNELS_LAST_CHOICES = ("auto", "true", "false")
 """Valid values of ``channels_last``."""
@@ -97,32 +96,20 @@ def to_device_batch(
     return images
 
 
-class NeuronPathProbe:
+class NeuronPathProbe(NeuronHooks):
     """Records, for every spiking neuron call inside the ``with`` block, whether it met the
     fused-kernel condition (``fused_calls`` of ``calls``).
 
     It reads the neuron's input dtype, its state after the call and its surrogate, as
-    SpikingJelly's ``lif_multi_step`` / ``if_multi_step`` do. Use it on the eager model: hooks
-    are not run one by one inside a `torch.compile` graph.
+    SpikingJelly's ``lif_multi_step`` / ``if_multi_step`` do (on the eager model: `NeuronHooks`).
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.neurons = {n: m for n, m in model.named_modules() if isinstance(m, BaseNode)}
+        super().__init__(model)
         self.calls = 0
         self.fallback: list[str] = []
-        self._handles: list[Any] = []
 
-    def __enter__(self) -> "NeuronPathProbe":
-        for name, node in self.neurons.items():
-            self._handles.append(node.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, name: str) -> Callable[..., None]:
+    def hook(self, name: str) -> Callable[..., None]:
         def record(node: nn.Module, args: tuple, output: object) -> None:
             self.calls += 1
             if not fused_kernel_condition(args[0].dtype, node.v, node.surrogate_function):

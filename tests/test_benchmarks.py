@@ -1,0 +1,112 @@
+"""Every script under ``benchmarks/`` runs: each one's ``--smoke`` mode as a user starts it, and
+its printed table checked against the setup it ran (so a moved import or a renamed config key
+fails here, not on a GPU machine). Timing values are only checked to be finite, positive and
+consistent with each other; speed is the scripts' business, not the tests'."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import HANG_S, REPO
+
+DIGITS_THETA = 1 * 32 * 9 + 32 * 64 * 9 + 64 * 64 * 9 + 64 * 2 * 2 * 10
+"""Pruned weights of the default digits net: three 3x3 convs (1 -> 32 -> 64 -> 64) and the fc
+from 64 channels of 2x2 to 10 classes: 288 + 18,432 + 36,864 + 2,560 = 58,144."""
+
+
+def _smoke(script: str, *args: str) -> list[str]:
+    """The stdout lines of ``python benchmarks/<script> --smoke ARGS``, which must succeed (on one
+    CPU thread: tiny tensors gain nothing from a second one, which a busy machine makes wait)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 0, f"{script} --smoke failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    return proc.stdout.splitlines()
+
+
+def _rows(lines: list[str]) -> list[list[str]]:
+    """The cells of every Markdown table row printed, header and separator rows left out."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]
+    return [r for r in rows if not set(r[0]) <= {"-"} and r[0] not in ("setup", "S", "D (sine)", "hold of")]
+
+
+def _positive(text: str) -> float:
+    value = float(text.rstrip("%"))
+    assert math.isfinite(value) and value > 0, text
+    return value
+
+
+def test_step_time_smoke_runs_every_setup_and_method_through_its_child():
+    lines = _smoke("step_time.py")
+    assert lines[0].startswith("device: ") and "smoke" in lines[0]
+    rows = {(r[0], r[1]): r for r in _rows(lines)}
+    assert list(rows) == [(s, m) for s in ("cifar10", "imagenet") for m in ("dense", "stmod", "gradr")]
+    batch = {"cifar10": 4, "imagenet": 2}  # step_time.SMOKE
+    # spiking layers called once per step: CIFAR10Net 6 conv + 2 fc LIF; SEW ResNet-18 one after
+    # the stem, two in each of its 8 blocks and one in each of the 3 downsampling shortcuts
+    neurons = {"cifar10": 8, "imagenet": 1 + 2 * 8 + 3}
+    cpu = lines[0].startswith("device: cpu;")
+    for (setup, method), r in rows.items():
+        step_ms, images_s, loop_ms, loop_images_s = (_positive(c) for c in r[2:6])
+        # both printed to 0.1: batch / (step time) within the rounding of either
+        assert images_s == pytest.approx(1e3 * batch[setup] / step_ms, rel=0.01, abs=0.06)
+        assert loop_images_s == pytest.approx(1e3 * batch[setup] / loop_ms, rel=0.01, abs=0.06)
+        step_ratio, loop_ratio = _positive(r[7]), _positive(r[8])
+        if method == "dense":
+            assert (step_ratio, loop_ratio) == (1.0, 1.0)
+        assert r[11].startswith(f"fused {neurons[setup]}/{neurons[setup]} (")
+        if cpu:  # no device kernels to count on a CPU
+            assert (r[9], r[10]) == ("0", "0%")
+
+
+def test_amp_cpu_smoke_prints_both_speeds_and_their_ratio():
+    lines = _smoke("amp_cpu.py")
+    assert lines[0].startswith("load: ") and "batch 32" in lines[1]
+    speed = {}
+    for amp in ("false", "bf16"):
+        (line,) = [l for l in lines if l.startswith(f"amp={amp}: ")]
+        speed[amp] = _positive(line.split()[1])
+    (ratio,) = [l for l in lines if l.startswith("amp=false / amp=bf16: ")]
+    assert _positive(ratio.split()[3]) == pytest.approx(speed["false"] / speed["bf16"], rel=0.01)
+
+
+def test_quantile_cost_smoke_times_the_digits_net():
+    lines = _smoke("quantile_cost.py", "--step-ms", "digits=50")
+    (row,) = _rows(lines)
+    setup, numel, recompute, keep, kthvalue, sort, held, *per_step, share = row
+    assert (setup, numel) == ("digits", f"{DIGITS_THETA:,}")
+    for value in (recompute, keep, kthvalue, sort, held):
+        _positive(value)
+    recompute_ms = float(recompute)
+    # per step at intervals 1, 10, 100: the recompute over the interval; the share: every 10 over 50 ms
+    assert [float(v) for v in per_step] == pytest.approx([recompute_ms, recompute_ms / 10, recompute_ms / 100],
+                                                         abs=0.006)
+    assert float(share.rstrip("%")) == pytest.approx(100 * recompute_ms / 10 / 50, abs=0.006)
+
+
+def test_target_frontier_smoke_trains_both_variants_and_tables_them():
+    lines = _smoke("target_frontier.py")
+    rows = _rows(lines)
+    front, target = rows[0], rows[1]
+    d_runs = {r[0]: r for r in rows if len(r) == 4}
+    (hold,) = [r for r in rows if r[0] == "sine@0.5"]
+    assert front[:3] == ["0.9", "D frontier (interpolated)", "0.9"]
+    assert target[:2] == ["0.9", "target sine@0.5"]
+    # scheduler=target zeroes the nearest count to S = 0.9 of the 58,144 θ: 52,330 of them
+    assert target[2] == f"{52330 / DIGITS_THETA:.5f}, {52330 / DIGITS_THETA:.5f}"
+    assert sorted(d_runs) == ["0", "2"]
+    assert d_runs["0"][1] == "0.0000 (0.0000–0.0000)"  # d = 0 zeroes no weight
+    s_high = float(d_runs["2"][1].split()[0])
+    acc_low, acc_high = (float(d_runs[k][2].split()[0]) for k in "02")
+    assert 0.9 <= s_high <= 1.0
+    # the frontier at 0.9: linear between (0, top-1 at D = 0) and (s_high, top-1 at D = 2)
+    assert float(front[3].split()[0]) == pytest.approx(acc_low + 0.9 / s_high * (acc_high - acc_low), abs=0.01)
+    assert float(target[4]) == pytest.approx(float(target[3].split()[0]) - float(front[3].split()[0]), abs=0.015)
+    # 2 epochs of 2 steps, the hold from step 0.5 * 4 = 2: d logged at steps 2, 3 and 4 of one run
+    assert hold[1:4] == ["0.9", "1", "3"]
+    assert _positive(lines[-1].split()[2]) and lines[-1].startswith("[target_frontier] plot: ")
