@@ -257,7 +257,7 @@ def kth_smallest_abs(thetas: Sequence[Tensor], k: int, scratch: Tensor | None = 
         offset += theta.numel()
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
         array = values.numpy()
-        array.partition(k - 1)  # introselect: O(n), about 10x faster than kthvalue on a CPU
+        array.partition(k - 1)  # introselect: O(n) (benchmarks/quantile_cost.py compares it with kthvalue)
         return float(array[k - 1])
     return float(values.kthvalue(k).values)
 
