@@ -26,9 +26,16 @@ def target_name(ramp: str, ramp_until: float, keep_weights: bool) -> str:
 
 
 
+def gmp_name(ramp: str, ramp_until: float, scope: str) -> str:
+    """``gmp:<ramp>@<ramp_until>`` (each layer to S) or ``gmp-global:...``."""
+    return f"gmp{'-global' if scope == 'global' else ''}:{ramp}@{ramp_until:g}"
+
+
 def variant_of(cfg: dict) -> str:
     """The variant name of a finished run from its saved config."""
     scheduler = cfg["scheduler"]
+    if cfg.get("sparse", {}).get("method") == "gmp":
+        return gmp_name(scheduler["ramp"], float(scheduler.get("ramp_until", 1.0)), cfg["sparse"].get("scope") or "layer")
     if scheduler["kind"] != "target":
         return "frontier" if scheduler["kind"] == "sine" and scheduler.get("ramp_until", 1.0) == 1.0 else ""
     until = float(scheduler.get("ramp_until", 1.0))

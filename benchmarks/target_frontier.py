@@ -12,6 +12,8 @@ Variants (``--variants``, comma-separated):
 - ``<ramp>@<ramp_until>`` (e.g. ``sine@0.5``, ``cubic@0.75``): ``scheduler=target`` whose wanted
   sparsity reaches S at ramp_until of training and is then held (``scheduler.hold_keeps_weights``
   true, the default: a move of d in the hold leaves the unpruned weights' values as they were);
+- ``gmp:<ramp>@<ramp_until>`` and ``gmp-global:<ramp>@<ramp_until>``: gradual magnitude pruning
+  (``sparse=gmp``, ``sparse.scope=layer`` or ``global``) on the same ramp and hold;
 - ``<ramp>@<ramp_until>-shrink``: the same with ``scheduler.hold_keeps_weights=false``, the hold's
   rule before that key existed (every move of d moves every unpruned weight with it; d rises in
   the hold, so they shrink); a saved config without the key is this variant;
@@ -49,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import REPO, uptime
-from frontier_table import finished_runs, point_key, target_name, write_table
+from frontier_table import finished_runs, gmp_name, point_key, target_name, write_table
 
 SPARSITIES = (0.8, 0.9, 0.95, 0.98)
 WIDTHS = (0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0)
@@ -68,19 +70,28 @@ class Variant:
     ramp: str | None = None
     ramp_until: float = 1.0
     keep_weights: bool = True
+    gmp_scope: str | None = None  # sparse=gmp with this sparse.scope (layer, global); None: STDS
 
     def overrides(self, values: list[float]) -> list[str]:
         """The Hydra overrides sweeping ``values`` (D for the frontier, S otherwise)."""
         listed = ",".join(str(v) for v in values)
         if self.name == "frontier":
             return ["scheduler=sine", f"flat_width={listed}"]
-        return ["scheduler=target", f"scheduler.ramp={self.ramp}", f"scheduler.ramp_until={self.ramp_until}",
-                f"scheduler.hold_keeps_weights={str(self.keep_weights).lower()}", f"target_sparsity={listed}"]
+        ramp = ["scheduler=target", f"scheduler.ramp={self.ramp}", f"scheduler.ramp_until={self.ramp_until}"]
+        if self.gmp_scope is not None:
+            return [*ramp, "sparse=gmp", f"sparse.scope={self.gmp_scope}", f"target_sparsity={listed}"]
+        return [*ramp, f"scheduler.hold_keeps_weights={str(self.keep_weights).lower()}", f"target_sparsity={listed}"]
 
 def parse_variant(text: str) -> Variant:
-    """``frontier``, ``today``, ``<ramp>@<ramp_until>`` or ``<ramp>@<ramp_until>-shrink``."""
+    """``frontier``, ``today``, ``<ramp>@<ramp_until>``, ``<ramp>@<ramp_until>-shrink``, or GMP on a
+    ramp: ``gmp:<ramp>@<ramp_until>`` (each layer to S) or ``gmp-global:<ramp>@<ramp_until>``."""
     if text == "frontier":
         return Variant("frontier")
+    if text.startswith(("gmp:", "gmp-global:")):
+        kind, _, ramp_text = text.partition(":")
+        stds = parse_variant(ramp_text)
+        scope = "global" if kind == "gmp-global" else "layer"
+        return Variant(gmp_name(stds.ramp or "", stds.ramp_until, scope), stds.ramp, stds.ramp_until, True, scope)
     if text == "today":
         text = "sine@1"
     keep = not text.endswith("-shrink")
@@ -108,7 +119,7 @@ def launch(out: Path, variant: Variant, seed: int, values: list[float], extra: l
            launcher: str = "local") -> int:
     """One multirun of ``variant`` at ``seed`` over ``values`` through ``hydra/launcher=<launcher>``."""
     stamp = time.strftime("%Y%m%d-%H%M%S") + "-" + "_".join(f"{v:g}" for v in values)
-    sweep_dir = out / variant.name.replace("@", "_at_") / f"seed{seed}" / stamp
+    sweep_dir = out / variant.name.replace("@", "_at_").replace(":", "_") / f"seed{seed}" / stamp
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "-m", f"hydra/launcher={launcher}",
            *variant.overrides(values), f"seed={seed}", "logging.progress_bar=false",
            f"hydra.sweep.dir={sweep_dir}", *extra]
