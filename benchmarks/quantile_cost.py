@@ -1,7 +1,7 @@
 """Cost of the target schedule's recompute of d (the |θ| quantile) on realistic θ counts.
 
 ``scheduler=target`` sets d to the k-th smallest |θ| over every pruned layer each
-``target_every_steps`` steps (`stds.method.schedule.kth_smallest_abs`) and holds d in between. This
+``target_every_steps`` steps (`stds.method.target.kth_smallest_abs`) and holds d in between. This
 times, on the θ of the real models (their shapes and initialisation):
 
 - ``recompute``: one `kth_smallest_abs` call at S = 0.9 as the schedule runs it (on a CPU into
@@ -35,7 +35,7 @@ import torch
 from hydra.utils import instantiate
 
 from common import compose, uptime
-from stds.method.schedule import TargetSparsitySchedule, keep_unpruned, kth_smallest_abs, wanted_count
+from stds.method.target import TargetSparsitySchedule, keep_unpruned, kth_smallest_abs, wanted_count
 from stds.method.sparse import pruned_parameters, sparsify
 
 SPARSITY = 0.9

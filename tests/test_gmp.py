@@ -13,7 +13,7 @@ from torch import nn
 
 from stds.errors import ConfigError
 from stds.method.gmp import MagnitudeMask, MagnitudePruningSchedule
-from stds.method.schedule import wanted_count
+from stds.method.target import wanted_count
 from stds.method.sparse import pruned_parameters, sparsify, sparsity
 from stds.run.setup.build import build_threshold_schedule, prepare_config
 from tests.conftest import compose_train, kill_after_steps, TINY

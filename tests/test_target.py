@@ -14,12 +14,8 @@ from torch import nn
 
 from stds.run.setup.config import validate
 from stds.errors import ConfigError
-from stds.method.schedule import (
-    TargetSparsitySchedule,
-    ThresholdSchedule,
-    kth_smallest_abs,
-    wanted_count,
-)
+from stds.method.schedule import ThresholdSchedule
+from stds.method.target import TargetSparsitySchedule, kth_smallest_abs, wanted_count
 from stds.run.setup.build import build_threshold_schedule
 from tests.conftest import kill_after_steps, model_d, run_history, run_metrics
 from stds.method.sparse import pruned_layers, pruned_parameters, sparsify, sparsity

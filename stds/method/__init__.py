@@ -7,7 +7,8 @@ model (``tests/test_layout.py`` holds this).
 
 from stds.method.gmp import MagnitudeMask, MagnitudePruningSchedule
 from stds.method.gradr import GradRPrior, attach_gradr_prior
-from stds.method.schedule import TargetSparsitySchedule, ThresholdSchedule, threshold_at
+from stds.method.schedule import ThresholdSchedule, threshold_at
+from stds.method.target import TargetSparsitySchedule
 from stds.method.sparse import make_reparam, pruned_layers, pruned_parameters, sparsify, sparsity
 
 __all__ = [

@@ -28,8 +28,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from stds.method.schedule import (SCHEDULE_KINDS, ScheduleArgs, ThresholdSchedule, default_every, threshold_at,
-                                  wanted_count)
+from stds.method.schedule import SCHEDULE_KINDS, ScheduleArgs
+from stds.method.target import SparsityRamp, default_every, wanted_count
 from stds.method.sparse import Reparam, pruned_layers, register_reparam
 
 SCOPES = ("layer", "global")
@@ -54,30 +54,17 @@ class MagnitudeMask(Reparam):
         return torch.where(self.mask, theta, torch.zeros((), dtype=theta.dtype, device=theta.device))
 
 
-class MagnitudePruningSchedule(ThresholdSchedule):
+class MagnitudePruningSchedule(SparsityRamp):
     """Prunes the `MagnitudeMask` layers to S · f(x) at every recompute (see the module text); `d`
     is the largest |w| the last recompute pruned (the magnitude threshold), for the logs."""
 
     def __init__(self, target: float, total_steps: int, ramp: str = "cubic", every: int = 1,
                  ramp_until: float = 1.0, scope: str = "layer") -> None:
-        threshold_at(0, total_steps, 1.0, ramp, ramp_until)  # validates total_steps, ramp, ramp_until
-        if not 0.0 < target < 1.0:
-            raise ValueError(f"target sparsity must lie in (0, 1), got {target}")
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-        self.target, self.ramp, self.every, self.scope = target, ramp, every, scope
-        self.asked = 0.0
+        self.scope = scope
         self._masked: list[tuple[Tensor, Tensor]] = []  # (θ, mask) per pruned layer
-        super().__init__(final=0.0, total_steps=total_steps, kind=ramp, ramp_until=ramp_until)
-        self.kind = MAGNITUDE_KIND
-
-    def wanted(self, step: int) -> float:
-        return threshold_at(step, self.total_steps, self.target, self.ramp, self.ramp_until)
-
-    def at(self, step: int) -> float:
-        return 0.0 if step == 0 else self.d
+        super().__init__(target, total_steps, ramp, every, ramp_until, MAGNITUDE_KIND)
 
     def attach(self, model: nn.Module) -> MagnitudePruningSchedule:
         """Remember (θ, mask) of every pruned layer; nothing is pruned here (a resumed run's masks
@@ -90,7 +77,7 @@ class MagnitudePruningSchedule(ThresholdSchedule):
 
     @torch.no_grad()
     def step(self, step: int) -> float:
-        if step % self.every and step != self.total_steps:
+        if not self.due(step):
             return self.d
         if not self._masked:
             raise RuntimeError("attach the model before calling step (MagnitudePruningSchedule)")
@@ -101,16 +88,6 @@ class MagnitudePruningSchedule(ThresholdSchedule):
         groups = [self._masked] if self.scope == "global" else [[pair] for pair in self._masked]
         self.d = max(prune_smallest(group, wanted) for group in groups)
         return self.d
-
-    def metrics(self) -> dict[str, float]:
-        return {"d": self.d, "target_sparsity": self.asked}
-
-    def state_dict(self) -> dict[str, float]:
-        """The threshold and the sparsity pruned to: with the masks (in the model), all a resumed run needs."""
-        return {"d": self.d, "target_sparsity": self.asked}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.d, self.asked = float(state["d"]), float(state["target_sparsity"])
 
 
 def prune_smallest(group: list[tuple[Tensor, Tensor]], sparsity: float) -> float:

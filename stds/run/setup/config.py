@@ -125,7 +125,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     # scheduler=target: the sparsity S the run ends at (0 < S < 1), and steps between recomputes of d
     target_sparsity: Optional[float] = None
-    target_every_steps: Optional[int] = None   # null: stds.method.schedule.default_every (1000 per run)
+    target_every_steps: Optional[int] = None   # null: stds.method.target.default_every (1000 per run)
     # a run directory to continue (launch/train.py resolves `last`); set by the entrypoint
     resume: Optional[str] = None
     # start a new run from the weights of a checkpoint or an exported pruned.pt
