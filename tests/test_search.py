@@ -1,4 +1,4 @@
-"""Searches with an Optuna study (`stds.cli.search`, ``hparams_search=...``) and their Pareto fronts.
+"""Searches with an Optuna study (`stds.cli.study`, ``hparams_search=...``) and their Pareto fronts.
 
 The fast tests drive `Search` with a stand-in launcher that writes run directories by hand (what
 a trial leaves: ``metrics.json``, ``error.txt``, nothing); the slow ones run real searches on the
@@ -20,7 +20,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from stds.cli.search import Search, SearchSettings, constraints_from, objectives_from, search_space
+from stds.cli.study.driver import Search
+from stds.cli.study.settings import SearchSettings, constraints_from, objectives_from, search_space
 from stds.errors import ConfigError, StdsError
 from stds.results.pareto import Bound, constraint_values, dominates, feasible, pareto_mask
 from tests.conftest import HANG_S, REPO, compose_train, run_train

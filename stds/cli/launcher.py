@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import JobReturn, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 from omegaconf import OmegaConf
 
 from stds.cli.callbacks import remove_empty_pattern_folders
-from stds.errors import ConfigError, error_line
+from stds.cli.jobs import job_error
+from stds.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +234,8 @@ class JobRunner(LocalLauncher):
 
     def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
         returned = super().__call__(*args, **kwargs)
-        error = getattr(returned, "_return_value", None)
-        if returned.status == JobStatus.FAILED and isinstance(error, BaseException):
-            line = error_line(error).strip()
+        line = job_error(returned)
+        if line is not None:
             logging.getLogger("stds").error("this sweep point failed: %s", line)
             print(line, file=sys.stderr, flush=True)
         root = logging.getLogger()
@@ -251,4 +251,4 @@ def _failed(job: Any) -> bool:
         returned = job.results()[0]
     except Exception:
         return True
-    return getattr(returned, "status", JobStatus.COMPLETED) == JobStatus.FAILED
+    return job_error(returned) is not None

@@ -1,4 +1,4 @@
-"""``hydra/sweeper=stds_optuna``: Hydra's sweeper over an Optuna study (`stds.cli.search.Search`).
+"""``hydra/sweeper=stds_optuna``: Hydra's sweeper over an Optuna study (`stds.cli.study.driver.Search`).
 
 The presets ``hparams_search=frontier|frontier_gradr|constrained`` select it. Each trial is one
 normal training run in ``<sweep dir>/<trial number>``, started by whichever Hydra launcher the
@@ -26,7 +26,9 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from stds.cli.search import Search, SearchSettings, constraints_from, objectives_from, search_space, shown_url
+from stds.cli.study.driver import Search
+from stds.cli.study.settings import SearchSettings, constraints_from, objectives_from, search_space
+from stds.cli.study.storage import shown_url
 from stds.errors import ConfigError
 
 log = logging.getLogger(__name__)
