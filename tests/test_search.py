@@ -189,8 +189,9 @@ def test_trials_are_told_what_their_run_directories_hold(tmp_path):
     launcher = FakeLauncher(sweep_dir, plan)
     front = _search(sweep_dir, launcher, n_trials=4).run()
 
-    assert [len(batch) for batch in launcher.calls] == [2, 2]  # n_jobs at a time
-    assert launcher.calls[0][0][0] == "epochs=2" and launcher.calls[0][0][-1] == "hydra.sweep.subdir=0"
+    assert [len(batch) for batch in launcher.calls] == [1, 1, 1, 1]  # one launch per trial, no batches
+    first = sorted(launcher.calls, key=lambda c: c[0][-1])[0][0]
+    assert first[0] == "epochs=2" and first[-1] == "hydra.sweep.subdir=0" and "trial.number=0" in first
     trials = _study(sweep_dir).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
     for t in (trials[0], trials[3]):  # the values are metrics.json's

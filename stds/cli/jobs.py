@@ -8,7 +8,7 @@ from hydra.core.utils import JobStatus
 
 from stds.errors import error_line
 
-__all__ = ["job_error"]
+__all__ = ["job_error", "reason"]
 
 
 def job_error(returned: Any) -> str | None:
@@ -17,4 +17,9 @@ def job_error(returned: Any) -> str | None:
     if returned is None or getattr(returned, "status", None) != JobStatus.FAILED:
         return None
     error = getattr(returned, "_return_value", None)
-    return error_line(error).strip() if isinstance(error, BaseException) else "the job failed"
+    return reason(error) if isinstance(error, BaseException) else "the job failed"
+
+
+def reason(exc: BaseException) -> str:
+    """``Type: message`` on one line: why a trial or job failed, as ``error.txt`` would say it."""
+    return error_line(exc).strip()

@@ -117,6 +117,7 @@ class LocalSweepLauncher(LocalLauncher):
         self.max_parallel = max_parallel
         self.progress_every_s = progress_every_s
         self.poll_s = poll_s
+        self.in_flight = 1  # points other launches of a search run at the same time (`points_at_once`)
 
     def _executor(self, share: CpuShare) -> Any:
         """A submitit local executor set up as the plugin does, plus the thread count."""
@@ -134,10 +135,19 @@ class LocalSweepLauncher(LocalLauncher):
         executor.update_parameters(local_setup=setup, **params)
         return executor
 
+    def _share(self, points: int) -> CpuShare:
+        return share_cpus(points, available_cpus(), self.params.get("cpus_per_task"), self.max_parallel,
+                          int(self.params.get("tasks_per_node") or 1))
+
+    def points_at_once(self, wanted: int) -> int:
+        """How many of ``wanted`` points this machine runs at once; a search keeps that many in
+        flight and launches them one at a time, each with its share of the CPUs."""
+        self.in_flight = self._share(wanted).parallel
+        return self.in_flight
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None
-        share = share_cpus(len(job_overrides), available_cpus(), self.params.get("cpus_per_task"),
-                           self.max_parallel, int(self.params.get("tasks_per_node") or 1))
+        share = self._share(max(len(job_overrides), self.in_flight))
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:

@@ -1,106 +1,201 @@
-"""The search loop: ask the study for trials, launch them, tell the study what they left."""
+"""The search: keep ``n_jobs`` trials in flight, each one run launched as soon as another ends.
+
+`Search.run` asks the study for one trial at a time and hands its overrides to a launch function
+(the Hydra launcher: a local process or a SLURM job) on a thread of its own, so a slow trial holds
+only its own slot. Each trial's run is linked to the study (``trial.*`` overrides,
+`stds.run.life.study_link`): it records heartbeats, reports epochs to the pruner and tells the
+study its own result. The search only settles what a run could not tell (it died, or its config
+did not compose) from the run directory ``<sweep dir>/<trial number>``, and heartbeats its trials
+while their jobs wait in a queue.
+
+Everything lives in the study's database and the run directories, so the search may be stopped
+and run again at any time: a rerun first settles this sweep directory's trials whose runs ended
+unheard (their files), keeps the heartbeat of those whose run still holds its ``.lock``, lets
+Optuna fail (and retry) trials whose heartbeat stopped for ``grace_s``, then waits for the trials
+still running and starts new ones until the study holds ``n_trials``.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
+import warnings
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import optuna
-from optuna.trial import TrialState
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 
-from stds.cli.jobs import job_error
-from stds.cli.study.lock import sweep_lock
-from stds.cli.study.outcome import Outcome, reason, trial_outcome
-from stds.cli.study.settings import SearchSettings, override_value
-from stds.cli.study.storage import default_storage, make_sampler, open_study, shown_url
-from stds.errors import StdsError
+from stds.cli.jobs import job_error, reason
+from stds.cli.study.lock import run_is_live, sweep_lock
+from stds.cli.study.settings import PREFIX, SearchSettings, override_value
+from stds.cli.study.storage import (
+    check_storage,
+    default_storage,
+    make_sampler,
+    open_study,
+    shown_url,
+)
+from stds.errors import ConfigError, StdsError
 from stds.results.pareto import pareto_mask
+from stds.run.life.study_link import REASON_ATTR, tell
+from stds.run.measure.objectives import Outcome, trial_outcome
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Search"]
 
-RUN_DIR_ATTR, SWEEP_DIR_ATTR, REASON_ATTR = "run_dir", "sweep_dir", "fail_reason"
-_UNMET = 1e9  # a finite stand-in for the inf of a constraint on a missing or non-finite metric
+RUN_DIR_ATTR, SWEEP_DIR_ATTR, NOT_RUN_ATTR, HEARTBEAT_ATTR = "run_dir", "sweep_dir", "not_run", "heartbeat_s"
 
 LaunchFn = Callable[[list[list[str]], int], Sequence[Any]]
+
+
+def _first(dist: Any) -> Any:
+    """A value of a distribution: its first choice or its low end."""
+    return dist.choices[0] if hasattr(dist, "choices") else dist.low
+
+
+def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials ``n_trials`` counts: not those failed and retried (the retry counts), nor those
+    told without running (asked when another search had reached ``n_trials``)."""
+    retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
+    return [t for t in trials if not t.user_attrs.get(NOT_RUN_ATTR)
+            and not (t.state == TrialState.FAIL and t.number in retried)]
 
 
 class Search:
     """One invocation of a search: continue the study until it holds ``n_trials`` trials.
 
-    ``launch(overrides_per_trial, first_job_index)`` runs the trials (a Hydra launcher's
-    ``launch``); ``validate(batch)`` composes a batch of overrides and raises if it cannot.
+    ``launch(overrides_per_trial, first_job_index)`` runs trials (a Hydra launcher's ``launch``);
+    ``validate(batch)`` composes a batch of overrides and raises if it cannot; ``slots`` caps the
+    trials in flight below ``n_jobs`` (a local launcher on fewer CPUs).
     """
 
     def __init__(self, settings: SearchSettings, sweep_dir: Path, fixed: Sequence[str], launch: LaunchFn,
                  sampler: Mapping[str, Any] | None = None,
-                 validate: Callable[[list[list[str]]], None] | None = None) -> None:
+                 validate: Callable[[list[list[str]]], None] | None = None, slots: int | None = None,
+                 on_start: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.sweep_dir = Path(sweep_dir).resolve()
         self.fixed = list(fixed)
         self.launch = launch
         self.sampler_spec = sampler
         self.validate = validate
+        self.slots = max(min(slots or settings.n_jobs, settings.n_jobs), 1)
         self.storage = settings.storage or default_storage(self.sweep_dir)
-        self.ran: list[Outcome] = []  # outcomes of the trials this invocation asked for
+        self.ran: list[Outcome] = []  # outcomes of the trials this invocation launched
+        self.poll_s = 5.0  # how often the study is looked at while trials run
+        self.on_start = on_start  # called once the sweep directory is this search's (its lock held)
 
     def run_dir(self, number: int) -> Path:
         return self.sweep_dir / str(number)
 
     def run(self) -> list[dict[str, Any]]:
-        """Settle stopped trials, run new ones until ``n_trials``; returns the Pareto front."""
+        """Settle what ended unheard, run trials until ``n_trials``; returns the Pareto front."""
+        check_storage(self.storage)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        if self.validate is not None:
-            self.validate([self.fixed])  # a bad fixed override fails here, before any trial
-        with sweep_lock(self.sweep_dir):
+        self._check_composes()
+        with sweep_lock(self.sweep_dir), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
             study = open_study(self.settings, self.storage)
+            if self.on_start is not None:
+                self.on_start()
             sampler = make_sampler(self.sampler_spec, len(study.trials))
             if sampler is not None:
                 study.sampler = sampler
-            self._settle_stopped(study)
+            self._settle_unheard(study)
             self._loop(study)
         front = self._summary(study)
-        failed = [o for o in self.ran if o.values is None]
+        failed = [o for o in self.ran if o.values is None and not o.pruned]
         if self.ran and len(failed) == len(self.ran):
             raise StdsError(f"all {len(self.ran)} trials of this search failed; the first: {failed[0].error}")
         return front
 
-    def _settle_stopped(self, study: optuna.Study) -> None:
-        """Trials this sweep directory started that never reported: finished or failed now."""
-        for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if frozen.user_attrs.get(SWEEP_DIR_ATTR) != str(self.sweep_dir):
-                continue  # another machine's trial, running now
-            run_dir = Path(frozen.user_attrs.get(RUN_DIR_ATTR, self.run_dir(frozen.number)))
-            outcome = trial_outcome(run_dir, self.settings, "the search stopped before this trial "
-                                    f"reported, and {run_dir} has no metrics.json (the job died or was stopped)")
+    def _check_composes(self) -> None:
+        """A bad fixed override, or a searched key the config lacks, fails here in one line,
+        before any trial (each parameter at the low end of its range, or its first choice)."""
+        if self.validate is None:
+            return
+        self.validate([self.fixed])
+        sample = [f"{name}={override_value(_first(dist))}" for name, dist in self.settings.space.items()]
+        try:
+            self.validate([[*self.fixed, *sample]])
+        except Exception as exc:
+            raise ConfigError(f"{PREFIX}.params: a trial's config does not compose ({' '.join(sample)}): "
+                              f"{reason(exc)}; search only keys of the config (python launch/train.py --cfg job)"
+                              ) from None
+
+    def _ours(self, study: optuna.Study) -> list[FrozenTrial]:
+        """This sweep directory's running trials (read only from run directories inside it)."""
+        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t.user_attrs.get(SWEEP_DIR_ATTR) == str(self.sweep_dir)]
+
+    def _settle_unheard(self, study: optuna.Study) -> None:
+        """Trials of this sweep directory whose run ended without telling the study: told now
+        from their files; those whose run is alive get a heartbeat; then Optuna fails the stale."""
+        for frozen in self._ours(study):
+            run_dir = self.run_dir(frozen.number)
             # a trial of an earlier process, reopened by its id as Optuna's own ask() does
-            self._tell(study, optuna.Trial(study, frozen._trial_id), outcome)
+            trial = optuna.Trial(study, frozen._trial_id)
+            if run_is_live(run_dir):
+                study._storage.record_heartbeat(frozen._trial_id)
+            elif (run_dir / "metrics.json").is_file() or (run_dir / "error.txt").is_file():
+                self._tell(study, trial, self._outcome(run_dir))
+            elif HEARTBEAT_ATTR not in frozen.user_attrs:  # asked before trials had heartbeats
+                self._tell(study, trial, self._outcome(run_dir, "the search stopped before this trial "
+                           f"reported, and {run_dir} has no metrics.json (the job died or was stopped)"))
+        optuna.storages.fail_stale_trials(study)
 
     def _loop(self, study: optuna.Study) -> None:
-        job_index = 0
-        while (todo := min(self.settings.n_jobs, self.settings.n_trials - len(study.trials))) > 0:
-            trials = [self._ask(study) for _ in range(todo)]
-            ready = [t for t in trials if self._composes(study, t)]
-            errors = self._launch([self._overrides(t) for t in ready], job_index)
-            job_index += len(ready)
-            for trial, error in zip(ready, errors):
-                outcome = trial_outcome(self.run_dir(trial.number), self.settings, error)
-                self.ran.append(outcome)
-                self._tell(study, trial, outcome)
+        """Keep ``slots`` trials in flight (counting this directory's live trials of an earlier
+        search) until the study holds ``n_trials`` and none of them runs."""
+        running: dict[Future, optuna.Trial] = {}
+        with ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="trial") as pool:
+            while True:
+                adopted = [t for t in self._ours(study) if t.number not in {x.number for x in running.values()}]
+                while len(running) + len(adopted) < self.slots and (trial := self._ask(study)) is not None:
+                    if self._composes(study, trial):
+                        running[pool.submit(self._launch_one, trial)] = trial
+                if not running and not adopted:
+                    return
+                poll = min(self.settings.heartbeat_s, self.poll_s)
+                if not running:
+                    time.sleep(poll)  # only earlier trials run: they tell the study themselves
+                done, _ = wait(running, timeout=poll, return_when=FIRST_COMPLETED)
+                for future in done:
+                    self._settle(study, running.pop(future), future.result())
+                for trial in running.values():  # queued jobs have no run to beat for them
+                    study._storage.record_heartbeat(trial._trial_id)
+                optuna.storages.fail_stale_trials(study)
 
-    def _ask(self, study: optuna.Study) -> optuna.Trial:
+    def _ask(self, study: optuna.Study) -> optuna.Trial | None:
+        """A new trial, or None once the study holds ``n_trials``. Two searches asking at once
+        may pass ``n_trials``: the later trial is then told failed, marked ``not_run``, unrun."""
+        if len(counted(study.get_trials(deepcopy=False))) >= self.settings.n_trials:
+            return None
         trial = study.ask(self.settings.space)
+        before = [t for t in counted(study.get_trials(deepcopy=False)) if t.number < trial.number]
+        if len(before) >= self.settings.n_trials:
+            trial.set_user_attr(NOT_RUN_ATTR, True)
+            trial.set_user_attr(REASON_ATTR, "not run: another search reached n_trials first")
+            study.tell(trial, state=TrialState.FAIL)
+            return None
         trial.set_user_attr(SWEEP_DIR_ATTR, str(self.sweep_dir))
         trial.set_user_attr(RUN_DIR_ATTR, str(self.run_dir(trial.number)))
-        log.info("Trial %d: %s", trial.number, " ".join(self._overrides(trial)[len(self.fixed):-1]))
+        trial.set_user_attr(HEARTBEAT_ATTR, self.settings.heartbeat_s)
+        study._storage.record_heartbeat(trial._trial_id)  # from now on it is ours to keep alive
+        log.info("Trial %d: %s", trial.number, " ".join(self._overrides(trial)[len(self.fixed):-4]))
         return trial
 
     def _overrides(self, trial: optuna.Trial) -> list[str]:
-        """The trial's command line: the fixed overrides, its parameters, its run directory."""
+        """The trial's command line: the fixed overrides, its parameters, its study, its run directory."""
         params = [f"{name}={override_value(value)}" for name, value in trial.params.items()]
-        return [*self.fixed, *params, f"hydra.sweep.subdir={trial.number}"]
+        link = [f"trial.storage={override_value(self.storage)}",
+                f"trial.study={override_value(self.settings.study_name)}", f"trial.number={trial.number}"]
+        return [*self.fixed, *params, *link, f"hydra.sweep.subdir={trial.number}"]
 
     def _composes(self, study: optuna.Study, trial: optuna.Trial) -> bool:
         """Whether the trial can start: its config composes and its run directory is new."""
@@ -119,27 +214,34 @@ class Search:
             self._tell(study, trial, self.ran[-1])
         return error is None
 
-    def _launch(self, overrides: list[list[str]], job_index: int) -> list[str | None]:
-        """Run the trials; per trial, the error its launcher reported (None if none)."""
-        if not overrides:
-            return []
+    def _launch_one(self, trial: optuna.Trial) -> str | None:
+        """Run one trial (on a worker thread); the error its launcher reported, or None."""
         try:
-            returns = list(self.launch(overrides, job_index))
+            returns = list(self.launch([self._overrides(trial)], trial.number))
         except Exception as exc:  # e.g. a SLURM job that died without a result: read the files
-            log.error("The launcher reported: %s", reason(exc))
-            return [reason(exc)] * len(overrides)
-        returns += [None] * (len(overrides) - len(returns))
-        return [job_error(r) for r in returns]
+            log.error("Trial %d: the launcher reported: %s", trial.number, reason(exc))
+            return reason(exc)
+        return job_error(returns[0]) if returns else None
+
+    def _outcome(self, run_dir: Path, error: str | None = None) -> Outcome:
+        return trial_outcome(run_dir, list(self.settings.objectives), self.settings.constraints, error)
+
+    def _settle(self, study: optuna.Study, trial: optuna.Trial, error: str | None) -> None:
+        """A launched trial ended: told from its files unless its run told the study itself."""
+        frozen = study._storage.get_trial(trial._trial_id)
+        if frozen.state == TrialState.RUNNING:
+            self._tell(study, trial, self._outcome(self.run_dir(trial.number), error))
+            frozen = study._storage.get_trial(trial._trial_id)
+        if frozen.state == TrialState.COMPLETE:
+            self.ran.append(Outcome(list(frozen.values)))
+        else:
+            pruned = frozen.state == TrialState.PRUNED
+            self.ran.append(Outcome(None, error=str(frozen.user_attrs.get(REASON_ATTR, "")), pruned=pruned))
+            if not pruned:
+                log.warning("Trial %d failed: %s", trial.number, self.ran[-1].error)
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
-        if outcome.values is None:
-            trial.set_user_attr(REASON_ATTR, outcome.error)
-            log.warning("Trial %d failed: %s", trial.number, outcome.error)
-            study.tell(trial, state=TrialState.FAIL)
-            return
-        for name, value in zip(self.settings.constraint_names, outcome.constraints):
-            trial.set_constraint(name, min(value, _UNMET))  # <= 0: met
-        study.tell(trial, outcome.values)
+        tell(study, trial, outcome, self.settings.trial_spec)
 
     def _summary(self, study: optuna.Study) -> list[dict[str, Any]]:
         """Log the study's counts and its Pareto front (feasible finished trials); return the front."""
@@ -147,9 +249,10 @@ class Search:
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         ok = [t for t in done if all(v <= 0 for v in t.constraints.values())]
         failed = sum(t.state == TrialState.FAIL for t in trials)
-        log.info("Study %r in %s: %d trials, %d finished (%d feasible), %d failed, %d running elsewhere",
-                 study.study_name, shown_url(self.storage), len(trials), len(done), len(ok), failed,
-                 len(trials) - len(done) - failed)
+        pruned = sum(t.state == TrialState.PRUNED for t in trials)
+        log.info("Study %r in %s: %d trials, %d finished (%d feasible), %d pruned, %d failed, %d running elsewhere",
+                 study.study_name, shown_url(self.storage), len(trials), len(done), len(ok), pruned, failed,
+                 len(trials) - len(done) - failed - pruned)
         names = list(self.settings.objectives)
         front = [t for t, on in zip(ok, pareto_mask([t.values for t in ok], self.settings.maximize)) if on]
         for t in sorted(front, key=lambda t: t.number):

@@ -8,20 +8,24 @@ Hydra's override grammar.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 
 from stds.errors import ConfigError
-from stds.results.pareto import Bound
+from stds.run.life.study_link import TrialSpec, make_pruner
+from stds.run.measure.objectives import OBJECTIVE_METRICS, Bound
 
 __all__ = ["OBJECTIVE_METRICS", "PREFIX", "SearchSettings", "constraints_from", "objectives_from",
            "override_value", "search_space"]
 
-OBJECTIVE_METRICS = ("test_acc1", "best_test_acc1", "test_acc5", "sparsity", "d", "synops",
-                     "first_layer_macs")
-"""Names of ``metrics.json`` (``docs/metrics.md``) a search may optimise or constrain."""
 DIRECTIONS = ("maximize", "minimize")
 PREFIX = "hydra.sweeper"
 
@@ -37,6 +41,25 @@ class SearchSettings:
     storage: str | None = None
     n_trials: int = 20
     n_jobs: int = 2
+    pruner: dict[str, Any] | None = None  # {_target_: optuna.pruners.<Name>, ...}, single objective only
+    heartbeat_s: int = 60  # each running trial records a heartbeat this often
+    grace_s: int = 600  # a trial whose heartbeat stopped this long ago failed (and is retried once)
+    max_retry: int = 1
+
+    def __post_init__(self) -> None:
+        if self.pruner and len(self.objectives) > 1:
+            raise ConfigError(f"{PREFIX}.pruner: Optuna's pruners stop trials of single-objective studies only, "
+                              f"and this one has {len(self.objectives)} objectives; drop the pruner "
+                              f"(~{PREFIX}.pruner) or search each target_sparsity on its own (docs/search.md)")
+        make_pruner(self.pruner)  # a pruner that cannot be built is refused before any trial
+        if self.grace_s <= self.heartbeat_s:
+            raise ConfigError(f"{PREFIX}.grace_s={self.grace_s} must be larger than "
+                              f"{PREFIX}.heartbeat_s={self.heartbeat_s}")
+
+    @property
+    def trial_spec(self) -> TrialSpec:
+        """What each trial needs to tell the study its result and to be pruned."""
+        return TrialSpec(tuple(self.objectives), dict(self.constraints), self.pruner, self.heartbeat_s)
 
     @property
     def maximize(self) -> list[bool]:
@@ -180,7 +203,10 @@ def override_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    # inside '...' Hydra reads a backslash as itself except in a run right before a quote (escaped
+    # quote or the closing one), where each is doubled: escape just those
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", str(value))
+    text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
     return f"'{text}'"
 
 

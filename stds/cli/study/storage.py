@@ -9,11 +9,12 @@ from typing import Any, Mapping
 
 import optuna
 
-from stds.cli.study.outcome import reason
+from stds.cli.jobs import reason
 from stds.cli.study.settings import PREFIX, SearchSettings
 from stds.errors import ConfigError, StdsError, one_line
+from stds.run.life.study_link import SPEC_ATTR
 
-__all__ = ["STUDY_FILE", "default_storage", "make_sampler", "open_study", "shown_url"]
+__all__ = ["STUDY_FILE", "check_storage", "default_storage", "make_sampler", "open_study", "shown_url"]
 
 STUDY_FILE = "study.db"
 
@@ -31,6 +32,43 @@ def shown_url(url: str) -> str:
 def default_storage(sweep_dir: Path) -> str:
     """The study's SQLite database in the sweep directory: nothing to start, copied with it."""
     return f"sqlite:///{(sweep_dir / STUDY_FILE).resolve()}"
+
+
+def check_storage(url: str) -> None:
+    """Refuse, in one line and before anything is written, a storage URL that does not parse and
+    a SQLite study file that is empty (it would silently start a new study)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise ConfigError(f"{PREFIX}.storage is not a database URL SQLAlchemy reads ({_scrubbed(url)}); give "
+                          "e.g. sqlite:////abs/path/study.db or mysql+pymysql://user@host/db") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        path = Path(parsed.database)
+        if path.is_file() and path.stat().st_size == 0:
+            raise StdsError(f"{path} is empty, not a study; delete it to start a new study there, or "
+                            "restore the study file")
+
+
+def _scrubbed(url: str) -> str:
+    """A URL that does not parse, with whatever stands between ``://user:`` and ``@`` hidden."""
+    head, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, at, host = rest.rpartition("@")
+    return f"{head}://{userinfo.split(':', 1)[0]}{':***' if ':' in userinfo else ''}@{host}"
+
+
+def _rdb(settings: SearchSettings, url: str) -> optuna.storages.RDBStorage:
+    """The study's database with Optuna's heartbeat: a trial whose heartbeat stopped for
+    ``grace_s`` is failed by `optuna.storages.fail_stale_trials` and retried up to ``max_retry``."""
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(url, heartbeat_interval=settings.heartbeat_s, grace_period=settings.grace_s,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry))
 
 
 def make_sampler(spec: Mapping[str, Any] | None, seed_offset: int) -> optuna.samplers.BaseSampler | None:
@@ -61,7 +99,7 @@ def open_study(settings: SearchSettings, storage: str) -> optuna.Study:
     """The study ``settings.study_name`` in ``storage``, created when new; an existing one must
     be for the same objectives (metrics and directions) and constraints."""
     try:
-        study = optuna.create_study(storage=storage, study_name=settings.study_name,
+        study = optuna.create_study(storage=_rdb(settings, storage), study_name=settings.study_name,
                                     directions=list(settings.objectives.values()), load_if_exists=True)
     except Exception as exc:
         raise StdsError(f"cannot open the study {settings.study_name!r} in {PREFIX}.storage={shown_url(storage)}: "
@@ -76,6 +114,7 @@ def open_study(settings: SearchSettings, storage: str) -> optuna.Study:
         raise ConfigError(
             f"the study {settings.study_name!r} in {shown_url(storage)} is for {_describe(stored)}, not "
             f"{_describe(wanted)}; set {PREFIX}.study_name=<a new name> or use a new hydra.sweep.dir")
+    study.set_user_attr(SPEC_ATTR, settings.trial_spec.to_attr())  # what its trials read (the pruner may change)
     return study
 
 
