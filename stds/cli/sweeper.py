@@ -35,6 +35,7 @@ from stds.cli.study.settings import (
 )
 from stds.cli.study.storage import shown_url
 from stds.errors import ConfigError
+from stds.run.measure.health import chance_limit
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,12 @@ class OptunaSweeper(Sweeper):
             n_trials=self.n_trials, n_jobs=self.n_jobs, pruner=self.raw["pruner"], **self.timing)
         return settings, fixed
 
+    def _chance(self) -> float | None:
+        """The highest test_acc1 that is chance for the searched dataset (no trial there is on the front)."""
+        assert self.config is not None
+        classes = OmegaConf.select(self.config, "dataset.num_classes", default=None)
+        return chance_limit(classes) if isinstance(classes, int) and classes > 1 else None
+
     def sweep(self, arguments: list[str]) -> list[dict[str, Any]]:
         assert self.config is not None and self.launcher is not None
         settings, fixed = self.settings(arguments)
@@ -99,7 +106,7 @@ class OptunaSweeper(Sweeper):
                 log.info("n_jobs=%d, but the CPUs here run %d trials at a time: %d in flight",
                          settings.n_jobs, slots, slots)
         search = Search(settings, sweep_dir, fixed, self.launcher.launch, sampler=self.raw["sampler"],
-                        validate=self.validate_batch_is_legal, slots=slots,
+                        validate=self.validate_batch_is_legal, slots=slots, chance=self._chance(),
                         on_start=lambda: OmegaConf.save(self.config, sweep_dir / "multirun.yaml"))
         log.info("Search %r: %d trials in all, %d at a time, study in %s; trials in %s/<trial>",
                  settings.study_name, settings.n_trials, settings.n_jobs, shown_url(search.storage), search.sweep_dir)

@@ -29,7 +29,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from stds.cli.jobs import job_error, reason
-from stds.cli.study.lock import run_is_live, sweep_lock
+from stds.cli.study.lock import sweep_lock
 from stds.cli.study.settings import PREFIX, SearchSettings, override_value
 from stds.cli.study.storage import (
     check_storage,
@@ -40,6 +40,7 @@ from stds.cli.study.storage import (
 )
 from stds.errors import ConfigError, StdsError
 from stds.results.pareto import pareto_mask
+from stds.run.files.rundir import lock_is_held
 from stds.run.life.study_link import REASON_ATTR, tell
 from stds.run.measure.objectives import Outcome, trial_outcome
 
@@ -76,7 +77,7 @@ class Search:
     def __init__(self, settings: SearchSettings, sweep_dir: Path, fixed: Sequence[str], launch: LaunchFn,
                  sampler: Mapping[str, Any] | None = None,
                  validate: Callable[[list[list[str]]], None] | None = None, slots: int | None = None,
-                 on_start: Callable[[], None] | None = None) -> None:
+                 on_start: Callable[[], None] | None = None, chance: float | None = None) -> None:
         self.settings = settings
         self.sweep_dir = Path(sweep_dir).resolve()
         self.fixed = list(fixed)
@@ -88,6 +89,7 @@ class Search:
         self.ran: list[Outcome] = []  # outcomes of the trials this invocation launched
         self.poll_s = 5.0  # how often the study is looked at while trials run
         self.on_start = on_start  # called once the sweep directory is this search's (its lock held)
+        self.chance = chance  # test_acc1 up to this is chance: such a trial is never on the front
 
     def run_dir(self, number: int) -> Path:
         return self.sweep_dir / str(number)
@@ -140,7 +142,7 @@ class Search:
             run_dir = self.run_dir(frozen.number)
             # a trial of an earlier process, reopened by its id as Optuna's own ask() does
             trial = optuna.Trial(study, frozen._trial_id)
-            if run_is_live(run_dir):
+            if lock_is_held(run_dir):
                 study._storage.record_heartbeat(frozen._trial_id)
             elif (run_dir / "metrics.json").is_file() or (run_dir / "error.txt").is_file():
                 self._tell(study, trial, self._outcome(run_dir))
@@ -243,11 +245,16 @@ class Search:
     def _tell(self, study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
         tell(study, trial, outcome, self.settings.trial_spec)
 
+    def _at_chance(self, trial: FrozenTrial) -> bool:
+        names = list(self.settings.objectives)
+        return (self.chance is not None and "test_acc1" in names
+                and trial.values[names.index("test_acc1")] <= self.chance)
+
     def _summary(self, study: optuna.Study) -> list[dict[str, Any]]:
         """Log the study's counts and its Pareto front (feasible finished trials); return the front."""
         trials = study.get_trials(deepcopy=False)
         done = [t for t in trials if t.state == TrialState.COMPLETE]
-        ok = [t for t in done if all(v <= 0 for v in t.constraints.values())]
+        ok = [t for t in done if all(v <= 0 for v in t.constraints.values()) and not self._at_chance(t)]
         failed = sum(t.state == TrialState.FAIL for t in trials)
         pruned = sum(t.state == TrialState.PRUNED for t in trials)
         log.info("Study %r in %s: %d trials, %d finished (%d feasible), %d pruned, %d failed, %d running elsewhere",

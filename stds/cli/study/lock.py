@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Iterator
 
 from stds.errors import StdsError
-from stds.run.files.rundir import LOCK_NAME
 
-__all__ = ["run_is_live", "sweep_lock"]
+__all__ = ["sweep_lock"]
 
 
 @contextmanager
@@ -39,21 +38,3 @@ def sweep_lock(sweep_dir: Path) -> Iterator[None]:
 
 
 
-
-def run_is_live(run_dir: Path) -> bool:
-    """Whether a process holds ``<run dir>/.lock`` (`stds.run.files.rundir.RunLock`): a trial's
-    run that is training now. The probe takes the lock for an instant and gives it back; a
-    symlinked ``.lock`` is not followed."""
-    try:
-        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return False  # no lock file: no run has it (a finished run deletes it)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
