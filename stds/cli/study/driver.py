@@ -176,7 +176,8 @@ class Search:
     def _ask(self, study: optuna.Study) -> optuna.Trial | None:
         """A new trial, or None once the study holds ``n_trials``. Two searches asking at once
         may pass ``n_trials``: the later trial is then told failed, marked ``not_run``, unrun."""
-        if len(counted(study.get_trials(deepcopy=False))) >= self.settings.n_trials:
+        asked = [t for t in counted(study.get_trials(deepcopy=False)) if t.state != TrialState.WAITING]
+        if len(asked) >= self.settings.n_trials:  # a waiting trial (a retry) is run by the next ask
             return None
         trial = study.ask(self.settings.space)
         before = [t for t in counted(study.get_trials(deepcopy=False)) if t.number < trial.number]
