@@ -295,3 +295,10 @@ def test_a_pruned_trial_ends_cleanly_keeps_its_checkpoint_and_shows_as_pruned(tm
                             capture_output=True, text=True, timeout=HANG_S)
     assert report.returncode == 0, report.stderr
     assert "2 pruned" in (sweep_dir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_checking_a_searchs_settings_with_cfg_and_m_is_one_line():
+    proc = run_train("-m", "hparams_search=frontier", "--cfg", "hydra", timeout=HANG_S)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("Error: --cfg/--info print a config and do not run")
