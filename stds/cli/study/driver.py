@@ -190,14 +190,16 @@ class Search:
         trial.set_user_attr(RUN_DIR_ATTR, str(self.run_dir(trial.number)))
         trial.set_user_attr(HEARTBEAT_ATTR, self.settings.heartbeat_s)
         study._storage.record_heartbeat(trial._trial_id)  # from now on it is ours to keep alive
-        log.info("Trial %d: %s", trial.number, " ".join(self._overrides(trial)[len(self.fixed):-4]))
+        log.info("Trial %d: %s", trial.number, " ".join(self._overrides(trial)[len(self.fixed):][:len(trial.params)]))
         return trial
 
     def _overrides(self, trial: optuna.Trial) -> list[str]:
         """The trial's command line: the fixed overrides, its parameters, its study, its run directory."""
         params = [f"{name}={override_value(value)}" for name, value in trial.params.items()]
-        link = [f"trial.storage={override_value(self.storage)}",
-                f"trial.study={override_value(self.settings.study_name)}", f"trial.number={trial.number}"]
+        # a storage URL of the user's stays out of the overrides (and the logs that print them):
+        # the run reads it from its own hydra.sweeper.storage
+        storage = [] if self.settings.storage else [f"trial.storage={override_value(self.storage)}"]
+        link = [*storage, f"trial.study={override_value(self.settings.study_name)}", f"trial.number={trial.number}"]
         return [*self.fixed, *params, *link, f"hydra.sweep.subdir={trial.number}"]
 
     def _composes(self, study: optuna.Study, trial: optuna.Trial) -> bool:
@@ -255,12 +257,14 @@ class Search:
         """Log the study's counts and its Pareto front (feasible finished trials); return the front."""
         trials = study.get_trials(deepcopy=False)
         done = [t for t in trials if t.state == TrialState.COMPLETE]
-        ok = [t for t in done if all(v <= 0 for v in t.constraints.values()) and not self._at_chance(t)]
+        ok = [t for t in done if all(v <= 0 for v in t.constraints.values())]
+        at_chance = [t for t in ok if self._at_chance(t)]
+        ok = [t for t in ok if t not in at_chance]
         failed = sum(t.state == TrialState.FAIL for t in trials)
         pruned = sum(t.state == TrialState.PRUNED for t in trials)
-        log.info("Study %r in %s: %d trials, %d finished (%d feasible), %d pruned, %d failed, %d running elsewhere",
-                 study.study_name, shown_url(self.storage), len(trials), len(done), len(ok), pruned, failed,
-                 len(trials) - len(done) - failed - pruned)
+        log.info("Study %r in %s: %d trials, %d finished (%d feasible, %d of them at chance), %d pruned, %d failed, "
+                 "%d running", study.study_name, shown_url(self.storage), len(trials), len(done),
+                 len(ok) + len(at_chance), len(at_chance), pruned, failed, len(trials) - len(done) - failed - pruned)
         names = list(self.settings.objectives)
         front = [t for t, on in zip(ok, pareto_mask([t.values for t in ok], self.settings.maximize)) if on]
         for t in sorted(front, key=lambda t: t.number):

@@ -180,15 +180,19 @@ class StudyLink:
                             error_line(told).strip())
 
 
-def open_link(node: Any, run_dir: Path) -> StudyLink | None:
-    """The link for ``cfg.trial`` (``storage``, ``study``, ``number``), or None when the run is no
-    trial. A trial the study no longer holds as running (told, failed for a stopped heartbeat) is
+def open_link(node: Any, run_dir: Path, sweeper_storage: str | None = None) -> StudyLink | None:
+    """The link for ``cfg.trial`` (``storage``, else ``sweeper_storage``; ``study``, ``number``), or
+    None when the run is no trial. A trial the study no longer holds as running (told, failed for a stopped heartbeat) is
     refused in one line, so a job that started late does not train it a second time."""
     if node is None or node.get("number") is None:
         return None
     import optuna
 
-    storage, name, number = str(node.get("storage")), str(node.get("study")), int(node.get("number"))
+    storage = node.get("storage") or sweeper_storage
+    if not storage:
+        raise StdsError(f"trial.number={node.get('number')} but neither trial.storage nor hydra.sweeper.storage "
+                        "names the study's database; set trial.number=null to train without the study")
+    storage, name, number = str(storage), str(node.get("study")), int(node.get("number"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:

@@ -84,6 +84,15 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _sweeper_storage() -> str | None:
+    """``hydra.sweeper.storage`` of this job's Hydra config: the study of a search's trial when its
+    URL is the user's (kept out of the trial's overrides and logs)."""
+    if not HydraConfig.initialized():
+        return None
+    storage = HydraConfig.get().sweeper.get("storage")
+    return str(storage) if storage else None
+
+
 def _log_files(run_dir: Path) -> list[Path]:
     """The log files that logging handlers (Hydra's ``train.log``) write inside ``run_dir``."""
     handlers = [*logging.getLogger().handlers, *logging.getLogger("stds").handlers]
@@ -109,7 +118,7 @@ def _train_in(raw: DictConfig, env: distributed.DistEnv, run_dir: Path, signals:
             stack.enter_context(rundir.RunLock(run_dir))
             start.locked = True
             (run_dir / "error.txt").unlink(missing_ok=True)
-            link = study_link.open_link(raw.get("trial"), run_dir)
+            link = study_link.open_link(raw.get("trial"), run_dir, _sweeper_storage())
             if link is not None:
                 stack.enter_context(link)
             if fresh:  # a failing sweep point still has its config (and error.txt) for the report
