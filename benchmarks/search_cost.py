@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import optuna
+from common import uptime
 from optuna.distributions import FloatDistribution
 
 from stds.cli.study.driver import Search
@@ -108,7 +109,8 @@ def main() -> None:
     if args.smoke:
         args.trials, args.n_jobs, args.low, args.high = 4, 2, 0.05, 0.2
     result = measure(args.trials, args.n_jobs, args.low, args.high, args.seed)
-    print(f"{args.trials} trials, n_jobs={args.n_jobs}, {args.low:g} to {args.high:g} s each (seed {args.seed})")
+    print(f"{args.trials} trials, n_jobs={args.n_jobs}, {args.low:g} to {args.high:g} s each (seed {args.seed}); "
+          f"load: {uptime()}")
     for kind in ("async", "batch"):
         print(f"{kind:5s}: slot utilisation {result[kind + '_utilisation']:.3f}, wall {result[kind + '_wall_s']:.1f} s")
     print(f"ideal wall (sum / n_jobs): {result['ideal_wall_s']:.1f} s")

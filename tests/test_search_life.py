@@ -302,15 +302,3 @@ def test_checking_a_searchs_settings_with_cfg_and_m_is_one_line():
     proc = run_train("-m", "hparams_search=frontier", "--cfg", "hydra", timeout=HANG_S)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("Error: --cfg/--info print a config and do not run")
-
-
-@pytest.mark.slow
-def test_the_search_cost_benchmark_runs_in_its_smoke_mode():
-    """benchmarks/search_cost.py --smoke runs both schedules; a slot's utilisation is in (0, 1]."""
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "search_cost.py"), "--smoke"], cwd=REPO,
-                          capture_output=True, text=True, timeout=HANG_S, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = {line.split(":")[0]: line for line in proc.stdout.splitlines()}
-    for kind in ("async", "batch"):
-        utilisation = float(lines[kind].split("slot utilisation ")[1].split(",")[0])
-        assert 0 < utilisation <= 1
