@@ -153,25 +153,34 @@ class Search:
 
     def _loop(self, study: optuna.Study) -> None:
         """Keep ``slots`` trials in flight (counting this directory's live trials of an earlier
-        search) until the study holds ``n_trials`` and none of them runs."""
+        search) until the study holds ``n_trials`` and none of them runs. A slot is refilled
+        before the trial that left it is settled, so the next trial waits for no database write."""
         running: dict[Future, optuna.Trial] = {}
+        ended: list[tuple[optuna.Trial, str | None]] = []
+        stale_checked = time.monotonic()
         with ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="trial") as pool:
             while True:
-                adopted = [t for t in self._ours(study) if t.number not in {x.number for x in running.values()}]
+                mine = {t.number for t in running.values()} | {t.number for t, _ in ended}
+                adopted = [t for t in self._ours(study) if t.number not in mine]
                 while len(running) + len(adopted) < self.slots and (trial := self._ask(study)) is not None:
                     if self._composes(study, trial):
                         running[pool.submit(self._launch_one, trial)] = trial
+                for trial, error in ended:
+                    self._settle(study, trial, error)
+                ended = []
                 if not running and not adopted:
                     return
                 poll = min(self.settings.heartbeat_s, self.poll_s)
                 if not running:
                     time.sleep(poll)  # only earlier trials run: they tell the study themselves
                 done, _ = wait(running, timeout=poll, return_when=FIRST_COMPLETED)
-                for future in done:
-                    self._settle(study, running.pop(future), future.result())
-                for trial in running.values():  # queued jobs have no run to beat for them
-                    study._storage.record_heartbeat(trial._trial_id)
-                optuna.storages.fail_stale_trials(study)
+                ended = [(running.pop(future), future.result()) for future in done]
+                if not ended:
+                    for trial in running.values():  # queued jobs have no run to beat for them
+                        study._storage.record_heartbeat(trial._trial_id)
+                if time.monotonic() - stale_checked >= self.settings.heartbeat_s:
+                    optuna.storages.fail_stale_trials(study)
+                    stale_checked = time.monotonic()
 
     def _ask(self, study: optuna.Study) -> optuna.Trial | None:
         """A new trial, or None once the study holds ``n_trials``. Two searches asking at once
