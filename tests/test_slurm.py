@@ -309,6 +309,6 @@ def test_a_search_killed_while_its_trials_run_as_slurm_jobs_loses_nothing_when_r
     trials = optuna.load_study(study_name="frontier", storage=f"sqlite:///{sweep_dir / 'study.db'}").trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
     for t in trials:
-        metrics = _metrics(sweep_dir / str(t.number))
+        metrics = run_metrics(sweep_dir / str(t.number))
         assert t.values == [metrics["test_acc1"], metrics["sparsity"]] and metrics["epoch"] == 4
         assert _epochs_logged(sweep_dir / str(t.number)) == [1, 2, 3, 4]  # trained once, not again
