@@ -302,3 +302,23 @@ def test_checking_a_searchs_settings_with_cfg_and_m_is_one_line():
     proc = run_train("-m", "hparams_search=frontier", "--cfg", "hydra", timeout=HANG_S)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("Error: --cfg/--info print a config and do not run")
+
+
+def test_a_run_reads_the_studys_trial_spec_as_data_and_refuses_a_told_trial(tmp_path):
+    """The spec a study file holds names only known metrics and allowlisted pruners; a run whose
+    trial is already told stops in one line instead of training it twice."""
+    from omegaconf import OmegaConf
+
+    from stds.run.life.study_link import SPEC_ATTR, TrialSpec, open_link
+
+    with pytest.raises(StdsError, match=r"names \['os.system'\]"):
+        TrialSpec.from_attr({"objectives": ["os.system"]})
+    with pytest.raises(ConfigError, match=r"pruner._target_=builtins.eval is not a pruner"):
+        TrialSpec.from_attr({"objectives": ["test_acc1"], "pruner": {"_target_": "builtins.eval"}})
+    sweep_dir = tmp_path / "sweep"
+    Search(_settings(1), sweep_dir, [], lambda o, i: (_finish(sweep_dir, 0, 0.9), [None])[1]).run()
+    assert _study(sweep_dir).user_attrs[SPEC_ATTR]["objectives"] == ["test_acc1", "sparsity"]
+    node = OmegaConf.create({"storage": f"sqlite:///{sweep_dir / 'study.db'}", "study": "s", "number": 0})
+    with pytest.raises(StdsError, match=r"trial 0 of the study 's' is complete already; nothing to train"):
+        open_link(node, sweep_dir / "0")
+    assert open_link(OmegaConf.create({"number": None}), sweep_dir / "0") is None

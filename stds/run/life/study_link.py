@@ -155,10 +155,15 @@ class StudyLink:
         """Tell the study what the run directory holds (once; a told trial is left as it is)."""
         from optuna.trial import TrialState
 
-        if self.study._storage.get_trial(self.trial._trial_id).state != TrialState.RUNNING:
-            return
         outcome = trial_outcome(self.run_dir, self.spec.objectives, self.spec.bounds, job_error)
-        tell(self.study, self.trial, outcome, self.spec)
+        try:
+            if self.study._storage.get_trial(self.trial._trial_id).state != TrialState.RUNNING:
+                return
+            tell(self.study, self.trial, outcome, self.spec)
+        except Exception as exc:  # the database is out of reach: the next search tells it from the files
+            log.warning("trial %d: not told to the study (%s); the next search run tells it from %s",
+                        self.trial.number, error_line(exc).strip(), self.run_dir)
+            return
         log.info("trial %d told to the study %r: %s", self.trial.number, self.study.study_name,
                  "pruned" if outcome.pruned else outcome.values if outcome.values is not None else outcome.error)
 
@@ -173,11 +178,7 @@ class StudyLink:
 
         # a stopped run (requeue, Ctrl-C) stays running: it resumes, or its heartbeat runs out
         if exc is not None and not isinstance(exc, (RunStopped, KeyboardInterrupt)):
-            try:
-                self.tell_result(error_line(exc).strip())
-            except Exception as told:
-                log.warning("trial %d: its failure was not told to the study: %s", self.trial.number,
-                            error_line(told).strip())
+            self.tell_result(error_line(exc).strip())
 
 
 def open_link(node: Any, run_dir: Path, sweeper_storage: str | None = None) -> StudyLink | None:
