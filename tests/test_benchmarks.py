@@ -110,3 +110,13 @@ def test_target_frontier_smoke_trains_both_variants_and_tables_them():
     # 2 epochs of 2 steps, the hold from step 0.5 * 4 = 2: d logged at steps 2, 3 and 4 of one run
     assert hold[1:4] == ["0.9", "1", "3"]
     assert _positive(lines[-1].split()[2]) and lines[-1].startswith("[target_frontier] plot: ")
+
+
+def test_search_cost_smoke_runs_both_schedules_over_every_trial():
+    """benchmarks/search_cost.py --smoke: the asynchronous search and the batches each ran the 4
+    trials; a slot's utilisation lies in (0, 1]."""
+    lines = {line.split(":")[0]: line for line in _smoke("search_cost.py")}
+    assert next(iter(lines)).startswith("4 trials, n_jobs=2")
+    for kind in ("async", "batch"):
+        utilisation = float(lines[kind].split("slot utilisation ")[1].split(",")[0])
+        assert 0 < utilisation <= 1

@@ -1,4 +1,4 @@
-"""Searches with an Optuna study (`stds.cli.search`, ``hparams_search=...``) and their Pareto fronts.
+"""Searches with an Optuna study (`stds.cli.study`, ``hparams_search=...``) and their Pareto fronts.
 
 The fast tests drive `Search` with a stand-in launcher that writes run directories by hand (what
 a trial leaves: ``metrics.json``, ``error.txt``, nothing); the slow ones run real searches on the
@@ -20,9 +20,22 @@ from hydra.core.utils import JobReturn, JobStatus
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from stds.cli.search import Search, SearchSettings, constraints_from, objectives_from, search_space
+from stds.cli.study.driver import Search
+from stds.cli.study.settings import (
+    SearchSettings,
+    constraints_from,
+    objectives_from,
+    search_space,
+)
 from stds.errors import ConfigError, StdsError
-from stds.results.pareto import Bound, constraint_values, dominates, feasible, pareto_mask
+from stds.results.pareto import (
+    Bound,
+    constraint_values,
+    dominates,
+    feasible,
+    pareto_mask,
+)
+from stds.run.measure.health import chance_limit
 from tests.conftest import HANG_S, REPO, compose_train, run_train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -188,8 +201,9 @@ def test_trials_are_told_what_their_run_directories_hold(tmp_path):
     launcher = FakeLauncher(sweep_dir, plan)
     front = _search(sweep_dir, launcher, n_trials=4).run()
 
-    assert [len(batch) for batch in launcher.calls] == [2, 2]  # n_jobs at a time
-    assert launcher.calls[0][0][0] == "epochs=2" and launcher.calls[0][0][-1] == "hydra.sweep.subdir=0"
+    assert [len(batch) for batch in launcher.calls] == [1, 1, 1, 1]  # one launch per trial, no batches
+    first = sorted(launcher.calls, key=lambda c: c[0][-1])[0][0]
+    assert first[0] == "epochs=2" and first[-1] == "hydra.sweep.subdir=0" and "trial.number=0" in first
     trials = _study(sweep_dir).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
     for t in (trials[0], trials[3]):  # the values are metrics.json's
@@ -415,8 +429,11 @@ def test_frontier_search_runs_six_trials_then_continues_to_eight(tmp_path):
     with (sweep_dir / "report.csv").open() as handle:
         rows = {int(r["trial"]): r for r in csv.DictReader(handle)}
     assert sorted(rows) == list(range(8))
-    on_front = pareto_mask([t.values for t in trials], [True, True])
-    assert [rows[t.number]["pareto"] == "front" for t in trials] == on_front
+    # a trial at chance (a fully pruned net) is marked, never on the front (health.chance_limit: 0.15)
+    above = [t for t in trials if t.values[0] > chance_limit(10)]
+    on_front = dict(zip([t.number for t in above], pareto_mask([t.values for t in above], [True, True])))
+    expected = ["front" if on_front.get(t.number) else "" if t.number in on_front else "chance" for t in trials]
+    assert [rows[t.number]["pareto"] for t in trials] == expected
     assert all(rows[t.number]["params"] == f"flat_width={t.params['flat_width']:.4g}" for t in trials)
 
 

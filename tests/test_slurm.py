@@ -76,6 +76,16 @@ def _job_log(sweep_dir: Path, num: int) -> str:
     return "".join(p.read_text() for p in sorted(folder.glob("*_log.*")))
 
 
+def _trial_job_log(run_dir: Path) -> str:
+    """What the SLURM job of a search's trial printed (each trial is a job of its own), found as
+    the report finds it: by the job id in the run's ``.hydra/hydra.yaml``."""
+    from stds.results.collect import submitit_job_dir
+
+    found = submitit_job_dir(run_dir)
+    assert found is not None, f"no submitit folder for {run_dir}"
+    return "".join(p.read_text() for p in sorted(found[0].glob("*_log.*")))
+
+
 def test_sweep_runs_one_job_per_point(tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_train(*SWEEP, "epochs=1", "flat_width=0.05,0.6", f"hydra.sweep.dir={sweep_dir}", timeout=TIMEOUT)
@@ -238,7 +248,7 @@ def test_search_runs_its_trials_as_slurm_jobs_with_the_study_in_a_server_databas
         metrics = run_metrics(sweep_dir / str(t.number))  # each trial a normal run directory
         assert t.values == [metrics["test_acc1"], metrics["sparsity"]]
         assert metrics["d"] == pytest.approx(t.params["flat_width"])
-        assert "Job completed successfully" in _job_log(sweep_dir, t.number)  # ran as a SLURM job
+        assert "Job completed successfully" in _trial_job_log(sweep_dir / str(t.number))  # ran as a SLURM job
     assert not (sweep_dir / "study.db").exists()  # the study is in the server, not the sweep dir
     assert "stds:***@localhost" in proc.stderr + proc.stdout and ":stds@" not in proc.stderr + proc.stdout
 
@@ -272,3 +282,33 @@ def test_a_requeued_trial_resumes_in_its_run_dir_and_reports_once(tmp_path):
     metrics = run_metrics(run_dir)
     assert trial.state == optuna.trial.TrialState.COMPLETE and metrics["epoch"] == 3
     assert trial.values == [metrics["test_acc1"], metrics["sparsity"]]
+
+
+def test_a_search_killed_while_its_trials_run_as_slurm_jobs_loses_nothing_when_run_again(tmp_path):
+    """SIGKILL the search once a trial's job trains; the jobs go on; the same command at once fails
+    none of them, waits for them, and every trial ends told with the values of its metrics.json."""
+    import signal
+
+    import optuna
+
+    from stds.run.files.rundir import lock_is_held
+
+    sweep_dir = tmp_path / "search"
+    args = ("-m", "hparams_search=frontier", *SWEEP[1:], "epochs=4", "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.n_jobs=2", "hydra.sweeper.params.flat_width.low=0.005",
+            "hydra.sweeper.params.flat_width.high=0.02", f"hydra.sweep.dir={sweep_dir}")
+    proc = _popen_train(*args)
+    try:
+        _wait_for(lambda: any(lock_is_held(p) for p in sweep_dir.glob("[0-9]*")), 150, "a trial training", proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    assert any(lock_is_held(p) for p in sweep_dir.glob("[0-9]*")), "the trials' jobs died with the search"
+
+    _ok(run_train(*args, timeout=TIMEOUT))
+    trials = optuna.load_study(study_name="frontier", storage=f"sqlite:///{sweep_dir / 'study.db'}").trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    for t in trials:
+        metrics = run_metrics(sweep_dir / str(t.number))
+        assert t.values == [metrics["test_acc1"], metrics["sparsity"]] and metrics["epoch"] == 4
+        assert _epochs_logged(sweep_dir / str(t.number)) == [1, 2, 3, 4]  # trained once, not again

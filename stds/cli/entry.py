@@ -218,6 +218,9 @@ def _main_error_line(exc: BaseException, multirun: bool) -> str | None:
         return None
     if isinstance(exc, OSError):
         return _output_dir_error_line(exc, multirun)
+    if isinstance(exc, ValueError) and str(exc).startswith("Only one of --run, --multirun, --cfg"):
+        return ("--cfg/--info print a config and do not run, so they cannot go with -m; drop -m, e.g. "
+                "python launch/train.py hparams_search=frontier --cfg hydra -p hydra.sweeper")
     cause = find_in_chain(exc, OSError, context=True)
     if isinstance(exc, ValueError) and str(exc).startswith("Unable to configure handler") and cause:
         return _log_file_error_line(cause, multirun)

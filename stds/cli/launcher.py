@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import JobReturn, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 from omegaconf import OmegaConf
 
 from stds.cli.callbacks import remove_empty_pattern_folders
-from stds.errors import ConfigError, error_line
+from stds.cli.jobs import job_error
+from stds.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class LocalSweepLauncher(LocalLauncher):
         self.max_parallel = max_parallel
         self.progress_every_s = progress_every_s
         self.poll_s = poll_s
+        self.in_flight = 1  # points other launches of a search run at the same time (`points_at_once`)
 
     def _executor(self, share: CpuShare) -> Any:
         """A submitit local executor set up as the plugin does, plus the thread count."""
@@ -133,10 +135,19 @@ class LocalSweepLauncher(LocalLauncher):
         executor.update_parameters(local_setup=setup, **params)
         return executor
 
+    def _share(self, points: int) -> CpuShare:
+        return share_cpus(points, available_cpus(), self.params.get("cpus_per_task"), self.max_parallel,
+                          int(self.params.get("tasks_per_node") or 1))
+
+    def points_at_once(self, wanted: int) -> int:
+        """How many of ``wanted`` points this machine runs at once; a search keeps that many in
+        flight and launches them one at a time, each with its share of the CPUs."""
+        self.in_flight = self._share(wanted).parallel
+        return self.in_flight
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None
-        share = share_cpus(len(job_overrides), available_cpus(), self.params.get("cpus_per_task"),
-                           self.max_parallel, int(self.params.get("tasks_per_node") or 1))
+        share = self._share(max(len(job_overrides), self.in_flight))
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:
@@ -233,9 +244,8 @@ class JobRunner(LocalLauncher):
 
     def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
         returned = super().__call__(*args, **kwargs)
-        error = getattr(returned, "_return_value", None)
-        if returned.status == JobStatus.FAILED and isinstance(error, BaseException):
-            line = error_line(error).strip()
+        line = job_error(returned)
+        if line is not None:
             logging.getLogger("stds").error("this sweep point failed: %s", line)
             print(line, file=sys.stderr, flush=True)
         root = logging.getLogger()
@@ -251,4 +261,4 @@ def _failed(job: Any) -> bool:
         returned = job.results()[0]
     except Exception:
         return True
-    return getattr(returned, "status", JobStatus.COMPLETED) == JobStatus.FAILED
+    return job_error(returned) is not None

@@ -1,4 +1,4 @@
-"""``hydra/sweeper=stds_optuna``: Hydra's sweeper over an Optuna study (`stds.cli.search.Search`).
+"""``hydra/sweeper=stds_optuna``: Hydra's sweeper over an Optuna study (`stds.cli.study.driver.Search`).
 
 The presets ``hparams_search=frontier|frontier_gradr|constrained`` select it. Each trial is one
 normal training run in ``<sweep dir>/<trial number>``, started by whichever Hydra launcher the
@@ -26,8 +26,16 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from stds.cli.search import Search, SearchSettings, constraints_from, objectives_from, search_space, shown_url
+from stds.cli.study.driver import Search
+from stds.cli.study.settings import (
+    SearchSettings,
+    constraints_from,
+    objectives_from,
+    search_space,
+)
+from stds.cli.study.storage import shown_url
 from stds.errors import ConfigError
+from stds.run.measure.health import chance_limit
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +59,12 @@ class OptunaSweeper(Sweeper):
     def __init__(self, objectives: Mapping[str, str] | None = None, constraints: Mapping[str, Any] | None = None,
                  params: Mapping[str, Any] | None = None, sampler: Mapping[str, Any] | None = None,
                  storage: str | None = None, study_name: str = "search", n_trials: int = 20,
-                 n_jobs: int = 2) -> None:
+                 n_jobs: int = 2, pruner: Mapping[str, Any] | None = None, heartbeat_s: int = 60,
+                 grace_s: int = 600, max_retry: int = 1) -> None:
         self.raw = {k: _plain(v) for k, v in dict(objectives=objectives, constraints=constraints,
-                                                     params=params, sampler=sampler).items()}
+                                                     params=params, sampler=sampler, pruner=pruner).items()}
+        self.timing = {"heartbeat_s": _count(heartbeat_s, "heartbeat_s", 1),
+                       "grace_s": _count(grace_s, "grace_s", 2), "max_retry": _count(max_retry, "max_retry", 0)}
         self.storage = storage
         self.study_name = str(study_name)
         self.n_trials = _count(n_trials, "n_trials", 0)
@@ -75,17 +86,28 @@ class OptunaSweeper(Sweeper):
             objectives=objectives_from(self.raw["objectives"]),
             constraints=constraints_from(self.raw["constraints"]), space=space,
             study_name=self.study_name, storage=self.storage or None,
-            n_trials=self.n_trials, n_jobs=self.n_jobs)
+            n_trials=self.n_trials, n_jobs=self.n_jobs, pruner=self.raw["pruner"], **self.timing)
         return settings, fixed
+
+    def _chance(self) -> float | None:
+        """The highest test_acc1 that is chance for the searched dataset (no trial there is on the front)."""
+        assert self.config is not None
+        classes = OmegaConf.select(self.config, "dataset.num_classes", default=None)
+        return chance_limit(classes) if isinstance(classes, int) and classes > 1 else None
 
     def sweep(self, arguments: list[str]) -> list[dict[str, Any]]:
         assert self.config is not None and self.launcher is not None
         settings, fixed = self.settings(arguments)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        slots = settings.n_jobs
+        if hasattr(self.launcher, "points_at_once"):  # the local launcher: at most as many as the CPUs allow
+            slots = self.launcher.points_at_once(settings.n_jobs)
+            if slots < settings.n_jobs:
+                log.info("n_jobs=%d, but the CPUs here run %d trials at a time: %d in flight",
+                         settings.n_jobs, slots, slots)
         search = Search(settings, sweep_dir, fixed, self.launcher.launch, sampler=self.raw["sampler"],
-                        validate=self.validate_batch_is_legal)
+                        validate=self.validate_batch_is_legal, slots=slots, chance=self._chance(),
+                        on_start=lambda: OmegaConf.save(self.config, sweep_dir / "multirun.yaml"))
         log.info("Search %r: %d trials in all, %d at a time, study in %s; trials in %s/<trial>",
                  settings.study_name, settings.n_trials, settings.n_jobs, shown_url(search.storage), search.sweep_dir)
         return search.run()

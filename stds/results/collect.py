@@ -3,16 +3,12 @@
 A run directory holds ``.hydra/config.yaml``; Hydra multirun layouts ``<sweep>/<n>/`` nest to any
 depth. The files of a run directory are described in ``docs/architecture.md``; fields are named as
 in ``docs/metrics.md`` (older run directories with ``flat_width`` for the threshold are read too).
+Files are data: configs are read unresolved (``${oc.env:X}`` stays text); nothing is unpickled.
 
-Files are data: configs are read without resolving any interpolation (``${oc.env:X}`` is shown
-as that text), and nothing is unpickled or imported.
-
-Status: ``metrics.json`` present -> finished (its figures); otherwise ``error.txt`` -> failed
-(its first line is shown); otherwise, if the submitit job that ran the point has ended (read from
-its plain-text logs in the sweep's ``.submitit/<job>/``, see `submitit_failure`), failed with the
-last line of the job's stderr; otherwise running (figures of the last line of ``metrics.jsonl``). Connectivity = 1 - sparsity.
-SynOps are per evaluated sample (`stds.run.measure.synops`). The mean firing rate is the unweighted mean over
-spiking layers.
+Status (`_status`): finished (``metrics.json``; pruned when it says ``"pruned": true``), failed
+(``error.txt``'s first line, or the last stderr line of an ended submitit job: `submitit_failure`),
+stopped (a ``.lock`` no process holds: killed), else running (the last line of ``metrics.jsonl``).
+Connectivity = 1 - sparsity; SynOps per evaluated sample; the mean firing rate is over layers.
 """
 
 from __future__ import annotations
@@ -29,6 +25,7 @@ from omegaconf import OmegaConf
 
 from stds.errors import StdsError
 from stds.results.record import RunRecord, method_label, natural_key
+from stds.run.files.rundir import LOCK_NAME, lock_is_held
 from stds.run.measure.metrics import best_of
 
 _RUN_MARKER = Path(".hydra") / "config.yaml"
@@ -209,6 +206,8 @@ def submitit_failure(run_dir: Path) -> str | None:
 
 def _status(run_dir: Path, final: dict[str, Any] | None) -> tuple[str, str]:
     if final is not None:
+        if final.get("pruned") is True:
+            return "pruned", "stopped early by the search's pruner"
         return "finished", ""
     error_file = run_dir / "error.txt"
     if error_file.exists():
@@ -217,7 +216,8 @@ def _status(run_dir: Path, final: dict[str, Any] | None) -> tuple[str, str]:
     job_failure = submitit_failure(run_dir)
     if job_failure is not None:
         return "failed", job_failure
-    return "running", ""
+    killed = (run_dir / LOCK_NAME).is_file() and not lock_is_held(run_dir)
+    return ("stopped", "its process ended without metrics.json or error.txt (killed)") if killed else ("running", "")
 
 
 def _threshold(record: dict[str, Any]) -> float | None:

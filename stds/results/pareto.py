@@ -5,26 +5,19 @@ one. The report reads finished trials from their run directories, not from the s
 (which may be on another machine), so it cannot ask Optuna's study for its best trials; the test
 is a few lines over at most a few hundred trials, written here for that reason.
 
-Constraints follow Optuna's convention (``constraints_func``): one value per bound, feasible when
+Constraints (`Bound`, `constraint_values`: `stds.run.measure.objectives`, which the trials use to
+tell the study) follow Optuna's convention (``constraints_func``): one value per bound, feasible when
 every value is <= 0. A bound ``min`` asks for ``value >= min`` (``min - value <= 0``), a bound
 ``max`` for ``value <= max`` (``value - max <= 0``).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from stds.run.measure.objectives import Bound, constraint_values
+
 __all__ = ["Bound", "constraint_values", "dominates", "feasible", "pareto_mask"]
-
-
-@dataclass(frozen=True)
-class Bound:
-    """Allowed range of one metric: ``min <= value <= max``; None leaves that side open."""
-
-    min: float | None = None
-    max: float | None = None
 
 
 def dominates(a: Sequence[float], b: Sequence[float], maximize: Sequence[bool]) -> bool:
@@ -41,20 +34,6 @@ def dominates(a: Sequence[float], b: Sequence[float], maximize: Sequence[bool]) 
 def pareto_mask(points: Sequence[Sequence[float]], maximize: Sequence[bool]) -> list[bool]:
     """For each point, whether no other point dominates it (equal points are all on the front)."""
     return [not any(dominates(other, point, maximize) for other in points) for point in points]
-
-
-def constraint_values(values: Mapping[str, float | None], bounds: Mapping[str, Bound]) -> list[float]:
-    """One value per set bound, in ``bounds`` order: <= 0 where it holds; a missing or
-    non-finite metric counts as violated (inf)."""
-    out: list[float] = []
-    for name, bound in bounds.items():
-        value = values.get(name)
-        known = value is not None and math.isfinite(value)
-        if bound.min is not None:
-            out.append(bound.min - value if known else math.inf)  # type: ignore[operator]
-        if bound.max is not None:
-            out.append(value - bound.max if known else math.inf)  # type: ignore[operator]
-    return out
 
 
 def feasible(values: Mapping[str, float | None], bounds: Mapping[str, Bound]) -> bool:

@@ -64,12 +64,13 @@ def _md_cell(run: RunRecord, column: Column, base: Path) -> str:
 def markdown(runs: list[RunRecord], base: Path, image: str | None = "report.png") -> str:
     """The report as Markdown: counts by status, the table, warnings, firing rates, the plot
     (with the runs at 0% connectivity listed under it)."""
-    counts = {s: sum(r.status == s for r in runs) for s in ("finished", "running", "failed")}
+    counts = {s: sum(r.status == s for r in runs) for s in ("finished", "pruned", "running", "stopped", "failed")}
     columns = _md_columns(runs)
     lines = [
         "# Sweep report", "",
         f"{len(runs)} run{'' if len(runs) == 1 else 's'}: {counts['finished']} finished, "
-        f"{counts['running']} running, {counts['failed']} failed. Figures of the last evaluated "
+        f"{counts['running']} running, {counts['failed']} failed"
+        + "".join(f", {counts[s]} {s}" for s in ("pruned", "stopped") if counts[s]) + ". Figures of the last evaluated "
         "epoch, named as in docs/metrics.md: flat_width = D, d = the threshold reached; "
         "connectivity = 1 - sparsity; synops per test sample (spikes x non-zero weights, summed "
         "over T); firing_rate_mean: mean over spiking layers of spikes per neuron per step.",

@@ -5,7 +5,8 @@ A trial is a run directory whose ``.hydra/hydra.yaml`` names the study sweeper; 
 ``docs/metrics.md``). Trials of one study (one sweep directory with its SQLite study, or one
 ``storage`` and ``study_name``) are compared with each other: a finished trial that meets the
 constraints and that no other such trial beats in every objective is on the Pareto front
-(`stds.results.pareto`). The searched parameters are the keys of ``hydra.sweeper.params`` and the
+(`stds.results.pareto`); a trial whose ``test_acc1`` is at chance (`chance_limit` of its classes:
+a fully pruned net) is marked ``chance`` and never on the front, whatever its sparsity. The searched parameters are the keys of ``hydra.sweeper.params`` and the
 command-line sweeps of the sweep's ``multirun.yaml``. Everything is read as data (YAML); nothing
 is instantiated.
 """
@@ -20,14 +21,15 @@ from typing import TYPE_CHECKING, Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from stds.results.pareto import Bound, feasible, pareto_mask
+from stds.run.measure.health import chance_limit
 
 if TYPE_CHECKING:
     from stds.results.record import RunRecord
 
-__all__ = ["FRONT", "INFEASIBLE", "TrialInfo", "mark_trials", "trial_info"]
+__all__ = ["AT_CHANCE", "FRONT", "INFEASIBLE", "TrialInfo", "mark_trials", "trial_info"]
 
 SWEEPER_CLASS = "OptunaSweeper"
-FRONT, INFEASIBLE = "front", "infeasible"
+FRONT, INFEASIBLE, AT_CHANCE = "front", "infeasible", "chance"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class TrialInfo:
     objectives: tuple[tuple[str, bool], ...]  # (metric, maximised)
     bounds: tuple[tuple[str, Bound], ...]
     params: tuple[str, ...]  # the searched config keys
+    chance: float | None = None  # the highest test_acc1 that is still chance for its classes
 
 
 def _load(path: Path) -> DictConfig | None:
@@ -96,7 +99,14 @@ def trial_info(run_dir: Path) -> TrialInfo | None:
         study=(str(_get(cfg, "hydra.sweeper.storage") or sweep_dir), str(_get(cfg, "hydra.sweeper.study_name"))),
         number=int(subdir) if subdir.isdigit() else None,
         objectives=tuple((str(k), str(v) == "maximize") for k, v in objectives.items()),
-        bounds=_bounds(_get(cfg, "hydra.sweeper.constraints")), params=tuple(params))
+        bounds=_bounds(_get(cfg, "hydra.sweeper.constraints")), params=tuple(params), chance=_chance(run_dir))
+
+
+def _chance(run_dir: Path) -> float | None:
+    """`chance_limit` for the run's ``dataset.num_classes`` (None when its config lacks it)."""
+    cfg = _load(run_dir / ".hydra" / "config.yaml")
+    classes = _get(cfg, "dataset.num_classes") if cfg is not None else None
+    return chance_limit(classes) if isinstance(classes, int) and not isinstance(classes, bool) and classes > 1 else None
 
 
 def _value(run: RunRecord, name: str) -> float | None:
@@ -109,12 +119,15 @@ def _mark_study(members: list[tuple[RunRecord, TrialInfo]]) -> None:
     info = members[0][1]
     names = [name for name, _ in info.objectives]
     scored = []
-    for run, _ in members:
+    for run, member in members:
         values = {name: _value(run, name) for name in {*names, *(n for n, _ in info.bounds)}}
         if run.status != "finished" or any(values[n] is None for n in names):
             continue
         if not feasible(values, dict(info.bounds)):
             run.pareto = INFEASIBLE
+            continue
+        if member.chance is not None and run.test_acc1 is not None and run.test_acc1 <= member.chance:  # a net that learned nothing is no trade-off
+            run.pareto = AT_CHANCE
             continue
         scored.append((run, [values[n] for n in names]))
     mask = pareto_mask([point for _, point in scored], [up for _, up in info.objectives])

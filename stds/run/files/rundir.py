@@ -6,6 +6,8 @@
   directory; a second process started on the same directory gets a `RunDirError` naming the
   holder. The kernel drops the lock when its holder exits or is killed; a holder that ends
   normally deletes the file, so a finished run keeps no ``.lock``.
+- `lock_is_held`: whether a live process holds a run directory's ``.lock`` (the report's and a
+  search's way to tell a running run from one that was killed).
 - `remove_unstarted`: what a run that failed before its first step wrote (its saved config,
   lock, log), and the directory itself once empty.
 - `remove_stale_temporaries`: the ``.<name>.*.tmp`` files a kill during `stds.run.files.checkpoint.save_atomic`
@@ -130,6 +132,24 @@ def _holder(handle: TextIO) -> str:
         return "another process"
     started = fields.get("started", "?")
     return f"process {fields.get('pid', '?')} on {fields.get('host', '?')} (since {started})"
+
+
+def lock_is_held(run_dir: Path | str) -> bool:
+    """Whether a live process holds ``<run dir>/.lock`` (a run training there now). The probe
+    takes a shared lock for an instant and gives it back; a symlinked ``.lock`` is not followed."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False  # no lock file: no run holds it (a run that ends deletes it)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 class RunLock:

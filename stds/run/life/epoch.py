@@ -14,10 +14,12 @@ from stds.run.life import state
 from stds.run.life.loop import Loop, train_epoch
 from stds.run.life.signals import StopSignals
 from stds.run.life.state import Progress
+from stds.run.life.study_link import StudyLink
 from stds.run.measure.evaluate import evaluate, ranks_in_sync, sync_buffers
 from stds.run.measure.health import diagnose, diagnose_run
 from stds.run.measure.metrics import BEST_RULE, MetricsWriter, replaces_best
 from stds.run.setup.build import Run
+from stds.run.setup.distributed import broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,12 @@ def summary(run: Run, progress: Progress) -> dict[str, Any]:
     }
 
 
-def fit(run: Run, progress: Progress, signals: StopSignals) -> float:
-    """Train the remaining epochs from ``progress``, write ``metrics.json``; the final top-1."""
+def fit(run: Run, progress: Progress, signals: StopSignals, link: StudyLink | None = None) -> float:
+    """Train the remaining epochs from ``progress``, write ``metrics.json``; the final top-1.
+
+    A search's trial (``link``) reports each epoch's top-1 to the study's pruner and ends early,
+    after that epoch's checkpoint, when the pruner says so (``"pruned": true`` in ``metrics.json``).
+    """
     loop = Loop(run, signals)
     if run.env.is_main:
         loop.writer = MetricsWriter(run.run_dir, purge_step=progress.step or None)
@@ -97,12 +103,16 @@ def fit(run: Run, progress: Progress, signals: StopSignals) -> float:
         loop.writer.restore(progress.last_record)  # a kill may have come between checkpoint and line
     if progress.pending_eval is not None:  # the checkpoint was written, the evaluation was not done
         evaluate_epoch(run, progress, loop)
-    while progress.epoch < run.settings.epochs:
+    pruned = False
+    while progress.epoch < run.settings.epochs and not pruned:
         started = time.perf_counter()
         train_stats = train_epoch(run, progress, loop)
-        finish_epoch(run, progress, loop, train_stats, started)
+        record = finish_epoch(run, progress, loop, train_stats, started)
+        pruned = _pruned(run, link, record)
     sync_buffers(run)
     result = summary(run, progress)
+    if run.settings.trial:
+        result["pruned"] = pruned
     if loop.writer is not None:
         run_warnings = diagnose_run(loop.writer.history(), run.cfg)
         for warning in run_warnings:
@@ -112,6 +122,19 @@ def fit(run: Run, progress: Progress, signals: StopSignals) -> float:
         loop.writer.close()
         _log_end(run, result)
     return float(result["test_acc1"])
+
+
+def _pruned(run: Run, link: StudyLink | None, record: dict[str, Any]) -> bool:
+    """Whether the study's pruner stops this trial after the epoch of ``record`` (rank 0 asks)."""
+    if not run.settings.trial:
+        return False
+    stop = link.should_stop(int(record["epoch"]), float(record["test_acc1"])) if link is not None else False
+    stop = bool(broadcast_object(stop, run.env))
+    if stop:
+        log.warning("the study's pruner stopped this trial after epoch %d/%d (test_acc1 %.4f); its checkpoint "
+                    "stays (resume=%s trial.number=null trains it on)", record["epoch"], run.settings.epochs,
+                    record["test_acc1"], run.run_dir)
+    return stop
 
 
 def _log_start(run: Run) -> None:

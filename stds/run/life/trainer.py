@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from stds.errors import RunDirError, error_line
 from stds.run.files import rundir
-from stds.run.life import resume
+from stds.run.life import resume, study_link
 from stds.run.life.epoch import fit
 from stds.run.life.signals import RunStopped, StopSignals
 from stds.run.life.state import Progress
@@ -84,6 +84,15 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _sweeper_storage() -> str | None:
+    """``hydra.sweeper.storage`` of this job's Hydra config: the study of a search's trial when its
+    URL is the user's (kept out of the trial's overrides and logs)."""
+    if not HydraConfig.initialized():
+        return None
+    storage = HydraConfig.get().sweeper.get("storage")
+    return str(storage) if storage else None
+
+
 def _log_files(run_dir: Path) -> list[Path]:
     """The log files that logging handlers (Hydra's ``train.log``) write inside ``run_dir``."""
     handlers = [*logging.getLogger().handlers, *logging.getLogger("stds").handlers]
@@ -100,6 +109,7 @@ def _train_in(raw: DictConfig, env: distributed.DistEnv, run_dir: Path, signals:
     ``.hydra/`` command files of the run it continues.
     """
     start = start or _Start()
+    link = None
     with contextlib.ExitStack() as stack:
         fresh = not (run_dir / "checkpoints" / "last.pt").exists()
         start.fresh = rundir.holds_only_unstarted(run_dir, _log_files(run_dir))
@@ -108,6 +118,9 @@ def _train_in(raw: DictConfig, env: distributed.DistEnv, run_dir: Path, signals:
             stack.enter_context(rundir.RunLock(run_dir))
             start.locked = True
             (run_dir / "error.txt").unlink(missing_ok=True)
+            link = study_link.open_link(raw.get("trial"), run_dir, _sweeper_storage())
+            if link is not None:
+                stack.enter_context(link)
             if fresh:  # a failing sweep point still has its config (and error.txt) for the report
                 resume.record_config(run_dir, raw)
         cfg = prepare_config(raw)
@@ -125,7 +138,10 @@ def _train_in(raw: DictConfig, env: distributed.DistEnv, run_dir: Path, signals:
         if progress.epoch >= cfg.epochs:
             _say_finished(run, progress)
         start.training = True
-        return fit(run, progress, signals)
+        result = fit(run, progress, signals, link)
+        if link is not None:
+            link.tell_result()
+        return result
 
 
 def _say_finished(run: Run, progress: Progress) -> None:

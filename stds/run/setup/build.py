@@ -54,6 +54,7 @@ class RunSettings:
     synops_samples: int
     energy_ac_pj: float
     energy_mac_pj: float
+    trial: bool = False  # a search's trial (``trial.number`` set): reports to the study's pruner
 
 
 def settings_of(cfg: DictConfig) -> RunSettings:
@@ -64,7 +65,8 @@ def settings_of(cfg: DictConfig) -> RunSettings:
         checkpoint_every_steps=int(cfg.checkpoint_every_steps), progress_bar=bool(cfg.logging.progress_bar),
         histogram_every_epochs=int(cfg.logging.histogram_every_epochs), synops=bool(cfg.logging.synops),
         synops_samples=int(cfg.logging.synops_samples), energy_ac_pj=float(cfg.logging.energy_ac_pj),
-        energy_mac_pj=float(cfg.logging.energy_mac_pj))
+        energy_mac_pj=float(cfg.logging.energy_mac_pj),
+        trial=cfg.get("trial") is not None and cfg.trial.get("number") is not None)
 
 
 @dataclass

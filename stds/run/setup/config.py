@@ -95,6 +95,15 @@ class LoggingConfig:
 
 
 @dataclass
+class TrialLinkConfig:
+    """Set by a search for each trial (`stds.run.life.study_link`): the study and the trial's number."""
+
+    storage: Optional[str] = None
+    study: Optional[str] = None
+    number: Optional[int] = None
+
+
+@dataclass
 class TrainConfig:
     dataset: Any = None
     model: Any = None
@@ -130,6 +139,8 @@ class TrainConfig:
     resume: Optional[str] = None
     # start a new run from the weights of a checkpoint or an exported pruned.pt
     init_from: Optional[str] = None
+    # a search's trial: set by the search (docs/search.md), null for a run of its own
+    trial: TrialLinkConfig = field(default_factory=TrialLinkConfig)
 
 
 SHIPPED_CONF = Path(__file__).resolve().parents[3] / "conf"
