@@ -70,7 +70,7 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize(
     "override, expected",
     # one case of each kind in the quick tier: Hydra's composition, our schema, our checks
-    [("sparse=magic", "Could not find 'sparse/magic'; options in 'sparse': identity, st, stmod"),
+    [("sparse=magic", "Could not find 'sparse/magic'; options in 'sparse': gmp, identity, st, stmod"),
      ("flat_widht=1", "flat_widht is not a config key"),
      ("flat_width=-1", "flat_width=-1.0 must be >= 0"),
      *[pytest.param(*case, marks=pytest.mark.slow) for case in (

@@ -206,3 +206,16 @@ def test_the_script_import_check_finds_a_moved_module_and_a_missing_name(tmp_pat
     assert sorted(why) == [(2, "accel", "stds has no accel"),
                            (3, "nothing_here", "stds.run.setup.accel has no nothing_here"),
                            (4, "accel", None), (5, "X", None), (5, "Y", "helper.py defines no Y")]
+
+
+def test_no_module_over_400_lines_and_no_function_over_50():
+    """Modules with one job each: the limits the layout was drawn to (``docs/architecture.md``)."""
+    long_modules, long_functions = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            long_modules.append(f"{path.relative_to(REPO)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50:
+                long_functions.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}")
+    assert long_modules == [] and long_functions == []

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 __all__ = ["OBJECTIVE_METRICS", "Bound", "Outcome", "constraint_values", "trial_outcome"]
 
 OBJECTIVE_METRICS = ("test_acc1", "best_test_acc1", "test_acc5", "sparsity", "d", "synops",
-                     "first_layer_macs")
+                     "first_layer_macs", "energy_uj")
 """Names of ``metrics.json`` (``docs/metrics.md``) a search may optimise or constrain."""
 
 
