@@ -1,20 +1,41 @@
 #!/usr/bin/env bash
-# Start a one-node SLURM cluster (with accounting) for the SLURM tests, everything under DIR.
+# Start a SLURM test cluster (with accounting) for the SLURM tests, everything under DIR.
 #
-#   bash tests/slurm/start_cluster.sh [DIR]     # DIR defaults to <repo>/.slurm
+#   bash tests/slurm/start_cluster.sh [DIR] [--nodes N]   # DIR defaults to <repo>/.slurm, N to 1
 #   source DIR/env.sh                           # exports SLURM_CONF for sbatch/sinfo/submitit
 #   bash tests/slurm/stop_cluster.sh [DIR]
 #
 # Installs the Debian packages when missing, writes slurm.conf/slurmdbd.conf, the munge key and the
 # MariaDB data directory under DIR, starts munged, mariadbd, slurmdbd, slurmctld and slurmd in the
 # background (PIDs in DIR/pids/<name>.pid, logs in DIR/log/), registers the cluster in accounting,
-# creates the database stds_search (user stds) for the search tests and waits until the node is idle. Running it again while the cluster is up only re-checks it.
-# The three TCP ports are derived from DIR, so clusters in two directories (a checkout's and a CI
-# clone's) can run side by side; MariaDB and munge listen on sockets under DIR only.
+# creates the database stds_search (user stds) for the search tests and waits until the nodes are
+# idle. Running it again while the cluster is up only re-checks it.
+# The TCP ports are derived from DIR, so clusters in two directories (a checkout's and a CI clone's)
+# can run side by side; MariaDB and munge listen on sockets under DIR only.
+#
+# Nodes: with N = 1 the node is this host (NodeAddr 127.0.0.1). With N > 1 this one machine plays N
+# nodes node1..nodeN, each its own slurmd (`slurmd -N nodeK`, PID in DIR/pids/slurmd-nodeK.pid) with
+# its own port and its own loopback address 127.0.0.(K+1) as NodeAddr; every node has all the
+# host's CPUs and 1/N of its memory. SLURM places a job's tasks on these nodes as on real ones
+# (SLURM_JOB_NODELIST=node[1-2], one srun task set per node), while all traffic stays on loopback.
+# The node names do not resolve; stds takes a node's address from SLURM's NodeAddr then
+# (stds.run.setup.distributed). Debian's slurmd 22.05 starts several daemons on one host this way
+# (each reads its own Port= from its node line), so no network namespace is needed.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-dir="${1:-$repo/.slurm}"
+dir="" nodes=1
+while (($#)); do
+    case $1 in
+        --nodes) nodes="${2:-}"; shift 2 || true ;;
+        --nodes=*) nodes="${1#--nodes=}"; shift ;;
+        -*) echo "start_cluster: unknown option $1 (usage: start_cluster.sh [DIR] [--nodes N])" >&2; exit 2 ;;
+        *) dir=$1; shift ;;
+    esac
+done
+[[ $nodes =~ ^[1-9][0-9]*$ ]] && ((nodes <= 4)) || {
+    echo "start_cluster: --nodes '$nodes' must be a whole number from 1 to 4" >&2; exit 2; }
+dir="${dir:-$repo/.slurm}"
 mkdir -p "$dir"
 dir="$(cd "$dir" && pwd)"
 cluster=stdstest
@@ -40,20 +61,26 @@ if ((${#need[@]})); then
     } || die "apt-get install failed, see $dir/apt.log"
 fi
 
-mkdir -p "$dir"/{pids,log,state,spool/"$host",munge,mysql,run}
+if ((nodes == 1)); then node_names=("$host"); else node_names=($(seq -f 'node%g' "$nodes")); fi
+mkdir -p "$dir"/{pids,log,state,munge,mysql,run}
+for name in "${node_names[@]}"; do mkdir -p "$dir/spool/$name"; done
 conf="$dir/slurm.conf"
 dbdconf="$dir/slurmdbd.conf"
 msock="$dir/munge/run/munge.socket.2"
 dbsock="$dir/run/mysqld.sock"
 export SLURM_CONF="$conf"
-# slurmctld, slurmd, slurmdbd ports: three in a row in [7000, 19000], below the master ports that
-# stds.distributed derives for DDP jobs ([20000, 60000]) and the kernel's ephemeral ports
-port=$((7000 + $(cksum <<<"$dir" | cut -d' ' -f1) % 4000 * 3))
+# slurmctld, slurmd, slurmdbd ports: three in a row in [7000, 19000), below the master ports that
+# stds.distributed derives for DDP jobs ([20000, 60000]); the slurmd of nodes 2..4 in [19000, 20000)
+dir_hash=$(cksum <<<"$dir" | cut -d' ' -f1)
+port=$((7000 + dir_hash % 4000 * 3))
 ctld_port=$port slurmd_port=$((port + 1)) dbd_port=$((port + 2))
+node_port() {  # node_port K: the slurmd port of node K (1-based)
+    if (($1 == 1)); then echo "$slurmd_port"; else echo $((19000 + dir_hash % 333 * 3 + $1 - 2)); fi
+}
 
 running() {  # running NAME: its recorded PID is alive and still that daemon (PIDs get reused)
     local f="$dir/pids/$1.pid"
-    [[ -s $f ]] && [[ $(cat "/proc/$(cat "$f")/comm" 2>/dev/null) == "$1" ]]
+    [[ -s $f ]] && [[ $(cat "/proc/$(cat "$f")/comm" 2>/dev/null) == "${1%%-*}" ]]
 }
 
 port_free() {  # port_free PORT NAME: die naming the listener when another process holds PORT
@@ -70,6 +97,7 @@ start() {  # start NAME CMD...: run CMD in the background (foreground mode), rec
         slurmdbd) port_free "$dbd_port" "$name" ;;
         slurmctld) port_free "$ctld_port" "$name" ;;
         slurmd) port_free "$slurmd_port" "$name" ;;
+        slurmd-node*) port_free "$(node_port "${name#slurmd-node}")" "$name" ;;
     esac
     "$@" >>"$dir/log/$name.out" 2>&1 &
     echo $! >"$dir/pids/$name.pid"
@@ -119,8 +147,18 @@ mariadb --no-defaults --socket="$dbsock" -uroot -e "CREATE DATABASE IF NOT EXIST
 node_line="$(slurmd -C | head -n1)"
 cpus="$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$node_line")"
 mem="$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$node_line")"
-mem=$((mem * 9 / 10))   # leave room for the OS: a node reporting more than it has is drained
-node_line="$(sed -e "s/RealMemory=[0-9]*/RealMemory=$mem/" <<<"$node_line") NodeAddr=127.0.0.1 State=UNKNOWN"
+mem=$((mem * 9 / 10 / nodes))   # room for the OS (a node reporting more than it has is drained)
+hw="$(sed -e "s/^NodeName=[^ ]* //" -e "s/RealMemory=[0-9]*/RealMemory=$mem/" <<<"$node_line")"
+node_lines=""
+if ((nodes == 1)); then
+    node_lines="NodeName=$host $hw NodeAddr=127.0.0.1 State=UNKNOWN"
+else
+    for k in $(seq "$nodes"); do
+        node_lines+="NodeName=node$k NodeHostname=$host NodeAddr=127.0.0.$((k + 1)) Port=$(node_port "$k") $hw State=UNKNOWN"$'\n'
+    done
+fi
+node_list="$(IFS=,; echo "${node_names[*]}")"
+per_node=""; ((nodes == 1)) || per_node="-%n"   # each slurmd its own PID and log file
 
 cat >"$dbdconf.new" <<CONF
 AuthType=auth/munge
@@ -141,7 +179,7 @@ CONF
 chmod 600 "$dbdconf.new"
 
 cat >"$conf.new" <<CONF
-# Written by tests/slurm/start_cluster.sh: a one-node test cluster.
+# Written by tests/slurm/start_cluster.sh: a test cluster of $nodes node(s) on this machine.
 ClusterName=$cluster
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
@@ -154,9 +192,9 @@ SlurmdPort=$slurmd_port
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/run/slurmctld.pid
-SlurmdPidFile=$dir/run/slurmd.pid
+SlurmdPidFile=$dir/run/slurmd$per_node.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
-SlurmdLogFile=$dir/log/slurmd.log
+SlurmdLogFile=$dir/log/slurmd$per_node.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill
@@ -179,8 +217,8 @@ InactiveLimit=0
 MinJobAge=300
 KillWait=5
 Waittime=0
-$node_line
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+$node_lines
+PartitionName=debug Nodes=$node_list Default=YES MaxTime=INFINITE State=UP
 CONF
 
 stop_daemon() {  # stop_daemon NAME: stop a running daemon by its recorded PID
@@ -202,7 +240,7 @@ install_conf() {  # install_conf FILE DAEMON...: a changed config restarts the d
     fi
 }
 install_conf "$dbdconf" slurmdbd
-install_conf "$conf" slurmd slurmctld
+install_conf "$conf" slurmd $(printf 'slurmd-%s ' "${node_names[@]}") slurmctld
 
 cat >"$dir/env.sh" <<ENV
 # source this file to talk to the test cluster under $dir
@@ -220,18 +258,23 @@ if ! sacctmgr -n -P list cluster format=cluster | grep -qx "$cluster"; then
 fi
 start slurmctld slurmctld -D -i -f "$conf"
 wait_for 30 slurmctld scontrol ping
-start slurmd slurmd -D -f "$conf"
+if ((nodes == 1)); then
+    start slurmd slurmd -D -f "$conf"
+else
+    for name in "${node_names[@]}"; do start "slurmd-$name" slurmd -D -N "$name" -f "$conf"; done
+fi
 
-node_idle() { [[ $(sinfo -h -n "$host" -o %t 2>/dev/null) =~ ^(idle|mix|alloc) ]]; }
-end=$((SECONDS + 40))
-until node_idle; do
-    state="$(sinfo -h -n "$host" -o %t 2>/dev/null || true)"
-    if [[ $state == down* || $state == drain* ]]; then
-        scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true
-    fi
-    ((SECONDS < end)) || die "node $host is '$state', not idle (see $dir/log/slurmd.log, slurmctld.log)"
-    sleep 0.3
+for name in "${node_names[@]}"; do
+    end=$((SECONDS + 40))
+    until [[ $(sinfo -h -n "$name" -o %t 2>/dev/null) =~ ^(idle|mix|alloc) ]]; do
+        state="$(sinfo -h -n "$name" -o %t 2>/dev/null || true)"
+        if [[ $state == down* || $state == drain* ]]; then
+            scontrol update nodename="$name" state=resume >/dev/null 2>&1 || true
+        fi
+        ((SECONDS < end)) || die "node $name is '$state', not idle (see $dir/log/slurmd*.log, slurmctld.log)"
+        sleep 0.3
+    done
 done
 
-log "cluster '$cluster' up in $((SECONDS - t0)) s: node $host, $cpus CPUs, ${mem} MB"
+log "cluster '$cluster' up in $((SECONDS - t0)) s: node(s) $node_list, $cpus CPUs and ${mem} MB each"
 echo "export SLURM_CONF=$conf"

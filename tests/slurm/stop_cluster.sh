@@ -9,7 +9,7 @@ dir="${1:-$repo/.slurm}"
 [[ -d $dir/pids ]] || { echo "stop_cluster: nothing to stop in $dir" >&2; exit 0; }
 
 ours() {  # ours NAME: the PID recorded for NAME is alive and still that daemon (PIDs get reused)
-    [[ -s $dir/pids/$1.pid ]] && [[ $(cat "/proc/$(cat "$dir/pids/$1.pid")/comm" 2>/dev/null) == "$1" ]]
+    [[ -s $dir/pids/$1.pid ]] && [[ $(cat "/proc/$(cat "$dir/pids/$1.pid")/comm" 2>/dev/null) == "${1%%-*}" ]]
 }
 
 # jobs still running would keep slurmstepd processes alive; cancel them while slurmctld is up
@@ -36,7 +36,9 @@ stop() {  # stop NAME...: TERM them together, wait up to 10 s, then KILL what is
 }
 
 # reverse start order: SLURM first, then its database, then MariaDB and munge
-stop slurmd slurmctld
+nodes=()   # the slurmd of each node of a several-node cluster (start_cluster.sh --nodes N)
+for f in "$dir"/pids/slurmd-*.pid; do [[ -e $f ]] && nodes+=("$(basename "$f" .pid)"); done
+stop slurmd ${nodes[@]+"${nodes[@]}"} slurmctld
 stop slurmdbd
 stop mariadbd munged
 echo "stop_cluster: stopped the cluster in $dir" >&2

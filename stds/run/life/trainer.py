@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from stds.errors import RunDirError, error_line
+from stds.errors import RunDirError, error_line, user_error
 from stds.run.files import rundir
 from stds.run.life import resume, study_link
 from stds.run.life.epoch import fit
@@ -38,7 +38,8 @@ def train(cfg: DictConfig, run_dir: Path | str | None = None) -> float:
         run_dir = resumed_dir
     elif run_dir is None:
         run_dir = HydraConfig.get().runtime.output_dir
-    env = distributed.setup(str(cfg.get("device", "auto")))
+    timeout_s = float(cfg.distributed.timeout_s)
+    env = distributed.setup(str(cfg.get("device", "auto")), timeout_s)
     # every rank works in rank 0's directory (a `${now:...}` name may differ between processes)
     run_dir = Path(distributed.broadcast_object(str(run_dir), env))
     if not env.is_main:
@@ -52,11 +53,16 @@ def train(cfg: DictConfig, run_dir: Path | str | None = None) -> float:
         stop.hand_on()  # SIGUSR2 under submitit: requeue now that last.pt is written
         raise
     except BaseException as exc:
+        # a failed collective: rank 0 names the ranks that stopped answering (a lost node)
+        lost = None if user_error(exc) else distributed.name_lost_ranks(exc, env, timeout_s)
         if env.is_main and start.unstarted() and not _in_sweep():
             rundir.remove_unstarted(run_dir, _log_files(run_dir))
         # a run directory that is locked by another process or cannot be written gets no error.txt
         elif env.is_main and not isinstance(exc, (KeyboardInterrupt, RunDirError)):
-            _write_error(run_dir, exc)
+            _write_error(run_dir, lost or exc)
+        if lost is not None:
+            log.error("%s", lost)
+            raise lost from exc
         raise
     # only after success: a rank that failed leaves its peers inside a collective, and the
     # launcher (torchrun, submitit) ends them; waiting for them here would hang

@@ -104,6 +104,13 @@ class TrialLinkConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # a collective (gradient all-reduce, barrier) waiting longer than this fails the run instead of
+    # hanging; then error.txt names the ranks that stopped answering (a lost node)
+    timeout_s: float = 1800.0
+
+
+@dataclass
 class TrainConfig:
     dataset: Any = None
     model: Any = None
@@ -113,6 +120,7 @@ class TrainConfig:
     lr_scheduler: Any = None
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # null (as in presets whose value must be chosen) is refused by `validate`, naming the key
     flat_width: Optional[float] = 0.5
     alpha_gr: Optional[float] = 0.0
@@ -193,6 +201,10 @@ def _check_numbers(cfg: DictConfig) -> None:
         raise ConfigError(f"loader.num_workers={cfg.loader.num_workers} must be >= 0")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={cfg.device!r} is not valid; use one of auto, cpu, cuda")
+    timeout_s = cfg.distributed.timeout_s
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise ConfigError(f"distributed.timeout_s={timeout_s} must be a number of seconds > 0; "
+                          "set distributed.timeout_s=<seconds>, e.g. 1800")
 
 
 def _check_method(cfg: DictConfig) -> None:

@@ -3,14 +3,17 @@
 This module is the only place that reads ranks and world sizes from the environment:
 
 * a submitit task with more than one task in its job (``SUBMITIT_EXECUTOR`` is set): rank, local
-  rank, world size and master address come from ``submitit.JobEnvironment``; the master port is
-  derived from the per-task job id (``<array job>_<task>`` for array jobs), so concurrent array
+  rank, world size and master host come from ``submitit.JobEnvironment``; the master address is
+  the job's first node (its SLURM ``NodeAddr`` when its name does not resolve); the master port
+  is derived from the per-task job id (``<array job>_<task>`` for array jobs), so concurrent array
   tasks do not collide;
 * ``torchrun``: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
 * otherwise a single process.
 
 Every rank uses one device (``cuda:<local rank>`` when CUDA is available, else the CPU), NCCL on
-GPUs and gloo on CPUs. Only rank 0 writes files (`DistEnv.is_main`).
+GPUs and gloo on CPUs. Only rank 0 writes files (`DistEnv.is_main`). A collective that waits
+longer than ``distributed.timeout_s`` fails instead of hanging; `lost_ranks` then names the ranks
+that stopped answering (a lost node), for the run's ``error.txt``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ from __future__ import annotations
 import gc
 import os
 import random
+import re
+import socket
+import subprocess
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -64,12 +72,33 @@ def _submitit_env() -> dict[str, str] | None:
     if job.num_tasks <= 1:
         return None
     return {
-        "MASTER_ADDR": job.hostnames[0],
+        "MASTER_ADDR": node_address(job.hostnames[0]),
         "MASTER_PORT": os.environ.get("MASTER_PORT") or str(port_for_job(job.job_id)),
         "RANK": str(job.global_rank),
         "WORLD_SIZE": str(job.num_tasks),
         "LOCAL_RANK": str(job.local_rank),
     }
+
+
+def node_address(node: str) -> str:
+    """Where to reach SLURM node ``node``: its name when the name resolves (the usual case), else
+    the ``NodeAddr`` slurmctld holds for it (node names that are not host names, as on the test
+    cluster of several nodes on one machine, tests/slurm/start_cluster.sh --nodes 2)."""
+    try:
+        socket.getaddrinfo(node, None)
+        return node
+    except socket.gaierror:
+        pass
+    try:
+        shown = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True,
+                               text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        shown = ""
+    found = re.search(r"\bNodeAddr=(\S+)", shown)
+    if found is None:
+        raise RuntimeError(f"the job's first node {node!r} does not resolve and `scontrol show node {node}` "
+                           "gives no NodeAddr; make the node names resolve (DNS or /etc/hosts)")
+    return found.group(1)
 
 
 def _pick_device(device: str, local_rank: int) -> torch.device:
@@ -102,8 +131,11 @@ def _limit_cpu_threads() -> None:
         torch.set_num_threads(threads)
 
 
-def setup(device: str = "auto") -> DistEnv:
-    """Set up this process (and the process group when there are several) and return its place."""
+def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+    """Set up this process (and the process group when there are several) and return its place.
+
+    ``timeout_s`` (``distributed.timeout_s``): a collective waiting longer than this raises.
+    """
     _limit_cpu_threads()
     submitit_vars = _submitit_env()
     if submitit_vars is not None:
@@ -116,7 +148,8 @@ def setup(device: str = "auto") -> DistEnv:
         if torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device)
 
 
@@ -162,3 +195,52 @@ def broadcast_object(value: Any, env: DistEnv) -> Any:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+class RanksLost(RuntimeError):
+    """Ranks of a distributed run stopped answering (a node or process lost); names them."""
+
+
+def _answers_store(timeout_s: float) -> dist.TCPStore:
+    """A client of the job's rendezvous store (held by rank 0's node), for `lost_ranks`."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def lost_ranks(env: DistEnv, timeout_s: float) -> list[int] | None:
+    """After a failed collective: the ranks that did not answer within ``timeout_s``.
+
+    Every surviving rank posts an answer in the job's store; rank 0 waits up to ``timeout_s``
+    for the others (their own collectives fail within one timeout of its own) and returns the
+    ranks without an answer. Other ranks return None after posting; so does rank 0 when the
+    store cannot be reached. The process group cannot be asked: it is what failed.
+    """
+    prefix = f"stds/answered/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    try:
+        store = _answers_store(timeout_s)
+        store.set(f"{prefix}/{env.rank}", "1")
+        if not env.is_main:
+            return None
+        others = [f"{prefix}/{rank}" for rank in range(1, env.world_size)]
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and not all(store.check([key]) for key in others):
+            time.sleep(0.2)
+        return [rank for rank, key in enumerate(others, start=1) if not store.check([key])]
+    except (RuntimeError, OSError, KeyError, ValueError):  # the store's host is gone
+        return None
+
+
+def name_lost_ranks(exc: BaseException, env: DistEnv, timeout_s: float) -> RanksLost | None:
+    """A `RanksLost` naming the ranks that stopped answering when ``exc`` ended a distributed
+    run (on rank 0), or None when every rank answered or this is not rank 0."""
+    if not env.distributed or not isinstance(exc, Exception):
+        return None
+    lost = lost_ranks(env, timeout_s)
+    if not lost:
+        return None
+    names = ", ".join(str(rank) for rank in lost)
+    first = " ".join(str(exc).split())[:300]
+    return RanksLost(f"rank{'s' if len(lost) > 1 else ''} {names} of {env.world_size} stopped answering "
+                     f"(a node or process lost; no answer within distributed.timeout_s={timeout_s:g} s); "
+                     f"checkpoints/last.pt holds the last checkpoint and the next run resumes from it "
+                     f"(collective error: {first})")
