@@ -54,6 +54,8 @@ def evaluate_epoch(run: Run, progress: Progress, loop: Loop) -> dict[str, Any]:
               "epoch_time_s": train_s + loop.eval_s, "eval_time_s": loop.eval_s,
               "train_images_per_s": trained / max(train_s, 1e-9),
               "bad_images": run.bad_images.drain() if run.bad_images is not None else []}
+    if run.env.distributed:  # every rank's weights and buffers (d included) equal rank 0's
+        record["ranks_in_sync"] = ranks_in_sync(run)
     record["warnings"] = diagnose(record, run.cfg, previous=progress.last_record)
     progress.last_record, progress.pending_eval = record, None
     best = replaces_best(record["test_acc1"], record["sparsity"], progress.best_acc1, progress.best_sparsity)

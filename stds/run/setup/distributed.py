@@ -91,7 +91,7 @@ def node_address(node: str) -> str:
         pass
     try:
         shown = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True,
-                               text=True, timeout=60).stdout
+                               text=True, timeout=60, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
         shown = ""
     found = re.search(r"\bNodeAddr=(\S+)", shown)

@@ -1,0 +1,188 @@
+"""Runs across two SLURM nodes on the local test cluster of two nodes:
+
+    bash tests/slurm/start_cluster.sh .slurm2 --nodes 2 && source .slurm2/env.sh
+
+DDP across the nodes through the SLURM launcher (gloo), equal to one node with the same ranks; a
+requeued two-node job; a node that stops answering; the same run through two ``torchrun`` "nodes".
+Every run is the digits net for one to three epochs (seconds each on two cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import HANG_S, REPO, TRAIN
+from tests.test_slurm import (
+    SWEEP,
+    _epochs_logged,
+    _job_dir,
+    _job_log,
+    _metrics,
+    _ok,
+    _wait_for,
+)
+
+
+def _idle_nodes() -> list[str]:
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=5,
+                             check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return sorted({line.split()[0] for line in out.splitlines() if re.search(r" (idle|mix|alloc)", line)})
+
+
+NODES = _idle_nodes()
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(len(NODES) < 2, reason=f"no SLURM cluster of two nodes (usable: {NODES}); start one: "
+                       "bash tests/slurm/start_cluster.sh .slurm2 --nodes 2 && source .slurm2/env.sh"),
+]
+
+BATCH = 16  # per rank: 44 steps per epoch on two ranks, enough for a run that learns in two epochs
+RUN = ("-m", "hydra/launcher=slurm_cpu", "dataset=digits", f"batch_size={BATCH}", "logging.log_every_steps=5",
+       "flat_width=0.05", "logging.synops=false")
+TWO_NODES = ("hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1")
+ONE_NODE_TWO_TASKS = ("hydra.launcher.nodes=1", "hydra.launcher.tasks_per_node=2")
+EPOCH_KEYS = ("epoch", "step", "d", "sparsity", "test_acc1", "test_loss", "train_loss")
+
+
+def _popen_train(*args: str, **env: str) -> subprocess.Popen:
+    """``python launch/train.py ARGS`` in the background, ``env`` added to the environment."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=REPO, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=HANG_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _epoch_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    return state["model"]
+
+
+def _assert_same_run(got: Path, want: Path) -> None:
+    """Every epoch's numbers and the final weights (bit for bit) of two runs are equal."""
+    got_lines, want_lines = _epoch_lines(got), _epoch_lines(want)
+    assert [line["epoch"] for line in got_lines] == [line["epoch"] for line in want_lines]
+    for mine, theirs in zip(got_lines, want_lines):
+        for key in EPOCH_KEYS:
+            if key in theirs:
+                assert mine[key] == theirs[key], (key, mine["epoch"], mine[key], theirs[key])
+    got_w, want_w = _weights(got), _weights(want)
+    assert got_w.keys() == want_w.keys()
+    for name, tensor in want_w.items():
+        assert torch.equal(got_w[name], tensor), name
+
+
+def _ranks_by_node(sweep_dir: Path) -> dict[int, int]:
+    """global rank -> node index within the job, from submitit's 'Starting with JobEnvironment' lines."""
+    found = re.findall(r"node=(\d+)\(\d+\), global_rank=(\d+)\(\d+\)", _job_log(sweep_dir, 0))
+    return {int(rank): int(node) for node, rank in found}
+
+
+def test_two_nodes_train_one_run_equal_to_one_node_with_two_tasks(tmp_path):
+    two, one = tmp_path / "two_nodes", tmp_path / "one_node"
+    both = [_popen_train(*RUN, "epochs=2", *TWO_NODES, f"hydra.sweep.dir={two}"),
+            _popen_train(*RUN, "epochs=2", *ONE_NODE_TWO_TASKS, f"hydra.sweep.dir={one}")]
+    for proc in both:
+        _ok(_finish(proc))
+
+    # ranks 0 and 1 ran on nodes 0 and 1 of the two-node job, on one node in the other
+    assert _ranks_by_node(two) == {0: 0, 1: 1}
+    assert _ranks_by_node(one) == {0: 0, 1: 0}
+    # one run directory, written by rank 0 alone (no second train.log, no per-rank folders)
+    assert sorted(p.name for p in two.iterdir() if not p.name.startswith(".")) == ["0", "multirun.yaml"]
+    assert (two / "0" / "train.log").read_text().count("run directory:") == 1
+    lines = _epoch_lines(two / "0")
+    assert [line["epoch"] for line in lines] == [1, 2]
+    # every rank's weights and buffers (d included) equal rank 0's after every epoch
+    assert all(line["ranks_in_sync"] is True for line in lines)
+    assert _metrics(two / "0")["world_size"] == 2
+    # ... and with deterministic=true the run is the run of one node with two tasks, bit for bit
+    _assert_same_run(two / "0", one / "0")
+    assert lines[-1]["test_acc1"] > 0.5  # a run that learned
+
+
+def test_four_ranks_on_two_nodes(tmp_path):
+    sweep = tmp_path / "four"
+    _ok(_finish(_popen_train(*RUN, "epochs=1", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=2",
+                             f"hydra.sweep.dir={sweep}")))
+    assert _ranks_by_node(sweep) == {0: 0, 1: 0, 2: 1, 3: 1}
+    metrics = _metrics(sweep / "0")
+    assert metrics["world_size"] == 4 and metrics["ranks_in_sync"] is True
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_train
+
+    n_train = len(instantiate(compose_train("dataset=digits").dataset).train)
+    assert metrics["step"] == (n_train // 4) // BATCH  # each rank sees a quarter of the training set
+
+
+def _task_pid(job_id: str, rank: int) -> int | None:
+    """The PID of the training process of global rank ``rank`` of SLURM job ``job_id`` (by its environment)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = dict(item.split("=", 1) for item in
+                           (proc / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in item)
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (b"submitit" in cmdline and environ.get("SLURM_JOB_ID") == job_id
+                and environ.get("SLURM_PROCID") == str(rank) and environ.get("SLURM_STEP_ID", "") != "batch"):
+            return int(proc.name)
+    return None
+
+
+def test_a_node_that_stops_answering_ends_the_run_and_the_next_run_resumes(tmp_path):
+    """Rank 1's node freezes (SIGSTOP) after the first epoch: rank 0 does not hang but fails after
+    distributed.timeout_s, naming rank 1 in error.txt; last.pt stays intact; the next run resumes."""
+    sweep = tmp_path / "lost"
+    run = (*RUN, "epochs=3", *TWO_NODES, "distributed.timeout_s=15", f"hydra.sweep.dir={sweep}")
+    run_dir = sweep / "0"
+    # srun ends the frozen task 5 s after rank 0's ends (the preset's SLURM_WAIT, shortened)
+    proc = _popen_train(*run, SLURM_WAIT="5")
+    try:
+        _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and _epochs_logged(run_dir)
+                  and (run_dir / "checkpoints" / "last.pt").is_file(), 150, "the first epoch", proc)
+        job_id = _job_dir(sweep, 0).name
+        pid = _wait_for(lambda: _task_pid(job_id, 1), 30, "rank 1's process")
+        os.kill(pid, signal.SIGSTOP)
+    finally:
+        lost = _finish(proc)
+    assert lost.returncode != 0, lost.stderr[-3000:]
+    error = (run_dir / "error.txt").read_text()
+    assert error.count("\n") == 1 and error.startswith("RanksLost: rank 1 of 2 stopped answering")
+    assert "distributed.timeout_s=15" in error
+    epochs_done = _epochs_logged(run_dir)
+    assert epochs_done and epochs_done[-1] < 3
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] >= 1  # the last checkpoint written before the loss, whole
+
+    _ok(_finish(_popen_train(*run)))
+    assert re.search(r"resumed from \S+last\.pt in epoch [23]/3", (run_dir / "train.log").read_text())
+    assert _epochs_logged(run_dir)[-1] == 3 and not (run_dir / "error.txt").exists()
