@@ -143,6 +143,14 @@ def test_nan_and_inf_are_refused_naming_the_key(override):
     assert str(info.value) == f"{key}={value} is not a finite number; set {key}=<a finite value>"
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_collective_timeout_must_be_a_positive_number_of_seconds(value):
+    with pytest.raises(ConfigError) as info:
+        prepare_config(compose_train(f"distributed.timeout_s={value}"))
+    assert str(info.value).startswith(f"distributed.timeout_s={float(value)} must be a number of seconds > 0")
+    assert prepare_config(compose_train("distributed.timeout_s=30")).distributed.timeout_s == 30
+
+
 def test_unknown_key_and_wrong_type_against_the_schema_are_config_errors():
     from stds.run.setup.config import typed_config
 

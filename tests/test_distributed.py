@@ -1,7 +1,11 @@
 """Process set-up: which ranks and addresses a SLURM task, torchrun or a plain process gets."""
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from tests.conftest import HANG_S
 
 from stds.run.setup import distributed
 from stds.errors import ConfigError
@@ -24,11 +28,89 @@ def clean_env(monkeypatch):
 def test_slurm_task_of_a_two_node_array_job(clean_env):
     for name, value in SLURM_TASK.items():
         clean_env.setenv(name, value)
+    clean_env.setattr(distributed.socket, "getaddrinfo", lambda host, port: [("an address",)])
     env_vars = distributed._submitit_env()
     assert env_vars == {
         "MASTER_ADDR": "gpu07", "MASTER_PORT": str(distributed.port_for_job("4700_3")),
         "RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "5",
     }
+
+
+def test_master_address_is_the_node_name_or_its_slurm_node_addr(monkeypatch):
+    import subprocess
+
+    assert distributed.node_address("localhost") == "localhost"  # a name that resolves is used as it is
+    asked = []
+
+    def scontrol(args, **kwargs):
+        asked.append(args)
+        shown = "NodeName=node1 Arch=x86_64 CoresPerSocket=2 NodeAddr=127.0.0.2 NodeHostName=vm Port=19001"
+        return subprocess.CompletedProcess(args, 0, shown if args[-1] == "node1" else "", "")
+
+    monkeypatch.setattr(distributed.subprocess, "run", scontrol)
+    unresolvable = "node1.invalid"  # .invalid never resolves (RFC 6761)
+    monkeypatch.setattr(distributed.socket, "getaddrinfo", lambda host, port: (_ for _ in ()).throw(
+        distributed.socket.gaierror(f"{host} unknown")))
+    assert distributed.node_address("node1") == "127.0.0.2"
+    assert asked == [["scontrol", "show", "node", "-o", "node1"]]
+    with pytest.raises(RuntimeError, match=f"first node '{unresolvable}' does not resolve.*NodeAddr"):
+        distributed.node_address(unresolvable)
+
+
+def _rank_of_two(rank: int, port: int, freeze_rank_1: bool, found: str) -> None:
+    """A rank of a two-process gloo group with a 3 s timeout; rank 1 freezes itself when asked
+    (SIGSTOP: a node that stops answering, its sockets open); rank 0 writes what it names to ``found``."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    env = distributed.setup("cpu", timeout_s=3)
+    dist.all_reduce(torch.ones(1))
+    if rank == 1 and freeze_rank_1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    try:
+        dist.all_reduce(torch.ones(1))
+        error = RuntimeError("an error of this rank alone")
+    except RuntimeError as exc:  # the collective timed out
+        error = exc
+    lost = distributed.name_lost_ranks(error, env, timeout_s=3)
+    if rank == 0:
+        Path(found).write_text(str(lost) if lost is not None else "nobody")
+    os._exit(0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_rank_that_stops_answering_is_named_after_the_timeout(freeze, tmp_path):
+    import os
+    import signal
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    found = tmp_path / "named.txt"
+    ranks = [ctx.Process(target=_rank_of_two, args=(rank, port, freeze, str(found))) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    try:
+        ranks[0].join(timeout=HANG_S)
+        named = found.read_text()
+    finally:
+        for process in ranks:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGKILL)
+            process.join()
+    if freeze:
+        assert named.startswith("rank 1 of 2 stopped answering")
+        assert "distributed.timeout_s=3 s" in named and "Timed out" in named
+    else:  # both ranks answered: nobody is named
+        assert named == "nobody"
 
 
 def test_port_is_per_array_task_and_stable_across_requeues():

@@ -186,3 +186,39 @@ def test_a_node_that_stops_answering_ends_the_run_and_the_next_run_resumes(tmp_p
     _ok(_finish(_popen_train(*run)))
     assert re.search(r"resumed from \S+last\.pt in epoch [23]/3", (run_dir / "train.log").read_text())
     assert _epochs_logged(run_dir)[-1] == 3 and not (run_dir / "error.txt").exists()
+
+
+def test_a_requeued_two_node_job_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
+    """USR2 (a time limit, a preemption) after epoch 1, then ``scontrol requeue`` after epoch 2: the
+    two-node job resumes twice from checkpoints/last.pt and ends bit for bit as a run left alone."""
+    run = (*RUN, "epochs=3", *TWO_NODES)
+    reference = _popen_train(*run, f"hydra.sweep.dir={tmp_path / 'reference'}")
+    sweep = tmp_path / "requeued"
+    proc = _popen_train(*run, f"hydra.sweep.dir={sweep}")
+    run_dir = sweep / "0"
+    try:
+        _wait_for(lambda: len(_epochs_logged_or_none(run_dir)) >= 1, 240, "the first epoch", proc)
+        job_id = _job_dir(sweep, 0).name
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+        _wait_for(lambda: len(_epochs_logged_or_none(run_dir)) >= 2
+                  and _job_log(sweep, 0).count("Starting with JobEnvironment") >= 4, 240, "the second epoch", proc)
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    finally:
+        done, want = _finish(proc), _finish(reference)
+    _ok(want)
+    _ok(done)
+
+    log = _job_log(sweep, 0)
+    assert "Caught signal SIGUSR2" in log and "Requeued job" in log
+    # three starts of both tasks: the first, after USR2, after `scontrol requeue`
+    assert re.findall(r"global_rank=(\d)\(2\)", log).count("0") == 3
+    assert re.findall(r"global_rank=(\d)\(2\)", log).count("1") == 3
+    resumed = re.findall(r"resumed from \S+last\.pt in epoch (\d)/3", (run_dir / "train.log").read_text())
+    assert len(resumed) == 2 and 2 <= int(resumed[0]) <= int(resumed[1]) <= 3
+    assert _epochs_logged(run_dir) == [1, 2, 3] and not (run_dir / "error.txt").exists()
+    _assert_same_run(run_dir, tmp_path / "reference" / "0")
+
+
+def _epochs_logged_or_none(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return _epochs_logged(run_dir) if path.is_file() and (run_dir / "checkpoints" / "last.pt").is_file() else []

@@ -110,7 +110,8 @@ def resume(run: Run) -> Progress:
         epoch=state["epoch"], step=state["step"], batch_in_epoch=state["batch_in_epoch"],
         best_acc1=state["best_acc1"], best_epoch=state["best_epoch"],
         best_sparsity=float(state["best_sparsity"]),
-        sums=EpochSums(sums["loss"], sums["correct"], int(sums["samples"])),
+        # the checkpoint holds the sums of every rank (`state.sums_over_ranks`): rank 0 carries them
+        sums=EpochSums(sums["loss"], sums["correct"], int(sums["samples"])) if run.env.is_main else EpochSums(),
         last_record=state["last_record"],
         pending_eval=state["pending_eval"],  # checkpointed before its evaluation
     )

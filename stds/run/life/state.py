@@ -16,6 +16,7 @@ import torch
 
 from stds.errors import NonFiniteLossError
 from stds.run.files import checkpoint as ckpt
+from stds.run.setup import distributed
 from stds.run.setup.build import Run
 from stds.run.setup.config import to_plain
 from stds.run.files.rundir import non_finite_entries
@@ -60,8 +61,9 @@ class Progress:
         return f"epoch {min(self.epoch + 1, epochs)}/{epochs}, step {self.step}"
 
 
-def state_dict(run: Run, progress: Progress) -> dict[str, Any]:
-    """Everything `resume` needs, as plain tensors and numbers (``weights_only`` loadable)."""
+def state_dict(run: Run, progress: Progress, sums: dict[str, float] | None = None) -> dict[str, Any]:
+    """Everything `resume` needs, as plain tensors and numbers (``weights_only`` loadable);
+    ``sums``: the epoch's running sums to save (this process's own by default)."""
     return {
         "format_version": ckpt.FORMAT_VERSION,
         "model": run.core.state_dict(),
@@ -75,12 +77,24 @@ def state_dict(run: Run, progress: Progress) -> dict[str, Any]:
         "best_acc1": progress.best_acc1,
         "best_epoch": progress.best_epoch,
         "best_sparsity": progress.best_sparsity,
-        "epoch_sums": progress.sums.as_floats(),
+        "epoch_sums": sums if sums is not None else progress.sums.as_floats(),
         "last_record": progress.last_record,
         "pending_eval": progress.pending_eval,
         "rng": ckpt.rng_state(),
         "config": to_plain(run.cfg),
     }
+
+
+def sums_over_ranks(run: Run, sums: EpochSums) -> dict[str, float]:
+    """The epoch's running sums of every rank together: what a checkpoint holds, so that a resumed
+    run's rank 0 starts from them and the other ranks from zero (`stds.run.life.resume`), and the
+    epoch's train_loss and train_acc1 are those of a run that was not interrupted."""
+    mine = sums.as_floats()
+    if not run.env.distributed:
+        return mine
+    values = torch.tensor([mine["loss"], mine["correct"], float(mine["samples"])], dtype=torch.float64)
+    loss, correct, samples = distributed.all_reduce_sum(values.to(run.env.device), run.env).tolist()
+    return {"loss": loss, "correct": correct, "samples": int(samples)}
 
 
 def _non_finite(state: dict[str, Any]) -> list[str]:
@@ -93,9 +107,10 @@ def save(run: Run, progress: Progress, best: bool = False) -> None:
     A model or optimizer state holding NaN or inf is refused (`NonFiniteLossError`) and the
     checkpoints on disk stay as they were.
     """
+    sums = sums_over_ranks(run, progress.sums)  # a collective: every rank calls save
     if not run.env.is_main:
         return
-    state = state_dict(run, progress)
+    state = state_dict(run, progress, sums)
     bad = _non_finite(state)
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
