@@ -240,7 +240,10 @@ install_conf() {  # install_conf FILE DAEMON...: a changed config restarts the d
     fi
 }
 install_conf "$dbdconf" slurmdbd
-install_conf "$conf" slurmd $(printf 'slurmd-%s ' "${node_names[@]}") slurmctld
+# every slurmd that runs, also those of nodes a changed --nodes drops
+running_slurmd=(slurmd)
+for f in "$dir"/pids/slurmd-*.pid; do [[ -e $f ]] && running_slurmd+=("$(basename "$f" .pid)"); done
+install_conf "$conf" "${running_slurmd[@]}" slurmctld
 
 cat >"$dir/env.sh" <<ENV
 # source this file to talk to the test cluster under $dir
