@@ -117,7 +117,7 @@ def main() -> None:
         print(f"  {name}: {walls[name]:.1f} s wall (multirun command), {train:.1f} s training")
     print(f"  ratio two nodes / one node (wall): {walls['two nodes x 1 task'] / walls['one node x 2 tasks']:.2f}")
     print(f"  USR2 to the first resumed step: {usr2:.1f} s; scontrol requeue to it: {requeue:.1f} s")
-    print(f"  load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    print(f"  load: {subprocess.run(['uptime'], capture_output=True, text=True, check=False).stdout.strip()}")
 
 
 if __name__ == "__main__":

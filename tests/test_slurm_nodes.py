@@ -22,7 +22,6 @@ import torch
 
 from tests.conftest import HANG_S, REPO, TRAIN
 from tests.test_slurm import (
-    SWEEP,
     _epochs_logged,
     _job_dir,
     _job_log,
@@ -222,3 +221,16 @@ def test_a_requeued_two_node_job_resumes_and_ends_as_an_uninterrupted_run(tmp_pa
 def _epochs_logged_or_none(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
     return _epochs_logged(run_dir) if path.is_file() and (run_dir / "checkpoints" / "last.pt").is_file() else []
+
+
+def test_the_two_node_benchmark_runs_in_its_smoke_mode():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "slurm_nodes.py"), "--smoke"], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=HANG_S, check=False)
+    _ok(proc)
+    ratio = re.search(r"ratio two nodes / one node \(wall\): (\d+\.\d+)", proc.stdout)
+    delays = re.search(r"USR2 to the first resumed step: (\d+\.\d) s; scontrol requeue to it: (\d+\.\d) s",
+                       proc.stdout)
+    assert ratio and delays, proc.stdout
+    assert float(ratio.group(1)) > 0 and all(float(value) > 0 for value in delays.groups())
+    assert "load average" in proc.stdout
