@@ -72,13 +72,31 @@ def _rank_of_two(rank: int, port: int, freeze_rank_1: bool, found: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
     try:
         dist.all_reduce(torch.ones(1))
-        error = RuntimeError("an error of this rank alone")
+        error = RuntimeError("[gloo/transport/tcp/pair.cc] a collective failed on both ranks")
     except RuntimeError as exc:  # the collective timed out
         error = exc
     lost = distributed.name_lost_ranks(error, env, timeout_s=3)
     if rank == 0:
         Path(found).write_text(str(lost) if lost is not None else "nobody")
     os._exit(0)
+
+
+def test_only_a_failed_collective_asks_which_ranks_answer():
+    import torch.distributed as dist
+
+    gloo = RuntimeError("[third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms")
+    assert distributed.is_collective_failure(gloo)
+    assert not distributed.is_collective_failure(RuntimeError("CUDA out of memory"))
+    try:
+        try:
+            raise dist.DistBackendError("NCCL watchdog: collective timed out")
+        except dist.DistError as inner:
+            raise ValueError("wrapped") from inner
+    except ValueError as outer:
+        assert distributed.is_collective_failure(outer)
+    env = distributed.DistEnv(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
+    # an error of this rank's own never waits for answers (no store is asked: none is set up here)
+    assert distributed.name_lost_ranks(RuntimeError("a bug on rank 0"), env, timeout_s=1) is None
 
 
 @pytest.mark.slow

@@ -159,6 +159,7 @@ else
 fi
 node_list="$(IFS=,; echo "${node_names[*]}")"
 per_node=""; ((nodes == 1)) || per_node="-%n"   # each slurmd its own PID and log file
+what="a one-node test cluster"; ((nodes == 1)) || what="a test cluster of $nodes nodes on one machine"
 
 cat >"$dbdconf.new" <<CONF
 AuthType=auth/munge
@@ -179,7 +180,7 @@ CONF
 chmod 600 "$dbdconf.new"
 
 cat >"$conf.new" <<CONF
-# Written by tests/slurm/start_cluster.sh: a test cluster of $nodes node(s) on this machine.
+# Written by tests/slurm/start_cluster.sh: $what.
 ClusterName=$cluster
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root

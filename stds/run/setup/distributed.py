@@ -197,8 +197,26 @@ def broadcast_object(value: Any, env: DistEnv) -> Any:
     return holder[0]
 
 
+ANSWER_WAIT_S = 120.0
+"""At most this long rank 0 waits for the other ranks' answers after a failed collective (their
+collectives fail within about a step of its own), and any rank for the store."""
+
+
 class RanksLost(RuntimeError):
     """Ranks of a distributed run stopped answering (a node or process lost); names them."""
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or was raised from) a failed collective: torch's `DistError` (NCCL,
+    the store), or the plain RuntimeError gloo raises, whose message names gloo's source file."""
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        if isinstance(current, dist.DistError) or (isinstance(current, RuntimeError) and "gloo" in str(current)):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _answers_store(timeout_s: float) -> dist.TCPStore:
@@ -207,22 +225,22 @@ def _answers_store(timeout_s: float) -> dist.TCPStore:
                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
-def lost_ranks(env: DistEnv, timeout_s: float) -> list[int] | None:
-    """After a failed collective: the ranks that did not answer within ``timeout_s``.
+def lost_ranks(env: DistEnv, wait_s: float) -> list[int] | None:
+    """After a failed collective: the ranks that did not answer within ``wait_s``.
 
-    Every surviving rank posts an answer in the job's store; rank 0 waits up to ``timeout_s``
-    for the others (their own collectives fail within one timeout of its own) and returns the
-    ranks without an answer. Other ranks return None after posting; so does rank 0 when the
-    store cannot be reached. The process group cannot be asked: it is what failed.
+    Every surviving rank posts an answer in the job's store; rank 0 waits up to ``wait_s`` for
+    the others and returns the ranks without an answer. Other ranks return None after posting;
+    so does rank 0 when the store cannot be reached. The process group cannot be asked: it is
+    what failed.
     """
     prefix = f"stds/answered/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     try:
-        store = _answers_store(timeout_s)
+        store = _answers_store(wait_s)
         store.set(f"{prefix}/{env.rank}", "1")
         if not env.is_main:
             return None
         others = [f"{prefix}/{rank}" for rank in range(1, env.world_size)]
-        end = time.monotonic() + timeout_s
+        end = time.monotonic() + wait_s
         while time.monotonic() < end and not all(store.check([key]) for key in others):
             time.sleep(0.2)
         return [rank for rank, key in enumerate(others, start=1) if not store.check([key])]
@@ -233,9 +251,9 @@ def lost_ranks(env: DistEnv, timeout_s: float) -> list[int] | None:
 def name_lost_ranks(exc: BaseException, env: DistEnv, timeout_s: float) -> RanksLost | None:
     """A `RanksLost` naming the ranks that stopped answering when ``exc`` ended a distributed
     run (on rank 0), or None when every rank answered or this is not rank 0."""
-    if not env.distributed or not isinstance(exc, Exception):
+    if not env.distributed or not is_collective_failure(exc):
         return None
-    lost = lost_ranks(env, timeout_s)
+    lost = lost_ranks(env, min(timeout_s, ANSWER_WAIT_S))
     if not lost:
         return None
     names = ", ".join(str(rank) for rank in lost)
