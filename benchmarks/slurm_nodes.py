@@ -28,7 +28,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, uptime
+
 TRAIN = REPO / "launch" / "train.py"
 BASE = ("-m", "hydra/launcher=slurm_cpu", "dataset=digits", "batch_size=16", "flat_width=0.05",
         "logging.synops=false", "logging.log_every_steps=1")
@@ -117,7 +118,7 @@ def main() -> None:
         print(f"  {name}: {walls[name]:.1f} s wall (multirun command), {train:.1f} s training")
     print(f"  ratio two nodes / one node (wall): {walls['two nodes x 1 task'] / walls['one node x 2 tasks']:.2f}")
     print(f"  USR2 to the first resumed step: {usr2:.1f} s; scontrol requeue to it: {requeue:.1f} s")
-    print(f"  load: {subprocess.run(['uptime'], capture_output=True, text=True, check=False).stdout.strip()}")
+    print(f"  load: {uptime()}")
 
 
 if __name__ == "__main__":
