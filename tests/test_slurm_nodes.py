@@ -9,7 +9,6 @@ Every run is the digits net for one to three epochs (seconds each on two cores).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -20,15 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import HANG_S, REPO, TRAIN
-from tests.test_slurm import (
-    _epochs_logged,
-    _job_dir,
-    _job_log,
-    _metrics,
-    _ok,
-    _wait_for,
-)
+from tests.conftest import HANG_S, REPO, TRAIN, last_weights, run_history, run_metrics
+from tests.test_slurm import _epochs_logged, _job_dir, _job_log, _ok, _wait_for
 
 
 def _idle_nodes() -> list[str]:
@@ -73,24 +65,15 @@ def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def _epoch_lines(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    return state["model"]
-
-
 def _assert_same_run(got: Path, want: Path) -> None:
     """Every epoch's numbers and the final weights (bit for bit) of two runs are equal."""
-    got_lines, want_lines = _epoch_lines(got), _epoch_lines(want)
+    got_lines, want_lines = run_history(got), run_history(want)
     assert [line["epoch"] for line in got_lines] == [line["epoch"] for line in want_lines]
     for mine, theirs in zip(got_lines, want_lines):
         for key in EPOCH_KEYS:
             if key in theirs:
                 assert mine[key] == theirs[key], (key, mine["epoch"], mine[key], theirs[key])
-    got_w, want_w = _weights(got), _weights(want)
+    got_w, want_w = last_weights(got), last_weights(want)
     assert got_w.keys() == want_w.keys()
     for name, tensor in want_w.items():
         assert torch.equal(got_w[name], tensor), name
@@ -115,11 +98,11 @@ def test_two_nodes_train_one_run_equal_to_one_node_with_two_tasks(tmp_path):
     # one run directory, written by rank 0 alone (no second train.log, no per-rank folders)
     assert sorted(p.name for p in two.iterdir() if not p.name.startswith(".")) == ["0", "multirun.yaml"]
     assert (two / "0" / "train.log").read_text().count("run directory:") == 1
-    lines = _epoch_lines(two / "0")
+    lines = run_history(two / "0")
     assert [line["epoch"] for line in lines] == [1, 2]
     # every rank's weights and buffers (d included) equal rank 0's after every epoch
     assert all(line["ranks_in_sync"] is True for line in lines)
-    assert _metrics(two / "0")["world_size"] == 2
+    assert run_metrics(two / "0")["world_size"] == 2
     # ... and with deterministic=true the run is the run of one node with two tasks, bit for bit
     _assert_same_run(two / "0", one / "0")
     assert lines[-1]["test_acc1"] > 0.5  # a run that learned
@@ -130,7 +113,7 @@ def test_four_ranks_on_two_nodes(tmp_path):
     _ok(_finish(_popen_train(*RUN, "epochs=1", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=2",
                              f"hydra.sweep.dir={sweep}")))
     assert _ranks_by_node(sweep) == {0: 0, 1: 0, 2: 1, 3: 1}
-    metrics = _metrics(sweep / "0")
+    metrics = run_metrics(sweep / "0")
     assert metrics["world_size"] == 4 and metrics["ranks_in_sync"] is True
     from hydra.utils import instantiate
 

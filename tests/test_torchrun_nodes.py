@@ -4,7 +4,6 @@ bit for bit (``deterministic=true``, the same global batch)."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import HANG_S, REPO, TRAIN
+from tests.conftest import HANG_S, REPO, TRAIN, last_weights, run_history, run_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -64,15 +63,14 @@ def test_two_torchrun_nodes_make_one_run_equal_to_one_node_with_two_processes(tm
     _finish([_torchrun(one, "--nproc-per-node=2", f"--master-port={_free_port()}")])
 
     got, want = _only_run(two), _only_run(one)
-    lines = [json.loads(line) for line in (got / "metrics.jsonl").read_text().splitlines()]
+    lines = run_history(got)
     assert [line["epoch"] for line in lines] == [1, 2]
     assert all(line["ranks_in_sync"] is True for line in lines)
-    assert json.loads((got / "metrics.json").read_text())["world_size"] == 2
-    theirs = [json.loads(line) for line in (want / "metrics.jsonl").read_text().splitlines()]
+    assert run_metrics(got)["world_size"] == 2
+    theirs = run_history(want)
     for mine, other in zip(lines, theirs, strict=True):
         for key in ("step", "d", "sparsity", "train_loss", "test_loss", "test_acc1"):
             assert mine[key] == other[key], (key, mine["epoch"])
-    got_w = torch.load(got / "checkpoints" / "last.pt", weights_only=True)["model"]
-    want_w = torch.load(want / "checkpoints" / "last.pt", weights_only=True)["model"]
+    got_w, want_w = last_weights(got), last_weights(want)
     assert all(torch.equal(got_w[name], tensor) for name, tensor in want_w.items())
     assert lines[-1]["test_acc1"] > 0.5
