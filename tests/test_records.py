@@ -142,6 +142,8 @@ def refused(self):
         raise PermissionError(errno.EACCES, "Permission denied", self.baseFilename)
     return real(self)
 logging.FileHandler._open = refused  # as a chmod 0o555 directory does for a user other than root
+from stds.run.files.safe import LogFile  # train.log's handler (opens with O_NOFOLLOW)
+LogFile._open = refused
 sys.argv = [sys.argv[2], "hydra.run.dir=" + run_dir, "epochs=1"]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 from stds.cli.callbacks import remove_empty_pattern_folders
 from stds.cli.jobs import job_error
 from stds.errors import ConfigError
+from stds.run.files.safe import read_tail
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,7 @@ def point_progress(log_file: Path, tail_bytes: int = 16384) -> str | None:
     """``step 120/1320 ETA 0:05:00, epoch 3/30 test_acc1 0.9500 sparsity 0.6100`` from the end of a
     sweep point's log (its latest step line and latest finished epoch); None before either."""
     try:
-        with open(log_file, "rb") as handle:
-            handle.seek(max(handle.seek(0, os.SEEK_END) - tail_bytes, 0))
-            text = handle.read().decode("utf-8", errors="replace")
+        text = read_tail(log_file, Path(log_file).parent, tail_bytes)  # no symlink, no FIFO
     except OSError:
         return None
     steps, epochs = _STEP_LINE.findall(text), _EPOCH_LINE.findall(text)

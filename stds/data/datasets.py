@@ -15,6 +15,8 @@ Relative roots are resolved by the caller.
 
 from __future__ import annotations
 
+import codecs
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,24 +108,68 @@ def digits(
     )
 
 
-CIFAR10_PICKLE_GLOBALS = frozenset({
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-})
-"""The only globals a CIFAR-10 batch file may name: numpy arrays, dtypes and scalars (and the
-byte-string helper of protocol-2 pickles). Everything else is refused before it is looked up."""
+class _ArrayClass:
+    """What a batch's ``numpy.ndarray`` global unpickles to: only a token naming the class for
+    `_empty_array`, never the class itself (``ndarray(shape)`` allocates any size uninitialised)."""
+
+
+_ARRAY_CLASS = _ArrayClass()
+_DTYPE_CODES = frozenset({"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8", "b1"})
+
+
+def _empty_array(subclass: Any, shape: Any, code: Any) -> np.ndarray:
+    """numpy pickles every array as ``_reconstruct(ndarray, (0,), b'b')`` and then sets its state:
+    the shape with the bytes themselves, which numpy refuses unless they are all there. Only that
+    empty placeholder is built here, so an array's size is bounded by the file's bytes."""
+    if subclass is not _ARRAY_CLASS or tuple(shape) != (0,) or code not in (b"b", "b"):
+        raise pickle.UnpicklingError(f"it builds an array of shape {shape!r}, not numpy's placeholder; not loaded")
+    return np.empty((0,), dtype=np.int8)
+
+
+def _plain_dtype(code: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    """A numeric dtype (``u1``, ``i8``, ...): no object, structured or void dtype is built."""
+    if not isinstance(code, str) or code not in _DTYPE_CODES:
+        raise pickle.UnpicklingError(f"it names the dtype {code!r}, which a batch never holds; not loaded")
+    return np.dtype(code)
+
+
+def _from_bytes(buffer: Any, dtype: Any, shape: Any, order: Any = "C") -> np.ndarray:
+    """An array of protocol 5 (``_frombuffer``): its bytes must be exactly ``shape`` x itemsize."""
+    if not isinstance(buffer, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or dtype.kind == "O" \
+            or not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape) \
+            or math.prod(shape) * dtype.itemsize != len(buffer) or order not in ("C", "F"):
+        raise pickle.UnpicklingError("it builds an array whose shape does not match its bytes; not loaded")
+    return np.frombuffer(bytes(buffer), dtype=dtype).reshape(shape, order=order)
+
+
+def _scalar(dtype: Any, data: Any) -> Any:
+    """A numpy scalar (a label saved as ``np.int64``) from exactly its itemsize of bytes."""
+    return _from_bytes(data, dtype, (1,))[0]
+
+
+CIFAR10_PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): _ARRAY_CLASS, ("numpy", "dtype"): _plain_dtype, ("_codecs", "encode"): codecs.encode,
+    ("numpy.core.multiarray", "_reconstruct"): _empty_array,
+    ("numpy._core.multiarray", "_reconstruct"): _empty_array,
+    ("numpy.core.multiarray", "scalar"): _scalar, ("numpy._core.multiarray", "scalar"): _scalar,
+    ("numpy.core.numeric", "_frombuffer"): _from_bytes, ("numpy._core.numeric", "_frombuffer"): _from_bytes,
+}
+"""The only globals a CIFAR-10 batch file may name, each mapped to what it unpickles to: numpy
+arrays are built only as an empty placeholder whose state must carry all its bytes (no callable
+allocates from the pickle's numbers), numeric dtypes only, and the byte-string helper of
+protocol-2 pickles. Everything else is refused before it is looked up."""
+
+_BATCH_MAX_BYTES = 64 * 2**20  # a published batch is 31 MB
 
 
 class _BatchUnpickler(pickle.Unpickler):
-    """Unpickles plain builtins and numpy arrays only: the CIFAR-10 batch format IS a pickle, and
-    `pickle.load` (as torchvision's reader uses) runs whatever a planted file names."""
+    """Unpickles plain builtins and numeric numpy arrays only: the CIFAR-10 batch format IS a
+    pickle, and `pickle.load` (as torchvision's reader uses) runs whatever a planted file names."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in CIFAR10_PICKLE_GLOBALS:
             raise pickle.UnpicklingError(f"it names {module}.{name}, which a batch never holds; not loaded")
-        return super().find_class(module, name)
+        return CIFAR10_PICKLE_GLOBALS[module, name]
 
 
 class CIFAR10BatchError(DatasetNotFoundError):
@@ -140,13 +186,16 @@ class CIFAR10BatchError(DatasetNotFoundError):
 def _unpickle_batch(path: Path) -> Any:
     """The object in ``path``, read by `_BatchUnpickler` (latin1 for the published files,
     written by Python 2); `CIFAR10BatchError` if it cannot be read that way."""
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise CIFAR10BatchError(path, "an empty file")
+    if size > _BATCH_MAX_BYTES:
+        raise CIFAR10BatchError(path, f"{size} bytes, more than a batch holds")
     try:
         with open(path, "rb") as handle:
             return _BatchUnpickler(handle, encoding="latin1").load()
     except pickle.UnpicklingError as exc:
-        reason = str(exc) if str(exc).startswith("it names ") else "not a pickle: UnpicklingError"
+        reason = str(exc) if str(exc).startswith("it ") else "not a pickle: UnpicklingError"
         raise CIFAR10BatchError(path, reason) from None
     except Exception as exc:  # any other failure of the unpickler means the file is damaged
         raise CIFAR10BatchError(path, f"not a pickle: {type(exc).__name__}") from None

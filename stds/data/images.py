@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -110,8 +111,32 @@ class BadImages:
         return new
 
 
+def class_files(directory: str, class_to_idx: dict[str, int], extensions: Any = None,
+                is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
+    """``(path, class index)`` of every image file under each class folder, as torchvision's
+    ``make_dataset`` lists them, except that a directory symlink below a class folder is not
+    followed: torchvision walks with ``followlinks=True``, so a link to a parent folder (a loop)
+    counted the same files again and again."""
+    valid = is_valid_file or (lambda path: datasets.folder.has_file_allowed_extension(path, extensions))
+    samples, found = [], set()
+    for name in sorted(class_to_idx):
+        for root, _, files in sorted(os.walk(os.path.join(directory, name))):  # followlinks=False
+            for file in sorted(files):
+                path = os.path.join(root, file)
+                if valid(path) and os.path.isfile(path):
+                    samples.append((path, class_to_idx[name]))
+                    found.add(name)
+    empty = sorted(set(class_to_idx) - found)
+    if empty and not allow_empty:
+        raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+    return samples
+
+
 class ImageFiles(datasets.ImageFolder):
-    """``ImageFolder`` whose files that do not decode are named (``error``) or skipped (``skip``)."""
+    """``ImageFolder`` whose files that do not decode are named (``error``) or skipped (``skip``),
+    and whose walk does not follow directory symlinks (`class_files`)."""
+
+    make_dataset = staticmethod(class_files)
 
     def __init__(self, root: str, transform: Any, bad_images: BadImages) -> None:
         super().__init__(root, transform=transform)
@@ -152,8 +177,10 @@ def check_files(paths: list[str], workers: int = 1, progress: bool = True) -> li
 
 
 def image_files(folders: Iterable[Path]) -> list[str]:
-    """The files an ``ImageFolder`` of each folder would read (its extensions, class folders)."""
+    """The files `ImageFiles` of each folder reads (its extensions, class folders, no directory
+    symlink followed)."""
     paths: list[str] = []
     for folder in folders:
-        paths += [path for path, _ in datasets.ImageFolder(str(folder), loader=lambda p: p).samples]
+        _, class_to_idx = datasets.folder.find_classes(str(folder))
+        paths += [path for path, _ in class_files(str(folder), class_to_idx, datasets.folder.IMG_EXTENSIONS)]
     return paths

@@ -90,7 +90,7 @@ def _any_trial(runs: list[RunRecord]) -> bool:
 
 
 def _status(run: RunRecord) -> str:
-    return f"failed: {run.error}" if run.status == "failed" else run.status
+    return f"{run.status}: {run.error}" if run.status in ("failed", "damaged") else run.status
 
 
 _BUILT_IN: list[tuple[str, dict[str, Any]]] = [

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from stds.results.record import RunRecord
+from stds.run.files.atomic import write_atomic
 
 
 def energy_of(run: RunRecord) -> float | None:
@@ -60,5 +61,5 @@ def plot_energy(runs: list[RunRecord], path: Path) -> bool:
     for index, (setting, members) in enumerate(panels.items()):
         _draw(fig.add_subplot(rows, columns, index + 1), setting, members)
     fig.tight_layout()
-    fig.savefig(path)
+    write_atomic(path, lambda handle: fig.savefig(handle, format="png"))  # never through a planted link
     return True

@@ -4,6 +4,7 @@ release from 1.0.0 on reads: ``nir.write``, then the ``v_reset`` fields that are
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 
 from stds.errors import ExportError
 from stds.results.nir import DT, model_graph
-from stds.results.pruned import trained_network
+from stds.results.pruned import trained_network, write_output
 
 __all__ = ["NIR_NAME", "NirExport", "export_nir", "write_graph", "zero_weights"]
 
@@ -24,17 +25,18 @@ NIR_NAME = "model.nir"
 
 
 def write_graph(path: Path, graph: nir.NIRGraph) -> None:
-    """``nir.write`` ``graph`` to ``path`` (through a temporary file), then drop every node's
-    ``v_reset`` that is all zeros. Hand-edited with h5py because ``nir.write`` writes the field
-    that nir 1.0.8's LIF/IF always fill in."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    nir.write(tmp, graph)
-    with h5py.File(tmp, "r+") as f:
+    """``nir.write`` ``graph`` into memory, drop every node's ``v_reset`` that is all zeros, then
+    write the file by `stds.results.pruned.write_output` (atomic: a symlink at ``path`` is
+    replaced, never written through; nothing is left behind on failure; one line if it cannot be
+    written). Hand-edited with h5py because ``nir.write`` writes the field that nir 1.0.8's
+    LIF/IF always fill in."""
+    buffer = io.BytesIO()
+    nir.write(buffer, graph)
+    with h5py.File(buffer, "r+") as f:
         for node in f["node/nodes"].values():
             if "v_reset" in node and not np.any(node["v_reset"][()]):
                 del node["v_reset"]
-    tmp.replace(path)
+    write_output(path, buffer.getvalue())
 
 
 def zero_weights(graph: nir.NIRGraph, names: Iterable[str]) -> int:

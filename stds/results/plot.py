@@ -11,6 +11,7 @@ from typing import Any
 from stds.results.record import RunRecord, at_zero_connectivity, point_label
 from stds.results.paper import PAPER_CIFAR10_STDS, PAPER_LABEL, PAPER_SETTING
 from stds.results.trials import FRONT
+from stds.run.files.atomic import write_atomic
 
 def _plottable(run: RunRecord) -> bool:
     return run.test_acc1 is not None and run.connectivity is not None
@@ -170,7 +171,8 @@ def figure(runs: list[RunRecord]) -> Any:
 
 
 def plot(runs: list[RunRecord], path: Path) -> None:
-    """``report.png``: see `figure`."""
-    figure(runs).savefig(path)
+    """``report.png``: see `figure` (written by `stds.run.files.atomic.write_atomic`)."""
+    fig = figure(runs)
+    write_atomic(path, lambda handle: fig.savefig(handle, format="png"))
 
 

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from stds.errors import CheckpointError, StdsError
+from stds.errors import CheckpointError, ExportError, StdsError, one_line
 from stds.method.sparse import dense_state_dict, pruned_layers, sparsity
 from stds.run.files import checkpoint as ckpt
 from stds.run.files.atomic import write_atomic
@@ -34,7 +34,7 @@ from stds.run.files.rebuild import build_model, load_saved_yaml, sparsified_mode
 
 __all__ = [
     "EXPORT_NAME", "TrainedNetwork", "export_finished", "export_run", "format_storage",
-    "trained_network", "weight_storage",
+    "trained_network", "weight_storage", "write_output",
 ]
 
 EXPORT_NAME = "pruned.pt"
@@ -100,6 +100,16 @@ def format_storage(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_output(target: Path, content: Any) -> None:
+    """An export's file, by `write_atomic` (a symlink at ``target`` is replaced, never followed;
+    nothing is left behind on failure); `ExportError` in one line if it cannot be written."""
+    try:
+        write_atomic(target, content)
+    except OSError as exc:
+        raise ExportError(f"cannot write {target} ({exc.strerror or one_line(exc)}); give --out "
+                          "<a writable file path> or make its folder writable") from None
+
+
 def _config(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint's resolved config, or else the run's ``.hydra/config.yaml`` with its
     references to its own keys resolved (a resolver call such as ``${oc.env:...}`` is refused)."""
@@ -109,7 +119,7 @@ def _config(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
     path = run_dir / ".hydra" / "config.yaml"
     if not path.exists():
         raise StdsError(f"{run_dir} has no config (neither in the checkpoint nor in {path})")
-    return load_saved_yaml(path)
+    return load_saved_yaml(path, root=run_dir)
 
 
 def _checkpoint(run_dir: Path, which: str) -> Path:
@@ -177,7 +187,7 @@ def export_run(
         "source": net.source,
     }
     target = Path(out) if out is not None else Path(run_dir) / EXPORT_NAME
-    write_atomic(target, lambda handle: torch.save(blob, handle))
+    write_output(target, lambda handle: torch.save(blob, handle))
     if verbose:
         source = net.source
         print(f"{target}: {source['checkpoint']}, epoch {source['epoch']}, step {source['step']}")

@@ -18,7 +18,7 @@ class RunRecord:
     not produced yet are None."""
 
     path: Path
-    status: str  # finished / pruned / running / stopped / failed
+    status: str  # finished / pruned / running / stopped / failed / damaged (a file refused or cut)
     error: str = ""
     dataset: str | None = None
     model: str | None = None

@@ -18,6 +18,7 @@ from stds.results.plot import plot
 from stds.results.trials import mark_trials
 from stds.results.energy_plot import plot_energy
 from stds.results.tables import markdown, write_csv
+from stds.run.files.atomic import write_atomic
 
 __all__ = [
     "PAPER_CIFAR10_STDS",
@@ -32,7 +33,8 @@ __all__ = [
 
 def write_report(runs: Iterable[RunRecord], out_dir: Path | str) -> dict[str, Path]:
     """Write ``report.csv``, ``report.md``, ``report.png`` and, when a run has ``energy_uj``,
-    ``report_energy.png`` into ``out_dir``; their paths (``energy_png`` only when written)."""
+    ``report_energy.png`` into ``out_dir``; their paths (``energy_png`` only when written). Each is
+    written by `stds.run.files.atomic.write_atomic`: a symlink planted at one is replaced."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ordered = sort_runs(runs)
@@ -45,6 +47,6 @@ def write_report(runs: Iterable[RunRecord], out_dir: Path | str) -> dict[str, Pa
     if with_energy:
         text += f"\n![test_acc1 against energy_uj]({energy_png.name})\n"
         paths["energy_png"] = energy_png
-    paths["md"].write_text(text)
+    write_atomic(paths["md"], text)
     plot(ordered, paths["png"])
     return paths

@@ -4,6 +4,7 @@ that vary, percentages, warnings and failed points); columns named as in ``docs/
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from stds.results.record import RunRecord, at_zero_connectivity, point_label
 from stds.results.columns import COLUMNS, Column, percent
 from stds.results.paper import PAPER_CIFAR10_STDS, PAPER_LABEL, PAPER_SETTING
+from stds.run.files.atomic import write_atomic
 
 def _relative(path: Path, base: Path) -> str:
     try:
@@ -37,11 +39,13 @@ def _csv_row(run: RunRecord, base: Path) -> dict[str, Any]:
 
 
 def write_csv(runs: list[RunRecord], path: Path, base: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[column.name for column in csv_columns()])
-        writer.writeheader()
-        for run in runs:
-            writer.writerow(_csv_row(run, base))
+    """``report.csv`` by `stds.run.files.atomic.write_atomic` (a symlink at ``path`` is replaced)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=[column.name for column in csv_columns()])
+    writer.writeheader()
+    for run in runs:
+        writer.writerow(_csv_row(run, base))
+    write_atomic(path, text.getvalue())
 
 
 def _cell(text: str) -> str:
@@ -64,13 +68,15 @@ def _md_cell(run: RunRecord, column: Column, base: Path) -> str:
 def markdown(runs: list[RunRecord], base: Path, image: str | None = "report.png") -> str:
     """The report as Markdown: counts by status, the table, warnings, firing rates, the plot
     (with the runs at 0% connectivity listed under it)."""
-    counts = {s: sum(r.status == s for r in runs) for s in ("finished", "pruned", "running", "stopped", "failed")}
+    counts = {s: sum(r.status == s for r in runs)
+              for s in ("finished", "pruned", "running", "stopped", "failed", "damaged")}
     columns = _md_columns(runs)
     lines = [
         "# Sweep report", "",
         f"{len(runs)} run{'' if len(runs) == 1 else 's'}: {counts['finished']} finished, "
         f"{counts['running']} running, {counts['failed']} failed"
-        + "".join(f", {counts[s]} {s}" for s in ("pruned", "stopped") if counts[s]) + ". Figures of the last evaluated "
+        + "".join(f", {counts[s]} {s}" for s in ("pruned", "stopped", "damaged") if counts[s])
+        + ". Figures of the last evaluated "
         "epoch, named as in docs/metrics.md: flat_width = D, d = the threshold reached; "
         "connectivity = 1 - sparsity; synops per test sample (spikes x non-zero weights, summed "
         "over T); firing_rate_mean: mean over spiking layers of spikes per neuron per step.",

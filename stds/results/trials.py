@@ -6,21 +6,23 @@ A trial is a run directory whose ``.hydra/hydra.yaml`` names the study sweeper; 
 ``storage`` and ``study_name``) are compared with each other: a finished trial that meets the
 constraints and that no other such trial beats in every objective is on the Pareto front
 (`stds.results.pareto`); a trial whose ``test_acc1`` is at chance (`chance_limit` of its classes:
-a fully pruned net) is marked ``chance`` and never on the front, whatever its sparsity. The searched parameters are the keys of ``hydra.sweeper.params`` and the
-command-line sweeps of the sweep's ``multirun.yaml``. Everything is read as data (YAML); nothing
-is instantiated.
+a fully pruned net) is marked ``chance`` and never on the front, whatever its sparsity. The
+searched parameters are the keys of ``hydra.sweeper.params`` and the command-line sweeps of the
+sweep's ``multirun.yaml``. Everything is read as data (`stds.run.files.safe`: no symlink, no
+interpolation resolved); nothing is instantiated. A trial whose ``hydra.yaml`` is refused or
+holds a field of the wrong type is marked ``damaged``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from omegaconf import DictConfig, OmegaConf
-
 from stds.results.pareto import Bound, feasible, pareto_mask
+from stds.run.files.safe import UnsafeFileError, plain_value, read_yaml, select
 from stds.run.measure.health import chance_limit
 
 if TYPE_CHECKING:
@@ -44,68 +46,88 @@ class TrialInfo:
     chance: float | None = None  # the highest test_acc1 that is still chance for its classes
 
 
-def _load(path: Path) -> DictConfig | None:
+def _load(path: Path, root: Path) -> dict[str, Any] | None:
+    """A YAML file of the sweep as plain data (`stds.run.files.safe.read_yaml`); None if missing."""
     try:
-        loaded = OmegaConf.load(path)
-    except Exception:
+        loaded = read_yaml(path, root)
+    except FileNotFoundError:
         return None
-    return loaded if isinstance(loaded, DictConfig) else None
-
-
-def _get(cfg: DictConfig, key: str) -> Any:
-    try:
-        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
-    except Exception:  # a resolver this process does not know
-        return None
-    return OmegaConf.to_container(value, resolve=False) if OmegaConf.is_config(value) else value
+    return loaded if isinstance(loaded, dict) else None
 
 
 def _sweep_keys(sweep_dir: Path) -> list[str]:
-    """Keys the sweep's command line searched (``x=interval(..)``, ``x=a,b``), from multirun.yaml."""
+    """Keys the sweep's command line searched (``x=interval(..)``, ``x=a,b``), from multirun.yaml
+    (an override holding an interpolation is left out: nothing is resolved from a file)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    cfg = _load(sweep_dir / "multirun.yaml")
-    task = _get(cfg, "hydra.overrides.task") if cfg is not None else None
+    cfg = _load(sweep_dir / "multirun.yaml", sweep_dir)
+    task = select(cfg, "hydra.overrides.task") if cfg is not None else None
+    listed = [str(o) for o in task if isinstance(o, str) and "${" not in o] if isinstance(task, list) else []
     try:
-        parsed = OverridesParser.create().parse_overrides([str(o) for o in task or []])
-    except Exception:
+        parsed = OverridesParser.create().parse_overrides(listed)
+    except Exception:  # noqa: BLE001 - a damaged multirun.yaml only loses the searched keys
         return []
     return [o.get_key_element() for o in parsed if o.is_sweep_override()]
 
 
-def _bounds(raw: Any) -> tuple[tuple[str, Bound], ...]:
+def _bound(value: Any, where: str, source: Path) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UnsafeFileError(f"{source}: {where} is {value!r}, not a finite number")
+    return float(value)
+
+
+def _bounds(raw: Any, source: Path) -> tuple[tuple[str, Bound], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise UnsafeFileError(f"{source}: hydra.sweeper.constraints is not a mapping of metric to bounds")
     out = []
-    for name, spec in (raw or {}).items():
+    for name, spec in raw.items():
         spec = spec if isinstance(spec, dict) else {}
-        low, high = spec.get("min"), spec.get("max")
-        out.append((str(name), Bound(min=None if low is None else float(low),
-                                     max=None if high is None else float(high))))
+        where = f"hydra.sweeper.constraints.{name}"
+        out.append((str(name), Bound(min=_bound(spec.get("min"), f"{where}.min", source),
+                                     max=_bound(spec.get("max"), f"{where}.max", source))))
     return tuple(out)
 
 
+def _number_of(subdir: Any) -> int | None:
+    """The trial number a ``hydra.sweep.subdir`` names (``7``); None for any other name."""
+    text = str(subdir) if isinstance(subdir, (str, int)) and not isinstance(subdir, bool) else ""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def trial_info(run_dir: Path) -> TrialInfo | None:
-    """The trial a run directory is, or None if a search did not start it."""
-    cfg = _load(run_dir / ".hydra" / "hydra.yaml")
-    if cfg is None or not str(_get(cfg, "hydra.sweeper._target_") or "").endswith(SWEEPER_CLASS):
+    """The trial a run directory is, or None if a search did not start it; `UnsafeFileError`
+    (one line) when its ``hydra.yaml`` is refused or a field has the wrong type."""
+    source = run_dir / ".hydra" / "hydra.yaml"
+    cfg = _load(source, run_dir)
+    if cfg is None or not str(plain_value(cfg, "hydra.sweeper._target_", source) or "").endswith(SWEEPER_CLASS):
         return None
-    objectives = _get(cfg, "hydra.sweeper.objectives")
+    objectives = plain_value(cfg, "hydra.sweeper.objectives", source)
     if not isinstance(objectives, dict) or not objectives:
         return None
-    sweep_dir = run_dir.resolve().parent
-    subdir = str(_get(cfg, "hydra.sweep.subdir"))
-    params = [str(k) for k in (_get(cfg, "hydra.sweeper.params") or {})]
-    params += [k for k in _sweep_keys(sweep_dir) if k not in params]
+    sweep_dir = run_dir.parent
+    params = plain_value(cfg, "hydra.sweeper.params", source) or {}
+    if not isinstance(params, dict):
+        raise UnsafeFileError(f"{source}: hydra.sweeper.params is not a mapping of key to search space")
+    keys = [str(k) for k in params]
+    keys += [k for k in _sweep_keys(sweep_dir) if k not in keys]
+    storage, name = (plain_value(cfg, f"hydra.sweeper.{k}", source) for k in ("storage", "study_name"))
     return TrialInfo(
-        study=(str(_get(cfg, "hydra.sweeper.storage") or sweep_dir), str(_get(cfg, "hydra.sweeper.study_name"))),
-        number=int(subdir) if subdir.isdigit() else None,
+        study=(str(storage or sweep_dir.resolve()), str(name)),
+        number=_number_of(plain_value(cfg, "hydra.sweep.subdir", source)),
         objectives=tuple((str(k), str(v) == "maximize") for k, v in objectives.items()),
-        bounds=_bounds(_get(cfg, "hydra.sweeper.constraints")), params=tuple(params), chance=_chance(run_dir))
+        bounds=_bounds(plain_value(cfg, "hydra.sweeper.constraints", source), source), params=tuple(keys),
+        chance=_chance(run_dir))
 
 
 def _chance(run_dir: Path) -> float | None:
     """`chance_limit` for the run's ``dataset.num_classes`` (None when its config lacks it)."""
-    cfg = _load(run_dir / ".hydra" / "config.yaml")
-    classes = _get(cfg, "dataset.num_classes") if cfg is not None else None
+    source = run_dir / ".hydra" / "config.yaml"
+    cfg = _load(source, run_dir)
+    classes = plain_value(cfg, "dataset.num_classes", source) if cfg is not None else None
     return chance_limit(classes) if isinstance(classes, int) and not isinstance(classes, bool) and classes > 1 else None
 
 
@@ -153,7 +175,11 @@ def mark_trials(runs: Iterable[RunRecord]) -> None:
     """Set ``trial``, ``params`` and ``pareto`` on the runs that are trials of a search."""
     studies: dict[tuple[Any, ...], list[tuple[RunRecord, TrialInfo]]] = {}
     for run in runs:
-        info = trial_info(Path(run.path))
+        try:
+            info = trial_info(Path(run.path))
+        except UnsafeFileError as exc:  # this run is marked; the others are reported
+            run.status, run.error = "damaged", str(exc).replace(f"{run.path}{os.sep}", "")
+            continue
         if info is None:
             continue
         run.trial, run.params = info.number, _params_text(run, info.params)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from stds.errors import StdsError
+from stds.run.files.safe import open_lock
 
 __all__ = ["sweep_lock"]
 
@@ -19,7 +20,7 @@ def sweep_lock(sweep_dir: Path) -> Iterator[None]:
     """Hold ``<sweep dir>/.search.lock`` while the search runs: trials this directory started
     and never reported are then known to belong to a search that stopped."""
     path = sweep_dir / ".search.lock"
-    with path.open("a+") as handle:
+    with open_lock(path) as handle:  # O_NOFOLLOW: never opened through a planted symlink
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -23,8 +23,9 @@ from torch import nn
 
 import stds.data
 import stds.models
-from stds.errors import CheckpointError
+from stds.errors import CheckpointError, one_line
 from stds.method.sparse import sparsify
+from stds.run.files.safe import UnsafeFileError, checked_value, read_yaml, walk
 
 
 _TORCH = {"torch.optim.Adam", "torch.optim.adam.Adam", "torch.optim.SGD", "torch.optim.sgd.SGD",
@@ -75,10 +76,10 @@ def _check_leaf(path: str, key: str, value: Any, source: Path) -> None:
 
 def check_saved_config(config: dict, source: Path) -> None:
     """Refuse (`CheckpointError`, one line naming the key path and ``source``) a saved plain config
-    with a ``_target_`` outside `allowed_targets()` or any string holding ``${``."""
+    with a ``_target_`` outside `allowed_targets()` or any key or string holding ``${``."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{source}: its config is not a mapping; use a stds checkpoint or pruned.pt")
-    for path, key, value in _walk(config):
+    for path, key, value in walk(config):
         if isinstance(key, str) and "${" in key:
             _check_leaf(path, "", key, source)
         if not isinstance(value, (dict, list, tuple)):
@@ -87,34 +88,49 @@ def check_saved_config(config: dict, source: Path) -> None:
             _check_leaf(path, "_target_", value, source)
 
 
-def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
-    """(dotted path, key, value) of every item of a nested dict/list/tuple, parents first."""
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else ()
-    for key, value in items:
-        path = f"{prefix}.{key}" if prefix else str(key)
-        yield path, key, value
-        yield from _walk(value, path)
+def _resolve_references(node: Any, tree: dict, source: Path, path: str = "") -> Any:
+    """``node`` with each leaf read through `checked_value` (whole-value references to keys of
+    ``tree`` followed by this code, any other interpolation refused)."""
+    if isinstance(node, dict):
+        return {key: _resolve_references(value, tree, source, f"{path}.{key}" if path else str(key))
+                for key, value in node.items()}
+    if isinstance(node, list):
+        return [_resolve_references(value, tree, source, f"{path}.{i}") for i, value in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+    value = checked_value(tree, node, source, path)
+    if isinstance(value, (dict, list)):
+        raise CheckpointError(f"{source}: config key {path} refers to a whole section; use a file you trust")
+    return value
 
 
-def load_saved_yaml(path: Path) -> dict:
-    """A run's ``.hydra/config.yaml`` (written unresolved) as a plain resolved dict, allowing only
-    references to its own keys (``${T}``, ``${dataset.num_classes}``): a resolver call such as
-    ``${oc.env:HOME}`` is refused naming the key and the file, never run."""
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    for key_path, _, value in _walk(raw):
-        if isinstance(value, str) and _RESOLVER.search(value):
-            raise CheckpointError(f"{path}: config key {key_path} calls a resolver ({_shown(value)!r}); "
-                                  "only references to other keys are read from a file: use a file you trust")
-    return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)  # type: ignore[return-value]
-
-
-_RESOLVER = re.compile(r"\$\{[^}]*:")
+def load_saved_yaml(path: Path, root: Path | None = None) -> dict:
+    """A run's ``.hydra/config.yaml`` (written unresolved) as a plain dict, read by
+    `stds.run.files.safe.read_yaml` (``root``: the run directory, default two folders up). Only
+    whole-value references to its own keys (``${T}``, ``${dataset.num_classes}``) are resolved,
+    by this module; any other interpolation (``${oc.env:HOME}``, ``${${r}:X}``, ``a${x}``) is
+    refused naming the key and the file, and nothing is resolved by OmegaConf."""
+    try:
+        raw = read_yaml(path, root if root is not None else path.parent.parent)
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({one_line(exc)}); use a run directory you trust") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} is not a mapping of config keys; use a run directory you trust")
+    if any(isinstance(key, str) and "${" in key for _, key, _ in walk(raw)):
+        raise CheckpointError(f"{path}: a config key is itself an interpolation; not read: use a file you trust")
+    try:
+        return _resolve_references(raw, raw, path)
+    except UnsafeFileError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def build_model(config: dict[str, Any], source: Path | str = "the saved config") -> nn.Module:
     """The plain model of ``config["model"]`` (no reparameterization), after `check_saved_config`
     (``source``: the file the config came from, for the error line)."""
     check_saved_config(config, Path(source))
+    if not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{source}: its config has no model mapping (a model._target_ and its "
+                              "arguments); nothing was built: give a stds checkpoint or pruned.pt")
     return instantiate(OmegaConf.create(config["model"]))
 
 
@@ -122,8 +138,12 @@ def sparsified_model(config: dict[str, Any], source: Path | str = "the saved con
     """The model with the reparameterizations the run trained with (thresholds from its state)."""
     model = build_model(config, source)
     sparse = config.get("sparse") or {}
-    exclude = sparse.get("exclude")
+    exclude = sparse.get("exclude") if isinstance(sparse, dict) else None
     if exclude is None:
         exclude = getattr(model, "prune_exclude", ())
+    if not isinstance(sparse, dict) or not isinstance(exclude, (list, tuple)) \
+            or not all(isinstance(name, str) for name in exclude):
+        raise CheckpointError(f"{source}: its config's sparse.exclude is not a list of layer names; "
+                              "nothing was built: give a stds checkpoint or pruned.pt")
     sparsify(model, str(sparse.get("method", "identity")), exclude=tuple(exclude))
     return model

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,6 +33,7 @@ from typing import Any, TextIO
 import torch
 
 from stds.errors import RunDirError
+from stds.run.files.safe import open_lock
 
 LOCK_NAME = ".lock"
 _FIX_READ_ONLY = "make it writable (chmod u+w, free disk space) or set hydra.run.dir=<a writable directory>"
@@ -44,18 +46,20 @@ def check_writable(path: Path | str) -> None:
     full disk, a file in the way) and the fix.
     """
     path = Path(path)
-    probe = path / f".write-probe.{os.getpid()}"
+    probe = None
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as handle:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=path)  # O_EXCL: never a planted link
+        with os.fdopen(fd, "wb") as handle:
             handle.write(b"stds")
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as exc:
         raise RunDirError(f"cannot write in {path} ({exc.strerror or exc}); {_FIX_READ_ONLY}") from None
     finally:
-        with contextlib.suppress(OSError):
-            probe.unlink(missing_ok=True)
+        if probe is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
 
 
 def remove_stale_temporaries(ckpt_dir: Path | str) -> list[Path]:
@@ -78,6 +82,30 @@ def remove_stale_temporaries(ckpt_dir: Path | str) -> list[Path]:
 
 UNSTARTED_FILES = (".hydra", "error.txt", LOCK_NAME, "checkpoints")
 """What a run writes in its directory before its first step (`remove_unstarted` deletes them)."""
+
+
+OLDER_RUN_FILES = ("metrics.json", "metrics.jsonl", "tb", "error.txt", "pruned.pt", "model.nir",
+                   "checkpoints/best.pt")
+"""What a run writes that a later fresh start in the same directory must not pass off as its own."""
+
+
+def set_aside_older_run(run_dir: Path | str) -> Path | None:
+    """Move what an older run left in ``run_dir`` (`OLDER_RUN_FILES`, when ``metrics.json``,
+    ``metrics.jsonl`` or ``tb/`` is among them) into ``run_dir/previous-<date>-<time>/``; the
+    folder, or None when there was nothing. ``rename`` moves a symlink as the link it is."""
+    run_dir = Path(run_dir)
+    present = [name for name in OLDER_RUN_FILES if os.path.lexists(run_dir / name)]
+    if not {"metrics.json", "metrics.jsonl", "tb"} & set(present):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(100):
+        folder = run_dir / (f"previous-{stamp}" + (f"-{attempt}" if attempt else ""))
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir()
+            break
+    for name in present:
+        os.rename(run_dir / name, folder / Path(name).name)
+    return folder
 
 
 def holds_only_unstarted(run_dir: Path | str, extra: list[Path] | tuple[Path, ...] = ()) -> bool:
@@ -138,7 +166,7 @@ def lock_is_held(run_dir: Path | str) -> bool:
     """Whether a live process holds ``<run dir>/.lock`` (a run training there now). The probe
     takes a shared lock for an instant and gives it back; a symlinked ``.lock`` is not followed."""
     try:
-        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO: no wait
     except OSError:
         return False  # no lock file: no run holds it (a run that ends deletes it)
     try:
@@ -160,6 +188,9 @@ class RunLock:
     sharing a file system whose locks reach across machines) gets a `RunDirError` naming the
     holder. Released on exit from the block and, by the kernel, when the process dies.
     Re-entering from the same process with another `RunLock` fails too: one owner per directory.
+    The file is opened by `stds.run.files.safe.open_lock`: a symlink, FIFO or hard link at
+    ``.lock`` is refused in one line; the holder's lines are written only into a file that is
+    this directory's own (one link, regular), after its flock is taken.
     `release` deletes the file; a process that locked a file another one deleted meanwhile opens
     the new file and locks that instead (the lock must be on the file the path names).
     """
@@ -196,7 +227,7 @@ class RunLock:
         """Open ``self.path`` and take the flock on it; `RunDirError` if it is held or unusable."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path, "a+", encoding="utf-8")
+            handle = open_lock(self.path)  # O_NOFOLLOW: a planted symlink is refused, never written
         except OSError as exc:
             raise RunDirError(f"cannot lock {self.path} ({exc.strerror or exc}); {_FIX_READ_ONLY}") from None
         try:

@@ -25,6 +25,7 @@ from stds.run.setup.build import Run
 from stds.run.setup.config import to_plain
 from stds.run.files.atomic import write_atomic
 from stds.run.files.rebuild import check_saved_config, sparsified_model
+from stds.run.files.safe import read_yaml
 from stds.run.life.state import EpochSums, Progress
 
 log = logging.getLogger(__name__)
@@ -76,13 +77,19 @@ def as_it_ran(saved: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
+class ResumeRefused(CheckpointError):
+    """A resume refused because the experiment would change: the run directory is left as it was
+    (no ``error.txt``; docs/resume.md)."""
+
+
 def check_compatible(run: Run, state: dict[str, Any], path: Path) -> None:
-    """Refuse a checkpoint whose experiment differs from the config, naming every changed key."""
+    """Refuse (`ResumeRefused`) a checkpoint whose experiment differs from the config, naming every
+    changed key."""
     saved = as_it_ran(dict(state.get("config", {})))
     changed = changed_keys(saved, to_plain(run.cfg))
     if changed:
         listed = ", ".join(f"{key} ({old}, now {new})" for key, old, new in changed)
-        raise CheckpointError(
+        raise ResumeRefused(
             f"checkpoint {path} was written with other values of {listed}; these keys cannot change "
             "when a run resumes (docs/resume.md): restore them or use a new run directory"
         )
@@ -146,7 +153,12 @@ def _weights_of(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(blob, dict) and "format_version" in blob and "model" in blob and "config" in blob:
         state = ckpt.upgrade(blob, path)
         source = sparsified_model(state["config"], path)
-        source.load_state_dict(state["model"])
+        try:
+            source.load_state_dict(state["model"])
+        except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"init_from={path}: its weights do not fit its own config's model: {first}; "
+                                  "give a checkpoints/*.pt or a pruned.pt written by stds") from None
         return dense_state_dict(source)
     raise CheckpointError(f"init_from={path} is neither a stds checkpoint nor an exported pruned.pt; "
                           "give a checkpoints/*.pt or a pruned.pt")
@@ -231,10 +243,10 @@ def _choice(overrides: list[str], key: str) -> str | None:
 
 def _saved_overrides(run_dir: Path) -> list[str]:
     """The run's ``.hydra/overrides.yaml`` as plain strings (read as data, never resolved)."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.exists():
+    try:
+        listed = read_yaml(run_dir / ".hydra" / "overrides.yaml", run_dir)
+    except OSError:  # missing, or refused (a symlink, a FIFO, not YAML): no experiment to match
         return []
-    listed = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     return [str(item) for item in listed] if isinstance(listed, list) else []
 
 

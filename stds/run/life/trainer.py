@@ -13,8 +13,9 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from stds.errors import RunDirError, error_line, user_error
+from stds.errors import RunDirError, StdsError, error_line, user_error
 from stds.run.files import rundir
+from stds.run.files.atomic import write_atomic
 from stds.run.life import resume, study_link
 from stds.run.life.epoch import fit
 from stds.run.life.signals import RunStopped, StopSignals
@@ -57,8 +58,9 @@ def train(cfg: DictConfig, run_dir: Path | str | None = None) -> float:
         lost = None if user_error(exc) else distributed.name_lost_ranks(exc, env, timeout_s)
         if env.is_main and start.unstarted() and not _in_sweep():
             rundir.remove_unstarted(run_dir, _log_files(run_dir))
-        # a run directory that is locked by another process or cannot be written gets no error.txt
-        elif env.is_main and not isinstance(exc, (KeyboardInterrupt, RunDirError)):
+        # a run directory that is locked by another process or cannot be written gets no error.txt,
+        # nor does one whose resume was refused (docs/resume.md: nothing in it changes)
+        elif env.is_main and not isinstance(exc, (KeyboardInterrupt, RunDirError, resume.ResumeRefused)):
             _write_error(run_dir, lost or exc)
         if lost is not None:
             log.error("%s", lost)
@@ -123,11 +125,11 @@ def _train_in(raw: DictConfig, env: distributed.DistEnv, run_dir: Path, signals:
             rundir.check_writable(run_dir)
             stack.enter_context(rundir.RunLock(run_dir))
             start.locked = True
-            (run_dir / "error.txt").unlink(missing_ok=True)
             link = study_link.open_link(raw.get("trial"), run_dir, _sweeper_storage())
             if link is not None:
                 stack.enter_context(link)
             if fresh:  # a failing sweep point still has its config (and error.txt) for the report
+                _set_aside(run_dir)
                 resume.record_config(run_dir, raw)
         cfg = prepare_config(raw)
         if env.is_main:
@@ -136,7 +138,8 @@ def _train_in(raw: DictConfig, env: distributed.DistEnv, run_dir: Path, signals:
         set_determinism(cfg, env)
         run = build_run(cfg, env, run_dir)
         progress = resume.resume(run)  # refuses a checkpoint of another experiment
-        if env.is_main and not fresh:
+        if env.is_main and not fresh:  # the resume is accepted: from here on the directory changes
+            (run_dir / "error.txt").unlink(missing_ok=True)
             resume.record_config(run_dir, raw, with_hydra=not keep_command)
         if progress.step == 0 and cfg.init_from:
             resume.init_from(run, cfg.init_from)
@@ -158,9 +161,18 @@ def _say_finished(run: Run, progress: Progress) -> None:
                 run.ckpt_dir / "last.pt")
 
 
+def _set_aside(run_dir: Path) -> None:
+    """A fresh start: what an older run left here (its ``metrics.json``, ``tb/``) goes to a
+    ``previous-<time>/`` folder, so no report reads it as this run's; an old error.txt goes."""
+    folder = rundir.set_aside_older_run(run_dir)
+    if folder is not None:
+        log.warning("%s held the files of an older run (no checkpoints/last.pt to resume); they are "
+                    "moved to %s", run_dir, folder)
+    (run_dir / "error.txt").unlink(missing_ok=True)
+
+
 def _write_error(run_dir: Path, exc: BaseException) -> None:
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.txt").write_text(error_line(exc))
-    except OSError:
+        write_atomic(run_dir / "error.txt", error_line(exc))  # replaces a planted link, never follows it
+    except (OSError, StdsError):
         pass  # a read-only or vanished run directory: the error is still raised and printed

@@ -21,6 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 from stds.errors import RunDirError
 from stds.method.sparse import pruned_parameters
 from stds.run.files.atomic import write_atomic
+from stds.run.files.safe import open_append, read_text
 
 
 def loss_fn(kind: str, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -182,12 +183,19 @@ class MetricsWriter:
                 f"free disk space), then resume: python launch/train.py resume={self.run_dir}"
             ) from None
 
+    def _lines(self) -> list[str]:
+        """The lines of ``metrics.jsonl`` (none if missing), read by `stds.run.files.safe.read_text`."""
+        try:
+            return read_text(self.jsonl, self.run_dir).splitlines()
+        except FileNotFoundError:
+            return []
+
     def truncate_after(self, step: int) -> None:
         """Drop the ``metrics.jsonl`` lines of epochs after ``step`` (a resumed run writes them again)."""
         if not self.jsonl.exists():
             return
         kept = []
-        for line in self.jsonl.read_text().splitlines():
+        for line in self._lines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a kill
@@ -199,10 +207,8 @@ class MetricsWriter:
 
     def history(self) -> list[dict[str, Any]]:
         """The ``metrics.jsonl`` records written so far, in order (a line cut by a kill is skipped)."""
-        if not self.jsonl.exists():
-            return []
         records = []
-        for line in self.jsonl.read_text().splitlines():
+        for line in self._lines():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
@@ -214,7 +220,7 @@ class MetricsWriter:
         run killed between its checkpoint and that line gets the line back when it resumes."""
         if record is None:
             return
-        for line in self.jsonl.read_text().splitlines() if self.jsonl.exists() else []:
+        for line in self._lines():
             try:
                 if json.loads(line).get("epoch") == record.get("epoch"):
                     return
@@ -238,7 +244,7 @@ class MetricsWriter:
                         self.tb.add_scalar(f"{name}/{layer}", layer_value, step)
                 elif isinstance(value, (int, float)) and value is not None and name != "step":
                     self.tb.add_scalar(name, value, step)
-        with self._writes(self.jsonl), self.jsonl.open("a") as handle:
+        with self._writes(self.jsonl), open_append(self.jsonl) as handle:  # never through a symlink
             handle.write(json.dumps(record) + "\n")
         with self._writes(self.run_dir / "tb"):
             self.tb.flush()

@@ -8,11 +8,12 @@ The run that is a trial (`stds.run.life.study_link`) and the search that started
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from stds.run.files.safe import first_line, read_json
 
 __all__ = ["OBJECTIVE_METRICS", "Bound", "Outcome", "constraint_values", "trial_outcome"]
 
@@ -56,17 +57,17 @@ class Outcome:
 
 def _first_line(path: Path) -> str | None:
     try:
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return first_line(path, path.parent)  # a refused file gives its refusal, never its content
     except OSError:
         return None
-    return lines[0] if lines else None
 
 
 def read_metrics(run_dir: Path) -> dict | None:
-    """``metrics.json`` of ``run_dir`` as a dict, or None (missing, unreadable, not an object)."""
+    """``metrics.json`` of ``run_dir`` as a dict, or None (missing, refused -- a symlink, a FIFO --,
+    cut, not an object), read by `stds.run.files.safe`."""
     try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
+        metrics = read_json(run_dir / "metrics.json", run_dir)
+    except OSError:
         return None
     return metrics if isinstance(metrics, dict) else None
 
