@@ -34,7 +34,7 @@ def test_check_writable_on_a_read_only_file_system(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(rundir, "open", read_only, raising=False)
+    monkeypatch.setattr(rundir.tempfile, "mkstemp", read_only)  # the probe is made with O_EXCL
     with pytest.raises(RunDirError, match=r"cannot write in .* \(Read-only file system\); make it writable"):
         rundir.check_writable(tmp_path)
 
