@@ -233,7 +233,9 @@ def test_config_error_keeps_a_directory_a_run_trained_in(tiny_cfg, tmp_path):
     (run / ".hydra").mkdir()
     with pytest.raises(ConfigError, match="T=0"):
         train(tiny_cfg("T=0"), run)
-    assert sorted(p.name for p in run.iterdir()) == [".hydra", "error.txt", "tb"]
+    names = sorted(p.name for p in run.iterdir())  # the older run's tb/ is set aside, not removed
+    assert names[:2] == [".hydra", "error.txt"] and len(names) == 3 and names[2].startswith("previous-")
+    assert (run / names[2] / "tb").is_dir()
 
 
 def test_help_into_a_closed_pipe_says_nothing_about_a_run_directory(tmp_path):
