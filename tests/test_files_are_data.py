@@ -248,7 +248,7 @@ def test_a_symlinked_hydra_folder_or_fifo_marks_the_run(tmp_path):
 ])
 def test_one_damaged_file_marks_its_run_and_the_others_are_reported(tmp_path, files, reason):
     sweep = tmp_path / "sweep"
-    good = _run(sweep / "0")
+    _run(sweep / "0")
     bad = _run(sweep / "1", metrics=None if "metrics.json" in files else '{"test_acc1": 0.4}')
     for name, text in files.items():
         (bad / name.replace("__", "/")).parent.mkdir(parents=True, exist_ok=True)

@@ -200,7 +200,7 @@ def _open_single(path: Path, flags: int) -> int:
     or a file with a second hard link (writing it would change another name's content)."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
-    except OSError as exc:
+    except OSError:
         if os.path.islink(path):
             raise UnsafeFileError(f"{path} is a symlink; it is never written through: remove it") from None
         raise
