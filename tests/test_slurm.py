@@ -79,9 +79,10 @@ def _job_log(sweep_dir: Path, num: int) -> str:
 def _trial_job_log(run_dir: Path) -> str:
     """What the SLURM job of a search's trial printed (each trial is a job of its own), found as
     the report finds it: by the job id in the run's ``.hydra/hydra.yaml``."""
-    from stds.results.collect import submitit_job_dir
+    from stds.results.jobs import submitit_job_dir
+    from stds.run.files.safe import read_yaml
 
-    found = submitit_job_dir(run_dir)
+    found = submitit_job_dir(run_dir, read_yaml(run_dir / ".hydra" / "hydra.yaml", run_dir))
     assert found is not None, f"no submitit folder for {run_dir}"
     return "".join(p.read_text() for p in sorted(found[0].glob("*_log.*")))
 
