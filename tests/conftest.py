@@ -93,3 +93,20 @@ def model_d(model) -> float:
     values = {float(reparam.d) for reparam in reparams(model)}
     assert len(values) == 1, f"the pruned layers hold different thresholds: {sorted(values)}"
     return values.pop()
+
+
+def ddp_sgd_steps(ddp, inputs, schedule, steps: int = 6, lr: float = 0.5) -> list[float]:
+    """``steps`` plain SGD steps of the DDP model ``ddp`` on ``inputs`` (DDP averages the gradients
+    over the ranks), ``schedule.step`` after each; the values it returned. SGD by hand: a
+    torch.optim import costs seconds in each spawned process."""
+    import torch
+
+    values = []
+    for step in range(1, steps + 1):
+        ddp.zero_grad()
+        ddp(inputs).pow(2).mean().backward()
+        with torch.no_grad():
+            for parameter in ddp.parameters():
+                parameter -= lr * parameter.grad
+        values.append(schedule.step(step))
+    return values

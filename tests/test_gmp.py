@@ -16,7 +16,7 @@ from stds.method.gmp import MagnitudeMask, MagnitudePruningSchedule
 from stds.method.target import wanted_count
 from stds.method.sparse import pruned_parameters, sparsify, sparsity
 from stds.run.setup.build import build_threshold_schedule, prepare_config
-from tests.conftest import compose_train, kill_after_steps, TINY
+from tests.conftest import TINY, compose_train, ddp_sgd_steps, kill_after_steps
 
 # layer a: |θ| 0.5 0.1 0.3 0.05; layer b: |θ| 0.7 0.9 0.8
 HAND = ([0.5, -0.1, 0.3, 0.05], [-0.7, 0.9, 0.8])
@@ -151,13 +151,7 @@ def _ddp_worker(rank: int, store: str, out: str) -> None:
                                             scope="global").attach(model)
         ddp = nn.parallel.DistributedDataParallel(model)
         inputs = torch.randn(16, 8, generator=torch.Generator().manual_seed(100 + rank))  # per-rank data
-        for step in range(1, 7):
-            ddp.zero_grad()
-            ddp(inputs).pow(2).mean().backward()  # DDP averages the gradients over the ranks
-            with torch.no_grad():  # plain SGD by hand (a torch.optim import costs seconds per process)
-                for parameter in ddp.parameters():
-                    parameter -= 0.5 * parameter.grad
-            schedule.step(step)
+        ddp_sgd_steps(ddp, inputs, schedule)
         masks = [layer.parametrizations.weight[0].mask.clone() for layer in (model[0], model[2])]
         torch.save({"masks": masks, "d": schedule.d}, f"{out}/rank{rank}.pt")
     finally:

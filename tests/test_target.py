@@ -17,7 +17,7 @@ from stds.errors import ConfigError
 from stds.method.schedule import ThresholdSchedule
 from stds.method.target import TargetSparsitySchedule, kth_smallest_abs, wanted_count
 from stds.run.setup.build import build_threshold_schedule
-from tests.conftest import kill_after_steps, model_d, run_history, run_metrics
+from tests.conftest import ddp_sgd_steps, kill_after_steps, model_d, run_history, run_metrics
 from stds.method.sparse import pruned_layers, pruned_parameters, sparsify, sparsity
 
 # three pruned layers of 4, 3 and 6 weights; two θ are exactly 0 and 0.1 appears four times
@@ -309,14 +309,7 @@ def _ddp_worker(rank: int, store: str, out: str, ramp_until: float) -> None:
         schedule = TargetSparsitySchedule(0.75, total_steps=6, ramp="linear", ramp_until=ramp_until).attach(model)
         ddp = nn.parallel.DistributedDataParallel(model)
         inputs = torch.randn(16, 8, generator=torch.Generator().manual_seed(100 + rank))  # per-rank data
-        ds = []
-        for step in range(1, 7):
-            ddp.zero_grad()
-            ddp(inputs).pow(2).mean().backward()  # DDP averages the gradients over the ranks
-            with torch.no_grad():  # plain SGD by hand (a torch.optim import costs seconds per process)
-                for parameter in ddp.parameters():
-                    parameter -= 0.5 * parameter.grad
-            ds.append(schedule.step(step))
+        ds = ddp_sgd_steps(ddp, inputs, schedule)
         thetas = [t.detach().clone() for t in pruned_parameters(model).values()]
         torch.save({"d": ds, "thetas": thetas}, f"{out}/rank{rank}.pt")
     finally:
