@@ -78,3 +78,26 @@ def test_a_run_writes_energy_and_the_report_shows_and_plots_it(tmp_path):
     row = next(csv.DictReader(paths["csv"].open()))
     assert float(row["energy_uj"]) == pytest.approx(metrics["energy_uj"])
     assert paths["energy_png"].stat().st_size > 0 and "report_energy.png" in paths["md"].read_text()
+
+
+def test_first_layer_macs_against_spikingjellys_mac_counter():
+    """On the analog stem: SpikingJelly's ``MACCounter`` and ours agree on dense weights; with pruned
+    zeros it counts each zero weight once per output position too (zero padding included)."""
+    from spikingjelly.activation_based.op_counter import MACCounter
+
+    from stds.run.measure.synops import mac_rules
+
+    torch.manual_seed(0)
+    conv, images = nn.Conv2d(1, 8, 3, padding=1, bias=False), torch.rand(2, 1, 8, 8)
+
+    def counted(rules):
+        counter = MACCounter(extra_rules=rules)
+        with torch.no_grad(), DispatchCounterMode([counter]):
+            conv(images)
+        return int(counter.get_total())
+
+    assert counted(None) == counted(mac_rules()) == 2 * 8 * 9 * 64  # 2 images, 8 filters of 3x3 at 64 positions
+    with torch.no_grad():
+        conv.weight.mul_((torch.rand_like(conv.weight) > 0.5).float())
+    zeros = int((conv.weight == 0).sum())
+    assert counted(None) - counted(mac_rules()) == zeros * 64 * 2 > 0
