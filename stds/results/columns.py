@@ -93,6 +93,8 @@ def _status(run: RunRecord) -> str:
     return f"{run.status}: {run.error}" if run.status in ("failed", "damaged") else run.status
 
 
+_energy = _metric_value("energy_uj")
+
 _BUILT_IN: list[tuple[str, dict[str, Any]]] = [
     # "run" is the path relative to the report's directory: filled in by stds.results.tables
     ("run", {"value": lambda run: str(run.path)}), ("status", {"md": False}), ("error", {"md": False}),
@@ -104,8 +106,8 @@ _BUILT_IN: list[tuple[str, dict[str, Any]]] = [
     ("test_acc1", {"cell": percent}), ("best_test_acc1", {"cell": percent}), ("best_epoch", {"md": False}),
     ("test_acc5", {"cell": percent}), ("sparsity", {"cell": percent}), ("connectivity", {"cell": percent}),
     ("d", {}), ("synops", {"cell": si}), ("first_layer_macs", {"cell": si}),
-    ("energy_uj", {"value": _metric_value("energy_uj"), "cell": lambda v: "-" if v is None else f"{v:.4g}",
-                   "shown": lambda runs: any(_metric_value("energy_uj")(run) is not None for run in runs)}),
+    ("energy_uj", {"value": _energy, "cell": lambda v: "-" if v is None else f"{v:.4g}",
+                   "shown": lambda runs: any(_energy(run) is not None for run in runs)}),
     ("firing_rate_mean", {"cell": lambda v: "-" if v is None else f"{v:.4f}"}),
     ("firing_rates", {"md": False, "value": lambda run: json.dumps(run.firing_rates) if run.firing_rates else None}),
     ("warnings", {"md": False, "value": lambda run: json.dumps(run.warnings) if run.warnings else None}),

@@ -67,12 +67,9 @@ class SearchSettings:
 
     @property
     def constraint_names(self) -> list[str]:
-        """Optuna's names of the constraint values, in `constraint_values` order: ``sparsity>=0.9``."""
-        names = []
-        for metric, bound in self.constraints.items():
-            names += [f"{metric}>={bound.min:g}"] if bound.min is not None else []
-            names += [f"{metric}<={bound.max:g}"] if bound.max is not None else []
-        return names
+        """Optuna's names of the constraint values, in `constraint_values` order: ``sparsity>=0.9``
+        (the trial's own rule, `TrialSpec.constraint_names`)."""
+        return self.trial_spec.constraint_names
 
     def describe(self) -> dict[str, list[str]]:
         """What a study is for, stored with it: objectives with directions, and constraints."""
