@@ -20,7 +20,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from stds.cli.entry import print_error
-from stds.data.images import check_files, image_files
+from stds.data.images import check_files
+from stds.data.vision import image_files
 from stds.errors import StdsError
 from stds.run.setup.config import instantiate_node, register_configs
 

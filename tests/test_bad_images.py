@@ -16,7 +16,8 @@ from PIL import Image
 import stds.run.life.loop as loop_module
 from tests.conftest import HANG_S, REPO, run_history
 from stds.data import datasets as data
-from stds.data.images import BadImages, check_files, image_files
+from stds.data.images import BadImages, check_files
+from stds.data.vision import image_files
 from stds.data.loaders import LoaderOptions, eval_loader, train_loader
 from stds.errors import ConfigError, DataError
 from stds.run.files import checkpoint as ckpt

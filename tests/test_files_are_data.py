@@ -303,7 +303,8 @@ def test_a_cifar10_batch_cannot_allocate_more_than_its_bytes(tmp_path, kind):
 def test_folder_walks_do_not_follow_a_directory_symlink_loop(tmp_path):
     from PIL import Image
 
-    from stds.data.images import ImageFiles, BadImages, image_files
+    from stds.data.images import BadImages
+    from stds.data.vision import ImageFiles, image_files
 
     for split in ("train", "val"):
         for name in ("a", "b"):
@@ -366,3 +367,74 @@ def test_a_fresh_start_sets_an_older_run_aside_and_a_refused_resume_changes_noth
     assert not (run / "metrics.json").exists() and not (run / "tb").exists()
     record = read_run(run)
     assert record.status == "failed" and "init_from" in record.error and record.test_acc1 is None
+
+
+# ------------------------------------------------------------------ checkpoints are read as run files
+
+def _planted_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    """A run directory whose ``checkpoints/last.pt`` is a symlink to a loadable checkpoint elsewhere."""
+    elsewhere = tmp_path / "elsewhere.pt"
+    torch.save({"format_version": FORMAT_VERSION, "model": {}, "config": {}}, elsewhere)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").symlink_to(elsewhere)
+    return run, elsewhere
+
+
+def test_a_symlinked_checkpoint_is_refused_not_loaded(tmp_path):
+    from stds.run.files.checkpoint import load
+    from stds.run.life.resume import _weights_of, resumed_config
+
+    run, elsewhere = _planted_checkpoint(tmp_path)
+    path = run / "checkpoints" / "last.pt"
+    with pytest.raises(UnsafeFileError, match="last.pt is a symlink") as caught:
+        load(path, run)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(UnsafeFileError, match="symlink"):
+        resumed_config(OmegaConf.create({}), run)  # resume=<run dir> reads the checkpoint's config
+    with pytest.raises(CheckpointError, match=r"^init_from: .*last.pt is a symlink"):
+        _weights_of(path)
+    assert load(elsewhere)["format_version"] == FORMAT_VERSION  # the file itself loads
+
+
+def test_a_checkpoint_folder_that_leads_out_of_the_run_is_refused(tmp_path):
+    from stds.run.files.checkpoint import load
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    torch.save({"format_version": FORMAT_VERSION, "model": {}, "config": {}}, outside / "last.pt")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(outside)
+    with pytest.raises(UnsafeFileError, match="leads outside"):
+        load(run / "checkpoints" / "last.pt", run)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load(run / "missing.pt", run)
+
+
+def test_export_finished_refuses_a_symlinked_checkpoint_and_replaces_a_planted_pruned_pt(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from stds.results.pruned import _plain_mtime, export_finished
+
+    run, _ = _planted_checkpoint(tmp_path)
+    victim = _victim(tmp_path)
+    (run / "pruned.pt").symlink_to(victim)
+    assert _plain_mtime(run / "pruned.pt") == -1.0  # a link is never stat'ed through
+    assert export_finished([SimpleNamespace(path=str(run), status="finished")]) == []
+    err = capsys.readouterr().err
+    assert "not exported" in err and "last.pt is a symlink" in err and len(err.splitlines()) == 1
+    assert victim.read_text() == "the user's own file\n" and (run / "pruned.pt").is_symlink()
+
+
+def test_export_finished_replaces_a_planted_pruned_pt_newer_than_the_checkpoint(tiny_cfg, tmp_path):
+    from stds.results.pruned import export_finished
+    from stds.run.life.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny_cfg("epochs=1", "flat_width=0.1"), run)
+    victim = _victim(tmp_path)
+    (run / "pruned.pt").symlink_to(victim)  # newer than last.pt: a stat through it would skip the export
+    assert export_finished([read_run(run)]) == [run / "pruned.pt"]
+    assert not (run / "pruned.pt").is_symlink() and victim.read_text() == "the user's own file\n"
+    assert torch.load(run / "pruned.pt", weights_only=True)["storage"]["pruned"]["numel"] > 0

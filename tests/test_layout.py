@@ -83,6 +83,19 @@ def test_import_stds_gives_the_method_without_hydra():
     assert out.stdout.strip() == "none"
 
 
+def test_a_run_on_the_digits_does_not_import_torchvision():
+    """torchvision's import (it loads ``torch._dynamo``) is paid only by the datasets that use it:
+    every run, error line and test subprocess on the digits starts without it."""
+    code = (
+        "import sys, stds.cli.entry, stds.run.life.trainer, stds.results.sweep, stds.data\n"
+        "stds.data.digits()\n"
+        "print('torchvision' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=HANG_S)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 def test_the_method_prunes_a_plain_torch_model():
     import torch
     from torch import nn

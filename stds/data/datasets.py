@@ -25,9 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision import datasets, transforms
 
-from stds.data.images import BadImages, ImageFiles
+from stds.data.images import BadImages
 from stds.errors import ConfigError, DatasetNotFoundError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -232,37 +231,6 @@ def read_cifar10_classes(path: Path) -> list[str]:
     return names
 
 
-class _CIFAR10Files(datasets.CIFAR10):
-    """torchvision's CIFAR-10 dataset (its items, transforms and download) with its own reading.
-
-    The batch files are pickles: torchvision unpickles them with `pickle.load`, which would run
-    code a planted file names, and checks their md5 on every build (178 MB hashed; a small copy in
-    the real format, as the tests write, is refused). Here each file is read by a restricted
-    unpickler and checked as it is opened (`read_cifar10_batch`: shapes, label count and range),
-    so a bad file fails in one line naming it, not with a traceback in epoch 1. The archive fetched
-    by ``download=True`` is still verified against its md5.
-    """
-
-    train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
-    meta = {**datasets.CIFAR10.meta, "md5": None}
-
-    def __init__(self, root: str, train: bool = True, transform: Any = None, download: bool = False) -> None:
-        datasets.VisionDataset.__init__(self, root, transform=transform)
-        self.train = train
-        if download:
-            self.download()
-        folder = Path(self.root) / self.base_folder
-        images, self.targets = [], []
-        for name, _ in self.train_list if train else self.test_list:
-            data, labels = read_cifar10_batch(folder / name)
-            images.append(data)
-            self.targets.extend(labels)
-        self.data = np.concatenate(images)
-        self.classes = read_cifar10_classes(folder / self.meta["filename"])
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-
-
 def cifar10(
     root: str,
     download: bool = False,
@@ -276,16 +244,20 @@ def cifar10(
     (0.4914, 0.4822, 0.4465) and std (0.2023, 0.1994, 0.2010); test: normalisation only.
     ``download=True`` fetches the archive into ``root`` when the files are missing.
     """
+    from torchvision import transforms
+
+    from stds.data.vision import CIFAR10Files
+
     given = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     _check_meta("cifar10", given, dict(num_classes=10, in_channels=3, image_size=32))
-    folder = Path(root) / _CIFAR10Files.base_folder
+    folder = Path(root) / CIFAR10Files.base_folder
     if Path(root).exists() and not Path(root).is_dir():
         raise DatasetNotFoundError(
             f"dataset.root={root} is a file, not a folder; set dataset.root=<folder holding "
             "cifar-10-batches-py> or dataset.download=true"
         )
-    expected = [name for name, _ in _CIFAR10Files.train_list + _CIFAR10Files.test_list]
-    missing = [name for name in expected + [_CIFAR10Files.meta["filename"]]
+    expected = [name for name, _ in CIFAR10Files.train_list + CIFAR10Files.test_list]
+    missing = [name for name in expected + [CIFAR10Files.meta["filename"]]
                if not (folder / name).is_file()]
     if missing and not download:
         raise DatasetNotFoundError(
@@ -294,13 +266,15 @@ def cifar10(
         )
     normalise = [transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
     augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
-    train = _CIFAR10Files(root, train=True, transform=transforms.Compose(augment + normalise),
+    train = CIFAR10Files(root, train=True, transform=transforms.Compose(augment + normalise),
                           download=download)
-    test = _CIFAR10Files(root, train=False, transform=transforms.Compose(normalise))
+    test = CIFAR10Files(root, train=False, transform=transforms.Compose(normalise))
     return DatasetSplits(train, test)
 
 
-def _image_folder(folder: Path, transform: Any, bad_images: BadImages) -> ImageFiles:
+def _image_folder(folder: Path, transform: Any, bad_images: BadImages) -> Dataset:
+    from stds.data.vision import ImageFiles
+
     fix = "set dataset.root=<folder holding train/<class>/*.JPEG and val/<class>/*.JPEG>"
     if not folder.is_dir():
         raise DatasetNotFoundError(f"ImageNet folder {folder} not found; {fix}")
@@ -329,6 +303,8 @@ def imagenet(
     ImageNet mean and std. The number of class folders must equal ``num_classes``, and the two
     trees must hold the same classes.
     """
+    from torchvision import transforms
+
     if in_channels != 3:
         raise ConfigError(f"dataset.in_channels={in_channels} does not fit imagenet (RGB); set 3")
     normalise = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
@@ -358,9 +334,11 @@ def fake(
     Image ``i`` and its label depend only on ``seed`` and ``i`` (the test images are seeded past
     the training ones), so every call gives the same data. ``ToTensor`` only: pixels in [0, 1].
     """
+    from torchvision import datasets, transforms
+
     shape = (in_channels, image_size, image_size)
 
-    def split(size: int, offset: int) -> datasets.FakeData:
+    def split(size: int, offset: int) -> Dataset:
         return datasets.FakeData(size=size, image_size=shape, num_classes=num_classes,
                                  transform=transforms.ToTensor(), random_offset=offset)
 

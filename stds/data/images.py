@@ -6,9 +6,10 @@ transforms of `stds.data.datasets.imagenet` (RandomResizedCrop, ToTensor) do not
 would decode some files differently (CMYK, palette images). PIL refuses a truncated JPEG
 (``ImageFile.LOAD_TRUNCATED_IMAGES`` stays off) and names a garbage file, which is what is checked.
 
-- `ImageFiles`: an ``ImageFolder`` whose decode failure is a `stds.errors.DataError` naming the
-  file (``bad_images=error``), or whose bad file is replaced by the next good one and reported
-  to its `BadImages` (``bad_images=skip``).
+- `stds.data.vision.ImageFiles` (beside torchvision, which this module does not import): an
+  ``ImageFolder`` whose decode failure is a `stds.errors.DataError` naming the file
+  (``bad_images=error``), or whose bad file is replaced by the next good one and reported to its
+  `BadImages` (``bad_images=skip``).
 - `BadImages`: the policy, the limit ``max_bad_images``, and the files skipped, collected from
   the loader workers through a queue; `BadImages.drain` (training process) returns the files not
   named before, logs each once, and stops the run in one line past the limit.
@@ -19,15 +20,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable
 
 from PIL import Image
 from torch.utils.data import get_worker_info
-from torchvision import datasets
 
 from stds.errors import ConfigError, DataError, one_line
 
@@ -111,56 +109,6 @@ class BadImages:
         return new
 
 
-def class_files(directory: str, class_to_idx: dict[str, int], extensions: Any = None,
-                is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
-    """``(path, class index)`` of every image file under each class folder, as torchvision's
-    ``make_dataset`` lists them, except that a directory symlink below a class folder is not
-    followed: torchvision walks with ``followlinks=True``, so a link to a parent folder (a loop)
-    counted the same files again and again."""
-    valid = is_valid_file or (lambda path: datasets.folder.has_file_allowed_extension(path, extensions))
-    samples, found = [], set()
-    for name in sorted(class_to_idx):
-        for root, _, files in sorted(os.walk(os.path.join(directory, name))):  # followlinks=False
-            for file in sorted(files):
-                path = os.path.join(root, file)
-                if valid(path) and os.path.isfile(path):
-                    samples.append((path, class_to_idx[name]))
-                    found.add(name)
-    empty = sorted(set(class_to_idx) - found)
-    if empty and not allow_empty:
-        raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
-    return samples
-
-
-class ImageFiles(datasets.ImageFolder):
-    """``ImageFolder`` whose files that do not decode are named (``error``) or skipped (``skip``),
-    and whose walk does not follow directory symlinks (`class_files`)."""
-
-    make_dataset = staticmethod(class_files)
-
-    def __init__(self, root: str, transform: Any, bad_images: BadImages) -> None:
-        super().__init__(root, transform=transform)
-        self.bad_images = bad_images
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        """Sample ``index``; with ``skip``, the next sample (in file order) that decodes."""
-        for offset in range(len(self.samples)):
-            path, target = self.samples[(index + offset) % len(self.samples)]
-            try:
-                image = decode(path)
-            except Exception as exc:  # noqa: BLE001 - any decode failure names the file
-                reason = f"{type(exc).__name__}: {one_line(exc)}"
-                if self.bad_images.policy == "error":
-                    raise DataError(
-                        f"image {path} does not decode ({reason}); remove or replace it, or set "
-                        f"dataset.bad_images=skip; {_check_hint(self.bad_images.root)}"
-                    ) from None
-                self.bad_images.skipped(path, reason)
-                continue
-            return (self.transform(image) if self.transform else image), target
-        raise DataError(f"no image under {self.root} decodes; {_check_hint(self.bad_images.root)}")
-
-
 def check_files(paths: list[str], workers: int = 1, progress: bool = True) -> list[tuple[str, str]]:
     """``(path, why)`` of every file in ``paths`` that does not decode, in the order given;
     decoded by ``workers`` processes, with a progress bar on stderr."""
@@ -174,13 +122,3 @@ def check_files(paths: list[str], workers: int = 1, progress: bool = True) -> li
             results.append(reason)
             bar.update(1)
     return [(path, reason) for path, reason in zip(paths, results) if reason is not None]
-
-
-def image_files(folders: Iterable[Path]) -> list[str]:
-    """The files `ImageFiles` of each folder reads (its extensions, class folders, no directory
-    symlink followed)."""
-    paths: list[str] = []
-    for folder in folders:
-        _, class_to_idx = datasets.folder.find_classes(str(folder))
-        paths += [path for path, _ in class_files(str(folder), class_to_idx, datasets.folder.IMG_EXTENSIONS)]
-    return paths

@@ -18,6 +18,7 @@ fit, else 8. Other tensors (BatchNorm, biases, unpruned layers) are counted dens
 from __future__ import annotations
 
 import math
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from stds.method.sparse import dense_state_dict, pruned_layers, sparsity
 from stds.run.files import checkpoint as ckpt
 from stds.run.files.atomic import write_atomic
 from stds.run.files.rebuild import build_model, load_saved_yaml, sparsified_model
+from stds.run.files.safe import open_binary
 
 __all__ = [
     "EXPORT_NAME", "TrainedNetwork", "export_finished", "export_run", "format_storage",
@@ -155,7 +157,7 @@ def trained_network(run_dir: Path | str, which: str = "last") -> TrainedNetwork:
     """The network of ``<run_dir>/checkpoints/<which>.pt`` with its zeros, as a plain model."""
     run_dir = Path(run_dir)
     path = _checkpoint(run_dir, which)
-    state = ckpt.load(path)
+    state = ckpt.load(path, run_dir)
     config = _config(run_dir, state)
     model = sparsified_model(config, path)
     try:
@@ -195,6 +197,21 @@ def export_run(
     return target
 
 
+def _plain_mtime(path: Path) -> float:
+    """The modification time of ``path`` if it is a regular file (not followed if a link), else -1."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return -1.0
+    return info.st_mtime if stat.S_ISREG(info.st_mode) else -1.0
+
+
+def written_storage(target: Path, run_dir: Path | str) -> dict[str, Any]:
+    """The ``storage["pruned"]`` counts of the ``pruned.pt`` just written, read as the run's files are."""
+    with open_binary(target, run_dir) as handle:
+        return torch.load(handle, weights_only=True)["storage"]["pruned"]
+
+
 def export_finished(runs: Iterable[Any], which: str = "last") -> list[Path]:
     """`export_run` for every finished run (a `stds.results.collect.RunRecord`) with a checkpoint whose
     ``pruned.pt`` is missing or older; one line per run, a failing run is reported and skipped."""
@@ -204,14 +221,15 @@ def export_finished(runs: Iterable[Any], which: str = "last") -> list[Path]:
         target = Path(run.path) / EXPORT_NAME
         if run.status != "finished" or not source.exists():
             continue
-        if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
+        # lstat: a planted link is never followed; it counts as missing and the export replaces it
+        if _plain_mtime(target) >= max(_plain_mtime(source), 0.0):
             continue
         try:
             export_run(run.path, which=which, verbose=False)
         except StdsError as exc:
             print(f"warning: not exported: {exc}", file=sys.stderr)
             continue
-        info = torch.load(target, weights_only=True)["storage"]["pruned"]
+        info = written_storage(target, run.path)
         print(f"{target}: {info['nonzero']:,} of {info['numel']:,} weights kept, "
               f"CSR {_size(info['csr_bytes'])}, bitmask {_size(info['bitmask_bytes'])}, "
               f"dense {_size(info['dense_bytes'])}")

@@ -19,6 +19,7 @@ import torch
 
 from stds.errors import CheckpointError, find_in_chain
 from stds.run.files.atomic import write_atomic
+from stds.run.files.safe import open_binary
 
 FORMAT_VERSION = 2
 """The layout `save_atomic` writes; `upgrade` brings every older layout to it.
@@ -75,10 +76,18 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         raise
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by `save_atomic`; a corrupt or foreign file is a `CheckpointError`."""
+def load(path: Path, root: Path | str | None = None) -> dict[str, Any]:
+    """Load a checkpoint written by `save_atomic`; a corrupt or foreign file is a `CheckpointError`.
+    It is opened by `stds.run.files.safe.open_binary`: a symlink at ``path``, or a folder that leads
+    outside ``root`` (the run directory; default: the checkpoint's own folder), is refused
+    (`UnsafeFileError`), never followed."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        handle = open_binary(path, Path(path).parent if root is None else root)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist; give the path of a checkpoints/*.pt") from None
+    try:
+        with handle:
+            state = torch.load(handle, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}); "

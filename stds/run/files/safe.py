@@ -78,6 +78,14 @@ def read_bytes(path: Path | str, root: Path | str, limit: int = READ_LIMIT) -> b
         return handle.read(limit + 1)[:limit]
 
 
+def open_binary(path: Path | str, root: Path | str) -> IO[bytes]:
+    """``path`` opened to read bytes of any size (a checkpoint, for ``torch.load``): a regular
+    file inside ``root`` that is no symlink, as `read_bytes` checks it, without its size limit."""
+    fd = _open_regular(Path(path), root)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def read_text(path: Path | str, root: Path | str, limit: int = READ_LIMIT) -> str:
     """`read_bytes` decoded as UTF-8 (undecodable bytes replaced)."""
     return read_bytes(path, root, limit).decode("utf-8", errors="replace")

@@ -25,7 +25,7 @@ from stds.run.setup.build import Run
 from stds.run.setup.config import to_plain
 from stds.run.files.atomic import write_atomic
 from stds.run.files.rebuild import check_saved_config, sparsified_model
-from stds.run.files.safe import read_yaml
+from stds.run.files.safe import UnsafeFileError, open_binary, read_yaml
 from stds.run.life.state import EpochSums, Progress
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def resume(run: Run) -> Progress:
     path = run.ckpt_dir / ckpt.LAST
     if not path.exists():
         return Progress()
-    state = ckpt.load(path)
+    state = ckpt.load(path, run.run_dir)
     check_compatible(run, state, path)
     try:
         run.core.load_state_dict(state["model"])
@@ -141,7 +141,12 @@ def repair_best(run: Run, progress: Progress) -> None:
 def _weights_of(path: Path) -> dict[str, torch.Tensor]:
     """The plain weights (w with zeros, BatchNorm, biases) of a stds checkpoint or a ``pruned.pt``."""
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        handle = open_binary(path, path.parent)  # a symlink at the name is refused, never followed
+    except UnsafeFileError as exc:
+        raise CheckpointError(f"init_from: {exc}") from None
+    try:
+        with handle:
+            blob = torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise CheckpointError(f"init_from={path} is not readable ({type(exc).__name__}); "
                               "give a checkpoints/*.pt or an exported pruned.pt") from None
@@ -306,7 +311,7 @@ def resumed_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     ``_target_``s allowlisted) with the keys the user gave now on top; `check_compatible` later
     refuses those that change the experiment."""
     path = run_dir / "checkpoints" / ckpt.LAST
-    saved = ckpt.load(path)["config"]
+    saved = ckpt.load(path, run_dir)["config"]
     check_saved_config(saved, path)
     merged = OmegaConf.create(as_it_ran(saved))
     given = _given_keys(cfg)
