@@ -87,7 +87,7 @@ def test_a_run_on_the_digits_does_not_import_torchvision():
     """torchvision's import (it loads ``torch._dynamo``) is paid only by the datasets that use it:
     every run, error line and test subprocess on the digits starts without it."""
     code = (
-        "import sys, stds.cli.entry, stds.run.life.trainer, stds.results.sweep, stds.data\n"
+        "import sys, stds.cli.entry, stds.run.life.trainer, stds.results.sweep, stds.models, stds.data\n"
         "stds.data.digits()\n"
         "print('torchvision' in sys.modules)\n"
     )
