@@ -118,9 +118,11 @@ def _sweeper(*overrides: str):
     ("frontier_gradr", {"test_acc1": "maximize", "sparsity": "maximize"},
      {"flat_width": FloatDistribution(0.01, 5.0, log=True), "alpha_gr": FloatDistribution(1e-6, 1e-2, log=True)}),
     ("constrained", {"test_acc1": "maximize"}, {"flat_width": FloatDistribution(0.05, 5.0, log=True)}),
+    ("at_sparsity", {"test_acc1": "maximize"}, {"lr": FloatDistribution(1e-4, 1e-2, log=True)}),
 ])
 def test_presets_compose(preset, objectives, space):
-    extra = ["hydra.sweeper.constraints.sparsity.min=0.95"] if preset == "constrained" else []
+    extra = {"constrained": ["hydra.sweeper.constraints.sparsity.min=0.95"],
+             "at_sparsity": ["target_sparsity=0.9"]}.get(preset, [])
     cfg, sweeper = _sweeper(f"hparams_search={preset}", *extra)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     settings, fixed = sweeper.settings(["epochs=2"])
@@ -129,6 +131,21 @@ def test_presets_compose(preset, objectives, space):
     assert settings.constraints == ({"sparsity": Bound(min=0.95)} if preset == "constrained" else {})
     if preset == "frontier_gradr":
         assert cfg.scheduler.kind == "constant"  # Grad R: a constant threshold mu
+    if preset == "at_sparsity":  # every trial ends at S on the same ramp: a pruner compares like with like
+        assert cfg.scheduler.kind == "target" and cfg.target_sparsity == 0.9
+        assert settings.pruner == {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 4,
+                                   "n_warmup_steps": 3}
+        assert cfg.hydra.sweep.dir == "outputs/search/at_sparsity/s0.9"  # a study per S
+
+
+def test_a_config_no_trial_can_run_with_is_one_line_before_anything(tmp_path):
+    """The run's own checks run on the composed trial config before the first trial: here
+    ``scheduler=target`` without ``target_sparsity``; nothing is written."""
+    proc = run_train("-m", "hparams_search=at_sparsity", f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=HANG_S)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("Error: scheduler=target needs target_sparsity in (0, 1), got None; "
+                                   "set target_sparsity=<S>, e.g. 0.9")
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_preset_range_and_storage_are_overridable_and_s_is_required():

@@ -208,14 +208,25 @@ def test_problems_found_before_any_trial_are_one_line_and_write_nothing(tmp_path
         Search(_settings(1, storage=url), tmp_path / "other", [], lambda o, i: pytest.fail("ran")).run()
     assert "hunter2" not in str(raised.value) and "stds:***@db" in str(raised.value)
 
+    from hydra.errors import ConfigCompositionException
+
     def validate(batch):
         for overrides in batch:
             if any(o.startswith("flat_width=") for o in overrides):
-                raise ConfigError("Could not override 'flat_width'. Key 'flat_width' is not in struct")
+                raise ConfigCompositionException("Could not override 'flat_width'. Key 'flat_width' is not in struct")
 
     with pytest.raises(ConfigError, match=r"hydra.sweeper.params: a trial's config does not compose \(flat_width="):
         Search(_settings(1), tmp_path / "third", [], lambda o, i: pytest.fail("ran"), validate=validate).run()
-    assert not (tmp_path / "third" / "study.db").exists()
+    assert not (tmp_path / "third").exists()
+
+    def refuse(batch):  # it composes, and the run's own checks refuse the value
+        for overrides in batch:
+            if "flat_width=0.1" in overrides:
+                raise ConfigError("flat_width=0.1 is refused")
+
+    with pytest.raises(ConfigError, match=r"a trial's config is refused \(flat_width=0.1\): flat_width=0.1 is refused$"):
+        Search(_settings(1), tmp_path / "fourth", [], lambda o, i: pytest.fail("ran"), validate=refuse).run()
+    assert not (tmp_path / "fourth").exists()
 
 
 def test_a_pruner_needs_a_single_objective_and_a_known_class():
@@ -322,3 +333,27 @@ def test_a_run_reads_the_studys_trial_spec_as_data_and_refuses_a_told_trial(tmp_
     with pytest.raises(StdsError, match=r"trial 0 of the study 's' is complete already; nothing to train"):
         open_link(node, sweep_dir / "0")
     assert open_link(OmegaConf.create({"number": None}), sweep_dir / "0") is None
+
+
+@pytest.mark.slow
+def test_the_per_sparsity_preset_ends_each_trial_at_s_and_basic_runs_them_one_at_a_time(tmp_path):
+    """``hparams_search=at_sparsity``: every trial ends at exactly S (scheduler=target), the study
+    is single-objective with the preset's median pruner; Hydra's basic launcher (trials inside the
+    search's process) gets one trial at a time whatever ``n_jobs`` says."""
+    sweep_dir = tmp_path / "s0.8"
+    proc = run_train("-m", *SEARCH[2:], "hparams_search=at_sparsity", "target_sparsity=0.8", "epochs=2",
+                     "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2", f"hydra.sweep.dir={sweep_dir}",
+                     timeout=HANG_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runs trials in this process: one at a time" in proc.stderr + proc.stdout
+    study = optuna.load_study(study_name="at_sparsity", storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    assert len(study.trials) == 3
+    spans = []
+    for t in study.trials:
+        metrics = json.loads((sweep_dir / str(t.number) / "metrics.json").read_text())
+        assert metrics["sparsity"] == pytest.approx(0.8, abs=1 / 58_144 + 1e-9)  # S, to one weight
+        assert t.state == TrialState.COMPLETE and t.values == [metrics["test_acc1"]]
+        assert 1e-4 <= t.params["lr"] <= 1e-2
+        spans.append((t.datetime_start, t.datetime_complete))
+    spans.sort()
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))  # never two at once

@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -36,6 +37,7 @@ from stds.cli.study.settings import (
 from stds.cli.study.storage import shown_url
 from stds.errors import ConfigError
 from stds.run.measure.health import chance_limit
+from stds.run.setup.config import validate
 
 log = logging.getLogger(__name__)
 
@@ -95,19 +97,35 @@ class OptunaSweeper(Sweeper):
         classes = OmegaConf.select(self.config, "dataset.num_classes", default=None)
         return chance_limit(classes) if isinstance(classes, int) and classes > 1 else None
 
+    def _check_trial_configs(self, batch: Sequence[Sequence[str]]) -> None:
+        """Compose each trial's overrides as its job will, and run the run's own config checks on
+        the result (those that do not look at this machine's files), so that a config no trial
+        can run with (``scheduler=target`` without ``target_sparsity``) fails before the first."""
+        assert self.config is not None and self.hydra_context is not None
+        for overrides in batch:
+            composed = self.hydra_context.config_loader.load_sweep_config(
+                master_config=self.config, sweep_overrides=list(overrides))
+            validate(composed, files=False)
+
     def sweep(self, arguments: list[str]) -> list[dict[str, Any]]:
         assert self.config is not None and self.launcher is not None
         settings, fixed = self.settings(arguments)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         slots = settings.n_jobs
-        if hasattr(self.launcher, "points_at_once"):  # the local launcher: at most as many as the CPUs allow
+        if isinstance(self.launcher, BasicLauncher) and slots > 1:
+            # it runs each trial inside this process: Hydra's job state and torch's random state are
+            # the process's own, so two trials at once on two threads would share them
+            log.info("n_jobs=%d, but hydra/launcher=basic runs trials in this process: one at a time "
+                     "(hydra/launcher=local runs %d at once)", slots, slots)
+            slots = 1
+        elif hasattr(self.launcher, "points_at_once"):  # the local launcher: at most as many as the CPUs allow
             slots = self.launcher.points_at_once(settings.n_jobs)
             if slots < settings.n_jobs:
                 log.info("n_jobs=%d, but the CPUs here run %d trials at a time: %d in flight",
                          settings.n_jobs, slots, slots)
         search = Search(settings, sweep_dir, fixed, self.launcher.launch, sampler=self.raw["sampler"],
-                        validate=self.validate_batch_is_legal, slots=slots, chance=self._chance(),
+                        validate=self._check_trial_configs, slots=slots, chance=self._chance(),
                         on_start=lambda: OmegaConf.save(self.config, sweep_dir / "multirun.yaml"))
         log.info("Search %r: %d trials in all, %d at a time, study in %s; trials in %s/<trial>",
-                 settings.study_name, settings.n_trials, settings.n_jobs, shown_url(search.storage), search.sweep_dir)
+                 settings.study_name, settings.n_trials, slots, shown_url(search.storage), search.sweep_dir)
         return search.run()

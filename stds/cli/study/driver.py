@@ -97,8 +97,8 @@ class Search:
     def run(self) -> list[dict[str, Any]]:
         """Settle what ended unheard, run trials until ``n_trials``; returns the Pareto front."""
         check_storage(self.storage)
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
         self._check_composes()
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
         with sweep_lock(self.sweep_dir), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
@@ -125,6 +125,8 @@ class Search:
         sample = [f"{name}={override_value(_first(dist))}" for name, dist in self.settings.space.items()]
         try:
             self.validate([[*self.fixed, *sample]])
+        except ConfigError as exc:  # it composes, and the run's own checks refuse it
+            raise ConfigError(f"{PREFIX}.params: a trial's config is refused ({' '.join(sample)}): {exc}") from None
         except Exception as exc:
             raise ConfigError(f"{PREFIX}.params: a trial's config does not compose ({' '.join(sample)}): "
                               f"{reason(exc)}; search only keys of the config (python launch/train.py --cfg job)"

@@ -294,7 +294,7 @@ def _check_target(cfg: DictConfig) -> None:
                           "set target_every_steps=<n> with n >= 1, or null for the default")
 
 
-def _check_dataset(cfg: DictConfig) -> None:
+def _check_dataset(cfg: DictConfig, files: bool = True) -> None:
     for key in ("_target_", "num_classes", "in_channels", "image_size"):
         if key not in cfg.dataset:
             raise ConfigError(f"dataset.{key} is missing; pick a dataset with dataset=<name>")
@@ -305,7 +305,7 @@ def _check_dataset(cfg: DictConfig) -> None:
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
         raise ConfigError(f"dataset.max_bad_images={limit!r} must be an integer >= 0")
     root = cfg.dataset.get("root")
-    if root is None or cfg.dataset.get("download", False):
+    if not files or root is None or cfg.dataset.get("download", False):
         return
     if not Path(str(root)).expanduser().exists():
         raise ConfigError(
@@ -318,8 +318,10 @@ def _check_speed(cfg: DictConfig) -> None:
     check_channels_last(cfg.channels_last)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check what the schema's types cannot; raise `ConfigError` naming the key and the fix."""
+def validate(cfg: DictConfig, files: bool = True) -> None:
+    """Check what the schema's types cannot; raise `ConfigError` naming the key and the fix.
+    ``files=False`` leaves out what looks at this machine (that ``dataset.root`` exists): a
+    search checks its trials' configs where it runs, and the trials may run on other nodes."""
     for key in ("dataset", "model", "optimizer"):
         if cfg.get(key) is None:
             raise ConfigError(f"{key} is not set; pick one with {key}=<name>")
@@ -327,7 +329,7 @@ def validate(cfg: DictConfig) -> None:
     _check_method(cfg)
     _check_target(cfg)
     _check_own_schedule(cfg)
-    _check_dataset(cfg)
+    _check_dataset(cfg, files)
     _check_speed(cfg)
 
 
