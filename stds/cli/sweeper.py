@@ -1,6 +1,6 @@
 """``hydra/sweeper=stds_optuna``: Hydra's sweeper over an Optuna study (`stds.cli.study.driver.Search`).
 
-The presets ``hparams_search=frontier|frontier_gradr|constrained`` select it. Each trial is one
+The presets ``hparams_search=frontier|frontier_gradr|constrained|at_sparsity`` select it. Each trial is one
 normal training run in ``<sweep dir>/<trial number>``, started by whichever Hydra launcher the
 command chose (``local``, ``submitit_local``, ``slurm``), ``n_jobs`` at a time. See
 ``docs/search.md``.
