@@ -81,6 +81,7 @@ def plantings(draw):
         "dir_link": draw(st.sampled_from([None, ".hydra", ".submitit"])),
         "fifo": draw(st.sampled_from([None, "metrics.json", "error.txt", ".hydra/hydra.yaml", "report.md"])),
         "error": draw(st.sampled_from([None, "RuntimeError: boom\n"])),
+        "ckpt_link": draw(st.booleans()),  # every checkpoint read (export, resume=, init_from=) a symlink out
     }
 
 
@@ -112,7 +113,20 @@ def _build(root: Path, plan: dict) -> tuple[Path, Path]:
     elif plan["dir_link"] == ".submitit":
         (root / "sweep" / ".submitit").symlink_to(outside)
     torch.save({"format_version": FORMAT_VERSION, "model": {}}, run / "checkpoints" / "last.pt")
+    torch.save({"format_version": FORMAT_VERSION, "model": {}, "config": {"model": {"_target_": SECRET_FILE}}},
+               outside / "secret.pt")  # a loaded config names its _target_ in the refusal
+    if plan["ckpt_link"]:
+        (run / "checkpoints" / "last.pt").unlink()
+        (run / "checkpoints" / "last.pt").symlink_to(outside / "secret.pt")
     return run, outside
+
+
+def _checkpoint(path: Path, state: dict, plan: dict, outside: Path) -> None:
+    """``state`` saved at ``path``, or ``path`` a symlink to the outside checkpoint (``ckpt_link``)."""
+    if plan["ckpt_link"]:
+        path.symlink_to(outside / "secret.pt")
+    else:
+        torch.save(state, path)
 
 
 def _snapshot(folder: Path) -> dict:
@@ -120,7 +134,7 @@ def _snapshot(folder: Path) -> dict:
             for p in folder.rglob("*")}
 
 
-def _outputs(run: Path, out: Path, plan: dict, tiny: object, capsys) -> list[str]:
+def _outputs(run: Path, out: Path, plan: dict, tiny: object, capsys, outside: Path) -> list[str]:
     """Every text the readers produce: error lines, reports, configs they return."""
     said = []
     runs = collect_runs([run.parent])
@@ -130,10 +144,11 @@ def _outputs(run: Path, out: Path, plan: dict, tiny: object, capsys) -> list[str
              lambda: trial_outcome(run, ["test_acc1"], {}).error]
     out.mkdir()
     ckpt = out / "planted.pt"
-    torch.save({"format_version": FORMAT_VERSION, "model": {}, "config": plan["config"]}, ckpt)
+    _checkpoint(ckpt, {"format_version": FORMAT_VERSION, "model": {}, "config": plan["config"]}, plan, outside)
     calls += [lambda: _weights_of(ckpt)]
     (out / "resume" / "checkpoints").mkdir(parents=True)
-    torch.save({"format_version": FORMAT_VERSION, "config": plan["config"]}, out / "resume" / "checkpoints" / "last.pt")
+    _checkpoint(out / "resume" / "checkpoints" / "last.pt", {"format_version": FORMAT_VERSION,
+                                                            "config": plan["config"]}, plan, outside)
     calls += [lambda: OmegaConf.to_yaml(resumed_config(tiny, out / "resume"))]
     for call in calls:
         try:
@@ -153,7 +168,7 @@ def _check(plan: dict, tiny: object, capsys) -> None:
             run, outside = _build(root, plan)
             before = _snapshot(outside)
             out = root / "out"
-            said = "\n".join(_outputs(run, out, plan, tiny, capsys))
+            said = "\n".join(_outputs(run, out, plan, tiny, capsys, outside))
             assert SECRET_ENV not in said and SECRET_FILE not in said
             assert _snapshot(outside) == before  # nothing written outside the directories
     finally:
