@@ -57,9 +57,11 @@ def test_master_address_is_the_node_name_or_its_slurm_node_addr(monkeypatch):
         distributed.node_address(unresolvable)
 
 
-def _rank_of_two(rank: int, port: int, freeze_rank_1: bool, found: str) -> None:
-    """A rank of a two-process gloo group with a 3 s timeout; rank 1 freezes itself when asked
-    (SIGSTOP: a node that stops answering, its sockets open); rank 0 writes what it names to ``found``."""
+def _rank_of_two(rank: int, port: int, lose: str, found: str) -> None:
+    """A rank of a two-process gloo group with a 3 s timeout. ``lose``: ``freeze1`` (rank 1 stops
+    itself, SIGSTOP: a node that stops answering, its sockets open), ``kill1`` or ``kill0`` (that
+    rank is SIGKILLed: a process or node gone, its connections closed), or ``none``; the surviving
+    rank (rank 0 unless rank 0 is the one lost) writes what it names to ``found``."""
     import os
     import signal
 
@@ -68,40 +70,21 @@ def _rank_of_two(rank: int, port: int, freeze_rank_1: bool, found: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     env = distributed.setup("cpu", timeout_s=3)
     dist.all_reduce(torch.ones(1))
-    if rank == 1 and freeze_rank_1:
-        os.kill(os.getpid(), signal.SIGSTOP)
+    if lose in (f"freeze{rank}", f"kill{rank}"):
+        os.kill(os.getpid(), signal.SIGSTOP if lose.startswith("freeze") else signal.SIGKILL)
     try:
         dist.all_reduce(torch.ones(1))
         error = RuntimeError("[gloo/transport/tcp/pair.cc] a collective failed on both ranks")
-    except RuntimeError as exc:  # the collective timed out
+    except RuntimeError as exc:  # the collective timed out, or its peer's connection closed
         error = exc
     lost = distributed.name_lost_ranks(error, env, timeout_s=3)
-    if rank == 0:
-        Path(found).write_text(str(lost) if lost is not None else "nobody")
+    if rank == (1 if lose == "kill0" else 0):
+        Path(found).write_text(f"{lost}|{lost.ranks}" if lost is not None else "nobody")
     os._exit(0)
 
 
-def test_only_a_failed_collective_asks_which_ranks_answer():
-    import torch.distributed as dist
-
-    gloo = RuntimeError("[third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms")
-    assert distributed.is_collective_failure(gloo)
-    assert not distributed.is_collective_failure(RuntimeError("CUDA out of memory"))
-    try:
-        try:
-            raise dist.DistBackendError("NCCL watchdog: collective timed out")
-        except dist.DistError as inner:
-            raise ValueError("wrapped") from inner
-    except ValueError as outer:
-        assert distributed.is_collective_failure(outer)
-    env = distributed.DistEnv(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
-    # an error of this rank's own never waits for answers (no store is asked: none is set up here)
-    assert distributed.name_lost_ranks(RuntimeError("a bug on rank 0"), env, timeout_s=1) is None
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("freeze", [True, False])
-def test_a_rank_that_stops_answering_is_named_after_the_timeout(freeze, tmp_path):
+def _named_by_the_survivor(lose: str, tmp_path: Path) -> str:
+    """What the surviving rank of `_rank_of_two` names (two spawned processes)."""
     import os
     import signal
     import socket
@@ -113,22 +96,46 @@ def test_a_rank_that_stops_answering_is_named_after_the_timeout(freeze, tmp_path
         port = probe.getsockname()[1]
     ctx = mp.get_context("spawn")
     found = tmp_path / "named.txt"
-    ranks = [ctx.Process(target=_rank_of_two, args=(rank, port, freeze, str(found))) for rank in (0, 1)]
+    ranks = [ctx.Process(target=_rank_of_two, args=(rank, port, lose, str(found))) for rank in (0, 1)]
     for process in ranks:
         process.start()
     try:
-        ranks[0].join(timeout=HANG_S)
-        named = found.read_text()
+        ranks[1 if lose == "kill0" else 0].join(timeout=HANG_S)
+        return found.read_text()
     finally:
         for process in ranks:
             if process.is_alive():
                 os.kill(process.pid, signal.SIGKILL)
             process.join()
-    if freeze:
-        assert named.startswith("rank 1 of 2 stopped answering")
-        assert "distributed.timeout_s=3 s" in named and "Timed out" in named
-    else:  # both ranks answered: nobody is named
-        assert named == "nobody"
+
+
+@pytest.mark.slow
+def test_a_rank_that_stops_answering_is_named_after_the_timeout(tmp_path):
+    named = _named_by_the_survivor("freeze1", tmp_path)
+    assert named.startswith("rank 1 of 2 stopped answering (a node or process lost: no answer within "
+                            "distributed.timeout_s=3 s);")
+    assert "Timed out" in named and named.endswith("|(1,)")
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_named_as_its_connection_closes(tmp_path):
+    named = _named_by_the_survivor("kill1", tmp_path)
+    assert named.startswith("rank 1 of 2 stopped answering (a node or process lost: its connection closed);")
+    assert "reported by" not in named and named.endswith("|(1,)")
+
+
+@pytest.mark.slow
+def test_a_killed_rank_0_is_named_by_the_survivor(tmp_path):
+    named = _named_by_the_survivor("kill0", tmp_path)
+    # rank 0 held the store: rank 1 finds it closed and names rank 0 at once
+    assert named.startswith("rank 0 of 2 stopped answering (a node or process lost: its connection closed; "
+                            "the job's rendezvous store, held by rank 0, is gone too; reported by rank 1);")
+    assert named.endswith("|(0,)")
+
+
+@pytest.mark.slow
+def test_ranks_that_all_answer_name_nobody(tmp_path):
+    assert _named_by_the_survivor("none", tmp_path) == "nobody"
 
 
 def test_port_is_per_array_task_and_stable_across_requeues():

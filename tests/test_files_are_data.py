@@ -337,6 +337,24 @@ def test_write_atomic_keeps_the_usual_permissions(tmp_path):
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+def test_a_write_that_must_not_replace_keeps_what_is_there_file_or_link(tmp_path):
+    from stds.run.life.trainer import _write_error
+    from stds.run.setup.distributed import RanksLost
+
+    victim, error = _victim(tmp_path), tmp_path / "error.txt"
+    _write_error(tmp_path, RanksLost("rank 0 of 2 stopped answering", (0,)), replace=False)  # a survivor's line
+    assert error.read_text() == "RanksLost: rank 0 of 2 stopped answering\n"
+    with pytest.raises(FileExistsError):
+        write_atomic(error, "a second line\n", replace=False)
+    _write_error(tmp_path, RuntimeError("another survivor"), replace=False)
+    assert error.read_text() == "RanksLost: rank 0 of 2 stopped answering\n"  # the first stays, whole
+    (tmp_path / "planted").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        write_atomic(tmp_path / "planted", "x", replace=False)  # nothing written through the link
+    assert victim.read_text() == "the user's own file\n" and (tmp_path / "planted").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["error.txt", "planted", "victim.txt"]  # no temporaries
+
+
 def test_train_log_handler_is_the_no_follow_one():
     from tests.conftest import compose_train
 

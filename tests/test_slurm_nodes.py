@@ -3,7 +3,7 @@
     bash tests/slurm/start_cluster.sh .slurm2 --nodes 2 && source .slurm2/env.sh
 
 DDP across the nodes through the SLURM launcher (gloo), equal to one node with the same ranks; a
-requeued two-node job; a node that stops answering; the same run through two ``torchrun`` "nodes".
+requeued two-node job; the two-node benchmark. A rank or node lost: tests/test_slurm_node_loss.py.
 Every run is the digits net for one to three epochs (seconds each on two cores).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -121,53 +120,6 @@ def test_four_ranks_on_two_nodes(tmp_path):
 
     n_train = len(instantiate(compose_train("dataset=digits").dataset).train)
     assert metrics["step"] == (n_train // 4) // BATCH  # each rank sees a quarter of the training set
-
-
-def _task_pid(job_id: str, rank: int) -> int | None:
-    """The PID of the training process of global rank ``rank`` of SLURM job ``job_id`` (by its environment)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = dict(item.split("=", 1) for item in
-                           (proc / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in item)
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if (b"submitit" in cmdline and environ.get("SLURM_JOB_ID") == job_id
-                and environ.get("SLURM_PROCID") == str(rank) and environ.get("SLURM_STEP_ID", "") != "batch"):
-            return int(proc.name)
-    return None
-
-
-def test_a_node_that_stops_answering_ends_the_run_and_the_next_run_resumes(tmp_path):
-    """Rank 1's node freezes (SIGSTOP) after the first epoch: rank 0 does not hang but fails after
-    distributed.timeout_s, naming rank 1 in error.txt; last.pt stays intact; the next run resumes."""
-    sweep = tmp_path / "lost"
-    run = (*RUN, "epochs=3", *TWO_NODES, "distributed.timeout_s=15", f"hydra.sweep.dir={sweep}")
-    run_dir = sweep / "0"
-    # srun ends the frozen task 5 s after rank 0's ends (the preset's SLURM_WAIT, shortened)
-    proc = _popen_train(*run, SLURM_WAIT="5")
-    try:
-        _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and _epochs_logged(run_dir)
-                  and (run_dir / "checkpoints" / "last.pt").is_file(), 150, "the first epoch", proc)
-        job_id = _job_dir(sweep, 0).name
-        pid = _wait_for(lambda: _task_pid(job_id, 1), 30, "rank 1's process")
-        os.kill(pid, signal.SIGSTOP)
-    finally:
-        lost = _finish(proc)
-    assert lost.returncode != 0, lost.stderr[-3000:]
-    error = (run_dir / "error.txt").read_text()
-    assert error.count("\n") == 1 and error.startswith("RanksLost: rank 1 of 2 stopped answering")
-    assert "distributed.timeout_s=15" in error
-    epochs_done = _epochs_logged(run_dir)
-    assert epochs_done and epochs_done[-1] < 3
-    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    assert state["epoch"] >= 1  # the last checkpoint written before the loss, whole
-
-    _ok(_finish(_popen_train(*run)))
-    assert re.search(r"resumed from \S+last\.pt in epoch [23]/3", (run_dir / "train.log").read_text())
-    assert _epochs_logged(run_dir)[-1] == 3 and not (run_dir / "error.txt").exists()
 
 
 def test_a_requeued_two_node_job_resumes_and_ends_as_an_uninterrupted_run(tmp_path):

@@ -35,8 +35,13 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(path: Path | str, content: Content) -> None:
-    """Replace ``path`` with ``content``: text (UTF-8), bytes, or a function writing to a binary file."""
+def write_atomic(path: Path | str, content: Content, replace: bool = True) -> None:
+    """Replace ``path`` with ``content``: text (UTF-8), bytes, or a function writing to a binary file.
+
+    ``replace=False``: write ``path`` only if nothing is there (not even a link), else raise
+    `FileExistsError`; the finished temporary is hard-linked to ``path`` (atomic, and never through
+    a link), so of several processes writing at once exactly one wins, whole.
+    """
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         raise StdsError(f"cannot write {path}: it is a directory; give the path of a file to write")
@@ -51,7 +56,11 @@ def write_atomic(path: Path | str, content: Content) -> None:
                 handle.write(content.encode() if isinstance(content, str) else content)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+        if replace:
+            os.replace(tmp_name, path)
+        else:
+            os.link(tmp_name, path, follow_symlinks=False)
+            os.unlink(tmp_name)
     except BaseException:
         with contextlib.suppress(OSError):
             Path(tmp_name).unlink(missing_ok=True)

@@ -54,7 +54,7 @@ def train(cfg: DictConfig, run_dir: Path | str | None = None) -> float:
         stop.hand_on()  # SIGUSR2 under submitit: requeue now that last.pt is written
         raise
     except BaseException as exc:
-        # a failed collective: rank 0 names the ranks that stopped answering (a lost node)
+        # a failed collective: the ranks that stopped answering (a lost node) are named
         lost = None if user_error(exc) else distributed.name_lost_ranks(exc, env, timeout_s)
         if env.is_main and start.unstarted() and not _in_sweep():
             rundir.remove_unstarted(run_dir, _log_files(run_dir))
@@ -62,6 +62,9 @@ def train(cfg: DictConfig, run_dir: Path | str | None = None) -> float:
         # nor does one whose resume was refused (docs/resume.md: nothing in it changes)
         elif env.is_main and not isinstance(exc, (KeyboardInterrupt, RunDirError, resume.ResumeRefused)):
             _write_error(run_dir, lost or exc)
+        elif lost is not None and 0 in lost.ranks and start.training:
+            # rank 0, the writer, is lost: a survivor writes its line, unless one is there already
+            _write_error(run_dir, lost, replace=False)
         if lost is not None:
             log.error("%s", lost)
             raise lost from exc
@@ -171,8 +174,11 @@ def _set_aside(run_dir: Path) -> None:
     (run_dir / "error.txt").unlink(missing_ok=True)
 
 
-def _write_error(run_dir: Path, exc: BaseException) -> None:
-    try:
-        write_atomic(run_dir / "error.txt", error_line(exc))  # replaces a planted link, never follows it
+def _write_error(run_dir: Path, exc: BaseException, replace: bool = True) -> None:
+    """``error.txt``: one line; ``replace=False`` keeps an ``error.txt`` already there (rank 0's)."""
+    try:  # replaces a planted link (or, not replacing, leaves it), never follows it
+        write_atomic(run_dir / "error.txt", error_line(exc), replace=replace)
+    except FileExistsError:
+        log.warning("%s/error.txt is already written; kept", run_dir)
     except (OSError, StdsError):
         pass  # a read-only or vanished run directory: the error is still raised and printed

@@ -12,8 +12,9 @@ This module is the only place that reads ranks and world sizes from the environm
 
 Every rank uses one device (``cuda:<local rank>`` when CUDA is available, else the CPU), NCCL on
 GPUs and gloo on CPUs. Only rank 0 writes files (`DistEnv.is_main`). A collective that waits
-longer than ``distributed.timeout_s`` fails instead of hanging; `lost_ranks` then names the ranks
-that stopped answering (a lost node), for the run's ``error.txt``.
+longer than ``distributed.timeout_s`` fails instead of hanging, and one whose peer died (a closed
+connection) fails at once; `lost_ranks` then names the ranks that stopped answering (a lost node),
+for the run's ``error.txt``.
 """
 
 from __future__ import annotations
@@ -197,13 +198,20 @@ def broadcast_object(value: Any, env: DistEnv) -> Any:
     return holder[0]
 
 
-ANSWER_WAIT_S = 120.0
-"""At most this long rank 0 waits for the other ranks' answers after a failed collective (their
-collectives fail within about a step of its own), and any rank for the store."""
+ANSWER_WAIT_S = 60.0
+"""At most this long a rank waits for the other ranks' answers after a failed collective (their
+collectives fail within about a step of its own). Below the `slurm` presets' ``SLURM_WAIT`` (120 s:
+srun ends the other tasks that long after one task ended, a killed one included)."""
+
+_CLOSED = ("closed by peer", "connection reset", "broken pipe", "connection refused", "end of file")
 
 
 class RanksLost(RuntimeError):
     """Ranks of a distributed run stopped answering (a node or process lost); names them."""
+
+    def __init__(self, message: str, ranks: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ranks = ranks
 
 
 def is_collective_failure(exc: BaseException) -> bool:
@@ -219,38 +227,61 @@ def is_collective_failure(exc: BaseException) -> bool:
     return False
 
 
-def _answers_store(timeout_s: float) -> dist.TCPStore:
-    """A client of the job's rendezvous store (held by rank 0's node), for `lost_ranks`."""
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+def _store_address() -> tuple[str, int]:
+    return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+
+
+def _store_listens(wait_s: float) -> bool:
+    """Whether the job's rendezvous store still accepts connections. A plain connect, because
+    TCPStore retries a refused connection until its timeout, where a closed port (its process
+    killed) answers at once."""
+    try:
+        with socket.create_connection(_store_address(), timeout=min(wait_s, 10.0)):
+            return True
+    except OSError:
+        return False
 
 
 def lost_ranks(env: DistEnv, wait_s: float) -> list[int] | None:
-    """After a failed collective: the ranks that did not answer within ``wait_s``.
+    """After a failed collective: the ranks that did not answer within ``wait_s``, as this rank sees them.
 
-    Every surviving rank posts an answer in the job's store; rank 0 waits up to ``wait_s`` for
-    the others and returns the ranks without an answer. Other ranks return None after posting;
-    so does rank 0 when the store cannot be reached. The process group cannot be asked: it is
-    what failed.
+    Every surviving rank posts an answer in the job's store (held by rank 0: its process under
+    SLURM, its node's torchrun agent) and waits up to ``wait_s`` for the others' answers; the ranks
+    without one are lost. A store that cannot be reached (or stops answering) before rank 0 has
+    answered means rank 0 is lost: ``[0]`` (the other ranks cannot be asked then). None when the
+    store went away after rank 0 answered (rank 0 reports). The process group cannot be asked:
+    it is what failed.
     """
+    if not _store_listens(wait_s):
+        return [0]
     prefix = f"stds/answered/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    keys = {rank: f"{prefix}/{rank}" for rank in range(env.world_size)}
+    answered = {env.rank}
     try:
-        store = _answers_store(wait_s)
-        store.set(f"{prefix}/{env.rank}", "1")
-        if not env.is_main:
-            return None
-        others = [f"{prefix}/{rank}" for rank in range(1, env.world_size)]
+        store = dist.TCPStore(*_store_address(), is_master=False, timeout=timedelta(seconds=wait_s),
+                              wait_for_workers=False)
+        store.set(keys[env.rank], "1")
         end = time.monotonic() + wait_s
-        while time.monotonic() < end and not all(store.check([key]) for key in others):
+        while len(answered) < env.world_size and time.monotonic() < end:
+            answered |= {rank for rank, key in keys.items() if rank not in answered and store.check([key])}
             time.sleep(0.2)
-        return [rank for rank, key in enumerate(others, start=1) if not store.check([key])]
-    except (RuntimeError, OSError, KeyError, ValueError):  # the store's host is gone
-        return None
+    except (RuntimeError, OSError, KeyError, ValueError):  # the store's host is gone (or frozen)
+        return None if 0 in answered else [0]
+    return [rank for rank in keys if rank not in answered]
+
+
+def _how_lost(exc: BaseException, timeout_s: float, store_gone: bool) -> str:
+    """Why a collective failed, in words: a closed connection (a process that ended) or the timeout."""
+    text = " ".join(str(exc).split()).lower()
+    closed = any(words in text for words in _CLOSED)
+    how = "its connection closed" if closed else f"no answer within distributed.timeout_s={timeout_s:g} s"
+    return how + ("; the job's rendezvous store, held by rank 0, is gone too" if store_gone else "")
 
 
 def name_lost_ranks(exc: BaseException, env: DistEnv, timeout_s: float) -> RanksLost | None:
     """A `RanksLost` naming the ranks that stopped answering when ``exc`` ended a distributed
-    run (on rank 0), or None when every rank answered or this is not rank 0."""
+    run, as this rank sees them (rank 0 writes it to ``error.txt``; when rank 0 is the one lost,
+    a surviving rank does), or None when every rank answered."""
     if not env.distributed or not is_collective_failure(exc):
         return None
     lost = lost_ranks(env, min(timeout_s, ANSWER_WAIT_S))
@@ -258,7 +289,8 @@ def name_lost_ranks(exc: BaseException, env: DistEnv, timeout_s: float) -> Ranks
         return None
     names = ", ".join(str(rank) for rank in lost)
     first = " ".join(str(exc).split())[:300]
+    reporter = "" if env.is_main else f"; reported by rank {env.rank}"
     return RanksLost(f"rank{'s' if len(lost) > 1 else ''} {names} of {env.world_size} stopped answering "
-                     f"(a node or process lost; no answer within distributed.timeout_s={timeout_s:g} s); "
+                     f"(a node or process lost: {_how_lost(exc, timeout_s, 0 in lost)}{reporter}); "
                      f"checkpoints/last.pt holds the last checkpoint and the next run resumes from it "
-                     f"(collective error: {first})")
+                     f"(collective error: {first})", tuple(lost))
