@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_history
-from tests.test_slurm import _epochs_logged, _job_dir, _ok, _wait_for
+from tests.test_slurm import _epochs_logged, _job_dir, _job_log, _ok, _wait_for
 from tests.test_slurm_nodes import RUN, TWO_NODES, _finish, _popen_train
 from tests.test_slurm_nodes import pytestmark  # noqa: F401  (slurm, slow, two nodes up)
 
@@ -116,3 +116,83 @@ def test_a_lost_rank_ends_the_job_with_its_name_and_the_next_run_resumes(loss, t
     where = f"epoch {min(state['epoch'] + 1, 3)}/3, step {state['step']}"
     assert re.search(rf"resumed from \S+last\.pt in {re.escape(where)}\b", log), log[-3000:]
     assert _epochs_logged(run_dir) == [1, 2, 3] and not (run_dir / "error.txt").exists()
+
+
+def _node_state(node: str) -> str:
+    try:
+        return subprocess.run(["sinfo", "-h", "-n", node, "-o", "%t"], capture_output=True, text=True,
+                              timeout=30, check=False).stdout.strip()
+    except subprocess.TimeoutExpired:
+        return ""
+
+
+def _job_state(job_id: str) -> str:
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30,
+                           check=False).stdout
+    found = re.search(r"\bJobState=(\S+)", shown)
+    return found.group(1) if found else ""
+
+
+def start_slurmd(cluster: Path, node: str) -> None:
+    """Start ``node``'s slurmd as tests/slurm/start_cluster.sh starts it (the same command, log and
+    PID file, in the background of a shell that exits), then wait until SLURM has the node back."""
+    conf, pid_file = cluster / "slurm.conf", cluster / "pids" / f"slurmd-{node}.pid"
+    subprocess.run(["bash", "-c", 'slurmd -D -N "$1" -f "$2" >>"$3" 2>&1 & echo $! >"$4"', "start_slurmd", node,
+                    str(conf), str(cluster / "log" / f"slurmd-{node}.out"), str(pid_file)],
+                   stdin=subprocess.DEVNULL, timeout=60, check=True, env={**os.environ, "SLURM_CONF": str(conf)})
+    _wait_for(lambda: re.fullmatch(r"idle|mix|alloc", _node_state(node)), 120, f"{node} back in SLURM")
+
+
+def _slurmd_alive(pid_file: Path) -> bool:
+    try:
+        return Path(f"/proc/{int(pid_file.read_text())}/comm").read_text().strip() == "slurmd"
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.fixture
+def node2_slurmd():
+    """The PID file of node2's slurmd in the test cluster (``$SLURM_CONF``'s folder). Whatever the
+    test does, the daemon runs again afterwards, started as start_cluster.sh starts it, and the
+    node is back (idle, or running a job) before the test ends: other runs share the cluster."""
+    cluster = Path(os.environ["SLURM_CONF"]).resolve().parent
+    pid_file = cluster / "pids" / "slurmd-node2.pid"
+    if not _slurmd_alive(pid_file):
+        pytest.skip(f"no running slurmd of node2 recorded in {pid_file}")
+    yield pid_file
+    if not _slurmd_alive(pid_file):
+        start_slurmd(cluster, "node2")
+    _wait_for(lambda: re.fullmatch(r"idle|mix|alloc", _node_state("node2")), 120, "node2 back in SLURM")
+
+
+def test_a_node_whose_slurmd_dies_is_failed_by_slurm_and_its_job_requeued_and_resumed(node2_slurmd, tmp_path):
+    """node2's slurmd killed after epoch 1 (the job's step on node2 lives on without it): after
+    SlurmdTimeout SLURM sets node2 DOWN and requeues the job (NODE_FAIL); srun stops both tasks with
+    SIGTERM, so rank 0 saves last.pt at the step both ranks agree on, and no error.txt is written.
+    The requeued job waits for two nodes; once node2's slurmd is back it starts, resumes from that
+    last.pt and finishes. The run must outlast SlurmdTimeout (30 s on the test cluster) after the kill."""
+    sweep = tmp_path / "slurmd"
+    run_dir = sweep / "0"
+    proc = _popen_train(*RUN, "epochs=30", *TWO_NODES, "distributed.timeout_s=60", f"hydra.sweep.dir={sweep}")
+    try:
+        _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and _epochs_logged(run_dir)
+                  and (run_dir / "checkpoints" / "last.pt").is_file(), 300, "the first epoch", proc)
+        job_id = _job_dir(sweep, 0).name
+        os.kill(int(node2_slurmd.read_text()), signal.SIGKILL)
+        _wait_for(lambda: _node_state("node2").startswith("down"), 300, "SLURM to set node2 DOWN", proc)
+        _wait_for(lambda: _job_state(job_id) == "PENDING", 120, "the job requeued", proc)
+        assert _epochs_logged(run_dir)[-1] < 30, "the run ended before SLURM noticed the node; give it more epochs"
+        stopped = assert_last_checkpoint_is_the_last_save(run_dir)
+        assert not (run_dir / "error.txt").exists()
+        start_slurmd(node2_slurmd.parent.parent, "node2")
+    except BaseException:
+        cancel_jobs(sweep)
+        _finish(proc)
+        raise
+    _ok(_finish(proc))
+    log = (run_dir / "train.log").read_text()
+    assert re.search(r"stopped by SIGTERM in epoch \d+/30, step \d+; \S+last\.pt is saved", log)
+    where = f"epoch {stopped['epoch'] + 1}/30, step {stopped['step']}"
+    assert re.search(rf"resumed from \S+last\.pt in {re.escape(where)}\b", log), log[-3000:]
+    assert _epochs_logged(run_dir) == list(range(1, 31)) and not (run_dir / "error.txt").exists()
+    assert "DUE TO NODE FAILURE" in _job_log(sweep, 0)
