@@ -457,14 +457,23 @@ def test_frontier_search_runs_six_trials_then_continues_to_eight(tmp_path):
 @pytest.mark.slow
 def test_a_failed_trial_is_recorded_with_its_reason(tmp_path):
     sweep_dir = tmp_path / "bad"
-    # a point the run refuses (D < 0): the trial fails with the run's one line
-    proc = run_train("-m", "hydra/sweeper=stds_optuna", "hydra/launcher=local", "dataset=digits", "epochs=1",
-                     "flat_width=choice(-1.0)", "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={sweep_dir}",
-                     timeout=HANG_S)
+    # data the trial's machine lacks: the search does not look at this machine's files before the
+    # first trial (trials may run on other nodes), so the trial fails with the run's one line
+    missing = tmp_path / "no-cifar"
+    proc = run_train("-m", "hydra/sweeper=stds_optuna", "hydra/launcher=local", "dataset=cifar10",
+                     f"dataset.root={missing}", "model=cifar10net", "epochs=1", "flat_width=choice(0.1)",
+                     "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={sweep_dir}", timeout=HANG_S)
     assert proc.returncode == 1
-    assert ("Error: all 1 trials of this search failed; the first: ConfigError: flat_width=-1.0 must be >= 0"
-            in proc.stderr)
+    line = f"ConfigError: dataset.root={missing} does not exist"
+    assert f"Error: all 1 trials of this search failed; the first: {line}" in proc.stderr
     (trial,) = optuna.load_study(study_name="train", storage=f"sqlite:///{sweep_dir / 'study.db'}").trials
-    assert trial.state == TrialState.FAIL and trial.params == {"flat_width": -1.0}
-    assert trial.user_attrs["fail_reason"].startswith("ConfigError: flat_width=-1.0 must be >= 0")
+    assert trial.state == TrialState.FAIL and trial.params == {"flat_width": 0.1}
+    assert trial.user_attrs["fail_reason"].startswith(line)
     assert trial.user_attrs["fail_reason"] == (sweep_dir / "0" / "error.txt").read_text().strip()
+    # a point every run refuses (D < 0) is one line before any trial, and nothing is written
+    proc = run_train("-m", "hydra/sweeper=stds_optuna", "hydra/launcher=local", "dataset=digits", "epochs=1",
+                     "flat_width=choice(-1.0)", "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path / 'x'}",
+                     timeout=HANG_S)
+    assert proc.returncode == 1 and not (tmp_path / "x").exists()
+    assert proc.stderr.strip() == ("Error: hydra.sweeper.params: a trial's config is refused (flat_width=-1.0): "
+                                   "flat_width=-1.0 must be >= 0; set flat_width=<value> with value >= 0")
