@@ -224,7 +224,7 @@ def test_a_killed_trial_is_retried_and_its_retry_resumes_at_the_saved_epoch(tmp_
     the grace period fails the trial (Optuna) and its retry continues the run from the killed
     run's last.pt: every epoch once, the step counter of an unbroken run, told once, and the
     values of an uninterrupted run with the same parameters."""
-    sweep_dir, epochs = tmp_path / "search", 5
+    sweep_dir, epochs = tmp_path / "search", 4
     args = (*SEARCH, "hparams_search=frontier", f"epochs={epochs}", "hydra.sweeper.n_trials=1",
             "hydra.sweeper.n_jobs=1", "hydra.sweeper.heartbeat_s=1", "hydra.sweeper.grace_s=3",
             "hydra.sweeper.params.flat_width.low=0.005", "hydra.sweeper.params.flat_width.high=0.02",
@@ -276,3 +276,18 @@ def test_a_killed_trial_is_retried_and_its_retry_resumes_at_the_saved_epoch(tmp_
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert [metrics[k] for k in ("test_acc1", "sparsity", "step")] == \
         [run_metrics(reference)[k] for k in ("test_acc1", "sparsity", "step")]
+
+
+def test_each_trials_job_carries_its_tag_after_the_users_comment(tmp_path, monkeypatch):
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+
+    from stds.cli.sweeper import OptunaSweeper
+
+    seen = []
+    monkeypatch.setattr(SlurmLauncher, "launch", lambda self, overrides, index: seen.append(self.params) or [None])
+    sweeper = OptunaSweeper()
+    sweeper.launcher = SlurmLauncher(comment="project-x", partition="gpu")
+    launch = sweeper._tagged_launch(tmp_path)
+    launch([["flat_width=0.1"]], 7)
+    assert seen == [{"comment": f"project-x {job_tag(tmp_path, 7)}", "partition": "gpu"}]
+    assert sweeper.launcher.params["comment"] == "project-x"  # each trial's own copy

@@ -142,6 +142,7 @@ class OptunaSweeper(Sweeper):
         def launch(job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
             launcher = copy.copy(self.launcher)
             tag = job_tag(sweep_dir.resolve(), initial_job_idx)  # the job index is the trial number
-            launcher.params = {**self.launcher.params, "comment": tagged_comment(self.launcher.params.get("comment"), tag)}
+            comment = tagged_comment(self.launcher.params.get("comment"), tag)
+            launcher.params = {**self.launcher.params, "comment": comment}
             return launcher.launch(job_overrides, initial_job_idx)
         return launch

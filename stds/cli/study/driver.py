@@ -173,8 +173,10 @@ class Search:
         sweep directory; each one's job id is recorded as found. If ``squeue`` does not answer,
         every trial launched as a SLURM job counts (none is failed while its job's state is
         unknown); where SLURM's tools are missing (a laptop), none does."""
-        tagged = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                  if t.user_attrs.get(TAG_ATTR) or t.user_attrs.get(JOB_ATTR)]
+        # only trials a search launched as SLURM jobs: a run started by a local launcher inside a
+        # SLURM allocation records that allocation's job, which says nothing of the run
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        tagged = [t for t in running if t.user_attrs.get(TAG_ATTR)]
         try:
             jobs = queued_jobs() if tagged else None
         except QueueUnreadable as exc:

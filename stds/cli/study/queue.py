@@ -13,6 +13,8 @@ any trial whose run is gone.
 from __future__ import annotations
 
 import hashlib
+import os
+import pwd
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -65,7 +67,8 @@ def queued_jobs(timeout_s: float = 30.0) -> list[QueuedJob] | None:
     squeue = shutil.which("squeue")
     if squeue is None:
         return None
-    command = [squeue, "--noheader", "--array", "--me", "--format=%i|%T|%k"]
+    user = pwd.getpwuid(os.getuid()).pw_name  # the owner of the jobs this process submits
+    command = [squeue, "--noheader", "--array", f"--user={user}", "--format=%i|%T|%k"]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as exc:
