@@ -343,7 +343,7 @@ def test_a_trial_whose_job_waits_in_the_queue_is_never_failed(tmp_path):
     proc = _popen_train(*args)
     job = rerun = None
     try:
-        job = _wait_for(lambda: (trials() or [None])[0] and trials()[0].user_attrs.get("slurm_job_id"), 90,
+        job = _wait_for(lambda: (trials() or [None])[0] and trials()[0].user_attrs.get("slurm_job_id"), 150,
                         "the trial's job id in the study", proc)
         assert queue_state(job) == "PENDING"
         proc.send_signal(signal.SIGKILL)
@@ -353,7 +353,7 @@ def test_a_trial_whose_job_waits_in_the_queue_is_never_failed(tmp_path):
             rerun = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=REPO, stdout=out,
                                      stderr=subprocess.STDOUT, text=True)
         said = f"Trial 0: its SLURM job {job} is pending; the trial stays running"
-        _wait_for(lambda: said in (tmp_path / "rerun.log").read_text(), 90, "the rerun finding the job", rerun)
+        _wait_for(lambda: said in (tmp_path / "rerun.log").read_text(), 150, "the rerun finding the job", rerun)
         time.sleep(4)  # the rerun's own stale checks pass grace_s too
         assert [(t.state, t.number) for t in trials()] == [(optuna.trial.TrialState.RUNNING, 0)]
         subprocess.run(["scontrol", "release", job], check=True, timeout=30)

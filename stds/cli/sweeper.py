@@ -26,7 +26,6 @@ from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from stds.cli.study.driver import Search
@@ -126,7 +125,9 @@ class OptunaSweeper(Sweeper):
             if slots < settings.n_jobs:
                 log.info("n_jobs=%d, but the CPUs here run %d trials at a time: %d in flight",
                          settings.n_jobs, slots, slots)
-        slurm = isinstance(self.launcher, SlurmLauncher)
+        # hydra-submitit-launcher's SLURM launcher, by the submitit cluster it submits to (Hydra's
+        # plugin scan loads its module again, so a class imported here is not the one it built)
+        slurm = getattr(self.launcher, "_EXECUTOR", None) == "slurm" and isinstance(self.launcher.params, dict)
         search = Search(settings, sweep_dir, fixed, self._tagged_launch(sweep_dir) if slurm else self.launcher.launch,
                         sampler=self.raw["sampler"], validate=self._check_trial_configs, slots=slots,
                         chance=self._chance(), slurm_jobs=slurm,
