@@ -59,8 +59,8 @@ def _orphan(where: Path, heartbeat_s: int = 1, **attrs) -> int:
     return trial.number
 
 
-def _new_study(sweep_dir: Path) -> None:
-    Search(_settings(0), sweep_dir, [], lambda o, i: pytest.fail("nothing to launch")).run()
+def _new_study(sweep_dir: Path, **kw) -> None:
+    Search(_settings(0, **kw), sweep_dir, [], lambda o, i: pytest.fail("nothing to launch")).run()
 
 
 def _run_dir_with_state(run_dir: Path, epochs: int) -> None:
@@ -104,10 +104,13 @@ def test_a_search_trials_study_link_may_change_when_it_resumes():
 def test_a_retry_continues_the_run_of_the_trial_it_retries(tmp_path, monkeypatch):
     """Trial 0 died after 2 epochs (its heartbeat stopped); trial 1 of a copied study names this
     sweep directory nowhere. The rerun's retry of 0 starts from 0's files; the retry of 1 from nothing."""
-    sweep_dir = tmp_path / "sweep"
+    sweep_dir, single = tmp_path / "sweep", {"objectives": {"test_acc1": "maximize"}}
     _fake_squeue(tmp_path, monkeypatch)  # a SLURM search whose jobs are gone from the queue
-    _new_study(sweep_dir)
+    _new_study(sweep_dir, **single)
     dead = _orphan(sweep_dir, slurm_tag=job_tag(sweep_dir, 0), slurm_job_id="99")
+    study = _study(sweep_dir)
+    for epoch, acc in ((1, 0.4), (2, 0.5)):  # what it reported to the pruner before it died
+        study._storage.set_trial_intermediate_value(study.trials[dead]._trial_id, epoch, acc)
     foreign = _orphan(sweep_dir, sweep_dir="/elsewhere")
     _run_dir_with_state(sweep_dir / str(dead), 2)
     _run_dir_with_state(sweep_dir / str(foreign), 3)  # not its run: never read
@@ -122,13 +125,14 @@ def test_a_retry_continues_the_run_of_the_trial_it_retries(tmp_path, monkeypatch
         _finish(sweep_dir, index, 0.6)
         return [None]
 
-    Search(_settings(2, heartbeat_s=1, grace_s=2), sweep_dir, [], launch, slurm_jobs=True).run()
+    Search(_settings(2, heartbeat_s=1, grace_s=2, **single), sweep_dir, [], launch, slurm_jobs=True).run()
     trials = _study(sweep_dir).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     retry_of = {t.number: optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(t) for t in trials[2:]}
     assert retry_of == {2: [0], 3: [1]}
     assert seen == {2: b"last of epoch 2", "2 log": False, 3: None, "3 log": False}
     assert run_history(sweep_dir / "2") == [{"epoch": 1}, {"epoch": 2}]
+    assert trials[2].intermediate_values == {1: 0.4, 2: 0.5}  # the pruner sees the whole run
     assert trials[2].user_attrs[TAG_ATTR] == job_tag(sweep_dir, 2) and trials[2].user_attrs[JOB_ATTR] is None
 
 
