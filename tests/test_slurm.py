@@ -313,3 +313,61 @@ def test_a_search_killed_while_its_trials_run_as_slurm_jobs_loses_nothing_when_r
         metrics = run_metrics(sweep_dir / str(t.number))
         assert t.values == [metrics["test_acc1"], metrics["sparsity"]] and metrics["epoch"] == 4
         assert _epochs_logged(sweep_dir / str(t.number)) == [1, 2, 3, 4]  # trained once, not again
+
+
+def test_a_trial_whose_job_waits_in_the_queue_is_never_failed(tmp_path):
+    """The trial's job is submitted held (it pends), the search is SIGKILLed and stays gone past
+    grace_s; the same command asks SLURM, finds the job PENDING and keeps the trial running.
+    Released, the job trains, and the study holds that one trial, told once with its values."""
+    import signal
+
+    import optuna
+
+    sweep_dir = tmp_path / "search"
+    args = ("-m", "hparams_search=frontier", *SWEEP[1:], "epochs=1", "hydra.sweeper.n_trials=1",
+            "hydra.sweeper.n_jobs=1", "hydra.sweeper.heartbeat_s=1", "hydra.sweeper.grace_s=3",
+            "hydra.sweeper.params.flat_width.low=0.01", "hydra.sweeper.params.flat_width.high=0.02",
+            "+hydra.launcher.additional_parameters.hold=true", f"hydra.sweep.dir={sweep_dir}")
+    storage = f"sqlite:///{sweep_dir / 'study.db'}"
+
+    def trials():
+        try:
+            return optuna.load_study(study_name="frontier", storage=storage).trials
+        except Exception:  # not created yet
+            return []
+
+    def queue_state(job: str) -> str:
+        return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+
+    proc = _popen_train(*args)
+    job = rerun = None
+    try:
+        job = _wait_for(lambda: (trials() or [None])[0] and trials()[0].user_attrs.get("slurm_job_id"), 150,
+                        "the trial's job id in the study", proc)
+        assert queue_state(job) == "PENDING"
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        time.sleep(5)  # nothing watches the trial for longer than grace_s
+        with open(tmp_path / "rerun.log", "w") as out:
+            rerun = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=REPO, stdout=out,
+                                     stderr=subprocess.STDOUT, text=True)
+        said = f"Trial 0: its SLURM job {job} is pending; the trial stays running"
+        _wait_for(lambda: said in (tmp_path / "rerun.log").read_text(), 150, "the rerun finding the job", rerun)
+        time.sleep(4)  # the rerun's own stale checks pass grace_s too
+        assert [(t.state, t.number) for t in trials()] == [(optuna.trial.TrialState.RUNNING, 0)]
+        subprocess.run(["scontrol", "release", job], check=True, timeout=30)
+        assert rerun.wait(TIMEOUT) == 0, (tmp_path / "rerun.log").read_text()[-5000:]
+    finally:
+        for p in (proc, rerun):
+            if p is not None and p.poll() is None:
+                p.kill()
+        if job is not None and queue_state(job):  # never leave a held job in the shared cluster
+            subprocess.run(["scancel", job], timeout=30)
+
+    (trial,) = trials()
+    metrics = run_metrics(sweep_dir / "0")
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs["slurm_job_id"] == job
+    assert trial.values == [metrics["test_acc1"], metrics["sparsity"]] and metrics["epoch"] == 1
+    assert (sweep_dir / "0" / "train.log").read_text().count("trial 0 told to the study") == 1
+    assert "Job completed successfully" in _trial_job_log(sweep_dir / "0")

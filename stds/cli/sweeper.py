@@ -17,6 +17,7 @@ Hydra takes sweepers only from the ``hydra_plugins`` namespace: the preset names
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -28,6 +29,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from stds.cli.study.driver import Search
+from stds.cli.study.queue import job_tag, tagged_comment
 from stds.cli.study.settings import (
     SearchSettings,
     constraints_from,
@@ -123,9 +125,25 @@ class OptunaSweeper(Sweeper):
             if slots < settings.n_jobs:
                 log.info("n_jobs=%d, but the CPUs here run %d trials at a time: %d in flight",
                          settings.n_jobs, slots, slots)
-        search = Search(settings, sweep_dir, fixed, self.launcher.launch, sampler=self.raw["sampler"],
-                        validate=self._check_trial_configs, slots=slots, chance=self._chance(),
+        # hydra-submitit-launcher's SLURM launcher, by the submitit cluster it submits to (Hydra's
+        # plugin scan loads its module again, so a class imported here is not the one it built)
+        slurm = getattr(self.launcher, "_EXECUTOR", None) == "slurm" and isinstance(self.launcher.params, dict)
+        search = Search(settings, sweep_dir, fixed, self._tagged_launch(sweep_dir) if slurm else self.launcher.launch,
+                        sampler=self.raw["sampler"], validate=self._check_trial_configs, slots=slots,
+                        chance=self._chance(), slurm_jobs=slurm,
                         on_start=lambda: OmegaConf.save(self.config, sweep_dir / "multirun.yaml"))
         log.info("Search %r: %d trials in all, %d at a time, study in %s; trials in %s/<trial>",
                  settings.study_name, settings.n_trials, slots, shown_url(search.storage), search.sweep_dir)
         return search.run()
+
+    def _tagged_launch(self, sweep_dir: Path) -> Any:
+        """The SLURM launcher's ``launch``, each trial's job given its `job_tag` in its comment
+        (``hydra.launcher.comment`` kept before it), so a later search finds the job in the queue
+        even if it never started. Each trial gets a copy of the launcher: trials launch on threads."""
+        def launch(job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
+            launcher = copy.copy(self.launcher)
+            tag = job_tag(sweep_dir.resolve(), initial_job_idx)  # the job index is the trial number
+            comment = tagged_comment(self.launcher.params.get("comment"), tag)
+            launcher.params = {**self.launcher.params, "comment": comment}
+            return launcher.launch(job_overrides, initial_job_idx)
+        return launch

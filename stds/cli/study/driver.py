@@ -10,9 +10,12 @@ while their jobs wait in a queue.
 
 Everything lives in the study's database and the run directories, so the search may be stopped
 and run again at any time: a rerun first settles this sweep directory's trials whose runs ended
-unheard (their files), keeps the heartbeat of those whose run still holds its ``.lock``, lets
-Optuna fail (and retry) trials whose heartbeat stopped for ``grace_s``, then waits for the trials
-still running and starts new ones until the study holds ``n_trials``.
+unheard (their files), keeps the heartbeat of those whose run still holds its ``.lock`` or whose
+SLURM job still waits or runs (`stds.cli.study.queue`), lets Optuna fail (and retry) trials whose
+heartbeat stopped for ``grace_s``, then waits for the trials still running and starts new ones
+until the study holds ``n_trials``; it looks again every ``heartbeat_s`` while it waits. A retry
+continues the run of the trial it retries: its own run directory starts with a copy of that
+run's checkpoints and resumes (`stds.run.files.rundir.continue_from`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from stds.cli.jobs import job_error, reason
 from stds.cli.study.lock import sweep_lock
+from stds.cli.study.queue import JOB_ATTR, TAG_ATTR, QueueUnreadable, job_tag, live_job, queued_jobs
 from stds.cli.study.settings import PREFIX, SearchSettings, override_value
 from stds.cli.study.storage import (
     check_storage,
@@ -40,7 +44,7 @@ from stds.cli.study.storage import (
 )
 from stds.errors import ConfigError, StdsError
 from stds.results.pareto import pareto_mask
-from stds.run.files.rundir import lock_is_held
+from stds.run.files.rundir import continue_from, lock_is_held
 from stds.run.life.study_link import REASON_ATTR, tell
 from stds.run.measure.objectives import Outcome, trial_outcome
 
@@ -61,7 +65,7 @@ def _first(dist: Any) -> Any:
 def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """The trials ``n_trials`` counts: not those failed and retried (the retry counts), nor those
     told without running (asked when another search had reached ``n_trials``)."""
-    retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
+    retried = {number for t in trials for number in RetryHeartbeatStaleTrialCallback.retry_history(t)}
     return [t for t in trials if not t.user_attrs.get(NOT_RUN_ATTR)
             and not (t.state == TrialState.FAIL and t.number in retried)]
 
@@ -71,13 +75,15 @@ class Search:
 
     ``launch(overrides_per_trial, first_job_index)`` runs trials (a Hydra launcher's ``launch``);
     ``validate(batch)`` composes a batch of overrides and raises if it cannot; ``slots`` caps the
-    trials in flight below ``n_jobs`` (a local launcher on fewer CPUs).
+    trials in flight below ``n_jobs`` (a local launcher on fewer CPUs); ``slurm_jobs``: each trial
+    is a SLURM job whose comment holds the trial's `job_tag` (the launch function puts it there).
     """
 
     def __init__(self, settings: SearchSettings, sweep_dir: Path, fixed: Sequence[str], launch: LaunchFn,
                  sampler: Mapping[str, Any] | None = None,
                  validate: Callable[[list[list[str]]], None] | None = None, slots: int | None = None,
-                 on_start: Callable[[], None] | None = None, chance: float | None = None) -> None:
+                 on_start: Callable[[], None] | None = None, chance: float | None = None,
+                 slurm_jobs: bool = False) -> None:
         self.settings = settings
         self.sweep_dir = Path(sweep_dir).resolve()
         self.fixed = list(fixed)
@@ -90,6 +96,7 @@ class Search:
         self.poll_s = 5.0  # how often the study is looked at while trials run
         self.on_start = on_start  # called once the sweep directory is this search's (its lock held)
         self.chance = chance  # test_acc1 up to this is chance: such a trial is never on the front
+        self.slurm_jobs = slurm_jobs
 
     def run_dir(self, number: int) -> Path:
         return self.sweep_dir / str(number)
@@ -137,11 +144,19 @@ class Search:
         return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if t.user_attrs.get(SWEEP_DIR_ATTR) == str(self.sweep_dir)]
 
-    def _settle_unheard(self, study: optuna.Study) -> None:
+    def _settle_unheard(self, study: optuna.Study, skip: frozenset[int] = frozenset(), say: bool = True) -> None:
         """Trials of this sweep directory whose run ended without telling the study: told now
-        from their files; those whose run is alive get a heartbeat; then Optuna fails the stale."""
+        from their files; those whose run is alive (it holds its ``.lock``) or whose SLURM job
+        still waits or runs get a heartbeat; then Optuna fails the stale. ``skip``: the trials
+        this invocation launched (their launch returns when they end); ``say``: log each trial
+        kept for its job in the queue."""
+        queued = self._in_queue(study, say)
+        for trial_id in queued.values():  # a job in the queue has no process to beat for it
+            study._storage.record_heartbeat(trial_id)
         for frozen in self._ours(study):
             run_dir = self.run_dir(frozen.number)
+            if frozen.number in skip or frozen.number in queued:
+                continue
             # a trial of an earlier process, reopened by its id as Optuna's own ask() does
             trial = optuna.Trial(study, frozen._trial_id)
             if lock_is_held(run_dir):
@@ -153,19 +168,52 @@ class Search:
                            f"reported, and {run_dir} has no metrics.json (the job died or was stopped)"))
         optuna.storages.fail_stale_trials(study)
 
+    def _in_queue(self, study: optuna.Study, say: bool = False) -> dict[int, int]:
+        """The study's running trials whose SLURM job waits or runs (number -> trial id), of any
+        sweep directory; each one's job id is recorded as found. If ``squeue`` does not answer,
+        every trial launched as a SLURM job counts (none is failed while its job's state is
+        unknown); where SLURM's tools are missing (a laptop), none does."""
+        # only trials a search launched as SLURM jobs: a run started by a local launcher inside a
+        # SLURM allocation records that allocation's job, which says nothing of the run
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        tagged = [t for t in running if t.user_attrs.get(TAG_ATTR)]
+        try:
+            jobs = queued_jobs() if tagged else None
+        except QueueUnreadable as exc:
+            log.warning("%s; the jobs of %d running trials may still run: none of them is failed now",
+                        exc, len(tagged))
+            return {t.number: t._trial_id for t in tagged}
+        alive = {}
+        for t in tagged if jobs is not None else ():
+            job = live_job(jobs, t.user_attrs.get(JOB_ATTR), t.user_attrs.get(TAG_ATTR))
+            if job is None:
+                continue
+            alive[t.number] = t._trial_id
+            if say and t.user_attrs.get(SWEEP_DIR_ATTR) == str(self.sweep_dir):
+                log.info("Trial %d: its SLURM job %s is %s; the trial stays running", t.number, job.job_id,
+                         job.state.lower())
+            if t.user_attrs.get(JOB_ATTR) != job.job_id:
+                try:
+                    study._storage.set_trial_user_attr(t._trial_id, JOB_ATTR, job.job_id)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue  # it ended meanwhile
+                log.info("Trial %d is SLURM job %s (%s)", t.number, job.job_id, job.state.lower())
+        return alive
+
     def _loop(self, study: optuna.Study) -> None:
         """Keep ``slots`` trials in flight (counting this directory's live trials of an earlier
         search) until the study holds ``n_trials`` and none of them runs. A slot is refilled
         before the trial that left it is settled, so the next trial waits for no database write."""
         running: dict[Future, optuna.Trial] = {}
         ended: list[tuple[optuna.Trial, str | None]] = []
-        stale_checked = time.monotonic()
+        checked = time.monotonic()
         with ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="trial") as pool:
             while True:
                 mine = {t.number for t in running.values()} | {t.number for t, _ in ended}
                 adopted = [t for t in self._ours(study) if t.number not in mine]
                 while len(running) + len(adopted) < self.slots and (trial := self._ask(study)) is not None:
                     if self._composes(study, trial):
+                        self._continue(study, trial)
                         running[pool.submit(self._launch_one, trial)] = trial
                 for trial, error in ended:
                     self._settle(study, trial, error)
@@ -180,9 +228,10 @@ class Search:
                 if not ended:
                     for trial in running.values():  # queued jobs have no run to beat for them
                         study._storage.record_heartbeat(trial._trial_id)
-                if time.monotonic() - stale_checked >= self.settings.heartbeat_s:
-                    optuna.storages.fail_stale_trials(study)
-                    stale_checked = time.monotonic()
+                if time.monotonic() - checked >= self.settings.heartbeat_s:
+                    mine = {t.number for t in running.values()} | {t.number for t, _ in ended}
+                    self._settle_unheard(study, skip=frozenset(mine), say=False)
+                    checked = time.monotonic()
 
     def _ask(self, study: optuna.Study) -> optuna.Trial | None:
         """A new trial, or None once the study holds ``n_trials``. Two searches asking at once
@@ -200,6 +249,11 @@ class Search:
         trial.set_user_attr(SWEEP_DIR_ATTR, str(self.sweep_dir))
         trial.set_user_attr(RUN_DIR_ATTR, str(self.run_dir(trial.number)))
         trial.set_user_attr(HEARTBEAT_ATTR, self.settings.heartbeat_s)
+        attrs = trial.user_attrs  # a retry's are a copy of the failed trial's: its own job is another
+        if self.slurm_jobs or attrs.get(TAG_ATTR):
+            trial.set_user_attr(TAG_ATTR, job_tag(self.sweep_dir, trial.number) if self.slurm_jobs else None)
+        if attrs.get(JOB_ATTR):
+            trial.set_user_attr(JOB_ATTR, None)
         study._storage.record_heartbeat(trial._trial_id)  # from now on it is ours to keep alive
         log.info("Trial %d: %s", trial.number, " ".join(self._overrides(trial)[len(self.fixed):][:len(trial.params)]))
         return trial
@@ -229,6 +283,31 @@ class Search:
             self.ran.append(Outcome(None, error=error))
             self._tell(study, trial, self.ran[-1])
         return error is None
+
+    def _continue(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        """A retry continues the run of the trial it retries (the latest of its retry history
+        that ran in this sweep directory and left ``checkpoints/last.pt``): its own run directory
+        gets a copy of that run's checkpoints, metrics lines and events, and resumes from them."""
+        history = RetryHeartbeatStaleTrialCallback.retry_history(study._storage.get_trial(trial._trial_id))
+        for number in reversed(history):
+            failed = study._storage.get_trial(
+                study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+            if failed.user_attrs.get(SWEEP_DIR_ATTR) != str(self.sweep_dir):
+                continue  # another sweep directory's run: never read from here
+            try:
+                copied = continue_from(self.run_dir(number), self.run_dir(trial.number))
+            except (OSError, StdsError) as exc:
+                log.warning("Trial %d retries trial %d, whose run cannot be continued (%s): it starts anew",
+                            trial.number, number, reason(exc))
+                return
+            if copied is not None:
+                log.info("Trial %d retries trial %d (its heartbeat stopped) and continues its run: %s/ starts "
+                         "from a copy of %s", trial.number, number, self.run_dir(trial.number),
+                         self.run_dir(number) / "checkpoints" / "last.pt")
+                return
+        if history:
+            log.info("Trial %d retries trial %d, whose run left no checkpoint here: it starts anew",
+                     trial.number, history[-1])
 
     def _launch_one(self, trial: optuna.Trial) -> str | None:
         """Run one trial (on a worker thread); the error its launcher reported, or None."""

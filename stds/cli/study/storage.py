@@ -62,13 +62,16 @@ def _scrubbed(url: str) -> str:
 
 def _rdb(settings: SearchSettings, url: str) -> optuna.storages.RDBStorage:
     """The study's database with Optuna's heartbeat: a trial whose heartbeat stopped for
-    ``grace_s`` is failed by `optuna.storages.fail_stale_trials` and retried up to ``max_retry``."""
+    ``grace_s`` is failed by `optuna.storages.fail_stale_trials` and retried up to ``max_retry``
+    times. The retry continues the failed trial's run (`stds.cli.study.driver`), so it also takes
+    the epochs that run reported to the pruner."""
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry, inherit_intermediate_values=True)
         return RDBStorage(url, heartbeat_interval=settings.heartbeat_s, grace_period=settings.grace_s,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry))
+                          heartbeat_stale_trial_callback=retry)
 
 
 def make_sampler(spec: Mapping[str, Any] | None, seed_offset: int) -> optuna.samplers.BaseSampler | None:

@@ -14,6 +14,8 @@
   leaves behind.
 - `non_finite_entries`: the dotted names of NaN/inf values in a nested state (a checkpoint must
   not keep them).
+- `continue_from`: copy what continuing another directory's run needs (its checkpoints, metrics
+  lines and TensorBoard events) into a new run directory, which then resumes from them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from typing import Any, TextIO
 import torch
 
 from stds.errors import RunDirError
-from stds.run.files.safe import open_lock
+from stds.run.files.atomic import write_atomic
+from stds.run.files.safe import open_lock, open_read
 
 LOCK_NAME = ".lock"
 _FIX_READ_ONLY = "make it writable (chmod u+w, free disk space) or set hydra.run.dir=<a writable directory>"
@@ -106,6 +109,32 @@ def set_aside_older_run(run_dir: Path | str) -> Path | None:
     for name in present:
         os.rename(run_dir / name, folder / Path(name).name)
     return folder
+
+
+CONTINUED_FILES = ("checkpoints/best.pt", "metrics.jsonl", "tb", "checkpoints/last.pt")
+"""What a run continued in another directory takes along (of ``tb/`` its plain files), in this
+order: ``last.pt`` comes last, so a directory that holds it holds the rest."""
+
+
+def continue_from(source: Path | str, run_dir: Path | str) -> Path | None:
+    """Copy `CONTINUED_FILES` of ``source`` into ``run_dir``, so that a run started there resumes
+    from ``source``'s ``checkpoints/last.pt`` (its metrics lines and events past that checkpoint
+    are dropped by the resumed run, as in its own directory). The copied ``last.pt``, or None when
+    ``source`` holds none (then nothing is copied). Each file is read as a regular file inside
+    ``source`` (`stds.run.files.safe.open_read`: no symlink followed) and written atomically."""
+    source, run_dir = Path(source), Path(run_dir)
+    if not (source / "checkpoints" / "last.pt").is_file() or os.path.islink(source / "checkpoints"):
+        return None
+    names = []
+    for name in CONTINUED_FILES:
+        if name != "tb":
+            names += [name] if os.path.lexists(source / name) else []
+        elif (source / "tb").is_dir() and not (source / "tb").is_symlink():
+            names += [f"tb/{p.name}" for p in sorted((source / "tb").iterdir()) if p.is_file() and not p.is_symlink()]
+    for name in names:
+        with open_read(source / name, source) as handle:
+            write_atomic(run_dir / name, lambda out: shutil.copyfileobj(handle, out, 2**20))
+    return run_dir / "checkpoints" / "last.pt"
 
 
 def holds_only_unstarted(run_dir: Path | str, extra: list[Path] | tuple[Path, ...] = ()) -> bool:

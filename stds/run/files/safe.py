@@ -99,6 +99,12 @@ def read_tail(path: Path | str, root: Path | str, size: int) -> str:
         return handle.read(size).decode("utf-8", errors="replace")
 
 
+def open_read(path: Path | str, root: Path | str) -> IO[bytes]:
+    """``path`` opened to read bytes, checked as `read_bytes` but of any size (a checkpoint that
+    is copied is streamed, never held whole)."""
+    return os.fdopen(_open_regular(Path(path), root), "rb")
+
+
 def first_line(path: Path | str, root: Path | str) -> str | None:
     """The first non-blank line of a text file (``error.txt``), stripped; None if missing or blank.
     A refused file gives its one-line refusal instead, so the reason is never the file's content."""

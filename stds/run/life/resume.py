@@ -33,12 +33,14 @@ log = logging.getLogger(__name__)
 SAFE_ON_RESUME: tuple[str, ...] = (
     "logging", "loader", "checkpoint_every_steps", "device", "deterministic", "compile", "distributed",
     "channels_last", "dataset.root", "dataset.download", "dataset.bad_images", "dataset.max_bad_images",
-    "resume", "init_from",
+    "resume", "init_from", "trial",
 )
 """Config keys (and key prefixes) that may differ between a checkpoint and the run resuming it:
 where the data lies, how it is loaded, logged and checkpointed, and how the step is executed.
 ``init_from`` only matters when a run starts; ``deterministic=false`` gives up bit-identity;
-``distributed.timeout_s`` only bounds a wait."""
+``distributed.timeout_s`` only bounds a wait; ``trial`` only names the study trial the run reports
+to (a search's retry continues the failed trial's run as a new trial; ``trial.number=null`` trains
+a pruned trial on without the study)."""
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

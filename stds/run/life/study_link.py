@@ -12,6 +12,8 @@ result, so that nothing else has to be alive when it ends.
   ``metrics.json`` with ``"pruned": true`` and keeps its checkpoint (``resume=`` continues it).
 - Telling: the run's result (`stds.run.measure.objectives.trial_outcome` on its own files), or its
   failure's one line, told to the study as the run ends.
+- Its SLURM job: a run inside a SLURM job records the job's id (user attribute `JOB_ATTR`), so a
+  search can ask SLURM whether the trial's job still waits or runs before settling anything.
 
 What a trial needs of the search (objectives, bounds, pruner, heartbeat) is stored in the study
 (user attribute `SPEC_ATTR`) and read here as data: metric names from
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -33,10 +36,12 @@ from stds.run.measure.objectives import OBJECTIVE_METRICS, Bound, Outcome, trial
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PRUNERS", "SPEC_ATTR", "StudyLink", "TrialSpec", "make_pruner", "open_link"]
+__all__ = ["JOB_ATTR", "PRUNERS", "SPEC_ATTR", "StudyLink", "TrialSpec", "make_pruner", "open_link",
+           "slurm_job_id"]
 
 SPEC_ATTR = "trial_spec"
 REASON_ATTR = "fail_reason"
+JOB_ATTR = "slurm_job_id"
 PRUNERS = ("MedianPruner", "PercentilePruner", "SuccessiveHalvingPruner", "HyperbandPruner",
            "ThresholdPruner", "NopPruner")
 """Optuna pruners a search may name (``hydra.sweeper.pruner._target_: optuna.pruners.<Name>``)."""
@@ -120,6 +125,15 @@ def tell(study: Any, trial: Any, outcome: Outcome, spec: TrialSpec) -> None:
         study.tell(trial, outcome.values)
 
 
+def slurm_job_id() -> str | None:
+    """This process's SLURM job as ``squeue`` names it (``123``; ``123_4`` for a task of a job
+    array), or None outside SLURM."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
 class StudyLink:
     """The study's trial ``number`` as this run sees it (see the module's text)."""
 
@@ -168,6 +182,12 @@ class StudyLink:
                  "pruned" if outcome.pruned else outcome.values if outcome.values is not None else outcome.error)
 
     def __enter__(self) -> StudyLink:
+        job = slurm_job_id()
+        if job is not None:
+            try:
+                self.trial.set_user_attr(JOB_ATTR, job)
+            except Exception as exc:  # the search still finds the job by its comment
+                log.warning("trial %d: its job id is not recorded: %s", self.trial.number, error_line(exc).strip())
         self._beat.start()
         return self
 
