@@ -36,7 +36,7 @@ import torch
 
 from stds.errors import RunDirError
 from stds.run.files.atomic import write_atomic
-from stds.run.files.safe import open_lock, open_read
+from stds.run.files.safe import open_binary, open_lock
 
 LOCK_NAME = ".lock"
 _FIX_READ_ONLY = "make it writable (chmod u+w, free disk space) or set hydra.run.dir=<a writable directory>"
@@ -121,7 +121,7 @@ def continue_from(source: Path | str, run_dir: Path | str) -> Path | None:
     from ``source``'s ``checkpoints/last.pt`` (its metrics lines and events past that checkpoint
     are dropped by the resumed run, as in its own directory). The copied ``last.pt``, or None when
     ``source`` holds none (then nothing is copied). Each file is read as a regular file inside
-    ``source`` (`stds.run.files.safe.open_read`: no symlink followed) and written atomically."""
+    ``source`` (`stds.run.files.safe.open_binary`: no symlink followed) and written atomically."""
     source, run_dir = Path(source), Path(run_dir)
     if not (source / "checkpoints" / "last.pt").is_file() or os.path.islink(source / "checkpoints"):
         return None
@@ -132,7 +132,7 @@ def continue_from(source: Path | str, run_dir: Path | str) -> Path | None:
         elif (source / "tb").is_dir() and not (source / "tb").is_symlink():
             names += [f"tb/{p.name}" for p in sorted((source / "tb").iterdir()) if p.is_file() and not p.is_symlink()]
     for name in names:
-        with open_read(source / name, source) as handle:
+        with open_binary(source / name, source) as handle:
             write_atomic(run_dir / name, lambda out: shutil.copyfileobj(handle, out, 2**20))
     return run_dir / "checkpoints" / "last.pt"
 

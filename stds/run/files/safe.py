@@ -79,8 +79,9 @@ def read_bytes(path: Path | str, root: Path | str, limit: int = READ_LIMIT) -> b
 
 
 def open_binary(path: Path | str, root: Path | str) -> IO[bytes]:
-    """``path`` opened to read bytes of any size (a checkpoint, for ``torch.load``): a regular
-    file inside ``root`` that is no symlink, as `read_bytes` checks it, without its size limit."""
+    """``path`` opened to read bytes of any size (a checkpoint, for ``torch.load`` or streamed to a
+    copy): a regular file inside ``root`` that is no symlink, as `read_bytes` checks it, without
+    its size limit."""
     fd = _open_regular(Path(path), root)
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
@@ -97,12 +98,6 @@ def read_tail(path: Path | str, root: Path | str, size: int) -> str:
     with os.fdopen(_open_regular(path, root), "rb") as handle:
         handle.seek(max(os.fstat(handle.fileno()).st_size - size, 0))
         return handle.read(size).decode("utf-8", errors="replace")
-
-
-def open_read(path: Path | str, root: Path | str) -> IO[bytes]:
-    """``path`` opened to read bytes, checked as `read_bytes` but of any size (a checkpoint that
-    is copied is streamed, never held whole)."""
-    return os.fdopen(_open_regular(Path(path), root), "rb")
 
 
 def first_line(path: Path | str, root: Path | str) -> str | None:
