@@ -1,15 +1,30 @@
-"""Slot utilisation of a search: the sweeper's asynchronous trials against batches of ``n_jobs``.
+"""What a search costs: slot utilisation of asynchronous trials against batches, and the epochs a
+constrained search trains to its answer with and without a pruner (issue 28's measured figures).
 
-Slot utilisation = sum of trial run times / (``n_jobs`` x wall time). Each trial is a real local
-process (``sleep <seconds>``, a stand-in for a training run of unequal length: the seconds are
-drawn per trial from ``--low`` to ``--high``, seeded), told to a real SQLite study by the real
-`stds.cli.study.driver.Search`. The batch figure runs the same processes the way the search ran
-them before trials were asynchronous: ``n_jobs`` at a time, the next batch after the slowest.
+Slot utilisation = sum of trial run times / (``n_jobs`` x wall time), the wall from the first
+trial's start to the last one's end. Three ways to measure it:
 
-    python benchmarks/search_cost.py                # 12 trials, n_jobs=3, 2 to 12 s each
-    python benchmarks/search_cost.py --smoke        # 4 trials of 0.05 to 0.2 s (tests run this)
+- stand-ins (the default, and ``--smoke``): each trial a real local process (``sleep <seconds>``,
+  drawn per trial from ``--low`` to ``--high``, seeded) told to a real SQLite study by the real
+  `stds.cli.study.driver.Search`; the batches run the same processes ``n_jobs`` at a time, the
+  next batch after the slowest (the search before it was asynchronous). Scheduling only.
+- ``--train local|slurm``: real training runs of the digits net through ``python launch/train.py
+  -m`` with ``hydra/launcher=local`` or ``slurm_cpu``: the search with ``epochs`` searched over
+  2 to 12, then Hydra's plain sweep over the same epochs in batches of ``n_jobs``
+  (``hydra.sweeper.max_batch_size``); run times from the jobs' submitit logs (`search_runs`).
 
-This measures the scheduling only; the training itself is the same either way.
+Epochs to the answer (``--epochs``): ``hparams_search=constrained`` (best ``test_acc1`` at
+``sparsity >= 0.9``), 16 trials of `EPOCHS` epochs, per sampler seed with and without `PRUNER`:
+the epochs all trials trained (their ``metrics.jsonl``) and the best feasible final ``test_acc1``.
+
+    python benchmarks/search_cost.py                    # stand-ins: 12 trials, n_jobs=3, 2 to 12 s each
+    python benchmarks/search_cost.py --smoke            # 4 stand-ins of 0.05 to 0.2 s (tests run this)
+    nice -n 10 python benchmarks/search_cost.py --train local --out outputs/bench/slots_local
+    nice -n 10 python benchmarks/search_cost.py --train slurm --out outputs/bench/slots_slurm
+    nice -n 10 python benchmarks/search_cost.py --epochs --out outputs/bench/epochs   # 3 seeds x 2
+    python benchmarks/search_cost.py --epochs --out outputs/bench/epochs --read   # the table again
+
+``--read`` tabulates what ``--out`` holds without running anything.
 """
 
 from __future__ import annotations
@@ -20,14 +35,40 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
 from common import uptime
 from optuna.distributions import FloatDistribution
+from search_runs import (
+    Answer,
+    Slots,
+    constrained_search,
+    job_spans,
+    planned_epochs,
+    slot_batches,
+    slot_search,
+)
 
+from stds.cli.launcher import available_cpus
 from stds.cli.study.driver import Search
 from stds.cli.study.settings import SearchSettings
+
+SMOKE_S = (0.2, 0.05, 0.15, 0.1)
+"""The smoke's stand-in trials (seconds): 0.5 s in all, batches of 2 at least 0.2 + 0.15 s long."""
+MIN_SPARSITY = 0.9
+EPOCHS = 8
+EPOCH_ARGS = (f"hydra.sweeper.constraints.sparsity.min={MIN_SPARSITY}", "hydra.sweeper.n_trials=16",
+              "hydra.sweeper.n_jobs=2", f"epochs={EPOCHS}", "scheduler.ramp_until=0.25")
+"""Every constrained search: 16 trials, 2 in flight (the local launcher on 2 CPUs), 8 epochs whose
+threshold reaches D after 2 (``ramp_until=0.25``), so epoch 3 shows the net at its sparsity."""
+PRUNER = "{_target_: optuna.pruners.SuccessiveHalvingPruner, min_resource: 3, reduction_factor: 3}"
+"""Successive halving with its first rung at epoch 3 (one epoch at the final D): a trial goes on
+only when its top-1 there is in the best third of the trials that reached it; the next rung (9)
+lies past the 8 epochs. A trial so stopped trains 3 of 8 epochs."""
+LAUNCHERS = {"local": "local", "slurm": "slurm_cpu"}
 
 
 def _durations(n: int, low: float, high: float, seed: int) -> list[float]:
@@ -35,30 +76,22 @@ def _durations(n: int, low: float, high: float, seed: int) -> list[float]:
     return [rng.uniform(low, high) for _ in range(n)]
 
 
-def _run(seconds: float, spans: list[tuple[float, float]]) -> float:
-    """One trial: a process that lives ``seconds``; its measured run time (its span kept)."""
+def _run(seconds: float, spans: list[tuple[float, float]]) -> None:
+    """One trial: a process that lives ``seconds``; its (start, end) appended to ``spans``."""
     started = time.perf_counter()
     subprocess.run(["sleep", f"{seconds:.3f}"], check=True)
     spans.append((started, time.perf_counter()))
-    return spans[-1][1] - started
 
 
-def _wall(spans: list[tuple[float, float]]) -> float:
-    """From the first trial's start to the last one's end (opening the study is not a trial slot)."""
-    return max(end for _, end in spans) - min(start for start, _ in spans)
-
-
-def asynchronous(durations: list[float], n_jobs: int, folder: Path) -> tuple[float, float]:
-    """(sum of trial times, wall time) of the search over ``durations`` (trial n sleeps durations[n])."""
-    busy, lock, spans = [0.0], threading.Lock(), []
+def asynchronous(durations: Sequence[float], n_jobs: int, folder: Path) -> Slots:
+    """The search over stand-ins (trial n sleeps ``durations[n]``)."""
+    spans: list[tuple[float, float]] = []
 
     def launch(overrides: list[list[str]], number: int) -> list[None]:
-        took = _run(durations[number], spans)
+        _run(durations[number], spans)
         run_dir = folder / str(number)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.json").write_text(f'{{"test_acc1": {1 - number / 100}, "sparsity": 0.5}}')
-        with lock:
-            busy[0] += took
         return [None]
 
     settings = SearchSettings(objectives={"test_acc1": "maximize"}, study_name="bench",
@@ -67,53 +100,112 @@ def asynchronous(durations: list[float], n_jobs: int, folder: Path) -> tuple[flo
     search = Search(settings, folder, [], launch)
     search.poll_s = 0.05
     search.run()
-    return busy[0], _wall(spans)
+    return Slots.of(spans, n_jobs)
 
 
-def batches(durations: list[float], n_jobs: int) -> tuple[float, float]:
-    """(sum of trial times, wall time) with ``n_jobs`` trials per batch and a barrier after each."""
-    busy, spans = 0.0, []
+def batches(durations: Sequence[float], n_jobs: int) -> Slots:
+    """The same stand-ins ``n_jobs`` per batch, a barrier after each batch."""
+    spans: list[tuple[float, float]] = []
     for first in range(0, len(durations), n_jobs):
-        times: list[float] = []
-        threads = [threading.Thread(target=lambda s=s: times.append(_run(s, spans)))
-                   for s in durations[first:first + n_jobs]]
+        threads = [threading.Thread(target=_run, args=(s, spans)) for s in durations[first:first + n_jobs]]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        busy += sum(times)
-    return busy, _wall(spans)
+    return Slots.of(spans, n_jobs)
 
 
-def measure(trials: int, n_jobs: int, low: float, high: float, seed: int) -> dict[str, float]:
-    """Slot utilisation of both schedules over the same trial lengths."""
+def stand_ins(durations: Sequence[float], n_jobs: int) -> dict[str, Slots]:
+    """Slot utilisation of both schedules over the same stand-in trials."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    durations = _durations(trials, low, high, seed)
     with tempfile.TemporaryDirectory() as folder:
-        busy_async, wall_async = asynchronous(durations, n_jobs, Path(folder) / "search")
-    busy_batch, wall_batch = batches(durations, n_jobs)
-    return {"async_utilisation": busy_async / (n_jobs * wall_async), "async_wall_s": wall_async,
-            "batch_utilisation": busy_batch / (n_jobs * wall_batch), "batch_wall_s": wall_batch,
-            "ideal_wall_s": sum(durations) / n_jobs}
+        searched = asynchronous(durations, n_jobs, Path(folder) / "search")
+    return {"asynchronous": searched, "batches": batches(durations, n_jobs)}
+
+
+def training_runs(launcher: str, n_jobs: int, trials: int, seed: int, out: Path, read: bool) -> dict[str, Slots]:
+    """Slot utilisation of the search and of batches over the same trial lengths (training runs)."""
+    if not read:
+        slot_search(LAUNCHERS[launcher], n_jobs, trials, seed, out)
+        slot_batches(LAUNCHERS[launcher], n_jobs, planned_epochs(out / "async"), out)
+    return {"asynchronous": Slots.of(job_spans(out / "async"), n_jobs),
+            "batches": Slots.of(job_spans(out / "batches"), n_jobs)}
+
+
+def print_slots(result: dict[str, Slots]) -> None:
+    print("| schedule | trials | slots | sum of trial times (s) | wall (s) | slot utilisation |")
+    print("|---|---|---|---|---|---|")
+    for name, slots in result.items():
+        print(f"| {name} | {slots.trials} | {slots.slots} | {slots.busy_s:.2f} | {slots.wall_s:.2f} "
+              f"| {slots.utilisation:.3f} |")
+
+
+def epochs_to_answer(out: Path, seeds: Sequence[int], parallel: int, read: bool) -> dict[tuple[str, int], Answer]:
+    """Each seed's constrained search without and with `PRUNER`, ``parallel`` searches at once."""
+    arms = {"none": None, "pruner": PRUNER}
+    runs = [(arm, seed) for seed in seeds for arm in arms]
+    if not read:
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            done = [pool.submit(constrained_search, out / f"{arm}_seed{seed}", seed, EPOCH_ARGS, arms[arm])
+                    for arm, seed in runs]
+            for future in done:
+                future.result()
+    return {(arm, seed): Answer.read(out / f"{arm}_seed{seed}", MIN_SPARSITY) for arm, seed in runs}
+
+
+def print_answers(answers: dict[tuple[str, int], Answer]) -> None:
+    print("| seed | pruner | trials | pruned | epochs trained | best feasible test_acc1 (trial) |")
+    print("|---|---|---|---|---|---|")
+    for (arm, seed), answer in answers.items():
+        best = answer.best
+        shown = f"{best.test_acc1:.4f} ({best.number})" if best else "none"
+        print(f"| {seed} | {arm} | {len(answer.trials)} | {sum(t.pruned for t in answer.trials)} "
+              f"| {answer.epochs} | {shown} |")
+    totals = {arm: sum(a.epochs for (name, _), a in answers.items() if name == arm) for arm in ("none", "pruner")}
+    bests = {key: answer.best for key, answer in answers.items()}
+    gaps = [100 * (bests["pruner", s].test_acc1 - bests["none", s].test_acc1)  # type: ignore[union-attr]
+            for arm, s in answers if arm == "none" and bests["none", s] and bests["pruner", s]]
+    print(f"epochs: {totals['pruner']} with the pruner, {totals['none']} without: "
+          f"{100 * (1 - totals['pruner'] / totals['none']):.1f}% fewer")
+    mean = f"mean {sum(gaps) / len(gaps):+.2f}" if gaps else "no seed has a feasible trial in both"
+    print(f"best feasible test_acc1, pruner minus none (points): {', '.join(f'{g:+.2f}' for g in gaps)}; {mean}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=12)
-    parser.add_argument("--n-jobs", type=int, default=3)
+    parser.add_argument("--n-jobs", type=int, default=3, help="trials in flight (local: at most the CPUs)")
     parser.add_argument("--low", type=float, default=2.0)
     parser.add_argument("--high", type=float, default=12.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="4 trials of 0.05 to 0.2 s")
+    parser.add_argument("--smoke", action="store_true", help=f"4 stand-ins of {', '.join(map(str, SMOKE_S))} s")
+    parser.add_argument("--train", choices=sorted(LAUNCHERS), help="slot utilisation of training runs")
+    parser.add_argument("--epochs", action="store_true", help="epochs to the answer, with and without the pruner")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--epochs: sampler seeds")
+    parser.add_argument("--parallel", type=int, default=2, help="--epochs: searches at once")
+    parser.add_argument("--out", type=Path, help="--train, --epochs: the folder of their sweeps")
+    parser.add_argument("--read", action="store_true", help="tabulate what --out holds; run nothing")
     args = parser.parse_args()
-    if args.smoke:
-        args.trials, args.n_jobs, args.low, args.high = 4, 2, 0.05, 0.2
-    result = measure(args.trials, args.n_jobs, args.low, args.high, args.seed)
-    print(f"{args.trials} trials, n_jobs={args.n_jobs}, {args.low:g} to {args.high:g} s each (seed {args.seed}); "
-          f"load: {uptime()}")
-    for kind in ("async", "batch"):
-        print(f"{kind:5s}: slot utilisation {result[kind + '_utilisation']:.3f}, wall {result[kind + '_wall_s']:.1f} s")
-    print(f"ideal wall (sum / n_jobs): {result['ideal_wall_s']:.1f} s")
+    if (args.train or args.epochs) and args.out is None:
+        parser.error("--train and --epochs need --out DIR (their sweep directories go there)")
+    before = uptime()
+    if args.epochs:
+        answers = epochs_to_answer(args.out.resolve(), args.seeds, args.parallel, args.read)
+        print(f"16-trial constrained searches (sparsity >= {MIN_SPARSITY}), {EPOCHS} epochs a trial; pruner {PRUNER}")
+        print_answers(answers)
+    elif args.train:
+        n_jobs = min(args.n_jobs, available_cpus()) if args.train == "local" else args.n_jobs
+        print(f"{args.trials} training runs of the digits net, epochs 2 to 12 (sampler seed {args.seed}), "
+              f"hydra/launcher={LAUNCHERS[args.train]}, n_jobs={n_jobs} (asked {args.n_jobs})")
+        print_slots(training_runs(args.train, n_jobs, args.trials, args.seed, args.out.resolve(), args.read))
+    else:
+        durations = SMOKE_S if args.smoke else _durations(args.trials, args.low, args.high, args.seed)
+        print(f"{len(durations)} stand-in trials, n_jobs={2 if args.smoke else args.n_jobs}, "
+              f"{min(durations):g} to {max(durations):g} s each, {sum(durations):.2f} s in all")
+        print_slots(stand_ins(durations, 2 if args.smoke else args.n_jobs))
+    if not args.read:
+        print(f"load before: {before}")
+        print(f"load after: {uptime()}")
 
 
 if __name__ == "__main__":

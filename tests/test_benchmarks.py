@@ -5,10 +5,12 @@ consistent with each other; speed is the scripts' business, not the tests'."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -112,11 +114,80 @@ def test_target_frontier_smoke_trains_both_variants_and_tables_them():
     assert _positive(lines[-1].split()[2]) and lines[-1].startswith("[target_frontier] plot: ")
 
 
+def _script(script: str, *args: str) -> list[str]:
+    """The stdout lines of ``python benchmarks/<script> ARGS``, which must succeed."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, check=False,
+                          capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 0, f"{script} {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    return proc.stdout.splitlines()
+
+
+def _slots(lines: list[str]) -> dict[str, list[float]]:
+    """schedule -> [trials, slots, sum of trial times, wall, utilisation] of search_cost.py's table."""
+    return {r[0]: [float(c) for c in r[1:]] for r in _rows(lines) if r[0] in ("asynchronous", "batches")}
+
+
 def test_search_cost_smoke_runs_both_schedules_over_every_trial():
-    """benchmarks/search_cost.py --smoke: the asynchronous search and the batches each ran the 4
-    trials; a slot's utilisation lies in (0, 1]."""
-    lines = {line.split(":")[0]: line for line in _smoke("search_cost.py")}
-    assert next(iter(lines)).startswith("4 trials, n_jobs=2")
-    for kind in ("async", "batch"):
-        utilisation = float(lines[kind].split("slot utilisation ")[1].split(",")[0])
+    """benchmarks/search_cost.py --smoke: both schedules ran the 4 stand-ins (0.2, 0.05, 0.15 and
+    0.1 s); each utilisation is its printed sum / (2 slots x wall)."""
+    table = _slots(_smoke("search_cost.py"))
+    assert sorted(table) == ["asynchronous", "batches"]
+    for trials, slots, busy, wall, utilisation in table.values():
+        assert (trials, slots) == (4, 2)
+        assert busy >= 0.5  # every process lives at least its sleep: 0.2 + 0.05 + 0.15 + 0.1
         assert 0 < utilisation <= 1
+        assert utilisation == pytest.approx(busy / (2 * wall), abs=0.002 + 0.01 / wall)
+    # the batches wait for the slower of each pair: max(0.2, 0.05) + max(0.15, 0.1)
+    assert table["batches"][3] >= 0.35
+    assert table["asynchronous"][3] >= 0.25  # 0.5 s of trials on 2 slots
+
+
+def _job_log(sweep: Path, job: str, start_s: int, end_s: int) -> None:
+    """A submitit job log as a job writes it: started at 20:00:<start_s>, ending at <end_s>."""
+    folder = sweep / ".submitit" / job
+    folder.mkdir(parents=True)
+    (folder / f"{job}_0_log.err").write_text(
+        f"submitit INFO (2026-12-06 20:00:{start_s:02d},000) - Starting with JobEnvironment(job_id={job})\n"
+        f"[2026-12-06 20:00:{start_s + 1:02d},000][stds.run.life.epoch][INFO] - run directory: ...\n"
+        f"submitit INFO (2026-12-06 20:00:{end_s:02d},500) - Exiting after successful completion\n")
+
+
+def test_search_cost_reads_slot_utilisation_from_the_jobs_logs(tmp_path):
+    """--train ... --read: run times from the submitit logs. Asynchronous on 2 slots: jobs over
+    0-10, 0-6, 6-12 and 10-14 s (each log's end at .5 s): 4 x 0.5 + 26 = 28 s busy in 14.5 s,
+    28 / 29 = 0.966; batches 0-10, 0-6 | 10-16, 10-14: 28 s busy in 16.5 s, 28 / 33 = 0.848."""
+    for name, spans in (("async", [(0, 10), (0, 6), (6, 12), (10, 14)]),
+                        ("batches", [(0, 10), (0, 6), (10, 16), (10, 14)])):
+        for job, (start, end) in enumerate(spans):
+            _job_log(tmp_path / name, str(100 + job), start, end)
+    table = _slots(_script("search_cost.py", "--train", "slurm", "--n-jobs", "2", "--out", str(tmp_path), "--read"))
+    assert table["asynchronous"] == [4, 2, 28.0, 14.5, round(28 / 29, 3)]
+    assert table["batches"] == [4, 2, 28.0, 16.5, round(28 / 33, 3)]
+
+
+def _trial(sweep: Path, number: int, epochs: int, metrics: dict | None) -> None:
+    """A trial's run directory: one metrics.jsonl record per epoch trained, and its metrics.json."""
+    run = sweep / str(number)
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(1, epochs + 1)))
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps({**metrics, "epoch": epochs}))
+
+
+def test_search_cost_tables_epochs_to_the_answer_from_the_trials(tmp_path):
+    """--epochs --read: epochs from metrics.jsonl, the best feasible (sparsity >= 0.9, not pruned)
+    final test_acc1. Without the pruner 8 + 8 + 8 = 24 epochs, best 0.93 (trial 1; trial 0 is
+    infeasible); with it 8 + 3 (pruned, though 0.97) + 8 + 2 (failed) = 21: 1 - 21/24 = 12.5%
+    fewer, best 0.925 (trial 2): -0.50 points."""
+    none, pruner = tmp_path / "none_seed0", tmp_path / "pruner_seed0"
+    for number, acc, sparsity in ((0, 0.95, 0.85), (1, 0.93, 0.92), (2, 0.90, 0.95)):
+        _trial(none, number, 8, {"test_acc1": acc, "sparsity": sparsity})
+    _trial(pruner, 0, 8, {"test_acc1": 0.96, "sparsity": 0.85})
+    _trial(pruner, 1, 3, {"test_acc1": 0.97, "sparsity": 0.93, "pruned": True})
+    _trial(pruner, 2, 8, {"test_acc1": 0.925, "sparsity": 0.91})
+    _trial(pruner, 3, 2, None)
+    lines = _script("search_cost.py", "--epochs", "--seeds", "0", "--out", str(tmp_path), "--read")
+    rows = [r for r in _rows(lines) if r[0] == "0"]
+    assert rows == [["0", "none", "3", "0", "24", "0.9300 (1)"], ["0", "pruner", "4", "1", "21", "0.9250 (2)"]]
+    assert "epochs: 21 with the pruner, 24 without: 12.5% fewer" in lines
+    assert "best feasible test_acc1, pruner minus none (points): -0.50; mean -0.50" in lines
