@@ -1,7 +1,7 @@
 """The training runs behind ``search_cost.py --train`` and ``--epochs``: the searches and batches it
 starts through ``python launch/train.py -m``, and the figures it reads back from their directories.
 
-- A trial's run time is its job's life as submitit logs it (``.submitit/<job>/<job>_0_log.err``):
+- A trial's run time is its job's life as submitit logs it (``.submitit/<job>/<job>_0_log.*``):
   from its first ``submitit`` line (the job has started) to its last (the job is ending). The same
   rule for every launcher and both schedules, so the import of torch and the evaluation count as
   time the slot was used, and the launcher's and the study's work between trials as time it was not.
@@ -41,19 +41,20 @@ def train(overrides: Sequence[str], log: Path) -> None:
         raise SystemExit(f"python launch/train.py -m ... failed (exit {proc.returncode}); see {log}:\n{tail}")
 
 
-def job_span(log_err: Path) -> tuple[float, float] | None:
-    """(start, end) in seconds since the epoch of one submitit job, from the timestamps of its
-    first and last ``submitit`` log line; None for a log without two such lines."""
-    stamps = [m.group(1) for m in map(SUBMITIT_LINE.match, log_err.read_text(errors="replace").splitlines()) if m]
-    if len(stamps) < 2:
-        return None
-    start, end = (datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f").timestamp() for s in (stamps[0], stamps[-1]))
-    return start, end
+def job_span(job_dir: Path) -> tuple[float, float] | None:
+    """(start, end) in seconds since the epoch of one submitit job, from the timestamps of the
+    first and last ``submitit`` line of rank 0's logs (``<job>_0_log.out`` and ``.err``: the local
+    executor writes them to the second, SLURM to the first); None without two such lines."""
+    lines = [line for log in sorted(job_dir.glob("*_0_log.*")) if log.suffix in (".out", ".err")
+             for line in log.read_text(errors="replace").splitlines()]
+    stamps = sorted(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    for m in map(SUBMITIT_LINE.match, lines) if m)
+    return (stamps[0], stamps[-1]) if len(stamps) >= 2 else None
 
 
 def job_spans(sweep_dir: Path) -> list[tuple[float, float]]:
-    """The spans of every job of a sweep directory (rank 0's log of each job folder)."""
-    spans = [job_span(p) for p in sorted(sweep_dir.glob(".submitit/*/*_0_log.err"))]
+    """The spans of every job of a sweep directory (``.submitit/<job>/``)."""
+    spans = [job_span(p) for p in sorted(sweep_dir.glob(".submitit/*")) if p.is_dir()]
     return [s for s in spans if s is not None]
 
 
