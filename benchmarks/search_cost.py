@@ -143,8 +143,10 @@ def print_slots(result: dict[str, Slots]) -> None:
               f"| {slots.utilisation:.3f} |")
 
 
-def epochs_to_answer(out: Path, seeds: Sequence[int], parallel: int, read: bool) -> dict[tuple[str, int], Answer]:
-    """Each seed's constrained search without and with `PRUNER`, ``parallel`` searches at once."""
+def epochs_to_answer(out: Path, seeds: Sequence[int], parallel: int, read: bool,
+                     first: int | None = None) -> dict[tuple[str, int], Answer]:
+    """Each seed's constrained search without and with `PRUNER`, ``parallel`` searches at once
+    (read back: the trials numbered below ``first``, or all)."""
     arms = {"none": None, "pruner": PRUNER}
     runs = [(arm, seed) for seed in seeds for arm in arms]
     if not read:
@@ -153,16 +155,17 @@ def epochs_to_answer(out: Path, seeds: Sequence[int], parallel: int, read: bool)
                     for arm, seed in runs]
             for future in done:
                 future.result()
-    return {(arm, seed): Answer.read(out / f"{arm}_seed{seed}", MIN_SPARSITY) for arm, seed in runs}
+    return {(arm, seed): Answer.read(out / f"{arm}_seed{seed}", MIN_SPARSITY, first) for arm, seed in runs}
 
 
 def print_answers(answers: dict[tuple[str, int], Answer]) -> None:
-    print("| seed | pruner | trials | pruned | epochs trained | best feasible test_acc1 (trial) |")
-    print("|---|---|---|---|---|---|")
+    print("| seed | pruner | trials | pruned | no result | epochs trained | best feasible test_acc1 (trial) |")
+    print("|---|---|---|---|---|---|---|")
     for (arm, seed), answer in answers.items():
         best = answer.best
         shown = f"{best.test_acc1:.4f} ({best.number})" if best else "none"
-        print(f"| {seed} | {arm} | {len(answer.trials)} | {sum(t.pruned for t in answer.trials)} "
+        missing = sum(t.test_acc1 is None for t in answer.trials)
+        print(f"| {seed} | {arm} | {len(answer.trials)} | {sum(t.pruned for t in answer.trials)} | {missing} "
               f"| {answer.epochs} | {shown} |")
     totals = {arm: sum(a.epochs for (name, _), a in answers.items() if name == arm) for arm in ("none", "pruner")}
     bests = {key: answer.best for key, answer in answers.items()}
@@ -188,13 +191,15 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="--epochs: searches at once")
     parser.add_argument("--out", type=Path, help="--train, --epochs: the folder of their sweeps")
     parser.add_argument("--read", action="store_true", help="tabulate what --out holds; run nothing")
+    parser.add_argument("--first", type=int, help="--epochs --read: only the trials numbered below this")
     args = parser.parse_args()
     if (args.train or args.epochs) and args.out is None:
         parser.error("--train and --epochs need --out DIR (their sweep directories go there)")
     before = uptime()
     if args.epochs:
-        answers = epochs_to_answer(args.out.resolve(), args.seeds, args.parallel, args.read)
-        print(f"16-trial constrained searches (sparsity >= {MIN_SPARSITY}), {EPOCHS} epochs a trial; pruner {PRUNER}")
+        answers = epochs_to_answer(args.out.resolve(), args.seeds, args.parallel, args.read, args.first)
+        print(f"16-trial constrained searches (sparsity >= {MIN_SPARSITY}), {EPOCHS} epochs a trial; pruner {PRUNER}"
+              + (f"; their trials 0 to {args.first - 1}" if args.first else ""))
         print_answers(answers)
     elif args.train:
         n_jobs = min(args.n_jobs, available_cpus()) if args.train == "local" else args.n_jobs

@@ -120,7 +120,8 @@ def slot_batches(launcher: str, slots: int, epochs: Sequence[int], folder: Path)
 
 @dataclass(frozen=True)
 class Trial:
-    """What one trial's run directory says: epochs trained, final top-1 and sparsity, pruned."""
+    """What one trial's run directory says: epochs trained, final top-1 and sparsity, pruned
+    (``test_acc1`` None: no ``metrics.json``, the run failed or still trains)."""
 
     number: int
     epochs: int
@@ -159,8 +160,10 @@ class Answer:
         return max(feasible, key=lambda t: (t.test_acc1, -t.number), default=None)
 
     @classmethod
-    def read(cls, sweep_dir: Path, min_sparsity: float) -> Answer:
-        return cls([Trial.read(d) for d in trial_dirs(sweep_dir)], min_sparsity)
+    def read(cls, sweep_dir: Path, min_sparsity: float, first: int | None = None) -> Answer:
+        """The search's trials (only those numbered below ``first``, when given)."""
+        dirs = [d for d in trial_dirs(sweep_dir) if first is None or int(d.name) < first]
+        return cls([Trial.read(d) for d in dirs], min_sparsity)
 
 
 def constrained_search(sweep: Path, seed: int, args: Sequence[str], pruner: str | None) -> None:

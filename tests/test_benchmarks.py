@@ -188,6 +188,11 @@ def test_search_cost_tables_epochs_to_the_answer_from_the_trials(tmp_path):
     _trial(pruner, 3, 2, None)
     lines = _script("search_cost.py", "--epochs", "--seeds", "0", "--out", str(tmp_path), "--read")
     rows = [r for r in _rows(lines) if r[0] == "0"]
-    assert rows == [["0", "none", "3", "0", "24", "0.9300 (1)"], ["0", "pruner", "4", "1", "21", "0.9250 (2)"]]
+    assert rows == [["0", "none", "3", "0", "0", "24", "0.9300 (1)"], ["0", "pruner", "4", "1", "1", "21", "0.9250 (2)"]]
     assert "epochs: 21 with the pruner, 24 without: 12.5% fewer" in lines
     assert "best feasible test_acc1, pruner minus none (points): -0.50; mean -0.50" in lines
+    # --first 2: trials 0 and 1 only: 16 against 11 epochs (31.2% fewer); best 0.93 against none
+    lines = _script("search_cost.py", "--epochs", "--seeds", "0", "--out", str(tmp_path), "--read", "--first", "2")
+    assert [r[5:] for r in _rows(lines) if r[0] == "0"] == [["16", "0.9300 (1)"], ["11", "none"]]
+    assert "epochs: 11 with the pruner, 16 without: 31.2% fewer" in lines
+    assert "best feasible test_acc1, pruner minus none (points): ; no seed has a feasible trial in both" in lines
