@@ -24,7 +24,8 @@ the epochs all trials trained (their ``metrics.jsonl``) and the best feasible fi
     nice -n 10 python benchmarks/search_cost.py --epochs --out outputs/bench/epochs   # 3 seeds x 2
     python benchmarks/search_cost.py --epochs --out outputs/bench/epochs --read   # the table again
 
-``--read`` tabulates what ``--out`` holds without running anything.
+``--read`` tabulates what ``--out`` holds without running anything (``--first K``: each search's
+trials 0 to K-1 only, for searches still running or cut short).
 """
 
 from __future__ import annotations
