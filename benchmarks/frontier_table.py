@@ -19,9 +19,19 @@ from omegaconf import OmegaConf
 LAST = 5  # epochs averaged in the "last 5" column
 
 
-def target_name(ramp: str, ramp_until: float, keep_weights: bool) -> str:
-    """``<ramp>@<ramp_until>``, with ``-shrink`` for the hold without kept weights (none without a hold)."""
-    return f"{ramp}@{ramp_until:g}" + ("" if keep_weights or ramp_until >= 1.0 else "-shrink")
+def target_name(ramp: str, ramp_until: float, keep_weights: bool, lr_floor: float | None = None) -> str:
+    """``<ramp>@<ramp_until>``, with ``-shrink`` for the hold without kept weights (none without a hold)
+    and ``+cos<floor>`` for ``lr_scheduler=hold_cosine`` (the learning rate annealed over the hold)."""
+    name = f"{ramp}@{ramp_until:g}" + ("" if keep_weights or ramp_until >= 1.0 else "-shrink")
+    return name if lr_floor is None else f"{name}+cos{lr_floor:g}"
+
+
+def hold_lr_floor(cfg: dict) -> float | None:
+    """The floor of a run's ``lr_scheduler=hold_cosine``, or None for any other learning-rate schedule."""
+    factor = (cfg.get("lr_scheduler") or {}).get("lr_lambda") or {}
+    if not isinstance(factor, dict) or not str(factor.get("_target_", "")).endswith(".HoldCosine"):
+        return None
+    return float(factor.get("floor", 0.0))
 
 
 
@@ -40,7 +50,7 @@ def variant_of(cfg: dict) -> str:
         return "frontier" if scheduler["kind"] == "sine" and scheduler.get("ramp_until", 1.0) == 1.0 else ""
     until = float(scheduler.get("ramp_until", 1.0))
     # absent: the run is older than the key, and its hold moved every weight with d
-    return target_name(scheduler["ramp"], until, bool(scheduler.get("hold_keeps_weights", False)))
+    return target_name(scheduler["ramp"], until, bool(scheduler.get("hold_keeps_weights", False)), hold_lr_floor(cfg))
 
 
 

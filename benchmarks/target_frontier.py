@@ -14,6 +14,9 @@ Variants (``--variants``, comma-separated):
   true, the default: a move of d in the hold leaves the unpruned weights' values as they were);
 - ``gmp:<ramp>@<ramp_until>`` and ``gmp-global:<ramp>@<ramp_until>``: gradual magnitude pruning
   (``sparse=gmp``, ``sparse.scope=layer`` or ``global``) on the same ramp and hold;
+- ``...+cos<floor>`` after any target variant (``cubic@0.5+cos0``, ``cubic@0.35+cos0.05``): the same
+  with ``lr_scheduler=hold_cosine``, the learning rate annealed by a cosine from lr to floor · lr
+  over the hold (constant before it);
 - ``<ramp>@<ramp_until>-shrink``: the same with ``scheduler.hold_keeps_weights=false``, the hold's
   rule before that key existed (every move of d moves every unpruned weight with it; d rises in
   the hold, so they shrink); a saved config without the key is this variant;
@@ -71,6 +74,7 @@ class Variant:
     ramp_until: float = 1.0
     keep_weights: bool = True
     gmp_scope: str | None = None  # sparse=gmp with this sparse.scope (layer, global); None: STDS
+    lr_floor: float | None = None  # lr_scheduler=hold_cosine with this floor; None: the run's own
 
     def overrides(self, values: list[float]) -> list[str]:
         """The Hydra overrides sweeping ``values`` (D for the frontier, S otherwise)."""
@@ -78,15 +82,29 @@ class Variant:
         if self.name == "frontier":
             return ["scheduler=sine", f"flat_width={listed}"]
         ramp = ["scheduler=target", f"scheduler.ramp={self.ramp}", f"scheduler.ramp_until={self.ramp_until}"]
+        if self.lr_floor is not None:
+            ramp += ["lr_scheduler=hold_cosine", f"lr_scheduler.lr_lambda.floor={self.lr_floor}"]
         if self.gmp_scope is not None:
             return [*ramp, "sparse=gmp", f"sparse.scope={self.gmp_scope}", f"target_sparsity={listed}"]
         return [*ramp, f"scheduler.hold_keeps_weights={str(self.keep_weights).lower()}", f"target_sparsity={listed}"]
 
 def parse_variant(text: str) -> Variant:
     """``frontier``, ``today``, ``<ramp>@<ramp_until>``, ``<ramp>@<ramp_until>-shrink``, or GMP on a
-    ramp: ``gmp:<ramp>@<ramp_until>`` (each layer to S) or ``gmp-global:<ramp>@<ramp_until>``."""
+    ramp: ``gmp:<ramp>@<ramp_until>`` (each layer to S) or ``gmp-global:<ramp>@<ramp_until>``; a target
+    variant may end in ``+cos<floor>`` (``lr_scheduler=hold_cosine`` with that floor)."""
     if text == "frontier":
         return Variant("frontier")
+    base, cos, floor_text = text.partition("+cos")
+    if cos:
+        try:
+            floor = float(floor_text or "0")
+        except ValueError:
+            floor = math.nan
+        plain = parse_variant(base)
+        if not 0 <= floor <= 1 or plain.name == "frontier" or plain.gmp_scope is not None:
+            raise SystemExit(f"--variants: {text!r}: +cos<floor> follows a target variant, floor in [0, 1]")
+        return Variant(target_name(plain.ramp or "", plain.ramp_until, plain.keep_weights, floor), plain.ramp,
+                       plain.ramp_until, plain.keep_weights, None, floor)
     if text.startswith(("gmp:", "gmp-global:")):
         kind, _, ramp_text = text.partition(":")
         stds = parse_variant(ramp_text)

@@ -30,7 +30,8 @@ from stds.run.files.safe import UnsafeFileError, checked_value, read_yaml, walk
 
 _TORCH = {"torch.optim.Adam", "torch.optim.adam.Adam", "torch.optim.SGD", "torch.optim.sgd.SGD",
           "torch.optim.lr_scheduler.ConstantLR",
-          "torch.optim.lr_scheduler.CosineAnnealingLR"}  # conf/optimizer/, conf/lr_scheduler/
+          "torch.optim.lr_scheduler.CosineAnnealingLR", "torch.optim.lr_scheduler.LambdaLR",
+          "stds.run.setup.lr.HoldCosine"}  # conf/optimizer/, conf/lr_scheduler/
 _NEURONS = {"stds.models.make_neuron", "stds.models.neurons.make_neuron"}  # every model's neuron factory
 _EXTRA: set[str] = set()  # `allow_target`'s names
 
