@@ -196,3 +196,22 @@ def test_search_cost_tables_epochs_to_the_answer_from_the_trials(tmp_path):
     assert [r[5:] for r in _rows(lines) if r[0] == "0"] == [["16", "0.9300 (1)"], ["11", "none"]]
     assert "epochs: 11 with the pruner, 16 without: 31.2% fewer" in lines
     assert "best feasible test_acc1, pruner minus none (points): ; no seed has a feasible trial in both" in lines
+
+
+def test_target_frontier_names_the_cosine_hold_and_reads_it_back(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from frontier_table import variant_of
+    from target_frontier import parse_variant
+
+    variant = parse_variant("cubic@0.35+cos0.05")
+    assert variant.name == "cubic@0.35+cos0.05"
+    assert variant.overrides([0.99]) == ["scheduler=target", "scheduler.ramp=cubic", "scheduler.ramp_until=0.35",
+                                         "lr_scheduler=hold_cosine", "lr_scheduler.lr_lambda.floor=0.05",
+                                         "scheduler.hold_keeps_weights=true", "target_sparsity=0.99"]
+    saved = {"scheduler": {"kind": "target", "ramp": "cubic", "ramp_until": 0.35, "hold_keeps_weights": True},
+             "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.LambdaLR",
+                              "lr_lambda": {"_target_": "stds.run.setup.lr.HoldCosine", "floor": 0.05}}}
+    assert variant_of(saved) == variant.name
+    assert variant_of({**saved, "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.ConstantLR"}}) == "cubic@0.35"
+    with pytest.raises(SystemExit, match=r"\+cos<floor>"):
+        parse_variant("gmp:cubic@0.5+cos0")
