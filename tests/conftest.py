@@ -86,6 +86,27 @@ def kill_after_steps(monkeypatch, steps: int) -> None:
     monkeypatch.setattr(loop_module, "train_step", step_or_die)
 
 
+def whole_and_split(cfg, tmp_path: Path, monkeypatch, kill_after: int) -> tuple[dict, dict]:
+    """``cfg`` trained uninterrupted (``tmp_path/whole``) and killed after ``kill_after`` optimizer
+    steps then run again (``tmp_path/split``); the two final ``last.pt`` states, whole first, with
+    every weight of the model checked equal."""
+    import torch
+
+    from stds.run.life.trainer import train
+
+    train(cfg, tmp_path / "whole")
+    kill_after_steps(monkeypatch, kill_after)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "split")
+    monkeypatch.undo()
+    train(cfg, tmp_path / "split")
+    whole, split = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)
+                    for run in ("whole", "split"))
+    for key, value in whole["model"].items():
+        assert torch.equal(split["model"][key], value), key
+    return whole, split
+
+
 def model_d(model) -> float:
     """The one threshold d that every reparameterization of ``model`` holds (read from its buffers)."""
     from stds.method.sparse import reparams

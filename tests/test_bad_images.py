@@ -24,6 +24,22 @@ from stds.run.files import checkpoint as ckpt
 from stds.run.life.trainer import train
 
 
+def _all_batches(loader) -> list:
+    """``list(loader)``, whose worker processes are ended as soon as a batch fails. Left to garbage
+    collection, a failed iterator (held by its exception's traceback) is shut down only when the
+    cycle is collected, in a later test, after its queues were finalized: torch then waits its
+    5 s status interval for each worker that never gets the stop signal. ``_shutdown_workers`` is
+    the method torch's own ``__del__`` calls."""
+    iterator = iter(loader)
+    try:
+        return list(iterator)
+    except BaseException:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # absent without worker processes
+        if shutdown is not None:
+            shutdown()
+        raise
+
+
 def _jpeg(size=(20, 16), colour=(200, 100, 50)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, "JPEG")
@@ -66,7 +82,7 @@ def test_a_bad_image_is_one_line_naming_the_file(tmp_path, workers, split):
     loader = (train_loader(dataset, 8, options, seed=0) if split == "train"
               else eval_loader(dataset, 8, options))
     with pytest.raises(DataError) as caught:
-        list(loader)
+        _all_batches(loader)
     line = str(caught.value)
     assert "\n" not in line and "Traceback" not in line and len(line) < 600
     named = [p for p in bad.values() if str(p) in line]
@@ -80,7 +96,7 @@ def test_skip_replaces_bad_images_and_names_each_once(tmp_path, workers, caplog)
     loader = train_loader(splits.train, 8, LoaderOptions(num_workers=workers), seed=0)
     for epoch in range(2):
         loader.sampler.set_epoch(epoch)
-        batches = list(loader)
+        batches = _all_batches(loader)
         assert [images.shape for images, _ in batches] == [torch.Size([8, 3, 8, 8])]
         named = splits.bad_images.drain()
         assert sorted(named) == (sorted(str(p) for p in bad.values()) if epoch == 0 else [])
@@ -104,11 +120,11 @@ def test_more_bad_images_than_allowed_stop_in_one_line(tmp_path):
     write_folder(tmp_path)
     splits = data.imagenet(str(tmp_path), num_classes=2, image_size=8, bad_images="skip", max_bad_images=1)
     with pytest.raises(DataError, match=r"2 images under .* did not decode .* more than dataset.max_bad_images=1"):
-        list(train_loader(splits.train, 8, LoaderOptions(), seed=0))
+        _all_batches(train_loader(splits.train, 8, LoaderOptions(), seed=0))
     splits = data.imagenet(str(tmp_path), num_classes=2, image_size=8, bad_images="skip", max_bad_images=1)
     with pytest.raises(DataError, match="more than dataset.max_bad_images=1"):
         # a worker that skipped both stops; workers that skipped one each are stopped by drain
-        list(train_loader(splits.train, 4, LoaderOptions(num_workers=2), seed=0))
+        _all_batches(train_loader(splits.train, 4, LoaderOptions(num_workers=2), seed=0))
         splits.bad_images.drain()
 
 

@@ -16,7 +16,7 @@ from stds.method.gmp import MagnitudeMask, MagnitudePruningSchedule
 from stds.method.target import wanted_count
 from stds.method.sparse import pruned_parameters, sparsify, sparsity
 from stds.run.setup.build import build_threshold_schedule, prepare_config
-from tests.conftest import TINY, compose_train, ddp_sgd_steps, kill_after_steps
+from tests.conftest import TINY, compose_train, ddp_sgd_steps, whole_and_split
 
 # layer a: |θ| 0.5 0.1 0.3 0.05; layer b: |θ| 0.7 0.9 0.8
 HAND = ([0.5, -0.1, 0.3, 0.05], [-0.7, 0.9, 0.8])
@@ -102,19 +102,8 @@ GMP = ("sparse=gmp", "scheduler=target", "target_sparsity=0.8", "target_every_st
 # or after step 40 (last checkpoint at 35, in the hold)
 @pytest.mark.parametrize("kill_after", [30, 40])
 def test_a_gmp_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(tmp_path, monkeypatch, kill_after):
-    from stds.run.life.trainer import train
-
-    train(compose_train(*TINY, *GMP), tmp_path / "whole")
-    kill_after_steps(monkeypatch, kill_after)
-    with pytest.raises(KeyboardInterrupt):
-        train(compose_train(*TINY, *GMP), tmp_path / "split")
-    monkeypatch.undo()
-    train(compose_train(*TINY, *GMP), tmp_path / "split")
-    whole, split = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)
-                    for run in ("whole", "split"))
+    whole, split = whole_and_split(compose_train(*TINY, *GMP), tmp_path, monkeypatch, kill_after)
     assert split["schedule"] == whole["schedule"]
-    for key, value in whole["model"].items():
-        assert torch.equal(split["model"][key], value), key
     metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     masks = {name: v for name, v in whole["model"].items() if name.endswith(".mask")}
     zeros = sum(int((~m).sum()) for m in masks.values())

@@ -12,7 +12,7 @@ from torch import nn
 from stds.errors import ConfigError
 from stds.run.setup.config import instantiate_node
 from stds.run.setup.lr import HoldCosine
-from tests.conftest import compose_train, kill_after_steps, run_history, run_metrics
+from tests.conftest import compose_train, run_history, run_metrics, whole_and_split
 
 
 def test_factor_by_hand() -> None:
@@ -84,22 +84,11 @@ def test_state_dict_holds_plain_numbers_and_restores_the_factor(tmp_path) -> Non
 
 @pytest.mark.slow
 def test_digits_run_resumed_in_the_hold_ends_as_the_uninterrupted_one(tiny_cfg, tmp_path, monkeypatch) -> None:
-    import stds.run.life.trainer as train_module
-
     # 3 epochs of 22 steps, the hold after epoch 1.5: killed after step 50 (last checkpoint at 49,
     # in epoch 3, which trains at the annealed rate 0.1 + 0.9 · (1 + cos(π · 0.5 / 1.5)) / 2 of lr)
     overrides = ("scheduler=target", "target_sparsity=0.8", "epochs=3", "checkpoint_every_steps=7",
                  "scheduler.ramp_until=0.5", "lr_scheduler=hold_cosine", "lr_scheduler.lr_lambda.floor=0.1")
-    train_module.train(tiny_cfg(*overrides), tmp_path / "whole")
-    kill_after_steps(monkeypatch, 50)
-    with pytest.raises(KeyboardInterrupt):
-        train_module.train(tiny_cfg(*overrides), tmp_path / "split")
-    monkeypatch.undo()
-    train_module.train(tiny_cfg(*overrides), tmp_path / "split")
-    whole, split = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)
-                    for run in ("whole", "split"))
-    for key, value in whole["model"].items():
-        assert torch.equal(split["model"][key], value), key
+    whole, split = whole_and_split(tiny_cfg(*overrides), tmp_path, monkeypatch, 50)
     assert split["schedule"] == whole["schedule"] and split["lr_scheduler"] == whole["lr_scheduler"]
     lrs = [record["lr"] for record in run_history(tmp_path / "split")]
     assert lrs == pytest.approx([2e-3, 2e-3 * (0.1 + 0.9 * 0.75), 2e-3 * 0.1], rel=1e-12)

@@ -71,29 +71,31 @@ def test_the_method_imports_torch_and_the_standard_library_only():
     assert inner <= {None, "method", "errors", "registry"}
 
 
-def test_import_stds_gives_the_method_without_hydra():
-    code = (
-        "import sys, stds\n"
-        "from stds import sparsify, sparsity, ThresholdSchedule, TargetSparsitySchedule, attach_gradr_prior\n"
-        "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'omegaconf', 'spikingjelly'})\n"
-        "print(','.join(loaded) or 'none')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=HANG_S)
+def _printed_by_fresh_python(*lines: str) -> str:
+    """What a fresh interpreter prints running ``lines`` (it must succeed)."""
+    out = subprocess.run([sys.executable, "-c", "\n".join(lines)], cwd=REPO, capture_output=True, text=True,
+                         timeout=HANG_S)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "none"
+    return out.stdout.strip()
+
+
+def test_import_stds_gives_the_method_without_hydra():
+    assert _printed_by_fresh_python(
+        "import sys, stds",
+        "from stds import sparsify, sparsity, ThresholdSchedule, TargetSparsitySchedule, attach_gradr_prior",
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'omegaconf', 'spikingjelly'})",
+        "print(','.join(loaded) or 'none')",
+    ) == "none"
 
 
 def test_a_run_on_the_digits_does_not_import_torchvision():
     """torchvision's import (it loads ``torch._dynamo``) is paid only by the datasets that use it:
     every run, error line and test subprocess on the digits starts without it."""
-    code = (
-        "import sys, stds.cli.entry, stds.run.life.trainer, stds.results.sweep, stds.models, stds.data\n"
-        "stds.data.digits()\n"
-        "print('torchvision' in sys.modules)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=HANG_S)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert _printed_by_fresh_python(
+        "import sys, stds.cli.entry, stds.run.life.trainer, stds.results.sweep, stds.models, stds.data",
+        "stds.data.digits()",
+        "print('torchvision' in sys.modules)",
+    ) == "False"
 
 
 def test_the_method_prunes_a_plain_torch_model():

