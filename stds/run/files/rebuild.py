@@ -132,7 +132,14 @@ def build_model(config: dict[str, Any], source: Path | str = "the saved config")
     if not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{source}: its config has no model mapping (a model._target_ and its "
                               "arguments); nothing was built: give a stds checkpoint or pruned.pt")
-    return instantiate(OmegaConf.create(config["model"]))
+    try:
+        return instantiate(OmegaConf.create(config["model"]))
+    except Exception as exc:  # noqa: BLE001 - a saved value of the wrong type (image_size: "x") fails anywhere
+        cause = exc.__cause__ or exc
+        # the type only: the message may quote a value of the file, which is data, never shown
+        raise CheckpointError(f"{source}: its model config does not build {config['model'].get('_target_')} "
+                              f"({type(cause).__name__}: a value of the wrong type?); nothing was built: "
+                              "give a stds checkpoint or pruned.pt") from None
 
 
 def sparsified_model(config: dict[str, Any], source: Path | str = "the saved config") -> nn.Module:
