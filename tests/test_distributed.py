@@ -68,7 +68,8 @@ def _rank_of_two(rank: int, port: int, lose: str, found: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    env = distributed.setup("cpu", timeout_s=3)
+    timeout_s = HANG_S if lose == "none" else 3  # nobody lost: no timeout may fire, however busy the machine
+    env = distributed.setup("cpu", timeout_s=timeout_s)
     dist.all_reduce(torch.ones(1))
     if lose in (f"freeze{rank}", f"kill{rank}"):
         os.kill(os.getpid(), signal.SIGSTOP if lose.startswith("freeze") else signal.SIGKILL)
@@ -77,7 +78,7 @@ def _rank_of_two(rank: int, port: int, lose: str, found: str) -> None:
         error = RuntimeError("[gloo/transport/tcp/pair.cc] a collective failed on both ranks")
     except RuntimeError as exc:  # the collective timed out, or its peer's connection closed
         error = exc
-    lost = distributed.name_lost_ranks(error, env, timeout_s=3)
+    lost = distributed.name_lost_ranks(error, env, timeout_s=timeout_s)
     if rank == (1 if lose == "kill0" else 0):
         Path(found).write_text(f"{lost}|{lost.ranks}" if lost is not None else "nobody")
     os._exit(0)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TRAIN, compose_train, run_history, run_metrics, run_train
+from tests.conftest import HANG_S, REPO, TRAIN, compose_train, run_history, run_metrics, run_train
 
 START_HINT = "bash tests/slurm/start_cluster.sh && source .slurm/env.sh"
 
@@ -162,7 +162,7 @@ def test_preempted_job_is_requeued_and_resumes_in_the_same_run_dir(tmp_path):
                   and (run_dir / "checkpoints" / "last.pt").is_file(), 120, "the first epoch", proc)
         job_id = _job_dir(sweep_dir, 0).name  # the job id SLURM knows this point by
         # what SLURM sends before a time limit or on preemption
-        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=HANG_S)
 
         out, err = proc.communicate(timeout=TIMEOUT)
         assert proc.returncode == 0, f"{out[-2000:]}\n{err[-5000:]}"
@@ -180,7 +180,7 @@ def test_preempted_job_is_requeued_and_resumes_in_the_same_run_dir(tmp_path):
     assert log.count("Starting with JobEnvironment") == 2
     def job_states():  # accounting lags the job by a few seconds
         states = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State"],
-                                capture_output=True, text=True, timeout=30).stdout.split()
+                                capture_output=True, text=True, timeout=HANG_S).stdout.split()
         return states if states[-1:] == ["COMPLETED"] else None
 
     assert _wait_for(job_states, 30, "accounting of the finished job") == ["REQUEUED", "COMPLETED"]
@@ -267,7 +267,7 @@ def test_a_requeued_trial_resumes_in_its_run_dir_and_reports_once(tmp_path):
     try:
         _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and _epochs_logged(run_dir)
                   and (run_dir / "checkpoints" / "last.pt").is_file(), 150, "the trial's first epoch", proc)
-        subprocess.run(["scancel", "--signal=USR2", _job_dir(sweep_dir, 0).name], check=True, timeout=30)
+        subprocess.run(["scancel", "--signal=USR2", _job_dir(sweep_dir, 0).name], check=True, timeout=HANG_S)
         out, err = proc.communicate(timeout=TIMEOUT)
         assert proc.returncode == 0, f"{out[-2000:]}\n{err[-5000:]}"
     finally:
@@ -303,7 +303,7 @@ def test_a_search_killed_while_its_trials_run_as_slurm_jobs_loses_nothing_when_r
         _wait_for(lambda: any(lock_is_held(p) for p in sweep_dir.glob("[0-9]*")), 150, "a trial training", proc)
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
+        proc.communicate(timeout=HANG_S)
     assert any(lock_is_held(p) for p in sweep_dir.glob("[0-9]*")), "the trials' jobs died with the search"
 
     _ok(run_train(*args, timeout=TIMEOUT))
@@ -338,7 +338,7 @@ def test_a_trial_whose_job_waits_in_the_queue_is_never_failed(tmp_path):
 
     def queue_state(job: str) -> str:
         return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
-                              timeout=30).stdout.strip()
+                              timeout=HANG_S).stdout.strip()
 
     proc = _popen_train(*args)
     job = rerun = None
@@ -347,7 +347,7 @@ def test_a_trial_whose_job_waits_in_the_queue_is_never_failed(tmp_path):
                         "the trial's job id in the study", proc)
         assert queue_state(job) == "PENDING"
         proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
+        proc.communicate(timeout=HANG_S)
         time.sleep(5)  # nothing watches the trial for longer than grace_s
         with open(tmp_path / "rerun.log", "w") as out:
             rerun = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=REPO, stdout=out,
@@ -356,14 +356,14 @@ def test_a_trial_whose_job_waits_in_the_queue_is_never_failed(tmp_path):
         _wait_for(lambda: said in (tmp_path / "rerun.log").read_text(), 150, "the rerun finding the job", rerun)
         time.sleep(4)  # the rerun's own stale checks pass grace_s too
         assert [(t.state, t.number) for t in trials()] == [(optuna.trial.TrialState.RUNNING, 0)]
-        subprocess.run(["scontrol", "release", job], check=True, timeout=30)
+        subprocess.run(["scontrol", "release", job], check=True, timeout=HANG_S)
         assert rerun.wait(TIMEOUT) == 0, (tmp_path / "rerun.log").read_text()[-5000:]
     finally:
         for p in (proc, rerun):
             if p is not None and p.poll() is None:
                 p.kill()
         if job is not None and queue_state(job):  # never leave a held job in the shared cluster
-            subprocess.run(["scancel", job], timeout=30)
+            subprocess.run(["scancel", job], timeout=HANG_S)
 
     (trial,) = trials()
     metrics = run_metrics(sweep_dir / "0")

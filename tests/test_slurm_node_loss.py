@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_history
+from tests.conftest import HANG_S, run_history
 from tests.test_slurm import _epochs_logged, _job_dir, _job_log, _ok, _wait_for
 from tests.test_slurm_nodes import RUN, TWO_NODES, _finish, _popen_train
 from tests.test_slurm_nodes import pytestmark  # noqa: F401  (slurm, slow, two nodes up)
@@ -51,9 +51,9 @@ def lose_rank_after_epoch_1(sweep: Path, run: tuple[str, ...], rank: int, sig: i
     proc = _popen_train(*run, SLURM_WAIT=str(srun_wait_s))
     try:
         _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and _epochs_logged(run_dir)
-                  and (run_dir / "checkpoints" / "last.pt").is_file(), 300, "the first epoch", proc)
+                  and (run_dir / "checkpoints" / "last.pt").is_file(), HANG_S, "the first epoch", proc)
         job_id = _job_dir(sweep, 0).name
-        pid = _wait_for(lambda: task_pid(job_id, rank), 30, f"rank {rank}'s process")
+        pid = _wait_for(lambda: task_pid(job_id, rank), HANG_S, f"rank {rank}'s process")
     except BaseException:
         cancel_jobs(sweep)
         _finish(proc)
@@ -66,7 +66,7 @@ def cancel_jobs(sweep: Path) -> None:
     """Cancel the SLURM jobs of ``sweep`` (a test that failed leaves no job on the shared cluster)."""
     for folder in sweep.glob(".submitit/*"):
         if re.fullmatch(r"\d+(_\d+)?", folder.name):
-            subprocess.run(["scancel", folder.name.split("_")[0]], timeout=30, check=False)
+            subprocess.run(["scancel", folder.name.split("_")[0]], timeout=HANG_S, check=False)
 
 
 def assert_last_checkpoint_is_the_last_save(run_dir: Path) -> dict:
@@ -123,7 +123,7 @@ def _node_state(node: str) -> set[str]:
     summary of ``sinfo -n`` can show a failed node as it was while its job is completing)."""
     try:
         shown = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True,
-                               timeout=30, check=False).stdout
+                               timeout=HANG_S, check=False).stdout
     except subprocess.TimeoutExpired:
         return set()
     found = re.search(r"\bState=(\S+)", shown)
@@ -139,7 +139,7 @@ def _node_back(node: str) -> bool:
 def _job_state(job_id: str) -> str:
     try:
         shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                               timeout=30, check=False).stdout
+                               timeout=HANG_S, check=False).stdout
     except subprocess.TimeoutExpired:
         return ""
     found = re.search(r"\bJobState=(\S+)", shown)
@@ -152,8 +152,8 @@ def start_slurmd(cluster: Path, node: str) -> None:
     conf, pid_file = cluster / "slurm.conf", cluster / "pids" / f"slurmd-{node}.pid"
     subprocess.run(["bash", "-c", 'slurmd -D -N "$1" -f "$2" >>"$3" 2>&1 & echo $! >"$4"', "start_slurmd", node,
                     str(conf), str(cluster / "log" / f"slurmd-{node}.out"), str(pid_file)],
-                   stdin=subprocess.DEVNULL, timeout=60, check=True, env={**os.environ, "SLURM_CONF": str(conf)})
-    _wait_for(lambda: _node_back(node), 120, f"{node} back in SLURM")
+                   stdin=subprocess.DEVNULL, timeout=HANG_S, check=True, env={**os.environ, "SLURM_CONF": str(conf)})
+    _wait_for(lambda: _node_back(node), HANG_S, f"{node} back in SLURM")
 
 
 def _slurmd_alive(pid_file: Path) -> bool:
@@ -175,7 +175,7 @@ def node2_slurmd():
     yield pid_file
     if not _slurmd_alive(pid_file):
         start_slurmd(cluster, "node2")
-    _wait_for(lambda: _node_back("node2"), 120, "node2 back in SLURM")
+    _wait_for(lambda: _node_back("node2"), HANG_S, "node2 back in SLURM")
 
 
 def test_a_node_whose_slurmd_dies_is_failed_by_slurm_and_its_job_requeued_and_resumed(node2_slurmd, tmp_path):
@@ -190,23 +190,23 @@ def test_a_node_whose_slurmd_dies_is_failed_by_slurm_and_its_job_requeued_and_re
     proc = _popen_train(*RUN, "epochs=1000", *TWO_NODES, "distributed.timeout_s=60", f"hydra.sweep.dir={sweep}")
     try:
         _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and _epochs_logged(run_dir)
-                  and (run_dir / "checkpoints" / "last.pt").is_file(), 300, "the first epoch", proc)
+                  and (run_dir / "checkpoints" / "last.pt").is_file(), HANG_S, "the first epoch", proc)
         job_id = _job_dir(sweep, 0).name
         os.kill(int(node2_slurmd.read_text()), signal.SIGKILL)
         # SLURM cancels the job's step on every node, says why in the job's log, and requeues it; the
         # multirun may end meanwhile (submitit reads the job's NODE_FAIL as its end), the job lives on
-        _wait_for(lambda: "DUE TO NODE FAILURE" in _job_log(sweep, 0), 300, "SLURM to fail node2's job")
+        _wait_for(lambda: "DUE TO NODE FAILURE" in _job_log(sweep, 0), HANG_S, "SLURM to fail node2's job")
         seen = []
         _wait_for(lambda: seen.append((_job_state(job_id), _node_state("node2"))) or seen[-1][0] == "PENDING",
-                  120, "the job requeued")
+                  HANG_S, "the job requeued")
         assert {"DOWN", "NOT_RESPONDING"} <= seen[-1][1], seen[-5:]
         stopped = assert_last_checkpoint_is_the_last_save(run_dir)
         assert not (run_dir / "error.txt").exists()
         start_slurmd(node2_slurmd.parent.parent, "node2")
         where = f"epoch {stopped['epoch'] + 1}/1000, step {stopped['step']}"
         resumed = re.compile(rf"resumed from \S+last\.pt in {re.escape(where)}\b")
-        _wait_for(lambda: resumed.search((run_dir / "train.log").read_text()), 300, "the job to resume")
-        _wait_for(lambda: _epochs_logged(run_dir)[-1] > stopped["epoch"] + 1, 300, "an epoch after the resume")
+        _wait_for(lambda: resumed.search((run_dir / "train.log").read_text()), HANG_S, "the job to resume")
+        _wait_for(lambda: _epochs_logged(run_dir)[-1] > stopped["epoch"] + 1, HANG_S, "an epoch after the resume")
     finally:
         cancel_jobs(sweep)
         _finish(proc)
