@@ -32,7 +32,6 @@ from stds.method.sparse import dense_state_dict, pruned_layers, sparsity
 from stds.run.files import checkpoint as ckpt
 from stds.run.files.atomic import write_atomic
 from stds.run.files.rebuild import build_model, load_saved_yaml, sparsified_model
-from stds.run.files.safe import open_binary
 
 __all__ = [
     "EXPORT_NAME", "TrainedNetwork", "export_finished", "export_run", "format_storage",
@@ -178,6 +177,16 @@ def export_run(
 ) -> Path:
     """Write the plain pruned network of ``checkpoints/<which>.pt`` to ``out`` (default
     ``<run_dir>/pruned.pt``); print the per-layer sparsity and sizes if ``verbose``."""
+    target, net, info = _write_export(run_dir, which, out)
+    if verbose:
+        source = net.source
+        print(f"{target}: {source['checkpoint']}, epoch {source['epoch']}, step {source['step']}")
+        print(format_storage(info))
+    return target
+
+
+def _write_export(run_dir: Path | str, which: str, out: Path | str | None) -> tuple[Path, TrainedNetwork, dict]:
+    """`export_run`'s work: the file written, the network and its storage counts."""
     net = trained_network(run_dir, which)
     info = storage(net.weights, net.layers)
     blob = {
@@ -190,11 +199,7 @@ def export_run(
     }
     target = Path(out) if out is not None else Path(run_dir) / EXPORT_NAME
     write_output(target, lambda handle: torch.save(blob, handle))
-    if verbose:
-        source = net.source
-        print(f"{target}: {source['checkpoint']}, epoch {source['epoch']}, step {source['step']}")
-        print(format_storage(info))
-    return target
+    return target, net, info
 
 
 def _plain_mtime(path: Path) -> float:
@@ -204,12 +209,6 @@ def _plain_mtime(path: Path) -> float:
     except FileNotFoundError:
         return -1.0
     return info.st_mtime if stat.S_ISREG(info.st_mode) else -1.0
-
-
-def written_storage(target: Path, run_dir: Path | str) -> dict[str, Any]:
-    """The ``storage["pruned"]`` counts of the ``pruned.pt`` just written, read as the run's files are."""
-    with open_binary(target, run_dir) as handle:
-        return torch.load(handle, weights_only=True)["storage"]["pruned"]
 
 
 def export_finished(runs: Iterable[Any], which: str = "last") -> list[Path]:
@@ -225,11 +224,10 @@ def export_finished(runs: Iterable[Any], which: str = "last") -> list[Path]:
         if _plain_mtime(target) >= max(_plain_mtime(source), 0.0):
             continue
         try:
-            export_run(run.path, which=which, verbose=False)
+            info = _write_export(run.path, which, None)[2]["pruned"]
         except StdsError as exc:
             print(f"warning: not exported: {exc}", file=sys.stderr)
             continue
-        info = written_storage(target, run.path)
         print(f"{target}: {info['nonzero']:,} of {info['numel']:,} weights kept, "
               f"CSR {_size(info['csr_bytes'])}, bitmask {_size(info['bitmask_bytes'])}, "
               f"dense {_size(info['dense_bytes'])}")
