@@ -307,6 +307,45 @@ def test_a_study_with_other_objectives_is_refused(tmp_path):
         _search(sweep_dir, FakeLauncher(sweep_dir), n_trials=2, constraints={"sparsity": Bound(min=0.9)}).run()
 
 
+def test_a_study_whose_tables_another_process_creates_at_the_same_moment_opens(tmp_path, monkeypatch):
+    """The race seen on a busy machine: another process (a second search, a reader) creates the new
+    database's tables between Optuna's check and its CREATE; the open is retried and finds them.
+    Any other error is one line at once."""
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    from stds.cli.study import storage as storage_module
+
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    real, calls = optuna.create_study, []
+
+    def racing(**kw):
+        calls.append(kw["study_name"])
+        if len(calls) == 1:
+            optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'study.db'}")  # the other process wins
+            raise sqlalchemy.exc.OperationalError("CREATE TABLE trial_intermediate_values (...)", {},
+                                                  sqlite3.OperationalError("table trial_intermediate_values "
+                                                                           "already exists"))
+        return real(**kw)
+
+    monkeypatch.setattr(storage_module.optuna, "create_study", racing)
+    _search(sweep_dir, FakeLauncher(sweep_dir), n_trials=2).run()
+    assert calls == ["s", "s"]
+    assert [t.state for t in _study(sweep_dir).trials] == [TrialState.COMPLETE] * 2
+
+    def broken(**kw):
+        calls.append(kw["study_name"])
+        raise sqlalchemy.exc.OperationalError("SELECT", {}, sqlite3.OperationalError("disk I/O error"))
+
+    calls.clear()
+    monkeypatch.setattr(storage_module.optuna, "create_study", broken)
+    with pytest.raises(StdsError, match=r"cannot open the study 's' in hydra.sweeper.storage=sqlite:///.*disk I/O error"):
+        _search(sweep_dir, FakeLauncher(sweep_dir), n_trials=3).run()
+    assert calls == ["s"]
+
+
 def test_a_trial_whose_config_does_not_compose_fails_without_a_job(tmp_path):
     sweep_dir = tmp_path / "sweep"
     launcher = FakeLauncher(sweep_dir)

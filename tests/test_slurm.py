@@ -328,7 +328,9 @@ def test_a_trial_whose_job_waits_in_the_queue_is_never_failed(tmp_path):
             "hydra.sweeper.n_jobs=1", "hydra.sweeper.heartbeat_s=1", "hydra.sweeper.grace_s=3",
             "hydra.sweeper.params.flat_width.low=0.01", "hydra.sweeper.params.flat_width.high=0.02",
             "+hydra.launcher.additional_parameters.hold=true", f"hydra.sweep.dir={sweep_dir}")
-    storage = f"sqlite:///{sweep_dir / 'study.db'}"
+    # read-only: a poll that opened the database for writing could create its tables while the
+    # search creates them (SQLite has no "create if missing" for a whole schema)
+    storage = f"sqlite:///file:{sweep_dir / 'study.db'}?mode=ro&uri=true"
 
     def trials():
         try:

@@ -101,12 +101,7 @@ def make_sampler(spec: Mapping[str, Any] | None, seed_offset: int) -> optuna.sam
 def open_study(settings: SearchSettings, storage: str) -> optuna.Study:
     """The study ``settings.study_name`` in ``storage``, created when new; an existing one must
     be for the same objectives (metrics and directions) and constraints."""
-    try:
-        study = optuna.create_study(storage=_rdb(settings, storage), study_name=settings.study_name,
-                                    directions=list(settings.objectives.values()), load_if_exists=True)
-    except Exception as exc:
-        raise StdsError(f"cannot open the study {settings.study_name!r} in {PREFIX}.storage={shown_url(storage)}: "
-                        f"{reason(exc)}") from exc
+    study = _created_or_loaded(settings, storage)
     wanted = settings.describe()
     stored = {key: study.user_attrs.get(key) for key in wanted}
     if all(value is None for value in stored.values()):
@@ -119,6 +114,27 @@ def open_study(settings: SearchSettings, storage: str) -> optuna.Study:
             f"{_describe(wanted)}; set {PREFIX}.study_name=<a new name> or use a new hydra.sweep.dir")
     study.set_user_attr(SPEC_ATTR, settings.trial_spec.to_attr())  # what its trials read (the pruner may change)
     return study
+
+
+def _created_or_loaded(settings: SearchSettings, storage: str, tries: int = 5) -> optuna.Study:
+    """`optuna.create_study` with ``load_if_exists``. Optuna creates a new database's tables by
+    checking which exist, then creating them: two processes opening one new database at once (two
+    searches on a shared study, a reader polling it) can both find a table missing, and the slower
+    fails with "table ... already exists" although the schema is now whole. That error is retried
+    (the next open finds every table); any other is one line."""
+    import time
+
+    for attempt in range(tries):
+        try:
+            return optuna.create_study(storage=_rdb(settings, storage), study_name=settings.study_name,
+                                       directions=list(settings.objectives.values()), load_if_exists=True)
+        except Exception as exc:
+            if "already exists" in str(exc) and attempt + 1 < tries:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise StdsError(f"cannot open the study {settings.study_name!r} in {PREFIX}.storage="
+                            f"{shown_url(storage)}: {reason(exc)}") from exc
+    raise AssertionError("unreachable: the last try raises")
 
 
 def _describe(what: Mapping[str, Any]) -> str:
