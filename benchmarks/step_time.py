@@ -15,7 +15,7 @@
 Each (setup, method) pair runs in its own process, so its peak memory is its own.
 
     python benchmarks/step_time.py                      # both setups, sizes for this device
-    python benchmarks/step_time.py --smoke              # seconds: tiny nets, 1 step, one child
+    python benchmarks/step_time.py --smoke              # seconds: tiny nets, 1 step, a child a setup
     python benchmarks/step_time.py --amp fp16           # on a GPU: the paper's setups with AMP
     python benchmarks/step_time.py --setups cifar10 --steps 10 --loop-steps 10 --json out.json
     python benchmarks/step_time.py --setups imagenet --set channels_last=false compile=true
@@ -26,8 +26,9 @@ Grad R / dense <= 1.05). Config keys (``channels_last``, ``compile``, ``determin
 settings) come from the presets and ``--set``.
 
 ``--smoke`` checks that the benchmark runs, not how fast: both setups shrunk to a few thousand
-weights (`SMOKE`), 1 timed step after 1 warm-up, a loop epoch of 1 batch, one round, and every
-pair in one child process (so the peak memory column is that child's peak so far).
+weights (`SMOKE`), 1 timed step after 1 warm-up, a loop epoch of 1 batch, one round, and the
+pairs of each setup in one child process, the two children at once (so the peak memory column is
+that child's peak so far).
 """
 
 from __future__ import annotations
@@ -177,23 +178,35 @@ def measure(setup: str, method: str, args: argparse.Namespace) -> dict:
     }
 
 
+def _run_children(groups: list[list[str]], args: argparse.Namespace) -> list[dict]:
+    """`measure` of each ``setup:method`` of each group, a new process per group, the processes
+    at once; one JSON line per pair, in the order given. Timed runs give one group at a time."""
+    procs = []
+    for pairs in groups:
+        cmd = [sys.executable, __file__, "--child", *pairs, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--loop-steps", str(args.loop_steps), "--amp", args.amp,
+               *(["--smoke"] if args.smoke else []), "--set", *args.set]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for pairs, proc in zip(groups, procs):
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"step_time: the child {' '.join(pairs)} failed (exit {proc.returncode}):\n{err}")
+        results += [json.loads(line) for line in out.strip().splitlines()[-len(pairs):]]
+    return results
+
+
 def _run_child(pairs: list[str], args: argparse.Namespace) -> list[dict]:
-    """`measure` of each ``setup:method`` of ``pairs`` in one new process, one JSON line each."""
-    cmd = [sys.executable, __file__, "--child", *pairs, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--loop-steps", str(args.loop_steps), "--amp", args.amp,
-           *(["--smoke"] if args.smoke else []), "--set", *args.set]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"step_time: the child {' '.join(pairs)} failed (exit {out.returncode}):\n{out.stderr}")
-    return [json.loads(line) for line in out.stdout.strip().splitlines()[-len(pairs):]]
+    return _run_children([pairs], args)
 
 
 def _measure_all(args: argparse.Namespace) -> list[dict]:
     """One result per (setup, method): in ``args.rounds`` interleaved rounds of one child per
-    pair, each pair's fastest bare step (against drifting load); with ``--smoke`` one child for all."""
+    pair, each pair's fastest bare step (against drifting load); with ``--smoke`` one child per
+    setup, both at once (it checks that the benchmark runs, not how fast)."""
     pairs = [f"{setup}:{method}" for setup in args.setups for method in args.methods]
     if args.smoke:
-        return _run_child(pairs, args)
+        return _run_children([[p for p in pairs if p.startswith(f"{setup}:")] for setup in args.setups], args)
     runs = [r for _ in range(args.rounds) for pair in pairs for r in _run_child([pair], args)]
     return [min((r for r in runs if f"{r['setup']}:{r['method']}" == pair), key=lambda r: r["median_s"])
             for pair in pairs]
@@ -231,7 +244,7 @@ def _arguments() -> argparse.Namespace:
                         help="config overrides applied after each setup's own (e.g. dataset.image_size=128)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--smoke", action="store_true",
-                        help="a check that it runs, in seconds: tiny nets, 1 step, one round, one child")
+                        help="a check that it runs, in seconds: tiny nets, 1 step, one round, one child a setup")
     parser.add_argument("--child", nargs="+", metavar="SETUP:METHOD", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.smoke:

@@ -125,9 +125,9 @@ def parse_variant(text: str) -> Variant:
 
 
 SMOKE = {"seeds": [0], "variants": [parse_variant("frontier"), parse_variant("sine@0.5")], "sparsities": [0.9],
-         "widths": [0.0, 2.0], "sweeps": 1, "launcher": "basic"}
+         "widths": [0.0, 2.0], "sweeps": 1, "calls": 2, "launcher": "basic"}
 """The ``run`` arguments of ``--smoke``: D = 0 (no pruning) and D = 2 (nearly all) bracket S = 0.9,
-and sine@0.5 holds S for its second epoch."""
+and sine@0.5 holds S for its second epoch; its two multiruns run at once (a second core is not idle)."""
 
 
 # ------------------------------------------------------------------------------------ run
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> None:
             todo = [v for v in grid if (variant.name, seed, v) not in done]
             if todo:
                 tasks += [(variant, seed, [v]) for v in todo] if args.sweeps > 1 else [(variant, seed, todo)]
-    with ThreadPoolExecutor(max_workers=args.sweeps) as pool:
+    with ThreadPoolExecutor(max_workers=max(args.sweeps, args.calls)) as pool:
         calls = []
         for variant, seed, todo in tasks:
             print(f"[target_frontier] {variant.name} seed {seed}: {todo}", flush=True)
@@ -220,6 +220,8 @@ def _arguments() -> argparse.Namespace:
     run_p.add_argument("--widths", type=floats, default=list(WIDTHS), help="D values of the frontier")
     run_p.add_argument("--sweeps", type=int, default=1,
                        help="launcher calls at once (>1: each runs its points one at a time on one thread)")
+    run_p.add_argument("--calls", type=int, default=1,
+                       help="launcher calls at once, each one multirun of its variant and seed (with --sweeps 1)")
     run_p.add_argument("--launcher", choices=["local", "basic"], default="local",
                        help="local: the points as parallel processes; basic: one after the other in one process")
     run_p.add_argument("extra", nargs="*", help="overrides passed to every run (after --)")

@@ -43,6 +43,27 @@ def run_train(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: in
     )
 
 
+def at_once(*commands: list[str], cwd: Path = REPO, env: dict | None = None,
+            timeout: int = HANG_S) -> list[subprocess.CompletedProcess]:
+    """Independent commands started together, their CompletedProcesses in the order given: each is a
+    fresh Python that spends seconds importing, and the test process would leave the second core idle."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for cmd in commands]
+    done = []
+    try:
+        for cmd, proc in zip(commands, procs):
+            out, err = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
 def run_metrics(run_dir: Path) -> dict:
     """A finished run's final figures (``metrics.json``)."""
     path = run_dir / "metrics.json"

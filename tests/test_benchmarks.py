@@ -10,25 +10,52 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import HANG_S, REPO
+from tests.conftest import HANG_S, REPO, at_once
 
 DIGITS_THETA = 1 * 32 * 9 + 32 * 64 * 9 + 64 * 64 * 9 + 64 * 2 * 2 * 10
 """Pruned weights of the default digits net: three 3x3 convs (1 -> 32 -> 64 -> 64) and the fc
 from 64 channels of 2x2 to 10 classes: 288 + 18,432 + 36,864 + 2,560 = 58,144."""
 
 
-def _smoke(script: str, *args: str) -> list[str]:
-    """The stdout lines of ``python benchmarks/<script> --smoke ARGS``, which must succeed (on one
-    CPU thread: tiny tensors gain nothing from a second one, which a busy machine makes wait)."""
+SMOKES = {  # the test that reads it -> the script and its arguments after --smoke
+    "test_target_frontier_smoke_trains_both_variants_and_tables_them": ("target_frontier.py",),
+    "test_step_time_smoke_runs_every_setup_and_method_through_its_child": ("step_time.py",),
+    "test_amp_cpu_smoke_prints_both_speeds_and_their_ratio": ("amp_cpu.py",),
+    "test_search_cost_smoke_runs_both_schedules_over_every_trial": ("search_cost.py",),
+    "test_quantile_cost_smoke_times_the_digits_net": ("quantile_cost.py", "--step-ms", "digits=50"),
+}
+
+
+def _smoke_run(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script> --smoke ARGS`` on one CPU thread (tiny tensors gain nothing from
+    a second one, which a busy machine makes wait)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", *args], cwd=REPO,
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=HANG_S)
-    assert proc.returncode == 0, f"{script} --smoke failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-    return proc.stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def smoke(request):
+    """The stdout lines of a script's smoke run, which must succeed. The smoke runs of the tests
+    selected here start together on first use, two at a time, longest first: each is a fresh Python
+    that spends seconds importing, and the tests read them in turn."""
+    wanted = {item.name for item in request.session.items if getattr(item, "module", None) is request.module}
+    pool = ThreadPoolExecutor(max_workers=2)
+    runs = {SMOKES[name][0]: pool.submit(_smoke_run, *SMOKES[name]) for name in SMOKES if name in wanted}
+
+    def lines(script: str) -> list[str]:
+        assert script in runs, f"the test that reads {script} is not in SMOKES"
+        proc = runs[script].result()
+        assert proc.returncode == 0, f"{script} --smoke failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        return proc.stdout.splitlines()
+
+    yield lines
+    pool.shutdown(wait=True)
 
 
 def _rows(lines: list[str]) -> list[list[str]]:
@@ -43,8 +70,8 @@ def _positive(text: str) -> float:
     return value
 
 
-def test_step_time_smoke_runs_every_setup_and_method_through_its_child():
-    lines = _smoke("step_time.py")
+def test_step_time_smoke_runs_every_setup_and_method_through_its_child(smoke):
+    lines = smoke("step_time.py")
     assert lines[0].startswith("device: ") and "smoke" in lines[0]
     rows = {(r[0], r[1]): r for r in _rows(lines)}
     assert list(rows) == [(s, m) for s in ("cifar10", "imagenet") for m in ("dense", "stmod", "gradr")]
@@ -66,8 +93,8 @@ def test_step_time_smoke_runs_every_setup_and_method_through_its_child():
             assert (r[9], r[10]) == ("0", "0%")
 
 
-def test_amp_cpu_smoke_prints_both_speeds_and_their_ratio():
-    lines = _smoke("amp_cpu.py")
+def test_amp_cpu_smoke_prints_both_speeds_and_their_ratio(smoke):
+    lines = smoke("amp_cpu.py")
     assert lines[0].startswith("load: ") and "batch 32" in lines[1]
     speed = {}
     for amp in ("false", "bf16"):
@@ -77,8 +104,8 @@ def test_amp_cpu_smoke_prints_both_speeds_and_their_ratio():
     assert _positive(ratio.split()[3]) == pytest.approx(speed["false"] / speed["bf16"], rel=0.01)
 
 
-def test_quantile_cost_smoke_times_the_digits_net():
-    lines = _smoke("quantile_cost.py", "--step-ms", "digits=50")
+def test_quantile_cost_smoke_times_the_digits_net(smoke):
+    lines = smoke("quantile_cost.py")
     (row,) = _rows(lines)
     setup, numel, recompute, keep, kthvalue, sort, held, *per_step, share = row
     assert (setup, numel) == ("digits", f"{DIGITS_THETA:,}")
@@ -91,8 +118,8 @@ def test_quantile_cost_smoke_times_the_digits_net():
     assert float(share.rstrip("%")) == pytest.approx(100 * recompute_ms / 10 / 50, abs=0.006)
 
 
-def test_target_frontier_smoke_trains_both_variants_and_tables_them():
-    lines = _smoke("target_frontier.py")
+def test_target_frontier_smoke_trains_both_variants_and_tables_them(smoke):
+    lines = smoke("target_frontier.py")
     rows = _rows(lines)
     front, target = rows[0], rows[1]
     d_runs = {r[0]: r for r in rows if len(r) == 4}
@@ -127,10 +154,10 @@ def _slots(lines: list[str]) -> dict[str, list[float]]:
     return {r[0]: [float(c) for c in r[1:]] for r in _rows(lines) if r[0] in ("asynchronous", "batches")}
 
 
-def test_search_cost_smoke_runs_both_schedules_over_every_trial():
+def test_search_cost_smoke_runs_both_schedules_over_every_trial(smoke):
     """benchmarks/search_cost.py --smoke: both schedules ran the 4 stand-ins (0.2, 0.05, 0.15 and
     0.1 s); each utilisation is its printed sum / (2 slots x wall)."""
-    table = _slots(_smoke("search_cost.py"))
+    table = _slots(smoke("search_cost.py"))
     assert sorted(table) == ["asynchronous", "batches"]
     for trials, slots, busy, wall, utilisation in table.values():
         assert (trials, slots) == (4, 2)
@@ -186,13 +213,17 @@ def test_search_cost_tables_epochs_to_the_answer_from_the_trials(tmp_path):
     _trial(pruner, 1, 3, {"test_acc1": 0.97, "sparsity": 0.93, "pruned": True})
     _trial(pruner, 2, 8, {"test_acc1": 0.925, "sparsity": 0.91})
     _trial(pruner, 3, 2, None)
-    lines = _script("search_cost.py", "--epochs", "--seeds", "0", "--out", str(tmp_path), "--read")
+    read = [sys.executable, str(REPO / "benchmarks" / "search_cost.py"), "--epochs", "--seeds", "0", "--out",
+            str(tmp_path), "--read"]
+    whole, first = at_once(read, [*read, "--first", "2"])
+    assert whole.returncode == first.returncode == 0, whole.stderr + first.stderr
+    lines = whole.stdout.splitlines()
     rows = [r for r in _rows(lines) if r[0] == "0"]
     assert rows == [["0", "none", "3", "0", "0", "24", "0.9300 (1)"], ["0", "pruner", "4", "1", "1", "21", "0.9250 (2)"]]
     assert "epochs: 21 with the pruner, 24 without: 12.5% fewer" in lines
     assert "best feasible test_acc1, pruner minus none (points): -0.50; mean -0.50" in lines
     # --first 2: trials 0 and 1 only: 16 against 11 epochs (31.2% fewer); best 0.93 against none
-    lines = _script("search_cost.py", "--epochs", "--seeds", "0", "--out", str(tmp_path), "--read", "--first", "2")
+    lines = first.stdout.splitlines()
     assert [r[5:] for r in _rows(lines) if r[0] == "0"] == [["16", "0.9300 (1)"], ["11", "none"]]
     assert "epochs: 11 with the pruner, 16 without: 31.2% fewer" in lines
     assert "best feasible test_acc1, pruner minus none (points): ; no seed has a feasible trial in both" in lines

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import HANG_S, REPO, TRAIN, run_metrics, run_train
+from tests.conftest import HANG_S, REPO, TRAIN, at_once, run_metrics, run_train
 
 FAST = ("epochs=1", "batch_size=64")
 
@@ -67,23 +67,33 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
+QUICK_BAD_INPUT = [  # one case of each kind: Hydra's composition, our schema, our checks
+    ("sparse=magic", "Could not find 'sparse/magic'; options in 'sparse': gmp, identity, st, stmod"),
+    ("flat_widht=1", "flat_widht is not a config key"),
+    ("flat_width=-1", "flat_width=-1.0 must be >= 0")]
+
+
+def test_bad_input_of_each_kind_is_one_line_without_traceback(tmp_path):
+    # in-process tests cover the other values of each kind (tests/test_config.py, test_data.py)
+    procs = at_once(*[[sys.executable, str(TRAIN), override, f"hydra.run.dir={tmp_path}/{i}/run"]
+                      for i, (override, _) in enumerate(QUICK_BAD_INPUT)], cwd=tmp_path)
+    for (override, expected), proc in zip(QUICK_BAD_INPUT, procs):
+        assert expected in _one_error_line(proc), override
+    assert not any((tmp_path / str(i) / "run").exists() for i in range(len(QUICK_BAD_INPUT)))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, expected",
-    # one case of each kind in the quick tier: Hydra's composition, our schema, our checks
-    [("sparse=magic", "Could not find 'sparse/magic'; options in 'sparse': gmp, identity, st, stmod"),
-     ("flat_widht=1", "flat_widht is not a config key"),
-     ("flat_width=-1", "flat_width=-1.0 must be >= 0"),
-     *[pytest.param(*case, marks=pytest.mark.slow) for case in (
-         ("alpha_gr=-1", "alpha_gr=-1.0 must be >= 0"),
-         ("T=0", "T=0 must be an integer >= 1"), ("epochs=0", "epochs=0 must be an integer >= 1"),
-         ("dataset=cifar10", "dataset.root="),
-         ("flat_width=nan", "flat_width=nan is not a finite number; set flat_width=<a finite value>"),
-         ("+flat_widht=1", "flat_widht is not a config key"),
-         ("model.neuron.kind=bogus", "model.neuron.kind='bogus' is not valid; use one of lif, if"),
-         ("dataset.test_fraction=0", "dataset.test_fraction=0 is not valid; use a value in (0, 1)"))]],
+    [("alpha_gr=-1", "alpha_gr=-1.0 must be >= 0"),
+     ("T=0", "T=0 must be an integer >= 1"), ("epochs=0", "epochs=0 must be an integer >= 1"),
+     ("dataset=cifar10", "dataset.root="),
+     ("flat_width=nan", "flat_width=nan is not a finite number; set flat_width=<a finite value>"),
+     ("+flat_widht=1", "flat_widht is not a config key"),
+     ("model.neuron.kind=bogus", "model.neuron.kind='bogus' is not valid; use one of lif, if"),
+     ("dataset.test_fraction=0", "dataset.test_fraction=0 is not valid; use a value in (0, 1)")],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, override, expected):
-    # in-process tests cover the other values of each kind (tests/test_config.py, test_data.py)
     proc = run_train(override, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert expected in _one_error_line(proc)
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from spikingjelly.activation_based import functional
 from torch import nn
 
-from tests.conftest import HANG_S, REPO, compose_train
+from tests.conftest import HANG_S, REPO, at_once, compose_train
 from stds.run.files.checkpoint import FORMAT_VERSION
 from stds.run.setup.config import to_plain
 from stds.errors import StdsError
@@ -159,20 +159,15 @@ def test_export_finished_runs_once(tmp_path):
     assert export_finished([record]) == [run / "pruned.pt"]
 
 
-def _launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), *args],
-                          capture_output=True, text=True, timeout=HANG_S)
-
-
 def test_entrypoint(tmp_path):
     cfg = _config()
     run = _run_dir(tmp_path, cfg, {"last": _trained_like(cfg, 0.8)})
-    done = _launch(str(run))
+    export = [sys.executable, str(REPO / "launch" / "export.py")]
+    done, missing = at_once([*export, str(run)], [*export, str(tmp_path / "missing")])
     assert done.returncode == 0, done.stderr
     assert "features.1" in done.stdout and (run / "pruned.pt").exists()
-    done = _launch(str(tmp_path / "missing"))
-    assert done.returncode == 1
-    assert done.stderr.startswith("Error: ") and done.stderr.strip().count("\n") == 0
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("Error: ") and missing.stderr.strip().count("\n") == 0
 
 
 @pytest.mark.slow

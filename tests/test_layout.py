@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import ast
 import importlib
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import HANG_S, REPO
+from tests.conftest import REPO, at_once
 
 PACKAGE = REPO / "stds"
 SCRIPTS = sorted([*(REPO / "launch").rglob("*.py"), *(REPO / "benchmarks").rglob("*.py")])
@@ -71,31 +70,37 @@ def test_the_method_imports_torch_and_the_standard_library_only():
     assert inner <= {None, "method", "errors", "registry"}
 
 
-def _printed_by_fresh_python(*lines: str) -> str:
-    """What a fresh interpreter prints running ``lines`` (it must succeed)."""
-    out = subprocess.run([sys.executable, "-c", "\n".join(lines)], cwd=REPO, capture_output=True, text=True,
-                         timeout=HANG_S)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+FRESH = {
+    # `import stds` gives the method without Hydra, OmegaConf or SpikingJelly
+    "method": ("import sys, stds",
+               "from stds import sparsify, sparsity, ThresholdSchedule, TargetSparsitySchedule, attach_gradr_prior",
+               "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'omegaconf', 'spikingjelly'})",
+               "print(','.join(loaded) or 'none')"),
+    # a digits run's modules, and the digits themselves, without torchvision
+    "digits": ("import sys, stds.cli.entry, stds.run.life.trainer, stds.results.sweep, stds.models, stds.data",
+               "stds.data.digits()",
+               "print('torchvision' in sys.modules)"),
+}
 
 
-def test_import_stds_gives_the_method_without_hydra():
-    assert _printed_by_fresh_python(
-        "import sys, stds",
-        "from stds import sparsify, sparsity, ThresholdSchedule, TargetSparsitySchedule, attach_gradr_prior",
-        "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'omegaconf', 'spikingjelly'})",
-        "print(','.join(loaded) or 'none')",
-    ) == "none"
+@pytest.fixture(scope="module")
+def printed_by_fresh_python() -> dict[str, str]:
+    """What a fresh interpreter prints running each of `FRESH` (each must succeed); the
+    interpreters run at once."""
+    procs = at_once(*[[sys.executable, "-c", "\n".join(lines)] for lines in FRESH.values()])
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr
+    return {name: proc.stdout.strip() for name, proc in zip(FRESH, procs)}
 
 
-def test_a_run_on_the_digits_does_not_import_torchvision():
+def test_import_stds_gives_the_method_without_hydra(printed_by_fresh_python):
+    assert printed_by_fresh_python["method"] == "none"
+
+
+def test_a_run_on_the_digits_does_not_import_torchvision(printed_by_fresh_python):
     """torchvision's import (it loads ``torch._dynamo``) is paid only by the datasets that use it:
     every run, error line and test subprocess on the digits starts without it."""
-    assert _printed_by_fresh_python(
-        "import sys, stds.cli.entry, stds.run.life.trainer, stds.results.sweep, stds.models, stds.data",
-        "stds.data.digits()",
-        "print('torchvision' in sys.modules)",
-    ) == "False"
+    assert printed_by_fresh_python["digits"] == "False"
 
 
 def test_the_method_prunes_a_plain_torch_model():

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 
-from tests.conftest import HANG_S
+from tests.conftest import REPO, at_once
 
 from stds.errors import StdsError
 from stds.results.collect import collect_runs, method_label, read_run
 from stds.results.sweep import write_report
 
-REPO = Path(__file__).resolve().parents[1]
 
 CONFIG = """\
 dataset:
@@ -240,23 +238,16 @@ def test_truncated_metrics_line_is_skipped(tmp_path):
     assert (record.epoch, record.test_acc1) == (1, 0.5)
 
 
-def _launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch" / "report.py"), *args],
-                          capture_output=True, text=True, timeout=HANG_S)
-
-
-def test_entrypoint_writes_into_the_first_directory_or_out(sweep, tmp_path):
-    done = _launch(str(sweep))
-    assert done.returncode == 0, done.stderr
-    assert (sweep / "report.csv").exists() and "report.md" in done.stdout
-    done = _launch(str(sweep / "0"), "--out", str(tmp_path / "elsewhere"))
-    assert done.returncode == 0 and (tmp_path / "elsewhere" / "report.png").exists()
-
-
-def test_entrypoint_errors_are_one_line(tmp_path):
-    done = _launch(str(tmp_path / "missing"))
-    assert done.returncode == 1
-    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("Error: ")
+def test_entrypoint_writes_into_the_first_directory_or_out_and_errors_are_one_line(sweep, tmp_path):
+    report = [sys.executable, str(REPO / "launch" / "report.py")]
+    into, out, missing = at_once([*report, str(sweep)],
+                                 [*report, str(sweep / "0"), "--out", str(tmp_path / "elsewhere")],
+                                 [*report, str(tmp_path / "missing")])
+    assert into.returncode == 0, into.stderr
+    assert (sweep / "report.csv").exists() and "report.md" in into.stdout
+    assert out.returncode == 0 and (tmp_path / "elsewhere" / "report.png").exists()
+    assert missing.returncode == 1
+    assert missing.stderr.strip().count("\n") == 0 and missing.stderr.startswith("Error: ")
 
 
 def test_old_run_dirs_with_flat_width_for_the_threshold_now(tmp_path):
