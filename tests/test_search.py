@@ -307,6 +307,40 @@ def test_a_study_with_other_objectives_is_refused(tmp_path):
         _search(sweep_dir, FakeLauncher(sweep_dir), n_trials=2, constraints={"sparsity": Bound(min=0.9)}).run()
 
 
+def test_a_trial_that_told_the_study_frees_its_slot_before_its_job_ends(tmp_path):
+    """One slot, three trials. Each stand-in job tells the study its end (as a run does), then
+    waits for the next trial's launch before it returns (a SLURM job whose end submitit has not
+    seen yet): the next trial starts in the meantime. Searching on the job's end instead would
+    never launch it (each wait ends at its hang guard, and the check below fails)."""
+    import threading
+
+    sweep_dir = tmp_path / "sweep"
+    started = {n: threading.Event() for n in range(4)}
+    overlapped: list[int] = []
+    search = _search(sweep_dir, FakeLauncher(sweep_dir), n_trials=3)
+
+    def launch(overrides, first_index):
+        number = int(dict(item.split("=", 1) for item in overrides[0])["hydra.sweep.subdir"])
+        started[number].set()
+        study = _study(sweep_dir)
+        trial = next(t for t in study.trials if t.number == number)
+        run_dir = sweep_dir / str(number)
+        (run_dir / ".hydra").mkdir(parents=True)
+        metrics = _metrics(0.9 - number / 100, 0.5)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+        study.tell(trial.number, [metrics["test_acc1"], metrics["sparsity"]])  # the run's own tell
+        if number < 2 and started[number + 1].wait(timeout=120):  # hang guard only
+            overlapped.append(number)
+        return [JobReturn(status=JobStatus.COMPLETED, _return_value=None)]
+
+    search.launch, search.poll_s, search.slots = launch, 0.05, 1
+    search.run()
+    assert overlapped == [0, 1]
+    trials = _study(sweep_dir).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert [t.values for t in trials] == [[0.9, 0.5], [0.89, 0.5], [0.88, 0.5]]  # told once, by the run
+
+
 def test_a_study_whose_tables_another_process_creates_at_the_same_moment_opens(tmp_path, monkeypatch):
     """The race seen on a busy machine: another process (a second search, a reader) creates the new
     database's tables between Optuna's check and its CREATE; the open is retried and finds them.

@@ -93,7 +93,7 @@ class Search:
         self.slots = max(min(slots or settings.n_jobs, settings.n_jobs), 1)
         self.storage = settings.storage or default_storage(self.sweep_dir)
         self.ran: list[Outcome] = []  # outcomes of the trials this invocation launched
-        self.poll_s = 5.0  # how often the study is looked at while trials run
+        self.poll_s = 1.0  # how often the study is read for trials that told it their end
         self.on_start = on_start  # called once the sweep directory is this search's (its lock held)
         self.chance = chance  # test_acc1 up to this is chance: such a trial is never on the front
         self.slurm_jobs = slurm_jobs
@@ -202,19 +202,24 @@ class Search:
 
     def _loop(self, study: optuna.Study) -> None:
         """Keep ``slots`` trials in flight (counting this directory's live trials of an earlier
-        search) until the study holds ``n_trials`` and none of them runs. A slot is refilled
-        before the trial that left it is settled, so the next trial waits for no database write."""
+        search) until the study holds ``n_trials`` and none of them runs. A trial leaves its slot
+        when its run tells the study its end (read every ``poll_s``), not when its job is seen to
+        end: a SLURM job's end reaches submitit seconds later, and the next trial's job is already
+        queued by then. A slot is refilled before the trial that left it is settled."""
         running: dict[Future, optuna.Trial] = {}
         ended: list[tuple[optuna.Trial, str | None]] = []
-        checked = time.monotonic()
-        with ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="trial") as pool:
+        checked = beat = time.monotonic()
+        # a told trial's thread still waits for its job to end while its successor runs
+        with ThreadPoolExecutor(max_workers=4 * self.slots + 4, thread_name_prefix="trial") as pool:
             while True:
                 mine = {t.number for t in running.values()} | {t.number for t, _ in ended}
                 adopted = [t for t in self._ours(study) if t.number not in mine]
-                while len(running) + len(adopted) < self.slots and (trial := self._ask(study)) is not None:
+                in_flight = self._untold(study, running.values())
+                while len(in_flight) + len(adopted) < self.slots and (trial := self._ask(study)) is not None:
                     if self._composes(study, trial):
                         self._continue(study, trial)
                         running[pool.submit(self._launch_one, trial)] = trial
+                        in_flight.append(trial)
                 for trial, error in ended:
                     self._settle(study, trial, error)
                 ended = []
@@ -225,13 +230,19 @@ class Search:
                     time.sleep(poll)  # only earlier trials run: they tell the study themselves
                 done, _ = wait(running, timeout=poll, return_when=FIRST_COMPLETED)
                 ended = [(running.pop(future), future.result()) for future in done]
-                if not ended:
-                    for trial in running.values():  # queued jobs have no run to beat for them
+                if time.monotonic() - beat >= self.settings.heartbeat_s:
+                    for trial in self._untold(study, running.values()):  # a queued job has no run to beat for it
                         study._storage.record_heartbeat(trial._trial_id)
+                    beat = time.monotonic()
                 if time.monotonic() - checked >= self.settings.heartbeat_s:
                     mine = {t.number for t in running.values()} | {t.number for t, _ in ended}
                     self._settle_unheard(study, skip=frozenset(mine), say=False)
                     checked = time.monotonic()
+
+    @staticmethod
+    def _untold(study: optuna.Study, trials: Any) -> list[optuna.Trial]:
+        """Those of ``trials`` the study still holds as running (their runs have not told it an end)."""
+        return [t for t in trials if study._storage.get_trial(t._trial_id).state == TrialState.RUNNING]
 
     def _ask(self, study: optuna.Study) -> optuna.Trial | None:
         """A new trial, or None once the study holds ``n_trials``. Two searches asking at once
