@@ -1,8 +1,9 @@
 """One list per extension point: a `Registry` maps a name to what was registered under it.
 
 Models (`stds.models.MODELS`), datasets (`stds.data.DATASETS`), reparameterizations
-(`stds.method.sparse.REPARAMS`), threshold schedules (`stds.method.schedule.SCHEDULES`) and report
-columns (`stds.results.columns.COLUMNS`) are each one `Registry`; every other list that needs them
+(`stds.method.sparse.REPARAMS`), threshold schedules (`stds.method.schedule.SCHEDULES`), optimizers
+and learning-rate schedules (`stds.run.setup.optim_registry.OPTIMIZERS`, ``LR_SCHEDULES``) and
+report columns (`stds.results.columns.COLUMNS`) are each one `Registry`; every other list that needs them
 derives from it: the config's choices and Hydra config groups (`stds.run.setup.config`), the
 allowlist of targets a saved config may name (`stds.run.files.rebuild`), the report's columns and
 the NIR export's layer order. Adding a thing is one `add` call (or its decorator), nothing else.
@@ -82,14 +83,20 @@ class Buildable:
 
     @property
     def target_names(self) -> set[str]:
-        """The spellings of the ``_target_`` a config may use: ``module.qualname`` and the package's
-        ``package.Name`` (``stds.models.digits_net.DigitsNet``, ``stds.models.DigitsNet``)."""
-        module, name = self.target.__module__, self.target.__qualname__
-        names = {f"{module}.{name}"}
-        package = sys.modules.get(module.rsplit(".", 1)[0])
-        if package is not None and getattr(package, name, None) is self.target:
-            names.add(f"{package.__name__}.{name}")
-        return names
+        """The spellings of the ``_target_`` a config may use (`target_spellings`)."""
+        return target_spellings(self.target)
+
+
+def target_spellings(target: Callable[..., Any]) -> set[str]:
+    """``module.qualname`` and, where the package exports it, ``package.Name``
+    (``stds.models.digits_net.DigitsNet`` and ``stds.models.DigitsNet``; ``torch.optim.adam.Adam``
+    and ``torch.optim.Adam``)."""
+    module, name = target.__module__, target.__qualname__
+    names = {f"{module}.{name}"}
+    package = sys.modules.get(module.rsplit(".", 1)[0])
+    if package is not None and getattr(package, name, None) is target:
+        names.add(f"{package.__name__}.{name}")
+    return names
 
 
 def config_node(target: Callable[..., Any], config: dict[str, Any] | None) -> dict[str, Any] | None:

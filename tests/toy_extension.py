@@ -1,5 +1,5 @@
 """A toy extension of each kind, each one registration: a model, a reparameterization, a ramp
-(a ``scheduler.kind``) and a report column. `register()` adds them, `unregister()` takes them out
+(a ``scheduler.kind``), a learning-rate schedule and a report column. `register()` adds them, `unregister()` takes them out
 (tests in one process share the registries); ``tests/test_extend.py`` uses both, and a user's
 own launcher script imports such a module before running ``launch/train.py``."""
 
@@ -12,8 +12,9 @@ from stds.method.schedule import register_schedule, unregister_schedule
 from stds.method.sparse import REPARAMS, SoftThreshold, register_reparam
 from stds.models import MODELS, register_model
 from stds.results.columns import COLUMNS, register_column
+from stds.run.setup.optim_registry import LR_SCHEDULES, register_lr_schedule
 
-MODEL, REPARAM, SCHEDULE, COLUMN = "toy_net", "toy_soft", "toy_square", "toy_steps"
+MODEL, REPARAM, SCHEDULE, LR_SCHEDULE, COLUMN = "toy_net", "toy_soft", "toy_square", "toy_step", "toy_steps"
 
 
 class ToyNet(nn.Module):
@@ -41,12 +42,25 @@ def square(x: float) -> float:
     return x * x
 
 
+class StepDecay:
+    """The factor of ``lr`` after ``epoch`` finished epochs: ``gamma`` ** (epoch // ``every``), for
+    torch's `LambdaLR` (a callable object, so its state is plain numbers)."""
+
+    def __init__(self, every: int, gamma: float) -> None:
+        self.every, self.gamma = every, gamma
+
+    def __call__(self, epoch: int) -> float:
+        return self.gamma ** (epoch // self.every)
+
+
 def register() -> None:
     register_model(MODEL, ToyNet, config={"T": "${T}", "in_channels": "${dataset.in_channels}",
                                           "num_classes": "${dataset.num_classes}",
                                           "image_size": "${dataset.image_size}", "hidden": 16})
     register_reparam(ToySoft)
     register_schedule(SCHEDULE)(square)
+    register_lr_schedule(LR_SCHEDULE, torch.optim.lr_scheduler.LambdaLR,
+                         config={"lr_lambda": {"_target_": StepDecay, "every": 2, "gamma": 0.1}})
     register_column(COLUMN, metric="step")
 
 
@@ -54,4 +68,5 @@ def unregister() -> None:
     MODELS.remove(MODEL)
     REPARAMS.remove(REPARAM)
     unregister_schedule(SCHEDULE)
+    LR_SCHEDULES.remove(LR_SCHEDULE)
     COLUMNS.remove(COLUMN)

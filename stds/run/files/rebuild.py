@@ -3,12 +3,13 @@
 
 A saved config is data from a file that anyone with write access to a shared directory may have
 written, so nothing it names is built before `check_saved_config` has walked it: every
-``_target_`` must be in `allowed_targets()` (the registered models and datasets, the neuron factory, the torch
-optimizers and learning-rate schedules of ``conf/``), and no string may hold an interpolation (a saved config
+``_target_`` must be in `allowed_targets()` (the registered models, datasets, optimizers and
+learning-rate schedules, and the neuron factory), and no string may hold an interpolation (a saved config
 is resolved when it is written; ``${oc.env:...}`` in one was put there by hand). Hydra 1.3 has no
 target allowlist of its own (its blocklist lets ``numpy.load`` through), so it is kept here.
-A model or dataset registered with `stds.models.register_model` / `stds.data.register_dataset` is
-allowed by that registration; `allow_target` adds any other name (``docs/architecture.md``).
+A model, dataset, optimizer or learning-rate schedule registered with `stds.models.register_model`,
+`stds.data.register_dataset` or `stds.run.setup.optim_registry` is allowed by that registration;
+`allow_target` adds any other name (``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -26,23 +27,21 @@ import stds.models
 from stds.errors import CheckpointError, one_line
 from stds.method.sparse import sparsify
 from stds.run.files.safe import UnsafeFileError, checked_value, read_yaml, walk
+from stds.run.setup.optim_registry import LR_SCHEDULES, OPTIMIZERS
 
 
-_TORCH = {"torch.optim.Adam", "torch.optim.adam.Adam", "torch.optim.SGD", "torch.optim.sgd.SGD",
-          "torch.optim.lr_scheduler.ConstantLR",
-          "torch.optim.lr_scheduler.CosineAnnealingLR", "torch.optim.lr_scheduler.LambdaLR",
-          "stds.run.setup.lr.HoldCosine"}  # conf/optimizer/, conf/lr_scheduler/
 _NEURONS = {"stds.models.make_neuron", "stds.models.neurons.make_neuron"}  # every model's neuron factory
 _EXTRA: set[str] = set()  # `allow_target`'s names
 
 
 def allowed_targets() -> set[str]:
     """Every ``_target_`` a config read from a file may name: the registered models
-    (`stds.models.MODELS`) and datasets (`stds.data.DATASETS`), the neuron factory, the torch
-    optimizers and schedules of ``conf/``, and names given to `allow_target`. Read at each check, so
-    a model registered after import is allowed too."""
-    registered = [*stds.models.MODELS.values(), *stds.data.DATASETS.values()]
-    return set().union(*(entry.target_names for entry in registered)) | _NEURONS | _TORCH | _EXTRA
+    (`stds.models.MODELS`), datasets (`stds.data.DATASETS`), optimizers and learning-rate schedules
+    (`OPTIMIZERS`, `LR_SCHEDULES`, with the callables their nodes build), the neuron factory, and
+    names given to `allow_target`. Read at each check, so a thing registered after import is allowed too."""
+    registered = [*stds.models.MODELS.values(), *stds.data.DATASETS.values(),
+                  *OPTIMIZERS.values(), *LR_SCHEDULES.values()]
+    return set().union(*(entry.target_names for entry in registered)) | _NEURONS | _EXTRA
 
 
 _TARGET_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
@@ -64,8 +63,8 @@ def _shown(value: Any) -> str:
 def _check_leaf(path: str, key: str, value: Any, source: Path) -> None:
     if key == "_target_" and (not isinstance(value, str) or value not in allowed_targets()):
         raise CheckpointError(
-            f"{source}: config key {path} = {_shown(value)!r} is not an allowed _target_ (stds models, "
-            "neurons and datasets, the shipped optimizers and lr schedules); nothing was built. If it is "
+            f"{source}: config key {path} = {_shown(value)!r} is not an allowed _target_ (the registered "
+            "models, datasets, optimizers and lr schedules, and the neurons); nothing was built. If it is "
             "your own class, call stds.run.files.rebuild.allow_target(<its name>) first (docs/architecture.md)"
         )
     if isinstance(value, str) and "${" in value:

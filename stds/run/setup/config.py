@@ -25,6 +25,7 @@ from stds.method.schedule import SCHEDULE_KINDS, SCHEDULES, TARGET_KIND, check_r
 from stds.method.sparse import REPARAMS
 from stds.data import DATASETS
 from stds.models import MODELS
+from stds.run.setup.optim_registry import LR_SCHEDULES, OPTIMIZERS
 
 
 class LossKind(str, Enum):
@@ -151,6 +152,9 @@ class TrainConfig:
     trial: TrialLinkConfig = field(default_factory=TrialLinkConfig)
 
 
+_GROUPS = {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "lr_scheduler": LR_SCHEDULES}
+"""The config groups whose options are registrations (`stds.registry.Buildable` entries)."""
+
 SHIPPED_CONF = Path(__file__).resolve().parents[3] / "conf"
 """The ``conf/`` beside the package: the primary config directory of ``launch/train.py``."""
 
@@ -158,13 +162,14 @@ SHIPPED_CONF = Path(__file__).resolve().parents[3] / "conf"
 def register_configs(conf_dir: Path = SHIPPED_CONF) -> None:
     """Store the schema in Hydra's ConfigStore (called by the entrypoint and the tests), and a
     config group option for every registered reparameterization (``sparse=<name>``), and every
-    registered model and dataset that came with its config node (``model=<name>``,
-    ``dataset=<name>``), unless ``conf_dir/<group>/<name>.yaml`` is there: the shipped files (with
-    their comments) are what the built-ins select."""
+    registered model, dataset, optimizer and learning-rate schedule that came with its config node
+    (``model=<name>``, ``dataset=<name>``, ``optimizer=<name>``, ``lr_scheduler=<name>``), unless
+    ``conf_dir/<group>/<name>.yaml`` is there: the shipped files (with their comments) are what
+    the built-ins select."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     nodes = [("sparse", name, {"method": name, "exclude": None}) for name in REPARAMS]
-    nodes += [(group, name, dict(entry.config)) for group, registry in (("model", MODELS), ("dataset", DATASETS))
+    nodes += [(group, name, dict(entry.config)) for group, registry in _GROUPS.items()
               for name, entry in registry.items() if entry.config is not None]
     for group, name, node in nodes:
         if not (conf_dir / group / f"{name}.yaml").exists():
@@ -322,9 +327,9 @@ def validate(cfg: DictConfig, files: bool = True) -> None:
     """Check what the schema's types cannot; raise `ConfigError` naming the key and the fix.
     ``files=False`` leaves out what looks at this machine (that ``dataset.root`` exists): a
     search checks its trials' configs where it runs, and the trials may run on other nodes."""
-    for key in ("dataset", "model", "optimizer"):
+    for key, registry in _GROUPS.items():
         if cfg.get(key) is None:
-            raise ConfigError(f"{key} is not set; pick one with {key}=<name>")
+            raise ConfigError(f"{key} is not set; pick one with {key}=<name> ({registry.choices()})")
     _check_numbers(cfg)
     _check_method(cfg)
     _check_target(cfg)
