@@ -16,12 +16,15 @@ trial's start to the last one's end. Three ways to measure it:
 Epochs to the answer (``--epochs``): ``hparams_search=constrained`` (best ``test_acc1`` at
 ``sparsity >= 0.9``), 16 trials of `EPOCHS` epochs, per sampler seed with and without `PRUNER`:
 the epochs all trials trained (their ``metrics.jsonl``) and the best feasible final ``test_acc1``.
+``--route at_sparsity``: the same question through ``hparams_search=at_sparsity target_sparsity=0.9``
+(every trial ends at S; the learning rate searched; the preset's median pruner or none).
 
     python benchmarks/search_cost.py                    # stand-ins: 12 trials, n_jobs=3, 2 to 12 s each
     python benchmarks/search_cost.py --smoke            # 4 stand-ins of 0.05 to 0.2 s (tests run this)
     nice -n 10 python benchmarks/search_cost.py --train local --out outputs/bench/slots_local
     nice -n 10 python benchmarks/search_cost.py --train slurm --out outputs/bench/slots_slurm
     nice -n 10 python benchmarks/search_cost.py --epochs --out outputs/bench/epochs   # 3 seeds x 2
+    nice -n 10 python benchmarks/search_cost.py --epochs --route at_sparsity --out outputs/bench/epochs_at
     python benchmarks/search_cost.py --epochs --out outputs/bench/epochs --read   # the table again
 
 ``--read`` tabulates what ``--out`` holds without running anything (``--first K``: each search's
@@ -46,7 +49,7 @@ from optuna.distributions import FloatDistribution
 from search_runs import (
     Answer,
     Slots,
-    constrained_search,
+    pruned_search,
     job_spans,
     planned_epochs,
     slot_batches,
@@ -61,8 +64,7 @@ SMOKE_S = (0.2, 0.05, 0.15, 0.1)
 """The smoke's stand-in trials (seconds): 0.5 s in all, batches of 2 at least 0.2 + 0.15 s long."""
 MIN_SPARSITY = 0.9
 EPOCHS = 8
-EPOCH_ARGS = (f"hydra.sweeper.constraints.sparsity.min={MIN_SPARSITY}", "hydra.sweeper.n_trials=16",
-              "hydra.sweeper.n_jobs=2", f"epochs={EPOCHS}")
+EPOCH_ARGS = ("hydra.sweeper.n_trials=16", "hydra.sweeper.n_jobs=2", f"epochs={EPOCHS}")
 """Every constrained search: 16 trials, 2 in flight (the local launcher on 2 CPUs), 8 epochs of the
 default recipe (the sine schedule raises the threshold to D over all 8 epochs). A faster ramp
 (``scheduler.ramp_until=0.25``) was tried first: at d = 0.31 after one epoch every weight of the
@@ -72,6 +74,15 @@ PRUNER = "{_target_: optuna.pruners.SuccessiveHalvingPruner, min_resource: 3, re
 only when its top-1 there is in the best third of the trials that reached it (the first ones:
 when it is the best); the next rung (9) lies past the 8 epochs. A trial so stopped trains 3 of 8
 epochs, so pruning two trials in three saves 2/3 x 5/8 = 42% of the epochs."""
+ROUTES = {
+    "constrained": (("hparams_search=constrained", f"hydra.sweeper.constraints.sparsity.min={MIN_SPARSITY}"),
+                    PRUNER),
+    "at_sparsity": (("hparams_search=at_sparsity", f"target_sparsity={MIN_SPARSITY}"), None),
+}
+"""``--route``: the search and the pruner of its arm with one. ``constrained`` searches D for the best
+top-1 at sparsity >= S with `PRUNER`; ``at_sparsity`` ends every trial at S (``scheduler=target``)
+and searches the learning rate with the preset's own median pruner (None: not overridden). The arm
+without a pruner sets ``hydra.sweeper.pruner=null``."""
 LAUNCHERS = {"local": "local", "slurm": "slurm_cpu"}
 
 
@@ -145,14 +156,15 @@ def print_slots(result: dict[str, Slots]) -> None:
 
 
 def epochs_to_answer(out: Path, seeds: Sequence[int], parallel: int, read: bool,
-                     first: int | None = None) -> dict[tuple[str, int], Answer]:
-    """Each seed's constrained search without and with `PRUNER`, ``parallel`` searches at once
-    (read back: the trials numbered below ``first``, or all)."""
-    arms = {"none": None, "pruner": PRUNER}
+                     first: int | None = None, route: str = "constrained") -> dict[tuple[str, int], Answer]:
+    """Each seed's search of ``route`` (`ROUTES`) without and with its pruner, ``parallel``
+    searches at once (read back: the trials numbered below ``first``, or all)."""
+    preset, pruner = ROUTES[route]
+    arms = {"none": "null", "pruner": pruner}
     runs = [(arm, seed) for seed in seeds for arm in arms]
     if not read:
         with ThreadPoolExecutor(max_workers=parallel) as pool:
-            done = [pool.submit(constrained_search, out / f"{arm}_seed{seed}", seed, EPOCH_ARGS, arms[arm])
+            done = [pool.submit(pruned_search, preset, out / f"{arm}_seed{seed}", seed, EPOCH_ARGS, arms[arm])
                     for arm, seed in runs]
             for future in done:
                 future.result()
@@ -193,13 +205,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="--train, --epochs: the folder of their sweeps")
     parser.add_argument("--read", action="store_true", help="tabulate what --out holds; run nothing")
     parser.add_argument("--first", type=int, help="--epochs --read: only the trials numbered below this")
+    parser.add_argument("--route", choices=sorted(ROUTES), default="constrained",
+                        help="--epochs: the constrained search over D, or at_sparsity (lr at S, scheduler=target)")
     args = parser.parse_args()
     if (args.train or args.epochs) and args.out is None:
         parser.error("--train and --epochs need --out DIR (their sweep directories go there)")
     before = uptime()
     if args.epochs:
-        answers = epochs_to_answer(args.out.resolve(), args.seeds, args.parallel, args.read, args.first)
-        print(f"16-trial constrained searches (sparsity >= {MIN_SPARSITY}), {EPOCHS} epochs a trial; pruner {PRUNER}"
+        answers = epochs_to_answer(args.out.resolve(), args.seeds, args.parallel, args.read, args.first, args.route)
+        pruner = ROUTES[args.route][1] or "the preset's"
+        print(f"16-trial {args.route} searches (sparsity >= {MIN_SPARSITY}), {EPOCHS} epochs a trial; pruner {pruner}"
               + (f"; their trials 0 to {args.first - 1}" if args.first else ""))
         print_answers(answers)
     elif args.train:

@@ -166,9 +166,10 @@ class Answer:
         return cls([Trial.read(d) for d in dirs], min_sparsity)
 
 
-def constrained_search(sweep: Path, seed: int, args: Sequence[str], pruner: str | None) -> None:
-    """``hparams_search=constrained`` (D on a log scale, best test_acc1 at sparsity >= S) with the
-    sampler's ``seed``, the benchmark's ``args`` and the ``pruner`` (a Hydra value) or none."""
+def pruned_search(preset: Sequence[str], sweep: Path, seed: int, args: Sequence[str], pruner: str | None) -> None:
+    """A search of ``preset`` (its ``hparams_search=`` and the overrides it needs) with the sampler's
+    ``seed``, the benchmark's ``args`` and ``pruner`` (a Hydra value; ``null`` for none; None: the
+    preset's own) through the local launcher."""
     chosen = [f"hydra.sweeper.pruner={pruner}"] if pruner else []
-    train(["hparams_search=constrained", "hydra/launcher=local", f"hydra.sweep.dir={sweep}",
-           f"hydra.sweeper.sampler.seed={seed}", *args, *chosen], sweep.parent / f"{sweep.name}.log")
+    train([*preset, "hydra/launcher=local", f"hydra.sweep.dir={sweep}", f"hydra.sweeper.sampler.seed={seed}",
+           *args, *chosen], sweep.parent / f"{sweep.name}.log")
