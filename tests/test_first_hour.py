@@ -8,7 +8,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,7 @@ from stds.run.life.loop import bar_description
 from stds.run.life.trainer import train
 from stds.run.measure.metrics import BEST_RULE, at_final_sparsity, best_of, replaces_best
 
-from tests.conftest import HANG_S, REPO, run_history, run_metrics, run_train
+from tests.conftest import HANG_S, REPO, TRAIN, run_history, run_metrics
 
 STEPS = (1797 - 360) // 64  # training batches of the tiny digits run per epoch (22)
 
@@ -183,9 +186,29 @@ def test_no_amp_or_compile_lines_without_them(tiny_run):
 # ---------------------------------------------------------------- 7: nothing left of a config error
 
 
-def test_config_error_prints_once_and_leaves_no_run_directory(tmp_path):
-    (tmp_path / "outputs" / "runs" / "older").mkdir(parents=True)  # a previous run stays
-    proc = run_train("flat_width=-1", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def fresh_commands(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Two commands of a user's first minutes, each in its own folder, run at once: a config error
+    beside an older run, and ``--help`` into a pipe whose reader has left (``--help | head``)."""
+    error_dir, help_dir = tmp_path_factory.mktemp("config_error"), tmp_path_factory.mktemp("help_pipe")
+    (error_dir / "outputs" / "runs" / "older").mkdir(parents=True)  # a previous run stays
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `--help | head` once head has left
+    error = subprocess.Popen([sys.executable, str(TRAIN), "flat_width=-1"], cwd=error_dir, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    help_ = subprocess.Popen([sys.executable, str(TRAIN), "--help"], stdout=write_end, stderr=subprocess.PIPE,
+                             cwd=help_dir, env=env, text=True)
+    os.close(write_end)
+    done = {}
+    for name, folder, proc in (("error", error_dir, error), ("help", help_dir, help_)):
+        out, err = proc.communicate(timeout=HANG_S)
+        done[name] = (folder, subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+def test_config_error_prints_once_and_leaves_no_run_directory(fresh_commands):
+    tmp_path, proc = fresh_commands["error"]
     assert proc.returncode == 1
     message = "flat_width=-1.0 must be >= 0; set flat_width=<value> with value >= 0"
     assert (proc.stdout + proc.stderr).count(message) == 1, proc.stdout + proc.stderr
@@ -238,18 +261,7 @@ def test_config_error_keeps_a_directory_a_run_trained_in(tiny_cfg, tmp_path):
     assert (run / names[2] / "tb").is_dir()
 
 
-def test_help_into_a_closed_pipe_says_nothing_about_a_run_directory(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import TRAIN
-
-    read_end, write_end = os.pipe()
-    os.close(read_end)  # `--help | head` once head has left
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    proc = subprocess.run([sys.executable, str(TRAIN), "--help"], stdout=write_end, stderr=subprocess.PIPE,
-                          cwd=tmp_path, env=env, text=True, timeout=HANG_S)
-    os.close(write_end)
+def test_help_into_a_closed_pipe_says_nothing_about_a_run_directory(fresh_commands):
+    tmp_path, proc = fresh_commands["help"]
     assert proc.returncode == 1 and proc.stderr == "", proc.stderr
     assert not (tmp_path / "outputs").exists()

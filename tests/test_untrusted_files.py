@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import HANG_S, REPO
+from tests.conftest import REPO, at_once
 from stds.errors import CheckpointError
 from stds.results.collect import collect_runs
 from stds.results.pruned import export_run
@@ -151,30 +151,20 @@ def test_init_from_an_unreadable_file_says_so(tiny_cfg, tmp_path):
     assert "is not readable" in str(caught.value) and "does not fit" not in str(caught.value)
 
 
-def _report(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch" / "report.py"), *args],
-                          capture_output=True, text=True, timeout=HANG_S, env={**os.environ, **(env or {})})
+SECRET = "s3cr3t-value-of-the-user"
 
 
-def test_report_export_refuses_a_hostile_checkpoint(tmp_path):
-    marker = tmp_path / "ran"
+def _hostile_checkpoint_run(tmp_path: Path) -> tuple[list[str], dict]:
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text("model:\n  _target_: stds.models.DigitsNet\n")
     (run / "metrics.json").write_text("{}")
-    source = _hostile_checkpoint(run / "checkpoints" / "last.pt", _hostile_models(tmp_path, marker)["os.system"])
-    done = _report(str(run), "--export")
-    assert done.returncode == 0, done.stderr
-    assert not marker.exists() and not (run / "pruned.pt").exists()
-    refused = [line for line in done.stderr.splitlines() if "not exported" in line]
-    assert len(refused) == 1 and "model._target_" in refused[0] and str(source) in refused[0]
+    _hostile_checkpoint(run / "checkpoints" / "last.pt", _hostile_models(tmp_path, tmp_path / "ran")["os.system"])
+    return [str(run), "--export"], {}
 
 
-def test_report_never_unpickles_submitit_results(tmp_path):
-    """A planted result pickle, beside the sweep and where a crafted hydra.yaml points, is never
-    loaded; the point's state comes from its plain-text logs."""
-    marker = tmp_path / "ran"
-    evil = pickle.dumps(Touch(marker))
+def _planted_pickles_sweep(tmp_path: Path) -> tuple[list[str], dict]:
+    evil = pickle.dumps(Touch(tmp_path / "ran"))
     sweep, elsewhere = tmp_path / "sweep", tmp_path / "elsewhere"
     run = sweep / "0"
     (run / ".hydra").mkdir(parents=True)
@@ -187,7 +177,53 @@ def test_report_never_unpickles_submitit_results(tmp_path):
     (sweep / ".submitit" / "77" / "77_0_log.err").write_text(
         "submitit ERROR (2026-01-01 10:00:00,000) - Submitted job triggered an exception\n"
         "Traceback (most recent call last):\n  File \"x\", line 1\nRuntimeError: boom\n")
-    done = _report(str(sweep))
+    return [str(sweep)], {}
+
+
+def _interpolating_run(tmp_path: Path) -> tuple[list[str], dict]:
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        "dataset:\n  _target_: ${oc.env:STDS_TEST_SECRET}\n"
+        "model:\n  _target_: stds.models.${oc.env:STDS_TEST_SECRET}\n"
+        "sparse:\n  method: ${oc.env:STDS_TEST_SECRET}\nscheduler:\n  kind: sine\n"
+        "flat_width: ${oc.env:STDS_TEST_SECRET}\nT: ${oc.env:STDS_TEST_SECRET}\nepochs: 3\nalpha_gr: 0.0\n")
+    (run / ".hydra" / "overrides.yaml").write_text("- flat_width=${oc.env:STDS_TEST_SECRET}\n")
+    (run / "metrics.json").write_text('{"test_acc1": 0.5, "sparsity": 0.5, "epoch": 3}')
+    return [str(run)], {"STDS_TEST_SECRET": SECRET}
+
+
+REPORTS = {"hostile_checkpoint": _hostile_checkpoint_run, "planted_pickles": _planted_pickles_sweep,
+           "interpolations": _interpolating_run}
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """``python launch/report.py`` on each hostile directory of `REPORTS` (its folder and the
+    finished process): the directories are made first, then the reports run at once."""
+    folders = {name: tmp_path_factory.mktemp(name) for name in REPORTS}
+    commands = {name: make(folders[name]) for name, make in REPORTS.items()}
+    report = [sys.executable, str(REPO / "launch" / "report.py")]
+    env = {key: value for _, extra in commands.values() for key, value in extra.items()}
+    procs = at_once(*[[*report, *args] for args, _ in commands.values()], env=env)
+    return {name: (folders[name], proc) for name, proc in zip(REPORTS, procs)}
+
+
+def test_report_export_refuses_a_hostile_checkpoint(reported):
+    tmp_path, done = reported["hostile_checkpoint"]
+    run = tmp_path / "run"
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "ran").exists() and not (run / "pruned.pt").exists()
+    refused = [line for line in done.stderr.splitlines() if "not exported" in line]
+    source = run / "checkpoints" / "last.pt"
+    assert len(refused) == 1 and "model._target_" in refused[0] and str(source) in refused[0]
+
+
+def test_report_never_unpickles_submitit_results(reported):
+    """A planted result pickle, beside the sweep and where a crafted hydra.yaml points, is never
+    loaded; the point's state comes from its plain-text logs."""
+    tmp_path, done = reported["planted_pickles"]
+    marker, sweep = tmp_path / "ran", tmp_path / "sweep"
     assert done.returncode == 0, done.stderr
     assert not marker.exists()
     [record] = collect_runs([sweep])
@@ -199,18 +235,10 @@ def test_report_never_unpickles_submitit_results(tmp_path):
     assert not marker.exists()
 
 
-def test_report_never_resolves_interpolations(tmp_path):
-    secret = "s3cr3t-value-of-the-user"
+def test_report_never_resolves_interpolations(reported):
+    secret = SECRET
+    tmp_path, done = reported["interpolations"]
     run = tmp_path / "run"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text(
-        "dataset:\n  _target_: ${oc.env:STDS_TEST_SECRET}\n"
-        "model:\n  _target_: stds.models.${oc.env:STDS_TEST_SECRET}\n"
-        "sparse:\n  method: ${oc.env:STDS_TEST_SECRET}\nscheduler:\n  kind: sine\n"
-        "flat_width: ${oc.env:STDS_TEST_SECRET}\nT: ${oc.env:STDS_TEST_SECRET}\nepochs: 3\nalpha_gr: 0.0\n")
-    (run / ".hydra" / "overrides.yaml").write_text("- flat_width=${oc.env:STDS_TEST_SECRET}\n")
-    (run / "metrics.json").write_text('{"test_acc1": 0.5, "sparsity": 0.5, "epoch": 3}')
-    done = _report(str(run), env={"STDS_TEST_SECRET": secret})
     assert done.returncode == 0, done.stderr
     written = "".join((run / name).read_text() for name in ("report.csv", "report.md"))
     assert secret not in written + done.stdout + done.stderr
