@@ -307,11 +307,14 @@ def test_a_study_with_other_objectives_is_refused(tmp_path):
         _search(sweep_dir, FakeLauncher(sweep_dir), n_trials=2, constraints={"sparsity": Bound(min=0.9)}).run()
 
 
-def test_a_trial_that_told_the_study_frees_its_slot_before_its_job_ends(tmp_path):
+@pytest.mark.parametrize("in_process", [False, True])
+def test_a_trial_that_told_the_study_frees_its_slot_before_its_job_ends(tmp_path, in_process):
     """One slot, three trials. Each stand-in job tells the study its end (as a run does), then
     waits for the next trial's launch before it returns (a SLURM job whose end submitit has not
     seen yet): the next trial starts in the meantime. Searching on the job's end instead would
-    never launch it (each wait ends at its hang guard, and the check below fails)."""
+    never launch it (each wait ends at its hang guard, and the check below fails). A launcher that
+    runs trials in this process (Hydra's basic) frees the slot only when its call returns: two
+    trials never overlap there (each job waits a little for a successor that must not come)."""
     import threading
 
     sweep_dir = tmp_path / "sweep"
@@ -329,13 +332,14 @@ def test_a_trial_that_told_the_study_frees_its_slot_before_its_job_ends(tmp_path
         metrics = _metrics(0.9 - number / 100, 0.5)
         (run_dir / "metrics.json").write_text(json.dumps(metrics))
         study.tell(trial.number, [metrics["test_acc1"], metrics["sparsity"]])  # the run's own tell
-        if number < 2 and started[number + 1].wait(timeout=120):  # hang guard only
+        # a hang guard out of process; in process, long enough for a wrong successor to start
+        if number < 2 and started[number + 1].wait(timeout=0.5 if in_process else 120):
             overlapped.append(number)
         return [JobReturn(status=JobStatus.COMPLETED, _return_value=None)]
 
-    search.launch, search.poll_s, search.slots = launch, 0.05, 1
+    search.launch, search.poll_s, search.slots, search.in_process = launch, 0.05, 1, in_process
     search.run()
-    assert overlapped == [0, 1]
+    assert overlapped == ([] if in_process else [0, 1])
     trials = _study(sweep_dir).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     assert [t.values for t in trials] == [[0.9, 0.5], [0.89, 0.5], [0.88, 0.5]]  # told once, by the run
@@ -375,7 +379,7 @@ def test_a_study_whose_tables_another_process_creates_at_the_same_moment_opens(t
 
     calls.clear()
     monkeypatch.setattr(storage_module.optuna, "create_study", broken)
-    with pytest.raises(StdsError, match=r"cannot open the study 's' in hydra.sweeper.storage=sqlite:///.*disk I/O error"):
+    with pytest.raises(StdsError, match=r"cannot open the study 's' in hydra.sweeper.storage=sqlite:///.*disk I/O"):
         _search(sweep_dir, FakeLauncher(sweep_dir), n_trials=3).run()
     assert calls == ["s"]
 

@@ -130,7 +130,7 @@ class OptunaSweeper(Sweeper):
         slurm = getattr(self.launcher, "_EXECUTOR", None) == "slurm" and isinstance(self.launcher.params, dict)
         search = Search(settings, sweep_dir, fixed, self._tagged_launch(sweep_dir) if slurm else self.launcher.launch,
                         sampler=self.raw["sampler"], validate=self._check_trial_configs, slots=slots,
-                        chance=self._chance(), slurm_jobs=slurm,
+                        chance=self._chance(), slurm_jobs=slurm, in_process=isinstance(self.launcher, BasicLauncher),
                         on_start=lambda: OmegaConf.save(self.config, sweep_dir / "multirun.yaml"))
         log.info("Search %r: %d trials in all, %d at a time, study in %s; trials in %s/<trial>",
                  settings.study_name, settings.n_trials, slots, shown_url(search.storage), search.sweep_dir)

@@ -83,7 +83,7 @@ class Search:
                  sampler: Mapping[str, Any] | None = None,
                  validate: Callable[[list[list[str]]], None] | None = None, slots: int | None = None,
                  on_start: Callable[[], None] | None = None, chance: float | None = None,
-                 slurm_jobs: bool = False) -> None:
+                 slurm_jobs: bool = False, in_process: bool = False) -> None:
         self.settings = settings
         self.sweep_dir = Path(sweep_dir).resolve()
         self.fixed = list(fixed)
@@ -97,6 +97,9 @@ class Search:
         self.on_start = on_start  # called once the sweep directory is this search's (its lock held)
         self.chance = chance  # test_acc1 up to this is chance: such a trial is never on the front
         self.slurm_jobs = slurm_jobs
+        # a launcher that runs trials inside this process (Hydra's basic) frees a slot only when
+        # its call returns: a trial that told the study may still be ending on the shared state
+        self.in_process = in_process
 
     def run_dir(self, number: int) -> Path:
         return self.sweep_dir / str(number)
@@ -214,7 +217,7 @@ class Search:
             while True:
                 mine = {t.number for t in running.values()} | {t.number for t, _ in ended}
                 adopted = [t for t in self._ours(study) if t.number not in mine]
-                in_flight = self._untold(study, running.values())
+                in_flight = list(running.values()) if self.in_process else self._untold(study, running.values())
                 while len(in_flight) + len(adopted) < self.slots and (trial := self._ask(study)) is not None:
                     if self._composes(study, trial):
                         self._continue(study, trial)
