@@ -155,12 +155,16 @@ def print_slots(result: dict[str, Slots]) -> None:
               f"| {slots.utilisation:.3f} |")
 
 
-def epochs_to_answer(out: Path, seeds: Sequence[int], parallel: int, read: bool,
-                     first: int | None = None, route: str = "constrained") -> dict[tuple[str, int], Answer]:
-    """Each seed's search of ``route`` (`ROUTES`) without and with its pruner, ``parallel``
-    searches at once (read back: the trials numbered below ``first``, or all)."""
-    preset, pruner = ROUTES[route]
-    arms = {"none": "null", "pruner": pruner}
+def epochs_to_answer(out: Path, seeds: Sequence[int], parallel: int, read: bool, first: int | None = None,
+                     route: str = "constrained",
+                     pruner: tuple[str, str] | None = None) -> dict[tuple[str, int], Answer]:
+    """Each seed's search of ``route`` (`ROUTES`) without and with its pruner (``pruner``: another,
+    as (name, Hydra value); its searches go to ``<name>_seed<s>``), ``parallel`` searches at once
+    (read back: the trials numbered below ``first``, or all). A search already in ``out`` is
+    continued (Hydra's sweeper finds its study), so another pruner reuses the runs without one."""
+    preset, own = ROUTES[route]
+    name, value = pruner or ("pruner", own)
+    arms = {"none": "null", name: value}
     runs = [(arm, seed) for seed in seeds for arm in arms]
     if not read:
         with ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -180,12 +184,13 @@ def print_answers(answers: dict[tuple[str, int], Answer]) -> None:
         missing = sum(t.test_acc1 is None for t in answer.trials)
         print(f"| {seed} | {arm} | {len(answer.trials)} | {sum(t.pruned for t in answer.trials)} | {missing} "
               f"| {answer.epochs} | {shown} |")
-    totals = {arm: sum(a.epochs for (name, _), a in answers.items() if name == arm) for arm in ("none", "pruner")}
+    pruned = next(arm for arm, _ in answers if arm != "none")
+    totals = {arm: sum(a.epochs for (name, _), a in answers.items() if name == arm) for arm in ("none", pruned)}
     bests = {key: answer.best for key, answer in answers.items()}
-    gaps = [100 * (bests["pruner", s].test_acc1 - bests["none", s].test_acc1)  # type: ignore[union-attr]
-            for arm, s in answers if arm == "none" and bests["none", s] and bests["pruner", s]]
-    print(f"epochs: {totals['pruner']} with the pruner, {totals['none']} without: "
-          f"{100 * (1 - totals['pruner'] / totals['none']):.1f}% fewer")
+    gaps = [100 * (bests[pruned, s].test_acc1 - bests["none", s].test_acc1)  # type: ignore[union-attr]
+            for arm, s in answers if arm == "none" and bests["none", s] and bests[pruned, s]]
+    print(f"epochs: {totals[pruned]} with the pruner, {totals['none']} without: "
+          f"{100 * (1 - totals[pruned] / totals['none']):.1f}% fewer")
     mean = f"mean {sum(gaps) / len(gaps):+.2f}" if gaps else "no seed has a feasible trial in both"
     print(f"best feasible test_acc1, pruner minus none (points): {', '.join(f'{g:+.2f}' for g in gaps)}; {mean}")
 
@@ -205,6 +210,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="--train, --epochs: the folder of their sweeps")
     parser.add_argument("--read", action="store_true", help="tabulate what --out holds; run nothing")
     parser.add_argument("--first", type=int, help="--epochs --read: only the trials numbered below this")
+    parser.add_argument("--pruner", nargs=2, metavar=("NAME", "VALUE"),
+                        help="--epochs: another pruner (a Hydra value) in <out>/NAME_seed<s>, against the same "
+                             "runs without one")
     parser.add_argument("--route", choices=sorted(ROUTES), default="constrained",
                         help="--epochs: the constrained search over D, or at_sparsity (lr at S, scheduler=target)")
     args = parser.parse_args()
@@ -212,8 +220,9 @@ def main() -> None:
         parser.error("--train and --epochs need --out DIR (their sweep directories go there)")
     before = uptime()
     if args.epochs:
-        answers = epochs_to_answer(args.out.resolve(), args.seeds, args.parallel, args.read, args.first, args.route)
-        pruner = ROUTES[args.route][1] or "the preset's"
+        answers = epochs_to_answer(args.out.resolve(), args.seeds, args.parallel, args.read, args.first, args.route,
+                                   tuple(args.pruner) if args.pruner else None)
+        pruner = args.pruner[1] if args.pruner else ROUTES[args.route][1] or "the preset's"
         print(f"16-trial {args.route} searches (sparsity >= {MIN_SPARSITY}), {EPOCHS} epochs a trial; pruner {pruner}"
               + (f"; their trials 0 to {args.first - 1}" if args.first else ""))
         print_answers(answers)
