@@ -170,6 +170,7 @@ def pruned_search(preset: Sequence[str], sweep: Path, seed: int, args: Sequence[
     """A search of ``preset`` (its ``hparams_search=`` and the overrides it needs) with the sampler's
     ``seed``, the benchmark's ``args`` and ``pruner`` (a Hydra value; ``null`` for none; None: the
     preset's own) through the local launcher."""
-    chosen = [f"hydra.sweeper.pruner={pruner}"] if pruner else []
+    # null first: a preset's own pruner node would take the new one's keys as a merge
+    chosen = ["hydra.sweeper.pruner=null", f"hydra.sweeper.pruner={pruner}"] if pruner else []
     train([*preset, "hydra/launcher=local", f"hydra.sweep.dir={sweep}", f"hydra.sweeper.sampler.seed={seed}",
            *args, *chosen], sweep.parent / f"{sweep.name}.log")
