@@ -195,3 +195,26 @@ def test_default_run_reaches_the_promised_accuracy_and_sparsity(tmp_path):
     metrics = run_metrics(out)
     assert metrics["test_acc1"] >= 0.97 and metrics["sparsity"] >= 0.90, metrics
     print(f"default run: {elapsed:.0f} s, top-1 {metrics['test_acc1']:.4f}, sparsity {metrics['sparsity']:.4f}")
+
+
+@pytest.mark.slow
+def test_a_finished_run_freezes_its_objects_at_exit_and_loses_no_file(tmp_path):
+    """launch/train.py registers `gc.freeze` to run at exit (the interpreter's last collections
+    then skip the run's objects); an exit hook registered before the run, so run after it, sees the
+    objects frozen, and every file of the run is whole."""
+    probe = ("import atexit, gc, runpy, sys\n"
+             "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0, flush=True))\n"
+             f"sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'launch')!r}]\n"
+             f"sys.argv = [{str(TRAIN)!r}, *sys.argv[1:]]\n"
+             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", probe, "dataset=digits", "epochs=1", "batch_size=64",
+                           "logging.synops=false", "logging.progress_bar=false", f"hydra.run.dir={run_dir}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "frozen at exit: True"
+    metrics = run_metrics(run_dir)
+    assert metrics["epoch"] == 1 and 0.0 <= metrics["test_acc1"] <= 1.0
+    assert "next: python launch/export.py" in (run_dir / "train.log").read_text()  # the log's last words
+    events = list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
