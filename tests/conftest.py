@@ -33,13 +33,18 @@ def compose_train(*overrides: str, hydra: bool = False) -> DictConfig:
         return compose("train", overrides=list(overrides), return_hydra_config=hydra)
 
 
-def run_train(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = HANG_S):
-    """``python launch/train.py ARGS`` as a user runs it; returns the CompletedProcess."""
+def user_env(env: dict | None = None) -> dict:
+    """This environment as a user's shell has it (no ``HYDRA_FULL_ERROR``, unbuffered output), plus ``env``."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
+    return full_env
+
+
+def run_train(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = HANG_S):
+    """``python launch/train.py ARGS`` as a user runs it; returns the CompletedProcess."""
     return subprocess.run(
         [sys.executable, str(TRAIN), *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd, env=user_env(env), capture_output=True, text=True, timeout=timeout,
     )
 
 
@@ -47,8 +52,7 @@ def at_once(*commands: list[str], cwd: Path = REPO, env: dict | None = None,
             timeout: int = HANG_S) -> list[subprocess.CompletedProcess]:
     """Independent commands started together, their CompletedProcesses in the order given: each is a
     fresh Python that spends seconds importing, and the test process would leave the second core idle."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env = user_env(env)
     procs = [subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for cmd in commands]
     done = []

@@ -25,7 +25,7 @@ from stds.run.life.loop import bar_description
 from stds.run.life.trainer import train
 from stds.run.measure.metrics import BEST_RULE, at_final_sparsity, best_of, replaces_best
 
-from tests.conftest import HANG_S, REPO, TRAIN, run_history, run_metrics
+from tests.conftest import HANG_S, REPO, TRAIN, run_history, run_metrics, user_env
 
 STEPS = (1797 - 360) // 64  # training batches of the tiny digits run per epoch (22)
 
@@ -192,7 +192,7 @@ def fresh_commands(tmp_path_factory) -> dict[str, tuple[Path, subprocess.Complet
     beside an older run, and ``--help`` into a pipe whose reader has left (``--help | head``)."""
     error_dir, help_dir = tmp_path_factory.mktemp("config_error"), tmp_path_factory.mktemp("help_pipe")
     (error_dir / "outputs" / "runs" / "older").mkdir(parents=True)  # a previous run stays
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env = user_env()
     read_end, write_end = os.pipe()
     os.close(read_end)  # `--help | head` once head has left
     error = subprocess.Popen([sys.executable, str(TRAIN), "flat_width=-1"], cwd=error_dir, env=env,

@@ -3,6 +3,7 @@ study itself (created, or checked to be for the same objectives) and its sampler
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -122,8 +123,6 @@ def _created_or_loaded(settings: SearchSettings, storage: str, tries: int = 5) -
     searches on a shared study, a reader polling it) can both find a table missing, and the slower
     fails with "table ... already exists" although the schema is now whole. That error is retried
     (the next open finds every table); any other is one line."""
-    import time
-
     for attempt in range(tries):
         try:
             return optuna.create_study(storage=_rdb(settings, storage), study_name=settings.study_name,
