@@ -312,7 +312,7 @@ def test_a_trial_that_told_the_study_frees_its_slot_before_its_job_ends(tmp_path
     """One slot, three trials. Each stand-in job tells the study its end (as a run does), then
     waits for the next trial's launch before it returns (a SLURM job whose end submitit has not
     seen yet): the next trial starts in the meantime. Searching on the job's end instead would
-    never launch it (each wait ends at its hang guard, and the check below fails). A launcher that
+    never launch it (each wait would end only at the shared hang guard, and the check below fails). A launcher that
     runs trials in this process (Hydra's basic) frees the slot only when its call returns: two
     trials never overlap there (each job waits a little for a successor that must not come)."""
     import threading
@@ -333,7 +333,7 @@ def test_a_trial_that_told_the_study_frees_its_slot_before_its_job_ends(tmp_path
         (run_dir / "metrics.json").write_text(json.dumps(metrics))
         study.tell(trial.number, [metrics["test_acc1"], metrics["sparsity"]])  # the run's own tell
         # a hang guard out of process; in process, long enough for a wrong successor to start
-        if number < 2 and started[number + 1].wait(timeout=0.5 if in_process else 120):
+        if number < 2 and started[number + 1].wait(timeout=0.5 if in_process else HANG_S):
             overlapped.append(number)
         return [JobReturn(status=JobStatus.COMPLETED, _return_value=None)]
 
