@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 LAST = 5  # epochs averaged in the "last 5" column
+ALPHAS_FILE = "gradr_alphas.json"  # Grad R's alpha chosen per S by the gradr step: {variant: {S: {alpha, ...}}}
 
 
 def target_name(ramp: str, ramp_until: float, keep_weights: bool, lr_floor: float | None = None) -> str:
@@ -41,9 +43,16 @@ def gmp_name(ramp: str, ramp_until: float, scope: str) -> str:
     return f"gmp{'-global' if scope == 'global' else ''}:{ramp}@{ramp_until:g}"
 
 
+def gradr_name(mu: float) -> str:
+    """``gradr:<mu>``: Grad R with the constant threshold mu, its prior alpha swept."""
+    return f"gradr:{mu:g}"
+
+
 def variant_of(cfg: dict) -> str:
     """The variant name of a finished run from its saved config."""
     scheduler = cfg["scheduler"]
+    if float(cfg.get("alpha_gr") or 0.0) > 0 and scheduler["kind"] == "constant":
+        return gradr_name(float(cfg["flat_width"]))
     if cfg.get("sparse", {}).get("method") == "gmp":
         return gmp_name(scheduler["ramp"], float(scheduler.get("ramp_until", 1.0)), cfg["sparse"].get("scope") or "layer")
     if scheduler["kind"] != "target":
@@ -72,10 +81,12 @@ def finished_runs(out: Path) -> list[tuple[dict, dict, list[dict], Path]]:
 
 
 def point_key(cfg: dict) -> tuple[str, int, float]:
-    """(variant, seed, swept value) of a run: D for the frontier, S for a target run."""
+    """(variant, seed, swept value) of a run: D for the frontier, alpha for Grad R, S for a target
+    run (nan for a run of none of them, whose variant is "")."""
     name = variant_of(cfg)
-    value = cfg["flat_width"] if name == "frontier" else cfg["target_sparsity"]
-    return name, int(cfg["seed"]), float(value)
+    kind = name.partition(":")[0]
+    value = cfg["flat_width"] if kind == "frontier" else cfg["alpha_gr"] if kind == "gradr" else cfg.get("target_sparsity")
+    return name, int(cfg["seed"]), math.nan if value is None else float(value)
 
 
 
@@ -105,6 +116,19 @@ def collect(out: Path) -> dict[str, dict[float, dict[int, dict]]]:
         if name != "frontier" and float(cfg["scheduler"].get("ramp_until", 1.0)) < 1.0:
             row["hold"] = hold_stats(cfg, records, run_dir)
         table.setdefault(name, {}).setdefault(value, {})[seed] = row
+    return by_chosen_alpha(table, out / ALPHAS_FILE)
+
+
+def by_chosen_alpha(table: dict, chosen_path: Path) -> dict:
+    """Grad R rows re-keyed from alpha to the S each alpha was chosen for (``gradr_alphas.json``,
+    written by the gradr step); Grad R runs of an alpha chosen for no S are left out."""
+    chosen = json.loads(chosen_path.read_text()) if chosen_path.is_file() else {}
+    for name in [n for n in table if n.startswith("gradr:")]:
+        runs = table.pop(name)
+        rows = {float(target): {seed: {**p, "alpha": row["alpha"]} for seed, p in runs[row["alpha"]].items()}
+                for target, row in chosen.get(name, {}).items() if row["alpha"] in runs}
+        if rows:
+            table[name] = rows
     return table
 
 
@@ -177,8 +201,10 @@ def summarise(table: dict) -> dict:
             continue
         for target, by_seed in sorted(rows.items()):
             summary["target"].setdefault(name, {})[f"{target:g}"] = {
-                key: spread([p[key] for p in by_seed.values()]) for key in ("acc", "sparsity", "last", "d")}
+                key: spread([p[key] for p in by_seed.values()]) for key in ("acc", "sparsity", "last", "d", "best")}
             summary["target"][name][f"{target:g}"]["seeds"] = sorted(by_seed)
+            if name.startswith("gradr:"):
+                summary["target"][name][f"{target:g}"]["alpha"] = next(iter(by_seed.values()))["alpha"]
             summary["target"][name][f"{target:g}"]["per_seed"] = {
                 key: {seed: p[key] for seed, p in sorted(by_seed.items())} for key in ("acc", "last", "sparsity")}
             holds = [(p["hold"], p["sparsity"]) for p in by_seed.values() if "hold" in p]
@@ -206,6 +232,28 @@ def cell(stats: dict | None) -> str:
     return f"{pct(stats)} ± {pct(stats, 'std')} ({pct(stats, 'min')}–{pct(stats, 'max')}, n={stats['n']})"
 
 
+def label(name: str, row: dict) -> str:
+    """A table row's method: ``target <variant>``, ``GMP ...`` or ``Grad R mu=..., alpha=...``."""
+    if name.startswith("gradr:"):
+        return f"Grad R μ={name.partition(':')[2]}, α={row['alpha']:g}"
+    return name.replace("gmp-global:", "GMP global ").replace("gmp:", "GMP per layer ") if name.startswith("gmp") \
+        else f"target {name}"
+
+
+def methods_markdown(summary: dict) -> str:
+    """Per S, every variant's reached sparsity, final and best-epoch test top-1 (mean ± std, range)."""
+    lines = ["| S | method | reached sparsity (mean, min–max) | final test top-1 % | best-epoch test top-1 % |",
+             "|---|---|---|---|---|"]
+    for target in sorted({t for rows in summary["target"].values() for t in rows}, key=float):
+        for name, rows in sorted(summary["target"].items()):
+            if target in rows:
+                row = rows[target]
+                lines.append(f"| {target} | {label(name, row)} | {row['sparsity']['mean']:.4f} "
+                             f"({row['sparsity']['min']:.4f}–{row['sparsity']['max']:.4f}) | {cell(row['acc'])} | "
+                             f"{cell(row['best']) if 'best' in row else '–'} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: dict) -> str:
     """The table (target variants against the interpolated frontier) and the D runs it came from."""
     lines = [("| S | schedule | reached sparsity (mean, max) | test top-1 % | gap to D frontier (points) "
@@ -221,7 +269,7 @@ def markdown(summary: dict) -> str:
             gap, gap_last = (("–" if front[key] is None else f"{100 * (row[key]['mean'] - front[key]['mean']):+.2f}")
                              for key in ("acc", "last"))
             reached = f"{row['sparsity']['mean']:.5f}, {row['sparsity']['max']:.5f}"
-            lines.append(f"| {target} | target {name} | {reached} | {cell(row['acc'])} | {gap} | "
+            lines.append(f"| {target} | {label(name, row)} | {reached} | {cell(row['acc'])} | {gap} | "
                          f"{cell(row['last'])} | {gap_last} |")
     lines += ["", "| D (sine) | reached sparsity | test top-1 % | last 5 epochs % |", "|---|---|---|---|"]
     for width, row in sorted(summary["frontier_points"].items(), key=lambda kv: float(kv[0])):
@@ -238,7 +286,7 @@ def markdown(summary: dict) -> str:
                              f"{100 * h['max_fall']:.2f}% | {100 * h['rise_min']:+.1f}% to {100 * h['rise_max']:+.1f}% | "
                              f"{h['frozen_min']:.4f} | "
                              f"{100 * h['never_decrease_excess']:.3f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + methods_markdown(summary)
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -261,7 +309,8 @@ def plot(summary: dict, path: Path) -> None:
                     [100 * r["acc"]["mean"] for r in items], yerr=[100 * r["acc"]["std"] for r in items],
                     marker="s", linestyle=":" if name.endswith("-shrink") else "--", capsize=3,
                     color=colors[i % len(colors)],
-                    label=f"target {name}" + (" (before the hold)" if name == "sine@1" else ""))
+                    label=(f"Grad R μ={name.partition(':')[2]}, α chosen per S" if name.startswith("gradr:")
+                           else label(name, {})) + (" (before the hold)" if name == "sine@1" else ""))
     targets = [100 * float(t) for t in summary["frontier"]]
     if targets:  # the S range: D runs far past it (a collapsed net) would squash the axis
         ax.set_xlim(min(targets) - 2.5, max(targets) + 1.5)
@@ -270,7 +319,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_ylim(min(shown) - 2, 100.5)
     ax.set_xlabel("reached sparsity (%)")
     ax.set_ylabel("final test top-1 (%)")
-    ax.set_title("digits net, 30 epochs: scheduler=target against the D frontier (mean ± std over seeds)")
+    ax.set_title("digits net, 30 epochs: each method at S against the D frontier (mean ± std over seeds)")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -17,6 +17,8 @@ Variants (``--variants``, comma-separated):
 - ``...+cos<floor>`` after any target variant (``cubic@0.5+cos0``, ``cubic@0.35+cos0.05``): the same
   with ``lr_scheduler=hold_cosine``, the learning rate annealed by a cosine from lr to floor · lr
   over the hold (constant before it);
+- ``gradr:<mu>`` (``gradr`` step only): Grad R, ``scheduler=constant flat_width=<mu>``, its prior α
+  (``alpha_gr``) searched per S on the first seed and then trained at every seed (``gradr_alpha``);
 - ``<ramp>@<ramp_until>-shrink``: the same with ``scheduler.hold_keeps_weights=false``, the hold's
   rule before that key existed (every move of d moves every unpruned weight with it; d rises in
   the hold, so they shrink); a saved config without the key is this variant;
@@ -27,6 +29,9 @@ and spread are over the seeds whose D runs bracket S.
 
     python benchmarks/target_frontier.py run --out outputs/target_frontier --seeds 0 \\
         --variants frontier,today,sine@0.5,sine@0.75,cubic@0.5,cubic@0.75
+    # Grad R at the same S: alpha_gr searched per S on seed 0, then every seed at the chosen alpha
+    python benchmarks/target_frontier.py gradr --out outputs/three --mu 0.05 --seeds 0,1 \\
+        --sparsities 0.9,0.98 --sweeps 2
     python benchmarks/target_frontier.py table --out outputs/target_frontier \\
         --json docs/target_frontier.json --md docs/target_frontier.md --png docs/target_frontier.png
     # another model: extra overrides after --, passed to every run
@@ -54,7 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import REPO, uptime
-from frontier_table import finished_runs, gmp_name, point_key, target_name, write_table
+from frontier_table import ALPHAS_FILE, finished_runs, gmp_name, gradr_name, point_key, target_name, write_table
+from gradr_alpha import closest, next_alpha
 
 SPARSITIES = (0.8, 0.9, 0.95, 0.98)
 WIDTHS = (0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0)
@@ -75,12 +81,15 @@ class Variant:
     keep_weights: bool = True
     gmp_scope: str | None = None  # sparse=gmp with this sparse.scope (layer, global); None: STDS
     lr_floor: float | None = None  # lr_scheduler=hold_cosine with this floor; None: the run's own
+    gradr_mu: float | None = None  # Grad R with this constant threshold mu; the swept value is alpha_gr
 
     def overrides(self, values: list[float]) -> list[str]:
         """The Hydra overrides sweeping ``values`` (D for the frontier, S otherwise)."""
         listed = ",".join(str(v) for v in values)
         if self.name == "frontier":
             return ["scheduler=sine", f"flat_width={listed}"]
+        if self.gradr_mu is not None:
+            return ["scheduler=constant", f"flat_width={self.gradr_mu:g}", f"alpha_gr={listed}"]
         ramp = ["scheduler=target", f"scheduler.ramp={self.ramp}", f"scheduler.ramp_until={self.ramp_until}"]
         if self.lr_floor is not None:
             ramp += ["lr_scheduler=hold_cosine", f"lr_scheduler.lr_lambda.floor={self.lr_floor}"]
@@ -94,6 +103,14 @@ def parse_variant(text: str) -> Variant:
     variant may end in ``+cos<floor>`` (``lr_scheduler=hold_cosine`` with that floor)."""
     if text == "frontier":
         return Variant("frontier")
+    if text.startswith("gradr:"):
+        try:
+            mu = float(text.removeprefix("gradr:"))
+        except ValueError:
+            mu = math.nan
+        if not mu >= 0:
+            raise SystemExit(f"--variants: {text!r}: gradr:<mu> takes Grad R's threshold mu >= 0")
+        return Variant(gradr_name(mu), gradr_mu=mu)
     base, cos, floor_text = text.partition("+cos")
     if cos:
         try:
@@ -128,6 +145,11 @@ SMOKE = {"seeds": [0], "variants": [parse_variant("frontier"), parse_variant("si
          "widths": [0.0, 2.0], "sweeps": 1, "calls": 2, "launcher": "basic"}
 """The ``run`` arguments of ``--smoke``: D = 0 (no pruning) and D = 2 (nearly all) bracket S = 0.9,
 and sine@0.5 holds S for its second epoch; its two multiruns run at once (a second core is not idle)."""
+
+SMOKE_GRADR = {"mu": 0.05, "seeds": [0], "sparsities": [0.9], "start": 30.0, "tol": 0.0, "max_tries": 2,
+               "sweeps": 1, "launcher": "basic"}
+"""The ``gradr`` arguments of ``--smoke``: two search runs for S = 0.9 (alpha 30, then the next by
+the rule), the closer one chosen; its one seed is the search seed, so nothing runs after."""
 
 
 # ------------------------------------------------------------------------------------ run
@@ -165,21 +187,84 @@ def run(args: argparse.Namespace) -> None:
     if args.sweeps > 1:
         extra = ["hydra.launcher.max_parallel=1", "hydra.launcher.cpus_per_task=1", *extra]
     tasks = []
+    if any(v.gradr_mu is not None for v in args.variants):
+        raise SystemExit("--variants: gradr:<mu> runs through the gradr step (its alpha is searched per S)")
     for seed in args.seeds:
         for variant in args.variants:
             grid = args.widths if variant.name == "frontier" else args.sparsities
             todo = [v for v in grid if (variant.name, seed, v) not in done]
             if todo:
                 tasks += [(variant, seed, [v]) for v in todo] if args.sweeps > 1 else [(variant, seed, todo)]
-    with ThreadPoolExecutor(max_workers=max(args.sweeps, args.calls)) as pool:
+    _launch_all(out, tasks, extra, max(args.sweeps, args.calls), args.launcher)
+
+
+def _launch_all(out: Path, tasks: list[tuple[Variant, int, list[float]]], extra: list[str], workers: int,
+                launcher: str) -> None:
+    """Every (variant, seed, values) launcher call, ``workers`` at once; exit 1 after the last
+    when any failed."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         calls = []
         for variant, seed, todo in tasks:
             print(f"[target_frontier] {variant.name} seed {seed}: {todo}", flush=True)
-            calls.append(pool.submit(launch, out, variant, seed, todo, extra, args.launcher))
+            calls.append(pool.submit(launch, out, variant, seed, todo, extra, launcher))
     failed = sum(call.result() != 0 for call in calls)
     if failed:
         raise SystemExit(f"[target_frontier] {failed} of {len(calls)} launcher calls failed; "
                          f"their commands are in {out / 'runs.log'}")
+
+
+def _gradr_runs(out: Path, name: str, seed: int) -> dict[float, float]:
+    """alpha -> reached sparsity of the finished Grad R runs of ``name`` and ``seed`` under ``out``."""
+    return {value: metrics["sparsity"] for cfg, metrics, _, _ in finished_runs(out)
+            for run_name, run_seed, value in [point_key(cfg)] if run_name == name and run_seed == seed}
+
+
+def search_alpha(out: Path, variant: Variant, target: float, args: argparse.Namespace, extra: list[str]) -> dict:
+    """Runs on the search seed (the first of ``--seeds``) until one ends within ``--tol`` of
+    ``target`` or ``--max-tries`` were made for it; the α that ended closest."""
+    seed, made = args.seeds[0], 0
+    while True:
+        tried = sorted(_gradr_runs(out, variant.name, seed).items())
+        if tried and abs(closest(tried, target)[1] - target) <= args.tol or made >= args.max_tries:
+            break
+        alpha = next_alpha(tried, target, args.start)
+        if alpha in dict(tried):
+            break
+        if launch(out, variant, seed, [alpha], extra, args.launcher) != 0:
+            raise SystemExit(f"[target_frontier] the Grad R run at alpha_gr={alpha:g} failed; "
+                             f"its command is in {out / 'runs.log'}")
+        reached = _gradr_runs(out, variant.name, seed)[alpha]
+        print(f"[target_frontier] {variant.name} S={target:g}: tried alpha_gr={alpha:g} on seed {seed}: "
+              f"sparsity {reached:.4f}", flush=True)
+        made += 1
+    if not tried:
+        raise SystemExit(f"[target_frontier] no Grad R run for S={target:g}: --max-tries is 0")
+    alpha, reached = closest(tried, target)
+    return {"alpha": alpha, "search_seed": seed, "search_sparsity": reached, "tried": [list(t) for t in tried]}
+
+
+def gradr(args: argparse.Namespace) -> None:
+    """Grad R at each S: α searched on the first seed (``--sweeps`` S at once), written to
+    ``<out>/gradr_alphas.json``, then every seed trained at the α chosen for each S."""
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    variant = parse_variant(f"gradr:{args.mu:g}")
+    extra = list(args.extra)
+    if args.launcher == "local":
+        extra = ["hydra.launcher.max_parallel=1", "hydra.launcher.cpus_per_task=1", *extra]
+    with ThreadPoolExecutor(max_workers=args.sweeps) as pool:
+        found = dict(zip(args.sparsities, pool.map(lambda s: search_alpha(out, variant, s, args, extra),
+                                                    args.sparsities)))
+    path = out / ALPHAS_FILE
+    chosen = json.loads(path.read_text()) if path.exists() else {}
+    chosen.setdefault(variant.name, {}).update({f"{s:g}": row for s, row in found.items()})
+    path.write_text(json.dumps(chosen, indent=1) + "\n")
+    for target, row in found.items():
+        print(f"[target_frontier] {variant.name} S={target:g}: alpha_gr={row['alpha']:g} "
+              f"(sparsity {row['search_sparsity']:.4f} on seed {row['search_seed']})", flush=True)
+    todo = sorted({(seed, row["alpha"]) for seed in args.seeds for row in found.values()
+                   if row["alpha"] not in _gradr_runs(out, variant.name, seed)})
+    _launch_all(out, [(variant, seed, [alpha]) for seed, alpha in todo], extra, args.sweeps, args.launcher)
 
 
 def table(args: argparse.Namespace) -> None:
@@ -188,10 +273,12 @@ def table(args: argparse.Namespace) -> None:
 
 
 def smoke() -> None:
-    """Both steps in seconds, in a temporary directory: the `SMOKE` points with `SMOKE_OVERRIDES`
-    through Hydra's basic launcher (two processes in all), then the table and the plot."""
+    """Every step in seconds, in a temporary directory: the `SMOKE` points with `SMOKE_OVERRIDES`
+    through Hydra's basic launcher (two processes), the `SMOKE_GRADR` search (two more), then the
+    table and the plot."""
     with tempfile.TemporaryDirectory(prefix="target_frontier_smoke_") as tmp:
         run(argparse.Namespace(out=tmp, extra=SMOKE_OVERRIDES, **SMOKE))
+        gradr(argparse.Namespace(out=tmp, extra=SMOKE_OVERRIDES, **SMOKE_GRADR))
         print(f"[target_frontier] load: {uptime()}")
         png = Path(tmp) / "table.png"
         table(argparse.Namespace(out=tmp, json=None, md=None, png=str(png)))
@@ -225,6 +312,17 @@ def _arguments() -> argparse.Namespace:
     run_p.add_argument("--launcher", choices=["local", "basic"], default="local",
                        help="local: the points as parallel processes; basic: one after the other in one process")
     run_p.add_argument("extra", nargs="*", help="overrides passed to every run (after --)")
+    gradr_p = sub.add_parser("gradr", help="Grad R at each S: alpha_gr searched on the first seed, then every seed")
+    gradr_p.add_argument("--out", required=True)
+    gradr_p.add_argument("--mu", type=float, default=0.05, help="Grad R's constant threshold (flat_width)")
+    gradr_p.add_argument("--seeds", type=lambda t: [int(v) for v in t.split(",")], default=[0, 1, 2])
+    gradr_p.add_argument("--sparsities", type=floats, default=list(SPARSITIES))
+    gradr_p.add_argument("--start", type=float, default=0.1, help="the first alpha_gr tried")
+    gradr_p.add_argument("--tol", type=float, default=0.0025, help="a search run this close to S ends the search")
+    gradr_p.add_argument("--max-tries", type=int, default=5, help="search runs per S at most")
+    gradr_p.add_argument("--sweeps", type=int, default=2, help="runs at once, one thread each")
+    gradr_p.add_argument("--launcher", choices=["local", "basic"], default="local")
+    gradr_p.add_argument("extra", nargs="*", help="overrides passed to every run (after --)")
     table_p = sub.add_parser("table", help="the table and plot from the finished runs under --out")
     table_p.add_argument("--out", required=True)
     table_p.add_argument("--json", default=None)
@@ -244,6 +342,8 @@ def main() -> None:
         smoke()
     elif args.command == "run":
         run(args)
+    elif args.command == "gradr":
+        gradr(args)
     else:
         table(args)
 

@@ -121,7 +121,7 @@ def test_quantile_cost_smoke_times_the_digits_net(smoke):
 def test_target_frontier_smoke_trains_both_variants_and_tables_them(smoke):
     lines = smoke("target_frontier.py")
     rows = _rows(lines)
-    front, target = rows[0], rows[1]
+    front, target = rows[0], next(r for r in rows if r[1] == "target sine@0.5")
     d_runs = {r[0]: r for r in rows if len(r) == 4}
     (hold,) = [r for r in rows if r[0] == "sine@0.5"]
     assert front[:3] == ["0.9", "D frontier (interpolated)", "0.9"]
@@ -139,6 +139,13 @@ def test_target_frontier_smoke_trains_both_variants_and_tables_them(smoke):
     # 2 epochs of 2 steps, the hold from step 0.5 * 4 = 2: d logged at steps 2, 3 and 4 of one run
     assert hold[1:4] == ["0.9", "1", "3"]
     assert _positive(lines[-1].split()[2]) and lines[-1].startswith("[target_frontier] plot: ")
+    # Grad R at S = 0.9: alpha 30, then a third of it (30 ended above S) or three times (below); the closer chosen
+    tried = [line.split("alpha_gr=")[1].split() for line in lines if "tried alpha_gr=" in line]
+    (a1, *_, s1), (a2, *_, s2) = tried
+    assert float(a1) == 30.0 and float(a2) == (10.0 if float(s1) >= 0.9 else 90.0)
+    chosen, reached = (a1, s1) if abs(float(s1) - 0.9) <= abs(float(s2) - 0.9) else (a2, s2)
+    (gradr,) = [r for r in rows if r[1].startswith("Grad R") and len(r) == 5]  # the methods table
+    assert gradr[:3] == ["0.9", f"Grad R μ=0.05, α={float(chosen):g}", f"{reached} ({reached}–{reached})"]
 
 
 def _script(script: str, *args: str) -> list[str]:
@@ -246,3 +253,48 @@ def test_target_frontier_names_the_cosine_hold_and_reads_it_back(monkeypatch):
     assert variant_of({**saved, "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.ConstantLR"}}) == "cubic@0.35"
     with pytest.raises(SystemExit, match=r"\+cos<floor>"):
         parse_variant("gmp:cubic@0.5+cos0")
+
+
+def test_gradr_alpha_steps_out_then_interpolates_log_alpha_in_log_connectivity(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from gradr_alpha import closest, next_alpha, rounded
+
+    assert next_alpha([], 0.9, start=0.123456) == 0.123 == rounded(0.123456)
+    assert next_alpha([(0.1, 0.5)], 0.9, start=1.0) == 0.3  # below S: three times the largest alpha
+    assert next_alpha([(0.1, 0.5), (0.3, 0.7)], 0.9, start=1.0) == 0.9
+    assert next_alpha([(0.3, 0.97), (0.6, 0.99)], 0.9, start=1.0) == 0.1  # above: a third of the smallest
+    # bracketed by (0.04, 0.8) and (0.16, 0.95): log(1 - 0.9) lies halfway between log 0.2 and log 0.05,
+    # so alpha = sqrt(0.04 * 0.16) = 0.08; the runs further out (0.01, 0.3) and (1, 0.999) play no part
+    tried = [(0.01, 0.3), (0.04, 0.8), (0.16, 0.95), (1.0, 0.999)]
+    assert next_alpha(tried, 0.9, start=1.0) == 0.08
+    assert closest(tried, 0.9) == (0.16, 0.95)
+    assert closest([(0.2, 0.85), (0.1, 0.95)], 0.9) == (0.1, 0.95)  # a tie: the smaller alpha
+
+
+def _saved_run(run_dir: Path, config: dict, acc: float, sparsity: float) -> None:
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    (run_dir / "metrics.json").write_text(json.dumps({"epoch": 2, "epochs_planned": 2, "test_acc1": acc,
+                                                      "sparsity": sparsity, "d": 0.05, "best_test_acc1": acc + 0.01}))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "step": 10 * e, "test_acc1": acc}) + "\n"
+                                                   for e in (1, 2)))
+
+
+def test_gradr_runs_are_tabled_at_the_s_their_alpha_was_chosen_for(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from frontier_table import ALPHAS_FILE, collect, methods_markdown, summarise
+
+    gradr = {"scheduler": {"kind": "constant"}, "sparse": {"method": "stmod"}, "flat_width": 0.05}
+    for seed, alpha, acc, sparsity in [(0, 0.08, 0.96, 0.91), (1, 0.08, 0.94, 0.89), (0, 0.3, 0.7, 0.98)]:
+        _saved_run(tmp_path / f"a{alpha}" / str(seed), {**gradr, "alpha_gr": alpha, "seed": seed}, acc, sparsity)
+    (tmp_path / ALPHAS_FILE).write_text(json.dumps({"gradr:0.05": {"0.9": {"alpha": 0.08}}}))
+    table = collect(tmp_path)
+    assert sorted(table) == ["gradr:0.05"] and sorted(table["gradr:0.05"]) == [0.9]  # alpha 0.3: chosen for no S
+    row = summarise(table)["target"]["gradr:0.05"]["0.9"]
+    assert row["alpha"] == 0.08 and row["acc"]["mean"] == pytest.approx(0.95)
+    assert row["best"]["mean"] == pytest.approx(0.96) and row["sparsity"]["min"] == 0.89
+    assert methods_markdown(summarise(table)).splitlines()[2] == (
+        "| 0.9 | Grad R μ=0.05, α=0.08 | 0.9000 (0.8900–0.9100) | 95.00 ± 1.41 (94.00–96.00, n=2) | "
+        "96.00 ± 1.41 (95.00–97.00, n=2) |")
+    (tmp_path / ALPHAS_FILE).unlink()
+    assert collect(tmp_path) == {}  # without the choices, alpha is no S

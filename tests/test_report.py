@@ -314,6 +314,29 @@ def test_target_sparsity_runs_are_their_own_method_beside_a_d_sweep(tmp_path):
     assert fig.axes[0].get_ylabel() == "test_acc1 [%]"
 
 
+def test_stds_gmp_and_grad_r_sweeps_are_three_frontiers_in_one_panel(tmp_path):
+    """The three-method comparison of docs/target_sparsity.md: one report over the target sweep
+    (STDS and GMP at the same S) and the Grad R sweep draws one series per method in one panel."""
+    for n, (S, acc) in enumerate([(0.9, 0.97), (0.98, 0.93)]):
+        finished_run(tmp_path / "target" / str(n), [acc], S, schedule="target", S=S)
+        finished_run(tmp_path / "target" / str(n + 2), [acc - 0.1], S, method="gmp", schedule="target", S=S)
+    for n, (alpha, sparsity, acc) in enumerate([(0.3, 0.91, 0.95), (1.0, 0.975, 0.9)]):
+        finished_run(tmp_path / "gradr" / str(n), [acc], sparsity, schedule="constant", D=0.05, alpha=alpha)
+    runs = collect_runs([tmp_path / "target", tmp_path / "gradr"])
+    rows = _rows(write_report(runs, tmp_path / "report")["csv"])
+    assert sorted({r["method"] for r in rows}) == ["GMP", "Grad R", "STDS-target"]
+    from stds.results.plot import figure
+
+    fig = figure(runs)
+    assert len(fig.axes) == 1
+    lines = _lines_by_label(fig.axes[0])
+    assert list(lines["STDS-target"].get_xdata()) == pytest.approx([2.0, 10.0])  # connectivity, sorted
+    assert list(lines["STDS-target"].get_ydata()) == pytest.approx([93.0, 97.0])
+    assert list(lines["GMP"].get_ydata()) == pytest.approx([83.0, 87.0])
+    assert list(lines["Grad R"].get_xdata()) == pytest.approx([2.5, 9.0])
+    assert list(lines["Grad R"].get_ydata()) == pytest.approx([90.0, 95.0])
+
+
 def test_runs_at_zero_connectivity_sit_on_the_axis_floor_and_are_listed(tmp_path):
     digits = {"dataset": "digits", "model": "DigitsNet"}
     finished_run(tmp_path / "0", [0.95], 0.6, D=0.1, **digits)
