@@ -119,6 +119,13 @@ def test_a_gmp_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(tmp_path, mon
     plain_zeros = sum(int((blob["state_dict"][k.replace(".parametrizations.weight.0.mask", ".weight")] == 0).sum())
                       for k in masks)
     assert plain_zeros == zeros
+    import nir
+
+    from stds.results.nir_file import export_nir, zero_weights
+
+    written = export_nir(tmp_path / "whole", verbose=False)
+    graph = nir.read(written.path)
+    assert zero_weights(graph, graph.metadata["pruned_layers"].split(",")) == zeros == written.zeros_in_run
 
 
 def test_pruned_parameters_of_a_gmp_model_are_its_thetas():

@@ -130,6 +130,18 @@ def test_linear_pruned_and_dense(bias):
     assert count_synops(Wrap(fc), _linear_spikes(), samples=2)["synops"] == (2 + 1 + 2) * 4 / 2
 
 
+def test_gmp_masked_weights_are_not_counted():
+    from stds.method.gmp import MagnitudePruningSchedule
+
+    fc = layer.Linear(3, 4, bias=False, step_mode="m")
+    with torch.no_grad():
+        fc.weight.copy_(torch.arange(1.0, 13.0).reshape(4, 3))
+    sparsify(fc, "gmp")
+    MagnitudePruningSchedule(0.5, total_steps=1, ramp="linear", every=1).attach(fc).step(1)
+    # the 6 smallest |w| (rows 0 and 1) masked: 2 non-zero weights per input column, spikes 2, 1, 2
+    assert count_synops(Wrap(fc), _linear_spikes(), samples=2)["synops"] == (2 * 2 + 1 * 2 + 2 * 2) / 2
+
+
 def test_non_contiguous_input_takes_another_path_and_counts_the_same():
     fc = _linear(bias=True)
     x = _linear_spikes().transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided
