@@ -23,7 +23,8 @@ def next_alpha(tried: list[tuple[float, float]], target: float, start: float, fa
     """The α to try next for ``target`` sparsity, given ``tried`` (α, reached sparsity) runs.
 
     No run yet: ``start``. Runs on both sides of ``target``: the closest one below and the closest
-    one above, log α interpolated linearly in log(1 − sparsity). All below: the largest α below
+    one above, log α interpolated linearly in log(1 − sparsity), or halved in log α where the one
+    above pruned every weight (sparsity 1: its log(1 − sparsity) is not finite). All below: the largest α below
     times ``factor``; all above: the smallest α above divided by it.
     """
     if not tried:
@@ -35,8 +36,11 @@ def next_alpha(tried: list[tuple[float, float]], target: float, start: float, fa
     if not below:
         return rounded(min(a for _, a in above) / factor)
     (s_lo, a_lo), (s_hi, a_hi) = max(below), min(above)
-    x_lo, x_hi, x = (math.log1p(-min(v, 1 - 1e-9)) for v in (s_lo, s_hi, target))
-    share = 0.5 if x_hi == x_lo else (x - x_lo) / (x_hi - x_lo)
+    if s_hi >= 1.0:  # nothing left: log(1 - S) has no value there, so halve the bracket in log alpha
+        share = 0.5
+    else:
+        x_lo, x_hi, x = (math.log1p(-v) for v in (s_lo, s_hi, target))
+        share = 0.5 if x_hi == x_lo else (x - x_lo) / (x_hi - x_lo)
     return rounded(math.exp(math.log(a_lo) + share * (math.log(a_hi) - math.log(a_lo))))
 
 

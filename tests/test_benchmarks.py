@@ -268,6 +268,8 @@ def test_gradr_alpha_steps_out_then_interpolates_log_alpha_in_log_connectivity(m
     tried = [(0.01, 0.3), (0.04, 0.8), (0.16, 0.95), (1.0, 0.999)]
     assert next_alpha(tried, 0.9, start=1.0) == 0.08
     assert closest(tried, 0.9) == (0.16, 0.95)
+    # above S only a run that pruned everything: the bracket (0.09, 1) halved in log alpha, sqrt(0.09 * 1)
+    assert next_alpha([(0.09, 0.98), (1.0, 1.0)], 0.99, start=1.0) == 0.3
     assert closest([(0.2, 0.85), (0.1, 0.95)], 0.9) == (0.1, 0.95)  # a tie: the smaller alpha
 
 
