@@ -113,7 +113,8 @@ def collect(out: Path) -> dict[str, dict[float, dict[int, dict]]]:
         if not name:
             continue
         row = point(metrics, records)
-        if name != "frontier" and float(cfg["scheduler"].get("ramp_until", 1.0)) < 1.0:
+        # how d moved in the hold: STDS target runs only (GMP's d is the last recompute's largest pruned |w|)
+        if not name.startswith(("frontier", "gmp", "gradr")) and float(cfg["scheduler"].get("ramp_until", 1.0)) < 1.0:
             row["hold"] = hold_stats(cfg, records, run_dir)
         table.setdefault(name, {}).setdefault(value, {})[seed] = row
     return by_chosen_alpha(table, out / ALPHAS_FILE)
