@@ -213,29 +213,33 @@ def _launch_all(out: Path, tasks: list[tuple[Variant, int, list[float]]], extra:
                          f"their commands are in {out / 'runs.log'}")
 
 
-def _gradr_runs(out: Path, name: str, seed: int) -> dict[float, float]:
-    """alpha -> reached sparsity of the finished Grad R runs of ``name`` and ``seed`` under ``out``."""
-    return {value: metrics["sparsity"] for cfg, metrics, _, _ in finished_runs(out)
-            for run_name, run_seed, value in [point_key(cfg)] if run_name == name and run_seed == seed}
+def _gradr_runs(out: Path, name: str) -> dict[tuple[int, float], float]:
+    """(seed, alpha) -> reached sparsity of the finished Grad R runs of ``name`` under ``out`` (one
+    pass over the directory)."""
+    return {(run_seed, value): metrics["sparsity"] for cfg, metrics, _, _ in finished_runs(out)
+            for run_name, run_seed, value in [point_key(cfg)] if run_name == name}
+
+
+def _tried(out: Path, name: str, seed: int) -> list[tuple[float, float]]:
+    """(alpha, reached sparsity) of the finished Grad R runs of ``name`` and ``seed``, by alpha."""
+    return sorted((alpha, reached) for (run_seed, alpha), reached in _gradr_runs(out, name).items() if run_seed == seed)
 
 
 def search_alpha(out: Path, variant: Variant, target: float, args: argparse.Namespace, extra: list[str]) -> dict:
     """Runs on the search seed (the first of ``--seeds``) until one ends within ``--tol`` of
     ``target`` or ``--max-tries`` were made for it; the α that ended closest."""
     seed, made = args.seeds[0], 0
-    while True:
-        tried = sorted(_gradr_runs(out, variant.name, seed).items())
-        if tried and abs(closest(tried, target)[1] - target) <= args.tol or made >= args.max_tries:
-            break
+    tried = _tried(out, variant.name, seed)  # re-read after each run: the other S's searches add theirs
+    while not (tried and abs(closest(tried, target)[1] - target) <= args.tol or made >= args.max_tries):
         alpha = next_alpha(tried, target, args.start)
         if alpha in dict(tried):
             break
         if launch(out, variant, seed, [alpha], extra, args.launcher) != 0:
             raise SystemExit(f"[target_frontier] the Grad R run at alpha_gr={alpha:g} failed; "
                              f"its command is in {out / 'runs.log'}")
-        reached = _gradr_runs(out, variant.name, seed)[alpha]
+        tried = _tried(out, variant.name, seed)
         print(f"[target_frontier] {variant.name} S={target:g}: tried alpha_gr={alpha:g} on seed {seed}: "
-              f"sparsity {reached:.4f}", flush=True)
+              f"sparsity {dict(tried)[alpha]:.4f}", flush=True)
         made += 1
     if not tried:
         raise SystemExit(f"[target_frontier] no Grad R run for S={target:g}: --max-tries is 0")
@@ -262,8 +266,8 @@ def gradr(args: argparse.Namespace) -> None:
     for target, row in found.items():
         print(f"[target_frontier] {variant.name} S={target:g}: alpha_gr={row['alpha']:g} "
               f"(sparsity {row['search_sparsity']:.4f} on seed {row['search_seed']})", flush=True)
-    todo = sorted({(seed, row["alpha"]) for seed in args.seeds for row in found.values()
-                   if row["alpha"] not in _gradr_runs(out, variant.name, seed)})
+    wanted = {(seed, row["alpha"]) for seed in args.seeds for row in found.values()}
+    todo = sorted(wanted - _gradr_runs(out, variant.name).keys())
     _launch_all(out, [(variant, seed, [alpha]) for seed, alpha in todo], extra, args.sweeps, args.launcher)
 
 
